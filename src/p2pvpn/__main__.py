@@ -1,0 +1,3 @@
+from p2pvpn.cli import main
+
+raise SystemExit(main())
