@@ -1,0 +1,130 @@
+"""The DataPlane interface that the pure-Python and the compiled data planes share.
+
+The data plane owns the TUN fd and the UDP socket. It moves IP packets between
+them (sealing and opening AES-256-GCM datagrams) and hands everything it cannot
+handle alone up to the control plane through a `DataPlaneEvents` object, in
+batches, on the event loop thread.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network
+from typing import Protocol
+
+UdpAddress = tuple[str, int]
+
+# Upper bound on how many packets one read or write batch moves; matches the
+# compiled data plane's recvmmsg/sendmmsg batch so both behave alike.
+BATCH_SIZE = 64
+
+# Largest datagram we accept on the UDP socket: a maximal IPv4 packet plus the
+# FORWARD type byte and the GCM overhead.
+MAX_DATAGRAM = 65535 + 1 + 28
+
+
+class DropReason(enum.StrEnum):
+    """Why a packet or datagram was dropped; the keys of `DataPlaneStats.drops`."""
+
+    TOO_SHORT = "too_short"
+    AUTHENTICATION = "authentication"
+    MALFORMED = "malformed"
+    NOT_IPV4 = "not_ipv4"
+    SEND_FAILED = "send_failed"
+    TUN_WRITE_FAILED = "tun_write_failed"
+    UNKNOWN_TYPE = "unknown_type"
+    LOOP = "loop"
+
+
+@dataclass(slots=True)
+class PeerCounters:
+    """Traffic exchanged directly (UDP) with one peer."""
+
+    packets_out: int = 0
+    bytes_out: int = 0
+    packets_in: int = 0
+    bytes_in: int = 0
+
+
+@dataclass(slots=True)
+class DataPlaneStats:
+    """A snapshot of the data plane's counters.
+
+    Bytes are IP packet bytes (not datagram bytes), so direct and relayed
+    figures compare. `relay_*` counts packets handed to / taken from the
+    WebSocket path; `tun_*` counts what crossed the TUN device.
+    """
+
+    implementation: str
+    tun_packets_in: int = 0
+    tun_bytes_in: int = 0
+    tun_packets_out: int = 0
+    tun_bytes_out: int = 0
+    relay_packets_out: int = 0
+    relay_bytes_out: int = 0
+    relay_packets_in: int = 0
+    relay_bytes_in: int = 0
+    peers: dict[IPv4Address, PeerCounters] = field(default_factory=dict)
+    drops: dict[str, int] = field(default_factory=dict)
+
+
+class DataPlaneEvents(Protocol):
+    """What the data plane hands up to the control plane, always in batches.
+
+    Called on the event loop thread. Implementations must not block.
+    """
+
+    def on_relay_packets(self, packets: list[bytes]) -> None:
+        """IP packets read from TUN with no direct path: send them over the WebSocket."""
+
+    def on_control_datagrams(self, datagrams: list[tuple[bytes, UdpAddress]]) -> None:
+        """Decrypted UDP messages that are not FORWARD (heartbeat, delay, route)."""
+
+    def on_stun_datagrams(self, datagrams: list[tuple[bytes, UdpAddress]]) -> None:
+        """Raw datagrams from the STUN server's address."""
+
+
+class DataPlane(Protocol):
+    """The packet path between TUN and UDP; see ARCHITECTURE.md."""
+
+    @property
+    def implementation(self) -> str:
+        """`"pure"` or `"fast"`."""
+
+    def start(self) -> None:
+        """Start moving packets (call on the event loop thread)."""
+
+    def close(self) -> None:
+        """Stop moving packets; idempotent. Does not close the fds it was given."""
+
+    def set_peer(self, tun_ip: IPv4Address, address: UdpAddress, key: bytes) -> None:
+        """Send packets for `tun_ip` directly to `address`, sealed with `key`."""
+
+    def drop_peer(self, tun_ip: IPv4Address) -> None:
+        """Stop sending directly to `tun_ip`; no packet goes to it after this returns."""
+
+    def set_route(self, destination: IPv4Address, next_hop: IPv4Address) -> None:
+        """Client relaying: send packets for `destination` through peer `next_hop`."""
+
+    def drop_route(self, destination: IPv4Address) -> None:
+        """Remove the client-relay route for `destination`."""
+
+    def set_sysroutes(self, routes: Sequence[tuple[IPv4Network, IPv4Address]]) -> None:
+        """Replace the IPIP table: packets to `network` are wrapped toward `nexthop`."""
+
+    def set_stun_server(self, address: UdpAddress | None) -> None:
+        """Datagrams from this address are STUN and go up unopened."""
+
+    def send_control(self, address: UdpAddress, key: bytes, plaintext: bytes) -> None:
+        """Seal one control message with `key` and send it to `address`."""
+
+    def send_stun(self, address: UdpAddress, data: bytes) -> None:
+        """Send one unencrypted STUN datagram from the data plane's UDP socket."""
+
+    def write_tun(self, packet: bytes) -> None:
+        """Deliver an IP packet that came over the WebSocket (IPIP is unwrapped)."""
+
+    def stats(self) -> DataPlaneStats:
+        """A snapshot of the counters."""

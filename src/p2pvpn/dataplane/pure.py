@@ -1,0 +1,285 @@
+"""Pure-Python data plane: the reference the compiled one is tested against.
+
+Runs on the event loop: readers on the TUN fd and the UDP socket drain up to
+BATCH_SIZE packets per wake-up, and everything the control plane must see is
+handed up in one batch per wake-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import socket
+from collections.abc import Sequence
+from ipaddress import IPv4Address, IPv4Network
+
+from p2pvpn.dataplane.base import (
+    BATCH_SIZE,
+    MAX_DATAGRAM,
+    DataPlaneEvents,
+    DataPlaneStats,
+    DropReason,
+    PeerCounters,
+    UdpAddress,
+)
+from p2pvpn.wire.crypto import AuthenticationFailed, DatagramCipher
+from p2pvpn.wire.errors import DecodeError
+from p2pvpn.wire.ipv4 import IPPROTO_IPIP, decapsulate_ipip, encapsulate_ipip
+
+logger = logging.getLogger(__name__)
+
+FORWARD_TYPE = 1
+# Bounds the cache of ciphers for control messages to peers that are not
+# CONNECTED yet; a handful of peers is normal, so 256 is generous.
+CONTROL_CIPHER_CACHE = 256
+
+
+@dataclasses.dataclass(slots=True)
+class _DirectPeer:
+    address: UdpAddress
+    cipher: DatagramCipher
+
+
+class PureDataPlane:
+    """The DataPlane interface in Python, on the running asyncio loop."""
+
+    def __init__(
+        self,
+        tun_fd: int,
+        udp_socket: socket.socket,
+        tun_ip: IPv4Address,
+        key: bytes,
+        events: DataPlaneEvents,
+    ) -> None:
+        self._tun_fd = tun_fd
+        self._udp = udp_socket
+        self._own_ip = tun_ip.packed
+        self._own_cipher = DatagramCipher(key)
+        self._events = events
+        self._peers: dict[bytes, _DirectPeer] = {}
+        self._routes: dict[bytes, bytes] = {}
+        self._sysroutes: list[tuple[int, int, bytes]] = []
+        self._stun_server: UdpAddress | None = None
+        self._control_ciphers: dict[bytes, DatagramCipher] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stats = DataPlaneStats(implementation="pure")
+        self._peer_counters: dict[bytes, PeerCounters] = {}
+
+    @property
+    def implementation(self) -> str:
+        return "pure"
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._udp.setblocking(False)
+        os.set_blocking(self._tun_fd, False)
+        self._loop.add_reader(self._tun_fd, self._on_tun_readable)
+        self._loop.add_reader(self._udp.fileno(), self._on_udp_readable)
+
+    def close(self) -> None:
+        if self._loop is None:
+            return
+        self._loop.remove_reader(self._tun_fd)
+        self._loop.remove_reader(self._udp.fileno())
+        self._loop = None
+
+    # -- tables ---------------------------------------------------------
+
+    def set_peer(self, tun_ip: IPv4Address, address: UdpAddress, key: bytes) -> None:
+        self._peers[tun_ip.packed] = _DirectPeer(address, DatagramCipher(key))
+
+    def drop_peer(self, tun_ip: IPv4Address) -> None:
+        self._peers.pop(tun_ip.packed, None)
+
+    def set_route(self, destination: IPv4Address, next_hop: IPv4Address) -> None:
+        self._routes[destination.packed] = next_hop.packed
+
+    def drop_route(self, destination: IPv4Address) -> None:
+        self._routes.pop(destination.packed, None)
+
+    def set_sysroutes(self, routes: Sequence[tuple[IPv4Network, IPv4Address]]) -> None:
+        self._sysroutes = [
+            (int(network.network_address), int(network.netmask), nexthop.packed)
+            for network, nexthop in routes
+        ]
+
+    def set_stun_server(self, address: UdpAddress | None) -> None:
+        self._stun_server = address
+
+    # -- sending ----------------------------------------------------------
+
+    def send_control(self, address: UdpAddress, key: bytes, plaintext: bytes) -> None:
+        cipher = self._control_ciphers.get(key)
+        if cipher is None:
+            if len(self._control_ciphers) >= CONTROL_CIPHER_CACHE:
+                self._control_ciphers.clear()
+            cipher = self._control_ciphers[key] = DatagramCipher(key)
+        self._sendto(cipher.seal(plaintext), address)
+
+    def send_stun(self, address: UdpAddress, data: bytes) -> None:
+        self._sendto(data, address)
+
+    def write_tun(self, packet: bytes) -> None:
+        self._stats.relay_packets_in += 1
+        self._stats.relay_bytes_in += len(packet)
+        self._deliver(packet)
+
+    def stats(self) -> DataPlaneStats:
+        return dataclasses.replace(
+            self._stats,
+            peers={
+                IPv4Address(ip): dataclasses.replace(counters)
+                for ip, counters in self._peer_counters.items()
+            },
+            drops=dict(self._stats.drops),
+        )
+
+    # -- packet path ------------------------------------------------------
+
+    def _counters(self, tun_ip: bytes) -> PeerCounters:
+        counters = self._peer_counters.get(tun_ip)
+        if counters is None:
+            counters = self._peer_counters[tun_ip] = PeerCounters()
+        return counters
+
+    def _drop(self, reason: DropReason) -> None:
+        self._stats.drops[reason] = self._stats.drops.get(reason, 0) + 1
+
+    def _on_tun_readable(self) -> None:
+        relay: list[bytes] = []
+        for _ in range(BATCH_SIZE):
+            try:
+                packet = os.read(self._tun_fd, 65535)
+            except BlockingIOError:
+                break
+            except OSError as error:
+                logger.warning("reading the TUN device failed: %s", error)
+                break
+            if not packet:
+                break
+            self._stats.tun_packets_in += 1
+            self._stats.tun_bytes_in += len(packet)
+            self._route(packet, relay, came_from=None)
+        if relay:
+            self._events.on_relay_packets(relay)
+
+    def _on_udp_readable(self) -> None:
+        relay: list[bytes] = []
+        control: list[tuple[bytes, UdpAddress]] = []
+        stun: list[tuple[bytes, UdpAddress]] = []
+        for _ in range(BATCH_SIZE):
+            try:
+                datagram, source = self._udp.recvfrom(MAX_DATAGRAM)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as error:
+                # ICMP errors from earlier sends surface here; they are not fatal.
+                logger.debug("UDP receive error: %s", error)
+                continue
+            if source == self._stun_server:
+                stun.append((datagram, source))
+                continue
+            self._on_datagram(datagram, source, relay, control)
+        if stun:
+            self._events.on_stun_datagrams(stun)
+        if control:
+            self._events.on_control_datagrams(control)
+        if relay:
+            self._events.on_relay_packets(relay)
+
+    def _on_datagram(
+        self,
+        datagram: bytes,
+        source: UdpAddress,
+        relay: list[bytes],
+        control: list[tuple[bytes, UdpAddress]],
+    ) -> None:
+        try:
+            plaintext = self._own_cipher.open(datagram)
+        except AuthenticationFailed:
+            self._drop(DropReason.AUTHENTICATION)
+            return
+        except DecodeError:
+            self._drop(DropReason.TOO_SHORT)
+            return
+        if not plaintext:
+            self._drop(DropReason.MALFORMED)
+            return
+        if plaintext[0] != FORWARD_TYPE:
+            control.append((plaintext, source))
+            return
+        packet = plaintext[1:]
+        if not _is_ipv4(packet):
+            self._drop(DropReason.NOT_IPV4)
+            return
+        counters = self._counters(packet[12:16])
+        counters.packets_in += 1
+        counters.bytes_in += len(packet)
+        if packet[16:20] == self._own_ip:
+            self._deliver(packet)
+        else:
+            self._route(packet, relay, came_from=source)
+
+    def _route(self, packet: bytes, relay: list[bytes], came_from: UdpAddress | None) -> None:
+        """Send one IP packet toward its destination (PROTOCOL 4, "Sending an IP packet")."""
+        if not _is_ipv4(packet):
+            self._drop(DropReason.NOT_IPV4)
+            return
+        destination = packet[16:20]
+        if came_from is None and self._sysroutes:
+            nexthop = self._sysroute_for(destination)
+            if nexthop is not None:
+                packet = encapsulate_ipip(
+                    packet, IPv4Address(self._own_ip), IPv4Address(nexthop)
+                )
+                destination = nexthop
+        next_hop = self._routes.get(destination, destination)
+        peer = self._peers.get(next_hop)
+        if peer is None:
+            relay.append(packet)
+            self._stats.relay_packets_out += 1
+            self._stats.relay_bytes_out += len(packet)
+            return
+        if peer.address == came_from:
+            self._drop(DropReason.LOOP)
+            return
+        if self._sendto(peer.cipher.seal(b"\x01" + packet), peer.address):
+            counters = self._counters(destination)
+            counters.packets_out += 1
+            counters.bytes_out += len(packet)
+
+    def _sysroute_for(self, destination: bytes) -> bytes | None:
+        value = int.from_bytes(destination, "big")
+        for network, mask, nexthop in self._sysroutes:
+            if value & mask == network:
+                return nexthop
+        return None
+
+    def _deliver(self, packet: bytes) -> None:
+        if len(packet) >= 20 and packet[9] == IPPROTO_IPIP:
+            try:
+                packet = decapsulate_ipip(packet)
+            except DecodeError:
+                self._drop(DropReason.MALFORMED)
+                return
+        try:
+            os.write(self._tun_fd, packet)
+        except OSError:
+            self._drop(DropReason.TUN_WRITE_FAILED)
+            return
+        self._stats.tun_packets_out += 1
+        self._stats.tun_bytes_out += len(packet)
+
+    def _sendto(self, datagram: bytes, address: UdpAddress) -> bool:
+        try:
+            self._udp.sendto(datagram, address)
+        except OSError:
+            self._drop(DropReason.SEND_FAILED)
+            return False
+        return True
+
+
+def _is_ipv4(packet: bytes) -> bool:
+    return len(packet) >= 20 and packet[0] >> 4 == 4

@@ -1,0 +1,144 @@
+"""One test body, every data plane (uvloop's pattern).
+
+A node here is a data plane with a fake TUN device (an AF_UNIX datagram
+socketpair keeps packet boundaries like a TUN fd, and needs no root) and a
+real UDP socket on loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address
+
+import pytest
+
+from p2pvpn.dataplane import create_data_plane
+from p2pvpn.dataplane.base import DataPlane, UdpAddress
+from p2pvpn.wire.crypto import peer_key
+
+PASSWORD = "dataplane-test"
+
+
+def available_backends() -> list[str]:
+    backends = ["pure"]
+    try:
+        from p2pvpn import _fastpath
+
+        if hasattr(_fastpath, "FastDataPlane"):
+            backends.append("fast")
+    except ImportError:
+        pass
+    return backends
+
+
+@pytest.fixture(params=available_backends())
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def ipv4_packet(source: str, destination: str, payload: bytes = b"x" * 32, ident: int = 0) -> bytes:
+    """A minimal valid IPv4/UDP packet (checksums are not looked at by the data plane)."""
+    udp = struct.pack("!HHHH", 4000, 4001, 8 + len(payload), 0) + payload
+    header = struct.pack(
+        "!BBHHHBBH4s4s",
+        0x45,
+        0,
+        20 + len(udp),
+        ident,
+        0,
+        64,
+        17,
+        0,
+        IPv4Address(source).packed,
+        IPv4Address(destination).packed,
+    )
+    return header + udp
+
+
+@dataclass
+class Recorder:
+    """DataPlaneEvents that keeps everything handed up."""
+
+    relay: list[bytes] = field(default_factory=list)
+    control: list[tuple[bytes, UdpAddress]] = field(default_factory=list)
+    stun: list[tuple[bytes, UdpAddress]] = field(default_factory=list)
+
+    def on_relay_packets(self, packets: list[bytes]) -> None:
+        self.relay.extend(packets)
+
+    def on_control_datagrams(self, datagrams: list[tuple[bytes, UdpAddress]]) -> None:
+        self.control.extend(datagrams)
+
+    def on_stun_datagrams(self, datagrams: list[tuple[bytes, UdpAddress]]) -> None:
+        self.stun.extend(datagrams)
+
+
+class Node:
+    """A data plane under test plus the 'kernel' end of its fake TUN device."""
+
+    def __init__(self, backend: str, tun_ip: str) -> None:
+        self.tun_ip = IPv4Address(tun_ip)
+        self.key = peer_key(PASSWORD, self.tun_ip)
+        self.kernel, tun = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.kernel.setblocking(False)
+        self._tun = tun
+        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.udp.bind(("127.0.0.1", 0))
+        self.address: UdpAddress = self.udp.getsockname()
+        self.events = Recorder()
+        self.plane: DataPlane = create_data_plane(
+            backend, tun.fileno(), self.udp, self.tun_ip, self.key, self.events
+        )
+
+    def inject(self, *packets: bytes) -> None:
+        """Packets the kernel routes into the TUN device."""
+        for packet in packets:
+            self.kernel.send(packet)
+
+    def delivered(self) -> list[bytes]:
+        """Packets the data plane wrote to TUN since the last call."""
+        out = []
+        while True:
+            try:
+                out.append(self.kernel.recv(70000))
+            except BlockingIOError:
+                return out
+
+    def close(self) -> None:
+        self.plane.close()
+        self.kernel.close()
+        self._tun.close()
+        self.udp.close()
+
+
+@pytest.fixture
+def make_node(backend: str) -> Iterator[Callable[[str], Node]]:
+    nodes: list[Node] = []
+
+    def make(tun_ip: str) -> Node:
+        node = Node(backend, tun_ip)
+        nodes.append(node)
+        return node
+
+    yield make
+    for node in nodes:
+        node.close()
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Poll `predicate` while the loop runs the data plane; fail after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached within %.1f s" % timeout)
+        await asyncio.sleep(0.01)
+
+
+async def settle(seconds: float = 0.2) -> None:
+    """Give the data plane time to (not) do something we assert did not happen."""
+    await asyncio.sleep(seconds)
