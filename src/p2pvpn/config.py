@@ -1,0 +1,600 @@
+"""Configuration: Candy's ``candy.cfg`` format and TOML -> typed, validated dataclasses.
+
+Reading and validating are two steps so that the CLI can overlay command-line
+flags on a file: :func:`read_config_values` turns a file into a mapping of key
+-> :class:`ConfigValue` (the raw value and where it came from), and
+:func:`client_config_from_values` / :func:`server_config_from_values` validate
+such a mapping. :func:`load_config` does both for a file.
+
+Every validation error is a :class:`ConfigError` naming the origin, the key and
+the bad value, e.g. ``client.cfg:7: route: 1001 is outside 0..1000``. The
+password never appears in an error, a log line, a ``repr`` or
+:func:`effective_items`.
+"""
+
+import difflib
+import logging
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from ipaddress import AddressValueError, IPv4Address, IPv4Interface, IPv4Network
+from pathlib import Path
+from typing import Literal, NoReturn, TypeVar
+from urllib.parse import urlsplit
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DATAPLANES",
+    "DEFAULT_MTU",
+    "DEFAULT_STATE_ROOT",
+    "DEFAULT_STUN_PORT",
+    "INTERFACE_PREFIX",
+    "ClientConfig",
+    "ConfigError",
+    "ConfigValue",
+    "Dataplane",
+    "SdwanRule",
+    "ServerConfig",
+    "StunServer",
+    "client_config_from_values",
+    "config_from_values",
+    "default_state_dir",
+    "effective_items",
+    "load_config",
+    "parse_candy_text",
+    "parse_toml_text",
+    "read_config_values",
+    "server_config_from_values",
+    "validate_name",
+]
+
+DEFAULT_STUN_PORT = 3478
+DEFAULT_MTU = 1400
+DEFAULT_STATE_ROOT = Path("/var/lib/p2pvpn")
+INTERFACE_PREFIX = "p2pvpn"
+IFNAMSIZ = 16  # Linux, including the terminating NUL
+
+Dataplane = Literal["auto", "fast", "pure"]
+DATAPLANES: tuple[Dataplane, ...] = ("auto", "fast", "pure")
+
+PASSWORD_MASK = "********"
+
+# Keys of each mode, in display order (the order of effective_items()).
+_COMMON_KEYS = ("mode", "websocket", "password", "debug")
+_SERVER_KEYS = (*_COMMON_KEYS, "dhcp", "sdwan", "stun_port", "metrics")
+_CLIENT_KEYS = (
+    *_COMMON_KEYS,
+    *("name", "tun", "stun", "discovery", "route", "port", "localhost", "mtu"),
+    *("state_dir", "tls_verify", "dataplane", "metrics"),
+)
+# Keys Candy knows that p2pvpn does not implement.
+_CANDY_ONLY_KEYS = ("restart", "workers")
+
+_NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
+_INT_RE = re.compile(r"[+-]?[0-9]+")
+_TRUE = frozenset({"true", "yes", "1", "on"})
+_FALSE = frozenset({"false", "no", "0", "off"})
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names origin, key and value."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigValue:
+    """One raw setting: the value as read and where it came from.
+
+    ``origin`` is ``"file:line"`` for a candy.cfg line, ``"file:line"`` or
+    ``"file"`` for TOML, or the flag name (``"--route"``) for a command-line flag.
+    """
+
+    value: str | int | bool
+    origin: str
+
+
+@dataclass(frozen=True, slots=True)
+class StunServer:
+    host: str
+    port: int = DEFAULT_STUN_PORT
+
+    def __str__(self) -> str:
+        return f"stun://{_show_endpoint((self.host, self.port))}"
+
+
+@dataclass(frozen=True, slots=True)
+class SdwanRule:
+    """Clients whose tun ip is in ``device`` get a route ``destination`` via ``nexthop``."""
+
+    device: IPv4Network
+    destination: IPv4Network
+    nexthop: IPv4Address
+
+    def __str__(self) -> str:
+        return f"{self.device},{self.destination},{self.nexthop}"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    websocket: str  # ws://host:port/path to listen on
+    password: str = field(default="", repr=False)
+    debug: bool = False
+    dhcp: IPv4Network | None = None  # address pool; None: clients need a static tun
+    sdwan: tuple[SdwanRule, ...] = ()
+    stun_port: int = DEFAULT_STUN_PORT  # built-in STUN responder (UDP); 0 disables
+    metrics: tuple[str, int] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ClientConfig:
+    websocket: str  # ws:// or wss:// URL of the server
+    password: str = field(default="", repr=False)
+    debug: bool = False
+    name: str = ""  # interface suffix
+    tun: IPv4Interface | None = None  # None: ask the server for an address
+    stun: StunServer | None = None  # None: no STUN (no P2P across NATs)
+    discovery: int = 0  # seconds; 0 disables
+    route: int = 0  # relay cost 0..1000; 0 disables relaying
+    port: int = 0  # local UDP port; 0 = any
+    localhost: IPv4Address | None = None  # LAN address to advertise; None = detect
+    mtu: int = DEFAULT_MTU
+    # Path() stands for "not given": replaced by default_state_dir(name).
+    state_dir: Path = Path()
+    tls_verify: bool = True
+    dataplane: Dataplane = "auto"
+    metrics: tuple[str, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.state_dir == Path():
+            object.__setattr__(self, "state_dir", default_state_dir(self.name))
+
+    @property
+    def interface_name(self) -> str:
+        """``p2pvpn-<name>``, or ``p2pvpn0`` when the name is empty."""
+        return f"{INTERFACE_PREFIX}-{self.name}" if self.name else f"{INTERFACE_PREFIX}0"
+
+
+def default_state_dir(name: str) -> Path:
+    return DEFAULT_STATE_ROOT / (name or "default")
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def parse_candy_text(text: str, source_name: str) -> dict[str, ConfigValue]:
+    """Parse Candy's ``key = value`` format; values stay strings.
+
+    Full-line ``#`` comments; a ``#`` preceded by whitespace starts a trailing
+    comment after an unquoted value (so ``password = a#b`` keeps its ``#``, as
+    in Candy); a value in double quotes is taken literally; trailing ``;`` and
+    whitespace are dropped. The same key twice: the last one wins.
+    """
+    values: dict[str, ConfigValue] = {}
+    for number, raw in enumerate(text.splitlines(), start=1):
+        origin = f"{source_name}:{number}"
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, rest = line.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            # Do not echo the line: it could hold a password.
+            raise ConfigError(f"{origin}: expected 'key = value'")
+        values[key] = ConfigValue(_candy_value(rest.strip(), key, origin), origin)
+    return values
+
+
+def _candy_value(rest: str, key: str, origin: str) -> str:
+    if rest.startswith('"'):
+        end = rest.find('"', 1)
+        if end < 0:
+            raise ConfigError(f"{origin}: {key}: missing closing quote")
+        tail = rest[end + 1 :].lstrip(" \t;")
+        if tail and not tail.startswith("#"):
+            raise ConfigError(f"{origin}: {key}: unexpected text after the closing quote")
+        return rest[1:end]
+    comment = re.search(r"(?:^|\s)#", rest)
+    if comment:
+        rest = rest[: comment.start()]
+    return rest.rstrip(" \t;")
+
+
+def parse_toml_text(text: str, source_name: str) -> dict[str, ConfigValue]:
+    """Parse the same keys from TOML; strings, integers and booleans are accepted."""
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source_name}: invalid TOML: {exc}") from None
+    lines = _toml_key_lines(text)
+    values: dict[str, ConfigValue] = {}
+    for key, value in document.items():
+        line = lines.get(key)
+        origin = f"{source_name}:{line}" if line else source_name
+        if not isinstance(value, str | int | bool):
+            kind = "table" if isinstance(value, dict) else type(value).__name__
+            raise ConfigError(f"{origin}: {key}: expected a string, integer or boolean, got {kind}")
+        values[key] = ConfigValue(value, origin)
+    return values
+
+
+_TOML_KEY_RE = re.compile(r"""\s*(?:"([^"]+)"|'([^']+)'|([A-Za-z0-9_-]+))\s*=""")
+
+
+def _toml_key_lines(text: str) -> dict[str, int]:
+    """Best-effort line numbers of top-level TOML keys (tomllib gives none)."""
+    lines: dict[str, int] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.lstrip().startswith("["):
+            break
+        match = _TOML_KEY_RE.match(line)
+        if match:
+            key = next(group for group in match.groups() if group)
+            lines.setdefault(key, number)
+    return lines
+
+
+def read_config_values(path: str | Path) -> dict[str, ConfigValue]:
+    """Read a config file (TOML if the name ends in ``.toml``, else candy.cfg)."""
+    name = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{name}: no such file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{name}: not a UTF-8 text file") from None
+    except OSError as exc:
+        raise ConfigError(f"{name}: cannot read: {exc.strerror or exc}") from None
+    if name.lower().endswith(".toml"):
+        return parse_toml_text(text, name)
+    return parse_candy_text(text, name)
+
+
+def load_config(path: str | Path) -> ClientConfig | ServerConfig:
+    return config_from_values(read_config_values(path), str(path))
+
+
+# ------------------------------------------------------------------------ validating
+
+
+def config_from_values(
+    values: Mapping[str, ConfigValue], source: str
+) -> ClientConfig | ServerConfig:
+    """Validate ``values`` as a client or server configuration according to ``mode``."""
+    if _mode(values) == "server":
+        return server_config_from_values(values, source)
+    return client_config_from_values(values, source)
+
+
+def client_config_from_values(values: Mapping[str, ConfigValue], source: str) -> ClientConfig:
+    """Validate ``values`` as a client configuration; ``source`` names them in errors."""
+    _expect_mode(values, "client")
+    _warn_unknown(values, _CLIENT_KEYS, _SERVER_KEYS)
+    get = _Getter(values)
+    name = get("name", validate_name, "")
+    state_dir = get("state_dir", _path, None)
+    return ClientConfig(
+        websocket=_websocket(values, source, ("ws", "wss")),
+        password=get("password", _string, ""),
+        debug=get("debug", _bool, False),
+        name=name,
+        tun=get("tun", _tun, None),
+        stun=get("stun", _stun, None),
+        discovery=get("discovery", _int_range(0, 2**31 - 1), 0),
+        route=get("route", _int_range(0, 1000), 0),
+        port=get("port", _int_range(0, 65535), 0),
+        localhost=get("localhost", _address, None),
+        mtu=get("mtu", _int_range(576, 9000), DEFAULT_MTU),
+        state_dir=state_dir or default_state_dir(name),
+        tls_verify=get("tls_verify", _bool, True),
+        dataplane=get("dataplane", _dataplane, "auto"),
+        metrics=get("metrics", _endpoint, None),
+    )
+
+
+def server_config_from_values(values: Mapping[str, ConfigValue], source: str) -> ServerConfig:
+    """Validate ``values`` as a server configuration; ``source`` names them in errors."""
+    _expect_mode(values, "server")
+    _warn_unknown(values, _SERVER_KEYS, _CLIENT_KEYS)
+    get = _Getter(values)
+    return ServerConfig(
+        websocket=_websocket(values, source, ("ws",)),
+        password=get("password", _string, ""),
+        debug=get("debug", _bool, False),
+        dhcp=get("dhcp", _pool, None),
+        sdwan=get("sdwan", _sdwan, ()),
+        stun_port=get("stun_port", _int_range(0, 65535), DEFAULT_STUN_PORT),
+        metrics=get("metrics", _endpoint, None),
+    )
+
+
+def validate_name(key: str, item: ConfigValue) -> str:
+    """The interface suffix: ``p2pvpn-<name>`` must be a valid Linux interface name."""
+    name = _string(key, item)
+    if not name:
+        return ""
+    if not _NAME_RE.fullmatch(name) or name in {".", ".."}:
+        _fail(key, item, f"{name!r} may only contain letters, digits, '_', '.' and '-'")
+    interface = f"{INTERFACE_PREFIX}-{name}"
+    if len(interface) > IFNAMSIZ - 1:
+        limit = IFNAMSIZ - 1 - len(INTERFACE_PREFIX) - 1
+        detail = f"{interface!r} exceeds {IFNAMSIZ - 1} characters (the name may have {limit})"
+        _fail(key, item, f"{name!r} is too long: {detail}")
+    return name
+
+
+class _Getter:
+    """``get(key, parse, default)``: parse ``values[key]`` if present, else the default."""
+
+    def __init__(self, values: Mapping[str, ConfigValue]) -> None:
+        self._values = values
+
+    def __call__(self, key: str, parse: Callable[[str, ConfigValue], T], default: T) -> T:
+        item = self._values.get(key)
+        return default if item is None else parse(key, item)
+
+
+def _where(key: str, origin: str) -> str:
+    # A flag names the setting by itself: "--route: ..." rather than "--route: route: ...".
+    return f"{origin}: " if origin.startswith("-") else f"{origin}: {key}: "
+
+
+def _fail(key: str, item: ConfigValue, detail: str) -> NoReturn:
+    raise ConfigError(_where(key, item.origin) + detail)
+
+
+def _mode(values: Mapping[str, ConfigValue]) -> str:
+    item = values.get("mode")
+    if item is None:
+        return "client"
+    mode = _string("mode", item)
+    if mode not in {"client", "server"}:
+        _fail("mode", item, f"expected 'client' or 'server', got {mode!r}")
+    return mode
+
+
+def _expect_mode(values: Mapping[str, ConfigValue], wanted: str) -> None:
+    """An explicit ``mode`` must match; an absent one is taken to mean ``wanted``."""
+    mode = _mode(values)
+    if "mode" in values and mode != wanted:
+        command = "p2pvpn server" if mode == "server" else "p2pvpn run"
+        _fail("mode", values["mode"], f"this is a {mode} configuration (use `{command}`)")
+
+
+def _warn_unknown(
+    values: Mapping[str, ConfigValue], known: tuple[str, ...], other_mode: tuple[str, ...]
+) -> None:
+    for key, item in values.items():
+        if key in known:
+            continue
+        if key in other_mode:
+            logger.debug("%s: %s: not used in this mode, ignored", item.origin, key)
+        elif key in _CANDY_ONLY_KEYS:
+            logger.warning(
+                "%s: %s: Candy option not supported by p2pvpn, ignored", item.origin, key
+            )
+        else:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            logger.warning("%s: unknown key %r ignored%s", item.origin, key, hint)
+
+
+def _websocket(values: Mapping[str, ConfigValue], source: str, schemes: tuple[str, ...]) -> str:
+    wanted = " or ".join(f"{scheme}://" for scheme in schemes)
+    item = values.get("websocket")
+    url = "" if item is None else _string("websocket", item).strip()
+    if item is None or not url:
+        raise ConfigError(f"{source}: missing websocket (a {wanted} URL)")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        _fail("websocket", item, f"{url!r} is not a valid URL")
+    if parts.scheme not in schemes:
+        detail = f"expected a {wanted} URL, got {url!r}"
+        if parts.scheme == "wss" and "wss" not in schemes:
+            detail += " (the server speaks ws://; put a TLS reverse proxy in front for wss://)"
+        _fail("websocket", item, detail)
+    if not parts.hostname:
+        _fail("websocket", item, f"{url!r} has no host")
+    return url
+
+
+# Parsers: (key, item) -> value, raising ConfigError through _fail.
+
+
+def _string(key: str, item: ConfigValue) -> str:
+    if not isinstance(item.value, str):
+        _fail(key, item, f"expected a string, got {type(item.value).__name__}")
+    return item.value
+
+
+def _bool(key: str, item: ConfigValue) -> bool:
+    value = item.value
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in {0, 1}:
+        return bool(value)
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    _fail(key, item, f"expected true/false, yes/no or 1/0, got {value!r}")
+
+
+def _int(key: str, item: ConfigValue) -> int:
+    value = item.value
+    if isinstance(value, bool):
+        _fail(key, item, f"expected an integer, got {value!r}")
+    if isinstance(value, int):
+        return value
+    if not _INT_RE.fullmatch(value.strip()):
+        _fail(key, item, f"expected an integer, got {value!r}")
+    return int(value)
+
+
+def _int_range(low: int, high: int) -> Callable[[str, ConfigValue], int]:
+    def parse(key: str, item: ConfigValue) -> int:
+        number = _int(key, item)
+        if not low <= number <= high:
+            _fail(key, item, f"{number} is outside {low}..{high}")
+        return number
+
+    return parse
+
+
+def _path(key: str, item: ConfigValue) -> Path | None:
+    text = _string(key, item).strip()
+    return Path(text).expanduser().absolute() if text else None
+
+
+def _address(key: str, item: ConfigValue) -> IPv4Address | None:
+    text = _string(key, item).strip()
+    if not text:
+        return None
+    try:
+        return IPv4Address(text)
+    except AddressValueError:
+        _fail(key, item, f"{text!r} is not an IPv4 address")
+
+
+def _tun(key: str, item: ConfigValue) -> IPv4Interface | None:
+    text = _string(key, item).strip()
+    if not text:
+        return None
+    try:
+        interface = IPv4Interface(text)
+    except ValueError:
+        _fail(key, item, f"{text!r} is not an IPv4 address with a prefix (e.g. 10.0.0.1/24)")
+    network = interface.network
+    if "/" not in text or network.prefixlen > 30:
+        _fail(key, item, f"{text!r} needs a prefix of /30 or shorter (e.g. 10.0.0.1/24)")
+    if interface.ip in {network.network_address, network.broadcast_address}:
+        _fail(key, item, f"{text!r} is the network or broadcast address of {network}")
+    return interface
+
+
+def _network(key: str, item: ConfigValue, text: str, context: str = "") -> IPv4Network:
+    try:
+        return IPv4Network(text, strict=False)
+    except ValueError:
+        _fail(key, item, f"{context}{text!r} is not an IPv4 cidr (e.g. 10.0.0.0/24)")
+
+
+def _pool(key: str, item: ConfigValue) -> IPv4Network | None:
+    text = _string(key, item).strip()
+    if not text:
+        return None
+    network = _network(key, item, text)
+    if "/" not in text or network.prefixlen > 30:
+        _fail(key, item, f"{text!r} needs a prefix of /30 or shorter (e.g. 10.0.0.0/24)")
+    return network
+
+
+def _sdwan(key: str, item: ConfigValue) -> tuple[SdwanRule, ...]:
+    rules = []
+    for number, rule in enumerate(_string(key, item).split(";"), start=1):
+        if not rule.strip():
+            continue
+        fields = [part.strip() for part in rule.split(",")]
+        if len(fields) != 3:
+            _fail(key, item, f"rule {number} {rule.strip()!r}: expected dev_cidr,dst_cidr,nexthop")
+        context = f"rule {number}: "
+        device = _network(key, item, fields[0], context)
+        destination = _network(key, item, fields[1], context)
+        try:
+            nexthop = IPv4Address(fields[2])
+        except AddressValueError:
+            _fail(key, item, f"{context}{fields[2]!r} is not an IPv4 address")
+        rules.append(SdwanRule(device, destination, nexthop))
+    return tuple(rules)
+
+
+def _stun(key: str, item: ConfigValue) -> StunServer | None:
+    text = _string(key, item).strip()
+    if not text:
+        return None
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError:
+        _fail(key, item, f"{text!r} has a bad port (expected stun://host[:port])")
+    if parts.scheme != "stun" or not parts.hostname or parts.path not in {"", "/"}:
+        _fail(key, item, f"expected stun://host[:port], got {text!r}")
+    if port == 0:
+        _fail(key, item, f"{text!r} has a bad port (expected stun://host[:port])")
+    return StunServer(parts.hostname, DEFAULT_STUN_PORT if port is None else port)
+
+
+def _endpoint(key: str, item: ConfigValue) -> tuple[str, int] | None:
+    text = _string(key, item).strip()
+    if not text:
+        return None
+    host, _, port = text.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not host or not _INT_RE.fullmatch(port) or not 0 < int(port) <= 65535:
+        _fail(key, item, f"expected host:port, got {text!r}")
+    return host, int(port)
+
+
+def _dataplane(key: str, item: ConfigValue) -> Dataplane:
+    text = _string(key, item).strip()
+    if text not in DATAPLANES:
+        _fail(key, item, f"expected one of {', '.join(DATAPLANES)}, got {text!r}")
+    return text
+
+
+# ------------------------------------------------------------------------ displaying
+
+
+def effective_items(config: ClientConfig | ServerConfig) -> list[tuple[str, str]]:
+    """The effective configuration as ordered ``(key, display value)`` pairs.
+
+    The password is shown as ``********`` (or ``(empty)``), never in clear.
+    """
+    password = PASSWORD_MASK if config.password else "(empty)"
+    metrics = "(off)" if config.metrics is None else _show_endpoint(config.metrics)
+    if isinstance(config, ServerConfig):
+        return [
+            ("mode", "server"),
+            ("websocket", config.websocket),
+            ("password", password),
+            ("debug", _show_bool(config.debug)),
+            (
+                "dhcp",
+                "(off: clients need a static tun)" if config.dhcp is None else str(config.dhcp),
+            ),
+            ("sdwan", ";".join(str(rule) for rule in config.sdwan) or "(none)"),
+            ("stun_port", f"{config.stun_port}" if config.stun_port else "0 (off)"),
+            ("metrics", metrics),
+        ]
+    return [
+        ("mode", "client"),
+        ("websocket", config.websocket),
+        ("password", password),
+        ("debug", _show_bool(config.debug)),
+        ("name", f"{config.name or '(none)'} (interface {config.interface_name})"),
+        ("tun", "(dynamic, from the server)" if config.tun is None else str(config.tun)),
+        ("stun", "(none)" if config.stun is None else str(config.stun)),
+        ("discovery", f"{config.discovery}" if config.discovery else "0 (off)"),
+        ("route", f"{config.route}" if config.route else "0 (relaying off)"),
+        ("port", f"{config.port}" if config.port else "0 (any)"),
+        ("localhost", "(auto)" if config.localhost is None else str(config.localhost)),
+        ("mtu", str(config.mtu)),
+        ("state_dir", str(config.state_dir)),
+        ("tls_verify", _show_bool(config.tls_verify)),
+        ("dataplane", config.dataplane),
+        ("metrics", metrics),
+    ]
+
+
+def _show_bool(value: bool) -> str:
+    return "true" if value else "false"
+
+
+def _show_endpoint(endpoint: tuple[str, int]) -> str:
+    host, port = endpoint
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
