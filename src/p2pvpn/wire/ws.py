@@ -1,0 +1,401 @@
+"""WebSocket messages between client and server (PROTOCOL 2), sans I/O.
+
+One message per binary frame, byte 0 is the type. Decoders accept frames
+longer than the layout (the reference does) and raise only DecodeError.
+Encoders raise ValueError for fields the layout cannot carry.
+"""
+
+import hmac
+import logging
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import IntEnum
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from typing import Any, Self, TypeAlias
+
+from p2pvpn.wire.crypto import auth_hash, expttun_hash, vmac_hash
+from p2pvpn.wire.errors import DecodeError
+
+__all__ = [
+    "BROADCAST",
+    "MAX_ROUTES_PER_MESSAGE",
+    "Auth",
+    "Discovery",
+    "ExptTun",
+    "Forward",
+    "General",
+    "LanAddress",
+    "SystemRoute",
+    "SystemRoutes",
+    "Udp4Conn",
+    "UnknownWsMessage",
+    "Vmac",
+    "WsMessage",
+    "WsType",
+    "decode_ws_message",
+]
+
+logger = logging.getLogger(__name__)
+
+BROADCAST = IPv4Address("255.255.255.255")
+
+HASH_SIZE = 32
+CIDR_SIZE = 32
+VMAC_SIZE = 16
+MIN_PACKET_SIZE = 20
+MAX_ROUTES_PER_MESSAGE = 255
+GENERAL_SUBTYPE_LAN_ADDRESS = 0
+
+
+class WsType(IntEnum):
+    AUTH = 0
+    FORWARD = 1
+    EXPTTUN = 2
+    UDP4CONN = 3
+    VMAC = 4
+    DISCOVERY = 5
+    ROUTE = 6
+    GENERAL = 255
+
+
+_AUTH = struct.Struct("!B4sq32s")
+_EXPTTUN = struct.Struct("!Bq32s32s")
+_UDP4CONN = struct.Struct("!B4s4s4sH")
+_VMAC = struct.Struct("!B16sq32s")
+_DISCOVERY = struct.Struct("!B4s4s")
+_ROUTE_HEADER = struct.Struct("!BBH")
+_ROUTE_ENTRY = struct.Struct("!4s4s4s")
+_GENERAL_HEADER = struct.Struct("!BBH4s4s")
+_LAN_ADDRESS = struct.Struct("!BBH4s4s4sH")
+_TYPE_BYTE = struct.Struct("!B")
+
+
+def _pack(layout: struct.Struct, *fields: object) -> bytes:
+    try:
+        return layout.pack(*fields)
+    except struct.error as exc:
+        raise ValueError(f"field out of range for layout {layout.format!r}: {exc}") from exc
+
+
+def _unpack(layout: struct.Struct, frame: bytes, name: str) -> tuple[Any, ...]:
+    if len(frame) < layout.size:
+        raise DecodeError(f"{name} needs {layout.size} bytes, got {len(frame)}")
+    return layout.unpack_from(frame)
+
+
+def _require_hash_size(digest: bytes) -> None:
+    # struct's "32s" would silently pad or cut a wrong-sized hash.
+    if len(digest) != HASH_SIZE:
+        raise ValueError(f"hash must be {HASH_SIZE} bytes, got {len(digest)}")
+
+
+def _is_contiguous_mask(mask: IPv4Address) -> bool:
+    host_bits = ~int(mask) & 0xFFFFFFFF
+    return host_bits & (host_bits + 1) == 0
+
+
+@dataclass(frozen=True, slots=True)
+class Auth:
+    """Login with a virtual address (client -> server)."""
+
+    tun_ip: IPv4Address
+    timestamp: int
+    hash: bytes
+
+    @classmethod
+    def create(cls, password: str, tun_ip: IPv4Address, timestamp: int) -> Self:
+        return cls(tun_ip, timestamp, auth_hash(password, tun_ip, timestamp))
+
+    def verify(self, password: str) -> bool:
+        expected = auth_hash(password, self.tun_ip, self.timestamp)
+        return hmac.compare_digest(self.hash, expected)
+
+    def encode(self) -> bytes:
+        _require_hash_size(self.hash)
+        return _pack(_AUTH, WsType.AUTH, self.tun_ip.packed, self.timestamp, self.hash)
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """An IPv4 packet relayed through the server."""
+
+    packet: bytes
+
+    def encode(self) -> bytes:
+        if len(self.packet) < MIN_PACKET_SIZE:
+            raise ValueError(f"an IPv4 packet has at least {MIN_PACKET_SIZE} bytes")
+        return bytes((WsType.FORWARD,)) + self.packet
+
+
+@dataclass(frozen=True, slots=True)
+class ExptTun:
+    """Address request (client -> server) or grant (server -> client)."""
+
+    timestamp: int
+    cidr: IPv4Interface
+    hash: bytes
+
+    @classmethod
+    def create(cls, password: str, cidr: IPv4Interface, timestamp: int) -> Self:
+        return cls(timestamp, cidr, expttun_hash(password, timestamp))
+
+    def verify(self, password: str) -> bool:
+        return hmac.compare_digest(self.hash, expttun_hash(password, self.timestamp))
+
+    def encode(self) -> bytes:
+        _require_hash_size(self.hash)
+        # "255.255.255.255/32" is 18 characters, so the NUL always fits.
+        cidr_text = str(self.cidr).encode("ascii")
+        return _pack(_EXPTTUN, WsType.EXPTTUN, self.timestamp, cidr_text, self.hash)
+
+
+@dataclass(frozen=True, slots=True)
+class Udp4Conn:
+    """The public UDP address of peer ``src``, relayed by the server to ``dst``."""
+
+    src: IPv4Address
+    dst: IPv4Address
+    public_ip: IPv4Address
+    public_port: int
+
+    def encode(self) -> bytes:
+        return _pack(
+            _UDP4CONN,
+            WsType.UDP4CONN,
+            self.src.packed,
+            self.dst.packed,
+            self.public_ip.packed,
+            self.public_port,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Vmac:
+    """The client's persistent random id, so it gets its dynamic address back."""
+
+    vmac: str
+    timestamp: int
+    hash: bytes
+
+    @classmethod
+    def create(cls, password: str, vmac: str, timestamp: int) -> Self:
+        return cls(vmac, timestamp, vmac_hash(password, vmac, timestamp))
+
+    def verify(self, password: str) -> bool:
+        try:
+            expected = vmac_hash(password, self.vmac, self.timestamp)
+        except ValueError:  # not 16 ASCII characters: cannot have been hashed by a peer
+            return False
+        return hmac.compare_digest(self.hash, expected)
+
+    def encode(self) -> bytes:
+        _require_hash_size(self.hash)
+        vmac_bytes = self.vmac.encode("ascii")
+        if len(vmac_bytes) != VMAC_SIZE:
+            raise ValueError(f"vmac must be {VMAC_SIZE} ASCII characters")
+        return _pack(_VMAC, WsType.VMAC, vmac_bytes, self.timestamp, self.hash)
+
+
+@dataclass(frozen=True, slots=True)
+class Discovery:
+    """A hint to try a direct path with ``src``; ``dst`` may be BROADCAST."""
+
+    src: IPv4Address
+    dst: IPv4Address
+
+    def encode(self) -> bytes:
+        return _pack(_DISCOVERY, WsType.DISCOVERY, self.src.packed, self.dst.packed)
+
+
+@dataclass(frozen=True, slots=True)
+class SystemRoute:
+    """One "sdwan" entry: traffic for dst/mask goes IPIP-encapsulated to nexthop."""
+
+    dst: IPv4Address
+    mask: IPv4Address
+    nexthop: IPv4Address
+
+    @property
+    def network(self) -> IPv4Network:
+        return IPv4Network(f"{self.dst}/{self.mask}", strict=False)
+
+    def encode(self) -> bytes:
+        if not _is_contiguous_mask(self.mask):
+            raise ValueError(f"mask {self.mask} is not a contiguous netmask")
+        return _ROUTE_ENTRY.pack(self.dst.packed, self.mask.packed, self.nexthop.packed)
+
+
+@dataclass(frozen=True, slots=True)
+class SystemRoutes:
+    """A ROUTE message (server -> client) carrying up to 255 entries."""
+
+    routes: tuple[SystemRoute, ...]
+
+    def encode(self) -> bytes:
+        if len(self.routes) > MAX_ROUTES_PER_MESSAGE:
+            raise ValueError(
+                f"{len(self.routes)} routes do not fit in one message "
+                f"(at most {MAX_ROUTES_PER_MESSAGE})"
+            )
+        header = _ROUTE_HEADER.pack(WsType.ROUTE, len(self.routes), 0)
+        return header + b"".join(route.encode() for route in self.routes)
+
+
+@dataclass(frozen=True, slots=True)
+class General:
+    """A GENERAL message with a subtype this code does not interpret."""
+
+    subtype: int
+    extra: int
+    src: IPv4Address
+    dst: IPv4Address
+    data: bytes
+
+    def encode(self) -> bytes:
+        header = _pack(
+            _GENERAL_HEADER,
+            WsType.GENERAL,
+            self.subtype,
+            self.extra,
+            self.src.packed,
+            self.dst.packed,
+        )
+        return header + self.data
+
+
+@dataclass(frozen=True, slots=True)
+class LanAddress:
+    """GENERAL subtype 0: the LAN address of peer ``src``, for same-LAN shortcuts."""
+
+    src: IPv4Address
+    dst: IPv4Address
+    lan_ip: IPv4Address
+    lan_port: int
+
+    def encode(self) -> bytes:
+        return _pack(
+            _LAN_ADDRESS,
+            WsType.GENERAL,
+            GENERAL_SUBTYPE_LAN_ADDRESS,
+            0,
+            self.src.packed,
+            self.dst.packed,
+            self.lan_ip.packed,
+            self.lan_port,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class UnknownWsMessage:
+    """A frame whose type byte is not in the table; receivers ignore these."""
+
+    type: int
+    payload: bytes
+
+    def encode(self) -> bytes:
+        return _pack(_TYPE_BYTE, self.type) + self.payload
+
+
+WsMessage: TypeAlias = (
+    Auth
+    | Forward
+    | ExptTun
+    | Udp4Conn
+    | Vmac
+    | Discovery
+    | SystemRoutes
+    | General
+    | LanAddress
+    | UnknownWsMessage
+)
+
+
+def _decode_auth(frame: bytes) -> Auth:
+    _, tun_ip, timestamp, digest = _unpack(_AUTH, frame, "AUTH")
+    return Auth(IPv4Address(tun_ip), timestamp, digest)
+
+
+def _decode_forward(frame: bytes) -> Forward:
+    if len(frame) < 1 + MIN_PACKET_SIZE:
+        raise DecodeError(f"FORWARD needs at least {1 + MIN_PACKET_SIZE} bytes, got {len(frame)}")
+    return Forward(bytes(frame[1:]))
+
+
+def _decode_cidr(raw: bytes) -> IPv4Interface:
+    text, _, _ = raw.partition(b"\0")
+    try:
+        return IPv4Interface(text.decode("ascii"))
+    except ValueError as exc:  # also covers UnicodeDecodeError
+        raise DecodeError(f"EXPTTUN cidr {text!r} is not an IPv4 address/prefix") from exc
+
+
+def _decode_expttun(frame: bytes) -> ExptTun:
+    _, timestamp, raw_cidr, digest = _unpack(_EXPTTUN, frame, "EXPTTUN")
+    return ExptTun(timestamp, _decode_cidr(raw_cidr), digest)
+
+
+def _decode_udp4conn(frame: bytes) -> Udp4Conn:
+    _, src, dst, public_ip, public_port = _unpack(_UDP4CONN, frame, "UDP4CONN")
+    return Udp4Conn(IPv4Address(src), IPv4Address(dst), IPv4Address(public_ip), public_port)
+
+
+def _decode_vmac(frame: bytes) -> Vmac:
+    _, raw_vmac, timestamp, digest = _unpack(_VMAC, frame, "VMAC")
+    try:
+        vmac = raw_vmac.decode("ascii")
+    except UnicodeDecodeError as exc:
+        raise DecodeError(f"VMAC {raw_vmac!r} is not ASCII") from exc
+    return Vmac(vmac, timestamp, digest)
+
+
+def _decode_discovery(frame: bytes) -> Discovery:
+    _, src, dst = _unpack(_DISCOVERY, frame, "DISCOVERY")
+    return Discovery(IPv4Address(src), IPv4Address(dst))
+
+
+def _decode_route(frame: bytes) -> SystemRoutes:
+    _, count, _reserved = _unpack(_ROUTE_HEADER, frame, "ROUTE")
+    needed = _ROUTE_HEADER.size + count * _ROUTE_ENTRY.size
+    if len(frame) < needed:
+        raise DecodeError(f"ROUTE with {count} entries needs {needed} bytes, got {len(frame)}")
+    routes = []
+    for offset in range(_ROUTE_HEADER.size, needed, _ROUTE_ENTRY.size):
+        dst, mask, nexthop = _ROUTE_ENTRY.unpack_from(frame, offset)
+        route = SystemRoute(IPv4Address(dst), IPv4Address(mask), IPv4Address(nexthop))
+        # Rejected here so that route.network can never raise for a decoded route.
+        if not _is_contiguous_mask(route.mask):
+            raise DecodeError(f"ROUTE mask {route.mask} is not a contiguous netmask")
+        routes.append(route)
+    return SystemRoutes(tuple(routes))
+
+
+def _decode_general(frame: bytes) -> General | LanAddress:
+    _, subtype, extra, src, dst = _unpack(_GENERAL_HEADER, frame, "GENERAL")
+    if subtype != GENERAL_SUBTYPE_LAN_ADDRESS:
+        data = bytes(frame[_GENERAL_HEADER.size :])
+        return General(subtype, extra, IPv4Address(src), IPv4Address(dst), data)
+    *_, lan_ip, lan_port = _unpack(_LAN_ADDRESS, frame, "GENERAL LAN address")
+    return LanAddress(IPv4Address(src), IPv4Address(dst), IPv4Address(lan_ip), lan_port)
+
+
+_DECODERS: dict[int, Callable[[bytes], WsMessage]] = {
+    WsType.AUTH: _decode_auth,
+    WsType.FORWARD: _decode_forward,
+    WsType.EXPTTUN: _decode_expttun,
+    WsType.UDP4CONN: _decode_udp4conn,
+    WsType.VMAC: _decode_vmac,
+    WsType.DISCOVERY: _decode_discovery,
+    WsType.ROUTE: _decode_route,
+    WsType.GENERAL: _decode_general,
+}
+
+
+def decode_ws_message(frame: bytes) -> WsMessage:
+    """Decode one binary WebSocket frame; raises DecodeError and nothing else."""
+    if not frame:
+        raise DecodeError("empty WebSocket frame")
+    decoder = _DECODERS.get(frame[0])
+    if decoder is None:
+        return UnknownWsMessage(frame[0], bytes(frame[1:]))
+    return decoder(frame)
