@@ -1,0 +1,1 @@
+"""The VPN client: peers, signaling, TUN device, control socket."""

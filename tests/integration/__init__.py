@@ -1,0 +1,1 @@
+"""Integration tests: real processes in network namespaces (root; see tests/netns.py)."""
