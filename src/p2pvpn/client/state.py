@@ -1,0 +1,100 @@
+"""What a client remembers between runs: its vmac and its last dynamic address.
+
+Both exist so that a restarted client gets the same dynamic address back
+(PROTOCOL 2.2, 2.3): the server keys its grants on the vmac, and the client
+asks for the address it held last time. Losing either costs an address
+change, never correctness, so every storage problem here is a warning.
+"""
+
+import logging
+import os
+import re
+import secrets
+import tempfile
+from ipaddress import IPv4Interface
+from pathlib import Path
+
+__all__ = ["StateStore"]
+
+logger = logging.getLogger(__name__)
+
+VMAC_FILE = "vmac"
+ADDRESS_FILE = "address"
+DIRECTORY_MODE = 0o700
+_VMAC_PATTERN = re.compile(r"[0-9a-f]{16}")
+
+
+class StateStore:
+    """Small files in one private directory, created on first write."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self._vmac: str | None = None
+
+    def vmac(self) -> str:
+        """This installation's vmac: loaded, or created and persisted on first use."""
+        if self._vmac is None:
+            self._vmac = self._load_vmac()
+        return self._vmac
+
+    def last_address(self) -> IPv4Interface | None:
+        """The address saved by save_address(), or None if there is none (or it is corrupt)."""
+        text = self._read(ADDRESS_FILE)
+        if text is None:
+            return None
+        try:
+            return IPv4Interface(text)
+        except ValueError:
+            logger.warning(
+                "ignoring %s: %r is not an IPv4 address/prefix", self._path(ADDRESS_FILE), text
+            )
+            return None
+
+    def save_address(self, address: IPv4Interface) -> None:
+        self._write(ADDRESS_FILE, f"{address}\n")
+
+    def _load_vmac(self) -> str:
+        text = self._read(VMAC_FILE)
+        if text is not None:
+            if _VMAC_PATTERN.fullmatch(text):
+                return text
+            logger.warning(
+                "%s is corrupt (%r is not 16 lowercase hex digits): creating a new vmac",
+                self._path(VMAC_FILE),
+                text[:40],
+            )
+        vmac = secrets.token_hex(8)
+        self._write(VMAC_FILE, f"{vmac}\n")
+        return vmac
+
+    def _path(self, name: str) -> Path:
+        return self.directory / name
+
+    def _read(self, name: str) -> str | None:
+        path = self._path(name)
+        try:
+            return path.read_text(encoding="ascii").strip()
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError) as exc:
+            logger.warning("cannot read %s: %s", path, exc)
+            return None
+
+    def _write(self, name: str, text: str) -> None:
+        """Replace the file atomically, so a crash never leaves half a file behind."""
+        path = self._path(name)
+        try:
+            self.directory.mkdir(mode=DIRECTORY_MODE, parents=True, exist_ok=True)
+            descriptor, temporary = tempfile.mkstemp(prefix=f".{name}.", dir=self.directory)
+        except OSError as exc:
+            logger.warning("cannot save %s: %s", path, exc)
+            return
+        try:
+            with os.fdopen(descriptor, "w", encoding="ascii") as file:
+                file.write(text)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, path)
+        except OSError as exc:
+            logger.warning("cannot save %s: %s", path, exc)
+            Path(temporary).unlink(missing_ok=True)
