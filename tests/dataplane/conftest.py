@@ -92,7 +92,12 @@ class Node:
         self.address: UdpAddress = self.udp.getsockname()
         self.events = Recorder()
         self.plane: DataPlane = create_data_plane(
-            backend, tun.fileno(), self.udp, self.tun_ip, self.key, self.events
+            backend,
+            tun_fd=tun.fileno(),
+            udp_socket=self.udp,
+            tun_ip=self.tun_ip,
+            key=self.key,
+            events=self.events,
         )
 
     def inject(self, *packets: bytes) -> None:
@@ -135,7 +140,7 @@ async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> Non
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
-            raise AssertionError("condition not reached within %.1f s" % timeout)
+            raise AssertionError(f"condition not reached within {timeout:.1f} s")
         await asyncio.sleep(0.01)
 
 

@@ -18,10 +18,10 @@ from p2pvpn.dataplane.pure import PureDataPlane
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DataPlane", "DataPlaneEvents", "UnavailableDataPlane", "create_data_plane"]
+__all__ = ["DataPlane", "DataPlaneEvents", "DataPlaneUnavailableError", "create_data_plane"]
 
 
-class UnavailableDataPlane(RuntimeError):
+class DataPlaneUnavailableError(RuntimeError):
     """`dataplane = fast` was asked for but the compiled extension cannot provide it."""
 
 
@@ -36,6 +36,7 @@ def _fast_data_plane_class() -> type | None:
 
 def create_data_plane(
     kind: str,
+    *,
     tun_fd: int,
     udp_socket: socket.socket,
     tun_ip: IPv4Address,
@@ -48,7 +49,7 @@ def create_data_plane(
     fast = _fast_data_plane_class() if kind != "pure" else None
     if fast is None:
         if kind == "fast":
-            raise UnavailableDataPlane(
+            raise DataPlaneUnavailableError(
                 "dataplane = fast, but the compiled extension p2pvpn._fastpath "
                 "does not provide a data plane in this build"
             )

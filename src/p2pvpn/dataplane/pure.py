@@ -231,9 +231,7 @@ class PureDataPlane:
         if came_from is None and self._sysroutes:
             nexthop = self._sysroute_for(destination)
             if nexthop is not None:
-                packet = encapsulate_ipip(
-                    packet, IPv4Address(self._own_ip), IPv4Address(nexthop)
-                )
+                packet = encapsulate_ipip(packet, IPv4Address(self._own_ip), IPv4Address(nexthop))
                 destination = nexthop
         next_hop = self._routes.get(destination, destination)
         peer = self._peers.get(next_hop)

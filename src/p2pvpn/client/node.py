@@ -1,0 +1,305 @@
+"""The client process: wires TUN, signaling, the data plane and the peers together.
+
+One asyncio loop runs the whole control plane (ARCHITECTURE.md). The node is
+the SignalingHandler (what the server sends) and the DataPlaneEvents sink
+(what the data plane cannot handle alone), and owns every resource it
+creates so that a stop, a signal or a fatal error leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from typing import Any
+
+from p2pvpn import __version__
+from p2pvpn.client.control import ControlServer, control_socket_path
+from p2pvpn.client.peers import PeerManager
+from p2pvpn.client.signaling import SignalingError, SignalingSession
+from p2pvpn.client.state import StateStore
+from p2pvpn.client.tun import TunDevice, TunError
+from p2pvpn.config import ClientConfig
+from p2pvpn.dataplane import create_data_plane
+from p2pvpn.dataplane.base import DataPlane, DataPlaneStats, UdpAddress
+from p2pvpn.wire.crypto import peer_key
+from p2pvpn.wire.ws import Forward, SystemRoutes, WsMessage
+
+logger = logging.getLogger(__name__)
+
+# Large socket buffers absorb bursts while the event loop is busy; the
+# kernel caps them at net.core.[rw]mem_max unless we are root (the FORCE
+# variants), which a VPN client is.
+UDP_BUFFER_BYTES = 4 * 1024 * 1024
+TICK_SECONDS = 1.0
+
+
+class ClientNode:
+    """One running `p2pvpn run`: the SignalingHandler and DataPlaneEvents sink."""
+
+    def __init__(self, config: ClientConfig) -> None:
+        self.config = config
+        self.started = time.time()
+        self.state = StateStore(config.state_dir)
+        self.tun: TunDevice | None = None
+        self.address: IPv4Interface | None = None
+        self.data_plane: DataPlane | None = None
+        self.peers: PeerManager | None = None
+        self.sysroutes: list[tuple[IPv4Network, IPv4Address]] = []
+        self.udp = _open_udp_socket(config.port)
+        self.signaling = SignalingSession(
+            config.websocket,
+            config.password,
+            config.tun,
+            self.state,
+            self,
+            tls_verify=config.tls_verify,
+        )
+        self.control = ControlServer(control_socket_path(config.state_dir), self.snapshot)
+        self._stopping = asyncio.Event()
+
+    # -- lifecycle --------------------------------------------------------
+
+    async def run(self) -> int:
+        """Run until a signal or a fatal error; always clean up. Returns the exit code."""
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, self._on_signal, signum)
+        try:
+            TunDevice.remove_stale(self.config.interface_name)
+            self.tun = TunDevice.open(self.config.interface_name, self.config.mtu)
+            await self.control.start()
+            return await self._serve()
+        except (TunError, SignalingError, OSError) as error:
+            logger.error("%s", error)
+            return 1
+        finally:
+            await self._cleanup()
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(signum)
+
+    async def _serve(self) -> int:
+        signaling = asyncio.create_task(self.signaling.run(), name="signaling")
+        ticker = asyncio.create_task(self._tick_forever(), name="ticker")
+        stopping = asyncio.create_task(self._stopping.wait(), name="stop")
+        try:
+            await asyncio.wait({signaling, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ticker.cancel()
+            stopping.cancel()
+        if signaling.done():
+            signaling.result()  # re-raises SignalingError: the caller reports it
+            return 0
+        await self.signaling.close()
+        with contextlib.suppress(asyncio.CancelledError, SignalingError):
+            await signaling
+        return 0
+
+    def _on_signal(self, signum: int) -> None:
+        logger.info("%s received: shutting down", signal.Signals(signum).name)
+        self._stopping.set()
+
+    async def _tick_forever(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_SECONDS)
+            if self.peers is not None:
+                self.peers.tick(time.monotonic())
+
+    async def _cleanup(self) -> None:
+        if self.peers is not None:
+            self.peers.close()
+        if self.data_plane is not None:
+            self.data_plane.close()
+        if self.tun is not None:
+            self.tun.close()
+        await self.control.close()
+        self.udp.close()
+        logger.info("stopped; %s removed", self.config.interface_name)
+
+    # -- SignalingHandler ---------------------------------------------------
+
+    async def on_login(self, address: IPv4Interface) -> None:
+        if address == self.address:
+            return
+        assert self.tun is not None
+        if self.address is not None:
+            # The server moved us (dynamic range changed): start the packet path afresh.
+            logger.warning("address changed from %s to %s", self.address, address)
+            self._stop_packet_path()
+            self.tun.close()
+            self.tun = TunDevice.open(self.config.interface_name, self.config.mtu)
+        self.address = address
+        self.tun.configure(address, self.config.mtu)
+        self._start_packet_path(address)
+        if self.sysroutes:
+            self._apply_sysroutes(self.sysroutes)
+
+    def on_message(self, message: WsMessage) -> None:
+        if isinstance(message, Forward):
+            self._on_relayed_packet(message.packet)
+        elif isinstance(message, SystemRoutes):
+            routes = [(route.network, route.nexthop) for route in message.routes]
+            self._apply_sysroutes(self.sysroutes + routes)
+        elif self.peers is not None:
+            self.peers.on_ws_message(message)
+
+    def on_disconnected(self) -> None:
+        if self.peers is not None:
+            self.peers.on_server_lost()
+
+    # -- DataPlaneEvents ----------------------------------------------------
+
+    def on_relay_packets(self, packets: list[bytes]) -> None:
+        self.signaling.send_forward_packets(packets)
+        if self.peers is not None:
+            self.peers.on_relay_out(packets)
+
+    def on_control_datagrams(self, datagrams: list[tuple[bytes, UdpAddress]]) -> None:
+        if self.peers is not None:
+            self.peers.on_control_datagrams(datagrams)
+
+    def on_stun_datagrams(self, datagrams: list[tuple[bytes, UdpAddress]]) -> None:
+        if self.peers is not None:
+            self.peers.on_stun_datagrams(datagrams)
+
+    # -- internals ----------------------------------------------------------
+
+    def _start_packet_path(self, address: IPv4Interface) -> None:
+        assert self.tun is not None
+        key = peer_key(self.config.password, address.ip)
+        self.data_plane = create_data_plane(
+            self.config.dataplane,
+            tun_fd=self.tun.fileno(),
+            udp_socket=self.udp,
+            tun_ip=address.ip,
+            key=key,
+            events=self,
+        )
+        self.peers = PeerManager(
+            self.config,
+            address,
+            self.data_plane,
+            self.signaling,
+            local_port=self.udp.getsockname()[1],
+        )
+        self.data_plane.start()
+        self.peers.start()
+        logger.info(
+            "packet path up on %s (%s data plane)",
+            self.config.interface_name,
+            self.data_plane.implementation,
+        )
+
+    def _stop_packet_path(self) -> None:
+        if self.peers is not None:
+            self.peers.close()
+            self.peers = None
+        if self.data_plane is not None:
+            self.data_plane.close()
+            self.data_plane = None
+
+    def _on_relayed_packet(self, packet: bytes) -> None:
+        if self.data_plane is None:
+            return
+        self.data_plane.write_tun(packet)
+        if self.peers is not None:
+            self.peers.on_relay_in(packet)
+
+    def _apply_sysroutes(self, routes: list[tuple[IPv4Network, IPv4Address]]) -> None:
+        """Install sdwan routes (PROTOCOL 2.6): kernel routes via TUN plus IPIP table."""
+        unique = list(dict.fromkeys(routes))
+        self.sysroutes = unique
+        if self.tun is None or self.data_plane is None or self.address is None:
+            return
+        for network, nexthop in unique:
+            if nexthop == self.address.ip:
+                continue  # we are the gateway for this network: the kernel routes it
+            self.tun.add_route(network)
+        self.data_plane.set_sysroutes(
+            [(network, nexthop) for network, nexthop in unique if nexthop != self.address.ip]
+        )
+        if self.peers is not None:
+            self.peers.disable_lan()
+
+    # -- status ---------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """What `p2pvpn status` shows; never contains the password."""
+        stats = self.data_plane.stats() if self.data_plane is not None else None
+        signaling = self.signaling.stats
+        return {
+            "name": self.config.name,
+            "interface": self.config.interface_name,
+            "address": str(self.address) if self.address else None,
+            "version": __version__,
+            "dataplane": stats.implementation if stats else None,
+            "pid": os.getpid(),
+            "started": self.started,
+            "server": {
+                "url": self.config.websocket,
+                "state": self.signaling.state,
+                "connected_since": self.signaling.connected_since,
+                "reconnects": self.signaling.reconnects,
+            },
+            "relay": {
+                "packets_out": signaling.relay_packets_out,
+                "bytes_out": signaling.relay_bytes_out,
+                "packets_in": signaling.relay_packets_in,
+                "bytes_in": signaling.relay_bytes_in,
+                "dropped": signaling.frames_dropped,
+            },
+            "direct": _direct_totals(stats),
+            "peers": self.peers.snapshot(stats) if self.peers is not None else [],
+            "routes": self.peers.route_snapshot() if self.peers is not None else [],
+            "sysroutes": [
+                {"network": str(network), "nexthop": str(nexthop)}
+                for network, nexthop in self.sysroutes
+            ],
+            "drops": dict(stats.drops) if stats else {},
+        }
+
+
+def _direct_totals(stats: DataPlaneStats | None) -> dict[str, int]:
+    totals = {"packets_out": 0, "bytes_out": 0, "packets_in": 0, "bytes_in": 0}
+    if stats is None:
+        return totals
+    for counters in stats.peers.values():
+        totals["packets_out"] += counters.packets_out
+        totals["bytes_out"] += counters.bytes_out
+        totals["packets_in"] += counters.packets_in
+        totals["bytes_in"] += counters.bytes_in
+    return totals
+
+
+def _open_udp_socket(port: int) -> socket.socket:
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    for force, plain in (
+        (getattr(socket, "SO_RCVBUFFORCE", 33), socket.SO_RCVBUF),
+        (getattr(socket, "SO_SNDBUFFORCE", 32), socket.SO_SNDBUF),
+    ):
+        try:
+            udp.setsockopt(socket.SOL_SOCKET, force, UDP_BUFFER_BYTES)
+        except OSError:
+            udp.setsockopt(socket.SOL_SOCKET, plain, UDP_BUFFER_BYTES)
+    try:
+        udp.bind(("0.0.0.0", port))
+    except OSError as error:
+        udp.close()
+        raise OSError(f"cannot bind UDP port {port}: {error.strerror}") from error
+    udp.setblocking(False)
+    return udp
+
+
+def run_client(config: ClientConfig, *, debug: bool) -> int:
+    """Entry point of `p2pvpn run`: returns the process exit code."""
+    del debug  # logging is configured by the CLI
+    try:
+        return asyncio.run(ClientNode(config).run())
+    except OSError as error:
+        logger.error("%s", error)
+        return 1

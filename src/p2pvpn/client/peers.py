@@ -1,0 +1,409 @@
+"""PeerManager: the peer table and everything around the per-peer state machines.
+
+The state machines (client/peer.py) and the route table (client/routing.py)
+decide; this module does what they ask: STUN requests, address exchange over
+the server, heartbeats and DELAY probes through the data plane, and handing
+CONNECTED peers and client-relay routes to the data plane.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Interface
+from typing import Any, Protocol
+from urllib.parse import urlparse
+
+from p2pvpn.client.peer import (
+    PathDown,
+    PathUp,
+    Peer,
+    PeerAction,
+    PeerState,
+    RequestStun,
+    SendDelayProbe,
+    SendHeartbeat,
+    SendLanAddress,
+    SendPublicAddress,
+    StateChanged,
+)
+from p2pvpn.client.routing import Advertise, DropRoute, RouteAction, RouteTable, SetRoute
+from p2pvpn.config import ClientConfig
+from p2pvpn.dataplane.base import DataPlane, DataPlaneStats, UdpAddress
+from p2pvpn.wire.crypto import peer_key
+from p2pvpn.wire.errors import DecodeError
+from p2pvpn.wire.peer import Delay, Heartbeat, RouteAdvert, decode_peer_message
+from p2pvpn.wire.stun import decode_binding_response, encode_binding_request
+from p2pvpn.wire.ws import BROADCAST, Discovery, LanAddress, Udp4Conn, WsMessage
+
+logger = logging.getLogger(__name__)
+
+# How many STUN transactions we remember; answers to older ones are ignored.
+STUN_OUTSTANDING = 8
+STUN_RESOLVE_RETRY_SECONDS = 30.0
+DELAY_PROBE_TICKS = 60
+
+
+class SignalingSender(Protocol):
+    """The part of SignalingSession the peer manager uses."""
+
+    def send(self, message: Any) -> bool: ...
+
+
+@dataclass(slots=True)
+class _RelayCounters:
+    packets_out: int = 0
+    bytes_out: int = 0
+    packets_in: int = 0
+    bytes_in: int = 0
+
+
+class PeerManager:
+    """Owns the peer table of one client (PROTOCOL 3, 4 and 5)."""
+
+    def __init__(
+        self,
+        config: ClientConfig,
+        address: IPv4Interface,
+        data_plane: DataPlane,
+        signaling: SignalingSender,
+        *,
+        local_port: int,
+        clock: Any = time.monotonic,
+    ) -> None:
+        self._config = config
+        self._own_ip = address.ip
+        self._data_plane = data_plane
+        self._signaling = signaling
+        self._local_port = local_port
+        self._clock = clock
+        self._peers: dict[IPv4Address, Peer] = {}
+        self._keys: dict[IPv4Address, bytes] = {}
+        self._relay_counters: dict[IPv4Address, _RelayCounters] = {}
+        self._routes = RouteTable(self._own_ip, config.route)
+        self._lan_enabled = True
+        self._lan_address: UdpAddress | None = None
+        self._stun_address: UdpAddress | None = None
+        self._stun_transactions: list[bytes] = []
+        self._public_address: UdpAddress | None = None
+        self._next_discovery = 0.0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.stun_failures = 0
+
+    # -- lifecycle ----------------------------------------------------------
+
+    def start(self) -> None:
+        self._spawn(self._resolve_stun_forever())
+        self._lan_address = self._detect_lan_address()
+        if self._lan_address is not None:
+            logger.info("LAN address for direct connections: %s:%d", *self._lan_address)
+
+    def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        self._tasks.clear()
+
+    def disable_lan(self) -> None:
+        """sdwan routes can capture LAN addresses (PROTOCOL 2.6): stop using them."""
+        if self._lan_enabled:
+            logger.info("system routes present: LAN direct connections disabled")
+        self._lan_enabled = False
+        for peer in self._peers.values():
+            peer.disable_lan()
+
+    def on_server_lost(self) -> None:
+        """Nothing to undo: peers keep their direct paths while the server is away."""
+
+    # -- events from the node -------------------------------------------------
+
+    def tick(self, now: float) -> None:
+        want_stun = False
+        for peer in list(self._peers.values()):
+            for action in peer.tick(now):
+                want_stun |= isinstance(action, RequestStun)
+                self._perform(peer, action)
+        if want_stun:
+            self._send_stun_request()
+        if self._config.discovery and now >= self._next_discovery:
+            self._next_discovery = now + self._config.discovery
+            self._signaling.send(Discovery(self._own_ip, BROADCAST))
+
+    def on_ws_message(self, message: WsMessage) -> None:
+        now = self._clock()
+        if isinstance(message, Udp4Conn):
+            if message.dst != self._own_ip:
+                return
+            address = (str(message.public_ip), message.public_port)
+            self._run(self._peer(message.src), "on_public_address", address, now)
+        elif isinstance(message, LanAddress):
+            if message.dst != self._own_ip or not self._lan_enabled:
+                return
+            address = (str(message.lan_ip), message.lan_port)
+            self._run(self._peer(message.src), "on_lan_address", address, now)
+        elif isinstance(message, Discovery):
+            if message.src == self._own_ip:
+                return
+            if message.dst == BROADCAST:
+                self._signaling.send(Discovery(self._own_ip, message.src))
+            self._run(self._peer(message.src), "on_hint", now)
+
+    def on_relay_in(self, packet: bytes) -> None:
+        """A packet relayed by the server: count it and take it as a hint (PROTOCOL 2.5)."""
+        if len(packet) < 20:
+            return
+        source = IPv4Address(packet[12:16])
+        if source == self._own_ip:
+            return
+        counters = self._relay_counters.setdefault(source, _RelayCounters())
+        counters.packets_in += 1
+        counters.bytes_in += len(packet)
+        self._run(self._peer(source), "on_hint", self._clock())
+
+    def on_relay_out(self, packets: Iterable[bytes]) -> None:
+        for packet in packets:
+            if len(packet) < 20:
+                continue
+            destination = IPv4Address(packet[16:20])
+            counters = self._relay_counters.setdefault(destination, _RelayCounters())
+            counters.packets_out += 1
+            counters.bytes_out += len(packet)
+
+    def on_control_datagrams(self, datagrams: list[tuple[bytes, UdpAddress]]) -> None:
+        now = self._clock()
+        for plaintext, source in datagrams:
+            try:
+                message = decode_peer_message(plaintext)
+            except DecodeError:
+                logger.debug("malformed control datagram from %s:%d", *source)
+                continue
+            if isinstance(message, Heartbeat):
+                peer = self._peers.get(message.tun_ip)
+                if peer is not None:
+                    self._run(peer, "on_heartbeat", source, message.ack, now)
+            elif isinstance(message, Delay):
+                self._on_delay(message, source, now)
+            elif isinstance(message, RouteAdvert):
+                self._apply_routes(self._routes.on_advert(message))
+
+    def on_stun_datagrams(self, datagrams: list[tuple[bytes, UdpAddress]]) -> None:
+        for data, _source in datagrams:
+            try:
+                response = decode_binding_response(data)
+            except DecodeError:
+                continue
+            if response.transaction_id not in self._stun_transactions:
+                continue
+            self._stun_transactions.clear()
+            ip, port = response.address
+            self._public_address = (str(ip), port)
+            logger.debug("STUN: our public address is %s:%d", *self._public_address)
+            now = self._clock()
+            for peer in list(self._peers.values()):
+                if peer.state is PeerState.PREPARING:
+                    self._run(peer, "on_own_public_address", now)
+
+    # -- actions ----------------------------------------------------------------
+
+    def _peer(self, tun_ip: IPv4Address) -> Peer:
+        peer = self._peers.get(tun_ip)
+        if peer is None:
+            peer = self._peers[tun_ip] = Peer(
+                tun_ip,
+                self._clock(),
+                stun_enabled=self._config.stun is not None,
+                lan_enabled=self._lan_enabled,
+                delay_probes=self._config.route > 0,
+            )
+            logger.info("peer %s seen", tun_ip)
+        return peer
+
+    def _key(self, tun_ip: IPv4Address) -> bytes:
+        key = self._keys.get(tun_ip)
+        if key is None:
+            key = self._keys[tun_ip] = peer_key(self._config.password, tun_ip)
+        return key
+
+    def _run(self, peer: Peer, event: str, *args: Any) -> None:
+        actions: list[PeerAction] = getattr(peer, event)(*args)
+        for action in actions:
+            if isinstance(action, RequestStun):
+                self._send_stun_request()
+            else:
+                self._perform(peer, action)
+
+    def _perform(self, peer: Peer, action: PeerAction) -> None:
+        tun_ip = peer.tun_ip
+        if isinstance(action, SendHeartbeat):
+            heartbeat = Heartbeat(
+                self._own_ip, IPv4Address(action.address[0]), action.address[1], action.ack
+            )
+            self._data_plane.send_control(action.address, self._key(tun_ip), heartbeat.encode())
+        elif isinstance(action, SendDelayProbe):
+            probe = Delay(self._own_ip, tun_ip, int(self._clock() * 1000))
+            self._data_plane.send_control(action.address, self._key(tun_ip), probe.encode())
+        elif isinstance(action, SendPublicAddress):
+            self._send_public_address(tun_ip)
+        elif isinstance(action, SendLanAddress):
+            self._send_lan_address(tun_ip)
+        elif isinstance(action, StateChanged):
+            logger.info(
+                "peer %s: %s -> %s (%s)", tun_ip, action.old.name, action.new.name, action.reason
+            )
+        elif isinstance(action, PathUp):
+            logger.info("peer %s: direct path %s:%d", tun_ip, *action.address)
+            self._data_plane.set_peer(tun_ip, action.address, self._key(tun_ip))
+            for advert in self._routes.advertisements():
+                self._data_plane.send_control(action.address, self._key(tun_ip), advert.encode())
+        elif isinstance(action, PathDown):
+            self._data_plane.drop_peer(tun_ip)
+            self._apply_routes(self._routes.on_peer_lost(tun_ip))
+
+    def _send_public_address(self, tun_ip: IPv4Address) -> None:
+        if self._public_address is None:
+            return
+        ip, port = self._public_address
+        self._signaling.send(Udp4Conn(self._own_ip, tun_ip, IPv4Address(ip), port))
+
+    def _send_lan_address(self, tun_ip: IPv4Address) -> None:
+        if self._lan_address is None or not self._lan_enabled:
+            return
+        ip, port = self._lan_address
+        self._signaling.send(LanAddress(self._own_ip, tun_ip, IPv4Address(ip), port))
+
+    def _send_stun_request(self) -> None:
+        if self._stun_address is None:
+            self.stun_failures += 1
+            return
+        transaction_id = os.urandom(12)
+        self._stun_transactions = [
+            *self._stun_transactions[-(STUN_OUTSTANDING - 1) :],
+            transaction_id,
+        ]
+        self._data_plane.send_stun(self._stun_address, encode_binding_request(transaction_id))
+
+    def _on_delay(self, probe: Delay, source: UdpAddress, now: float) -> None:
+        if probe.dst == self._own_ip and probe.src != self._own_ip:
+            # Echo it back unchanged, sealed for the prober (PROTOCOL 3.2).
+            self._data_plane.send_control(source, self._key(probe.src), probe.encode())
+        elif probe.src == self._own_ip:
+            peer = self._peers.get(probe.dst)
+            if peer is None:
+                return
+            rtt_ms = max(0.0, now * 1000 - probe.timestamp_ms)
+            self._run(peer, "on_rtt", rtt_ms, now)
+            if peer.state is PeerState.CONNECTED:
+                self._apply_routes(self._routes.on_direct_rtt(probe.dst, round(rtt_ms)))
+
+    def _apply_routes(self, actions: list[RouteAction]) -> None:
+        for action in actions:
+            if isinstance(action, SetRoute):
+                logger.info("route %s via %s", action.destination, action.next_hop)
+                self._data_plane.set_route(action.destination, action.next_hop)
+            elif isinstance(action, DropRoute):
+                logger.info("route %s removed", action.destination)
+                self._data_plane.drop_route(action.destination)
+            elif isinstance(action, Advertise):
+                self._advertise(action.advert)
+
+    def _advertise(self, advert: RouteAdvert) -> None:
+        plaintext = advert.encode()
+        for tun_ip, peer in self._peers.items():
+            if peer.state is PeerState.CONNECTED and peer.current_address is not None:
+                self._data_plane.send_control(peer.current_address, self._key(tun_ip), plaintext)
+
+    # -- addresses ----------------------------------------------------------------
+
+    async def _resolve_stun_forever(self) -> None:
+        stun = self._config.stun
+        if stun is None:
+            logger.info("no STUN server configured: direct connections are disabled")
+            return
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                infos = await loop.getaddrinfo(
+                    stun.host, stun.port, family=socket.AF_INET, type=socket.SOCK_DGRAM
+                )
+            except OSError as error:
+                logger.warning("cannot resolve STUN server %s: %s", stun.host, error)
+                await asyncio.sleep(STUN_RESOLVE_RETRY_SECONDS)
+                continue
+            ip, port = infos[0][4][:2]
+            self._stun_address = (str(ip), int(port))
+            self._data_plane.set_stun_server(self._stun_address)
+            logger.info("STUN server %s:%d", *self._stun_address)
+            return
+
+    def _detect_lan_address(self) -> UdpAddress | None:
+        if self._config.localhost is not None:
+            return (str(self._config.localhost), self._local_port)
+        host = urlparse(self._config.websocket).hostname
+        if not host:
+            return None
+        # connect() on a UDP socket sends nothing; it only asks the kernel
+        # which source address it would use to reach the server.
+        with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_DGRAM)) as probe:
+            try:
+                probe.connect((host, 9))
+                ip = probe.getsockname()[0]
+            except OSError:
+                return None
+        return (str(ip), self._local_port)
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- status -------------------------------------------------------------------
+
+    def snapshot(self, stats: DataPlaneStats | None) -> list[dict[str, Any]]:
+        now = self._clock()
+        rows = []
+        for tun_ip in sorted(set(self._peers) | set(self._relay_counters)):
+            peer = self._peers.get(tun_ip)
+            relay = self._relay_counters.get(tun_ip, _RelayCounters())
+            direct = stats.peers.get(tun_ip) if stats is not None else None
+            rows.append(
+                {
+                    "tun_ip": str(tun_ip),
+                    "state": peer.state.name if peer else PeerState.INIT.name,
+                    "path": self._path(tun_ip, peer),
+                    "rtt_ms": round(peer.rtt_ms, 2) if peer and peer.rtt_ms is not None else None,
+                    "packets_out": relay.packets_out + (direct.packets_out if direct else 0),
+                    "bytes_out": relay.bytes_out + (direct.bytes_out if direct else 0),
+                    "packets_in": relay.packets_in + (direct.packets_in if direct else 0),
+                    "bytes_in": relay.bytes_in + (direct.bytes_in if direct else 0),
+                    "relay_bytes_out": relay.bytes_out,
+                    "relay_bytes_in": relay.bytes_in,
+                    "state_seconds": round(now - peer.state_since, 1) if peer else None,
+                    "retry_seconds": peer.retry if peer else None,
+                }
+            )
+        return rows
+
+    def _path(self, tun_ip: IPv4Address, peer: Peer | None) -> str:
+        route = self._routes.lookup(tun_ip)
+        if route is not None and route.next_hop != tun_ip:
+            return f"via {route.next_hop}"
+        if peer is not None and peer.state is PeerState.CONNECTED and peer.current_address:
+            ip, port = peer.current_address
+            kind = "lan" if peer.on_lan_path else "direct"
+            return f"{kind} {ip}:{port}"
+        return "relay server"
+
+    def route_snapshot(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "destination": str(route.destination),
+                "next_hop": str(route.next_hop),
+                "delay_ms": route.delay_ms,
+            }
+            for route in self._routes.routes()
+        ]

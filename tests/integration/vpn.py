@@ -1,0 +1,159 @@
+"""A p2pvpn network on the test bed: one server namespace, clients around it.
+
+Every client is a real `p2pvpn run` process in its own namespace; the
+server is a real `p2pvpn server`. Helpers here wait for conditions (never
+fixed sleeps) and read state the way an admin would: `ip`, ping and
+`p2pvpn status --json`.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Interface
+from pathlib import Path
+from typing import Any
+
+from tests.netns import Namespace, Process, Segment, TestBed, p2pvpn_argv
+
+PASSWORD = "integration-password"
+WS_PORT = 8080
+STUN_PORT = 3478
+DHCP = "10.77.0.0/24"
+
+
+@dataclass
+class Client:
+    name: str
+    ns: Namespace
+    state_root: Path
+    argv: list[str]
+    process: Process | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def interface(self) -> str:
+        return f"p2pvpn-{self.name}"
+
+    def tun_address(self) -> IPv4Interface | None:
+        addresses = self.ns.addresses(self.interface) if self.has_tun() else []
+        return addresses[0] if addresses else None
+
+    def has_tun(self) -> bool:
+        return self.interface in self.ns.interfaces()
+
+    def status(self) -> dict[str, Any]:
+        result = self.ns.run(
+            p2pvpn_argv("status", "--json", "--state-dir", str(self.state_root), "-n", self.name),
+            check=True,
+        )
+        return dict(json.loads(result.stdout))
+
+    def peer(self, tun_ip: IPv4Address | str) -> dict[str, Any] | None:
+        for row in self.status()["peers"]:
+            if row["tun_ip"] == str(tun_ip):
+                return dict(row)
+        return None
+
+
+class VpnNetwork:
+    """Server on segment `wan` (10.10.0.1), clients attached to the same segment."""
+
+    def __init__(self, bed: TestBed, tmp: Path, *, password: str = PASSWORD) -> None:
+        self.bed = bed
+        self.tmp = tmp
+        self.password = password
+        self.server_ns = bed.namespace("srv")
+        self.wan: Segment = bed.segment("wan", "10.10.0.0/24", [self.server_ns])
+        self.server_process: Process | None = None
+        self.server_argv: list[str] = []
+        self.clients: dict[str, Client] = {}
+
+    @property
+    def server_ip(self) -> IPv4Address:
+        return self.wan.ip(self.server_ns)
+
+    @property
+    def url(self) -> str:
+        return f"ws://{self.server_ip}:{WS_PORT}/"
+
+    @property
+    def stun_url(self) -> str:
+        return f"stun://{self.server_ip}:{STUN_PORT}"
+
+    def start_server(self, *extra: str, dhcp: str | None = DHCP) -> Process:
+        argv = ["server", "-w", f"ws://0.0.0.0:{WS_PORT}/", "-p", self.password]
+        argv += ["--stun-port", str(STUN_PORT)]
+        if dhcp:
+            argv += ["--dhcp", dhcp]
+        self.server_argv = [*argv, *extra]
+        return self.restart_server()
+
+    def restart_server(self) -> Process:
+        self.server_process = self.bed.start(
+            self.server_ns, p2pvpn_argv(*self.server_argv), "server"
+        )
+        self.wait_for_server()
+        return self.server_process
+
+    def wait_for_server(self) -> None:
+        def listening() -> bool:
+            with socket.socket() as probe:
+                probe.settimeout(0.5)
+                return (
+                    self.server_ns.run(
+                        ["sh", "-c", f"ss -ltn | grep -q ':{WS_PORT} '"], check=False
+                    ).returncode
+                    == 0
+                )
+
+        self.bed.wait_until(listening, timeout=30, message="server never listened")
+
+    def client_namespace(self, name: str) -> Namespace:
+        ns = self.bed.namespace(name)
+        self.wan.attach(ns)
+        return ns
+
+    def add_client(
+        self,
+        name: str,
+        *extra: str,
+        tun: str | None = None,
+        password: str | None = None,
+        ns: Namespace | None = None,
+        url: str | None = None,
+        stun: bool = False,
+        start: bool = True,
+    ) -> Client:
+        ns = ns if ns is not None else self.client_namespace(name)
+        state_root = self.tmp / "state"
+        argv = ["run", "-w", url or self.url, "-p", self.password if password is None else password]
+        argv += ["-n", name, "--state-dir", str(state_root / name)]
+        if tun:
+            argv += ["-t", tun]
+        if stun:
+            argv += ["-s", self.stun_url]
+        client = Client(name, ns, state_root, [*argv, *extra])
+        self.clients[name] = client
+        if start:
+            self.start_client(client)
+        return client
+
+    def start_client(self, client: Client) -> Process:
+        client.process = self.bed.start(client.ns, p2pvpn_argv(*client.argv), client.name)
+        return client.process
+
+    def wait_for_tun(self, client: Client, timeout: float = 30) -> IPv4Interface:
+        address = self.bed.wait_until(
+            client.tun_address, timeout=timeout, message=f"{client.name}: TUN never came up"
+        )
+        assert address is not None
+        return address
+
+    def wait_ping(self, client: Client, address: IPv4Address | str, timeout: float = 30) -> None:
+        self.bed.wait_until(
+            lambda: client.ns.ping(address, count=1, timeout=1.0),
+            timeout=timeout,
+            message=f"{client.name} cannot ping {address}",
+        )
