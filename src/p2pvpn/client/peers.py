@@ -258,8 +258,6 @@ class PeerManager:
         elif isinstance(action, PathUp):
             logger.info("peer %s: direct path %s:%d", tun_ip, *action.address)
             self._data_plane.set_peer(tun_ip, action.address, self._key(tun_ip))
-            for advert in self._routes.advertisements():
-                self._data_plane.send_control(action.address, self._key(tun_ip), advert.encode())
         elif isinstance(action, PathDown):
             self._data_plane.drop_peer(tun_ip)
             self._apply_routes(self._routes.on_peer_lost(tun_ip))
@@ -296,9 +294,17 @@ class PeerManager:
             if peer is None:
                 return
             rtt_ms = max(0.0, now * 1000 - probe.timestamp_ms)
+            first_measurement = peer.rtt_ms is None
             self._run(peer, "on_rtt", rtt_ms, now)
-            if peer.state is PeerState.CONNECTED:
-                self._apply_routes(self._routes.on_direct_rtt(probe.dst, round(rtt_ms)))
+            if peer.state is not PeerState.CONNECTED or peer.current_address is None:
+                return
+            self._apply_routes(self._routes.on_direct_rtt(probe.dst, round(rtt_ms)))
+            if first_measurement:
+                # The peer accepts our adverts only once it has measured us too,
+                # so the full table goes out after the first RTT, not at PathUp.
+                key = self._key(probe.dst)
+                for advert in self._routes.advertisements():
+                    self._data_plane.send_control(peer.current_address, key, advert.encode())
 
     def _apply_routes(self, actions: list[RouteAction]) -> None:
         for action in actions:
