@@ -9,7 +9,6 @@ fixed sleeps) and read state the way an admin would: `ip`, ping and
 from __future__ import annotations
 
 import json
-import socket
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
@@ -60,12 +59,14 @@ class Client:
 class VpnNetwork:
     """Server on segment `wan` (10.10.0.1), clients attached to the same segment."""
 
-    def __init__(self, bed: TestBed, tmp: Path, *, password: str = PASSWORD) -> None:
+    def __init__(
+        self, bed: TestBed, tmp: Path, *, password: str = PASSWORD, wan: str = "10.10.0.0/24"
+    ) -> None:
         self.bed = bed
         self.tmp = tmp
         self.password = password
         self.server_ns = bed.namespace("srv")
-        self.wan: Segment = bed.segment("wan", "10.10.0.0/24", [self.server_ns])
+        self.wan: Segment = bed.segment("wan", wan, [self.server_ns])
         self.server_process: Process | None = None
         self.server_argv: list[str] = []
         self.clients: dict[str, Client] = {}
@@ -99,14 +100,8 @@ class VpnNetwork:
 
     def wait_for_server(self) -> None:
         def listening() -> bool:
-            with socket.socket() as probe:
-                probe.settimeout(0.5)
-                return (
-                    self.server_ns.run(
-                        ["sh", "-c", f"ss -ltn | grep -q ':{WS_PORT} '"], check=False
-                    ).returncode
-                    == 0
-                )
+            command = f"ss -ltn | grep -q ':{WS_PORT} '"
+            return self.server_ns.run(["sh", "-c", command], check=False).returncode == 0
 
         self.bed.wait_until(listening, timeout=30, message="server never listened")
 

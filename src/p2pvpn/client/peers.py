@@ -288,7 +288,12 @@ class PeerManager:
     def _on_delay(self, probe: Delay, source: UdpAddress, now: float) -> None:
         if probe.dst == self._own_ip and probe.src != self._own_ip:
             # Echo it back unchanged, sealed for the prober (PROTOCOL 3.2).
-            self._data_plane.send_control(source, self._key(probe.src), probe.encode())
+            key = self._key(probe.src)
+            self._data_plane.send_control(source, key, probe.encode())
+            # The prober accepts our adverts once it has measured us, which the
+            # echo is about to let it do: send the table right behind the echo.
+            for advert in self._routes.advertisements():
+                self._data_plane.send_control(source, key, advert.encode())
         elif probe.src == self._own_ip:
             peer = self._peers.get(probe.dst)
             if peer is None:
