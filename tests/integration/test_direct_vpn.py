@@ -133,7 +133,7 @@ def bulk_transfer(
 
 def test_two_clients_behind_nats_connect_directly(vpn: VpnNetwork) -> None:
     vpn.start_server()
-    a, site_a = nat_client(vpn, "a", A_IP)
+    a, _ = nat_client(vpn, "a", A_IP)
     b, site_b = nat_client(vpn, "b", B_IP)
     vpn.wait_for_tun(a)
     vpn.wait_for_tun(b)
