@@ -377,7 +377,14 @@ class PeerManager:
     def snapshot(self, stats: DataPlaneStats | None) -> list[dict[str, Any]]:
         now = self._clock()
         rows = []
-        for tun_ip in sorted(set(self._peers) | set(self._relay_counters)):
+        # Peers reached only through another client never show up as relayed
+        # packets or state machines, so routes and counters name them too.
+        known = set(self._peers) | set(self._relay_counters)
+        known |= {route.destination for route in self._routes.routes()}
+        if stats is not None:
+            known |= set(stats.peers)
+        known.discard(self._own_ip)
+        for tun_ip in sorted(known):
             peer = self._peers.get(tun_ip)
             relay = self._relay_counters.get(tun_ip, _RelayCounters())
             direct = stats.peers.get(tun_ip) if stats is not None else None
