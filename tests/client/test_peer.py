@@ -248,7 +248,7 @@ def test_own_public_address_without_peer_address_goes_synchronizing() -> None:
     assert actions[0] == StateChanged(
         S.PREPARING, S.SYNCHRONIZING, "own public address known, waiting for the peer's"
     )
-    assert actions[1:] == [SendPublicAddress()]
+    assert actions[1:] == [SendPublicAddress(), SendLanAddress()]
     assert peer.state_since == 2.0
 
 
@@ -257,7 +257,21 @@ def test_own_public_address_with_peer_address_goes_connecting() -> None:
     peer.on_public_address(PUB, 1.0)
     actions = peer.on_own_public_address(2.0)
     assert change(actions) == (S.PREPARING, S.CONNECTING)
-    assert without_change(actions) == [SendPublicAddress()]
+    assert without_change(actions) == [SendPublicAddress(), SendLanAddress()]
+
+
+def test_lan_address_is_sent_even_when_both_peers_finish_stun_first() -> None:
+    # Regression: both sides answered by STUN before either UDP4CONN arrived
+    # went SYNCHRONIZING -> CONNECTING without ever sending a LAN address.
+    peer = preparing(0.0)
+    actions = peer.on_own_public_address(1.0)
+    assert SendLanAddress() in actions
+    assert SendLanAddress() not in peer.on_public_address(PUB, 1.5)
+
+
+def test_lan_address_not_sent_with_the_public_one_when_lan_is_disabled() -> None:
+    peer = preparing(0.0, lan=False)
+    assert SendLanAddress() not in peer.on_own_public_address(1.0)
 
 
 @pytest.mark.parametrize("state", [s for s in S if s is not S.PREPARING])

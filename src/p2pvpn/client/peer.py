@@ -378,7 +378,11 @@ class Peer:
         else:
             target, why = PeerState.CONNECTING, "peer's known too"
         actions = self._enter(target, now, f"own public address known, {why}")
-        return [*actions, SendPublicAddress()]
+        # Our LAN address goes out with the public one: otherwise, when both
+        # peers finish STUN before either's UDP4CONN arrives, neither ever
+        # sends it, and two peers behind one NAT without hairpinning fail.
+        lan = [SendLanAddress()] if self._lan_enabled else []
+        return [*actions, SendPublicAddress(), *lan]
 
     def _heartbeat(self, now: float, source: Address, ack: bool) -> list[PeerAction]:
         lan = is_lan_address(source[0])
