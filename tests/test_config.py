@@ -257,6 +257,7 @@ def test_toml_line_numbers_in_errors(tmp_path: Path) -> None:
         ("dataplane = turbo", "dataplane: expected one of auto, fast, pure, got 'turbo'"),
         ("metrics = 9100", "metrics: expected host:port, got '9100'"),
         ("metrics = h:0", "metrics: expected host:port, got 'h:0'"),
+        ("log_format = xml", "log_format: expected one of text, json, got 'xml'"),
     ],
 )
 def test_client_errors_name_file_line_key_and_value(
@@ -288,6 +289,7 @@ def test_eight_character_name_fits(tmp_path: Path) -> None:
         ),
         ("sdwan = 10.0.0.1/32,10.1.0.0/16,10.0.0", "sdwan: rule 1: '10.0.0' is not an IPv4"),
         ("stun_port = 70000", "stun_port: 70000 is outside 0..65535"),
+        ("log_format = 1", "log_format: expected one of text, json, got '1'"),
     ],
 )
 def test_server_errors(tmp_path: Path, line: str, message: str) -> None:
@@ -416,6 +418,7 @@ def test_effective_items_mask_the_password() -> None:
         "websocket",
         "password",
         "debug",
+        "log_format",
         "name",
         "tun",
         "stun",
@@ -449,6 +452,7 @@ def test_effective_items_mask_the_password() -> None:
         "websocket",
         "password",
         "debug",
+        "log_format",
         "dhcp",
         "sdwan",
         "stun_port",
@@ -465,3 +469,15 @@ def test_stun_ipv6_host(tmp_path: Path) -> None:
     assert isinstance(config, ClientConfig)
     assert config.stun == StunServer("::1", 3478)
     assert dict(effective_items(config))["stun"] == "stun://[::1]:3478"
+
+
+def test_log_format(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, "c.cfg", "websocket = ws://h\nlog_format = JSON\n"))
+    assert config == ClientConfig(websocket="ws://h", log_format="json")
+    assert dict(effective_items(config))["log_format"] == "json"
+    text = 'mode = "server"\nwebsocket = "ws://h"\nlog_format = "json"\n'
+    server = load_config(write(tmp_path, "s.toml", text))
+    assert server == ServerConfig(websocket="ws://h", log_format="json")
+    assert ClientConfig(websocket="ws://h").log_format == "text"
+    with pytest.raises(ConfigError, match="log_format: expected a string, got bool"):
+        load_config(write(tmp_path, "c.toml", 'websocket = "ws://h"\nlog_format = true\n'))

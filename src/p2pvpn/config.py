@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Literal, NoReturn, TypeVar
 from urllib.parse import urlsplit
 
+from p2pvpn.logs import LOG_FORMATS, LogFormat
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -31,10 +33,12 @@ __all__ = [
     "DEFAULT_STATE_ROOT",
     "DEFAULT_STUN_PORT",
     "INTERFACE_PREFIX",
+    "LOG_FORMATS",
     "ClientConfig",
     "ConfigError",
     "ConfigValue",
     "Dataplane",
+    "LogFormat",
     "SdwanRule",
     "ServerConfig",
     "StunServer",
@@ -62,7 +66,7 @@ DATAPLANES: tuple[Dataplane, ...] = ("auto", "fast", "pure")
 PASSWORD_MASK = "********"
 
 # Keys of each mode, in display order (the order of effective_items()).
-_COMMON_KEYS = ("mode", "websocket", "password", "debug")
+_COMMON_KEYS = ("mode", "websocket", "password", "debug", "log_format")
 _SERVER_KEYS = (*_COMMON_KEYS, "dhcp", "sdwan", "stun_port", "metrics")
 _CLIENT_KEYS = (
     *_COMMON_KEYS,
@@ -126,6 +130,7 @@ class ServerConfig:
     sdwan: tuple[SdwanRule, ...] = ()
     stun_port: int = DEFAULT_STUN_PORT  # built-in STUN responder (UDP); 0 disables
     metrics: tuple[str, int] | None = None
+    log_format: LogFormat = "text"  # stderr logs: "text" or "json" (one object a line)
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +151,7 @@ class ClientConfig:
     tls_verify: bool = True
     dataplane: Dataplane = "auto"
     metrics: tuple[str, int] | None = None
+    log_format: LogFormat = "text"  # stderr logs: "text" or "json" (one object a line)
 
     def __post_init__(self) -> None:
         if self.state_dir == Path():
@@ -279,6 +285,7 @@ def client_config_from_values(values: Mapping[str, ConfigValue], source: str) ->
         websocket=_websocket(values, source, ("ws", "wss")),
         password=get("password", _string, ""),
         debug=get("debug", _bool, False),
+        log_format=get("log_format", _log_format, "text"),
         name=name,
         tun=get("tun", _tun, None),
         stun=get("stun", _stun, None),
@@ -303,6 +310,7 @@ def server_config_from_values(values: Mapping[str, ConfigValue], source: str) ->
         websocket=_websocket(values, source, ("ws",)),
         password=get("password", _string, ""),
         debug=get("debug", _bool, False),
+        log_format=get("log_format", _log_format, "text"),
         dhcp=get("dhcp", _pool, None),
         sdwan=get("sdwan", _sdwan, ()),
         stun_port=get("stun_port", _int_range(0, 65535), DEFAULT_STUN_PORT),
@@ -540,6 +548,14 @@ def _endpoint(key: str, item: ConfigValue) -> tuple[str, int] | None:
     return host, int(port)
 
 
+def _log_format(key: str, item: ConfigValue) -> LogFormat:
+    text = _string(key, item).strip().lower()
+    for log_format in LOG_FORMATS:
+        if text == log_format:
+            return log_format
+    _fail(key, item, f"expected one of {', '.join(LOG_FORMATS)}, got {text!r}")
+
+
 def _dataplane(key: str, item: ConfigValue) -> Dataplane:
     text = _string(key, item).strip()
     if text not in DATAPLANES:
@@ -563,6 +579,7 @@ def effective_items(config: ClientConfig | ServerConfig) -> list[tuple[str, str]
             ("websocket", config.websocket),
             ("password", password),
             ("debug", _show_bool(config.debug)),
+            ("log_format", config.log_format),
             (
                 "dhcp",
                 "(off: clients need a static tun)" if config.dhcp is None else str(config.dhcp),
@@ -576,6 +593,7 @@ def effective_items(config: ClientConfig | ServerConfig) -> list[tuple[str, str]
         ("websocket", config.websocket),
         ("password", password),
         ("debug", _show_bool(config.debug)),
+        ("log_format", config.log_format),
         ("name", f"{config.name or '(none)'} (interface {config.interface_name})"),
         ("tun", "(dynamic, from the server)" if config.tun is None else str(config.tun)),
         ("stun", "(none)" if config.stun is None else str(config.stun)),

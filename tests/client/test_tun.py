@@ -12,10 +12,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from tests.netns import Namespace, require_netns
 
 from p2pvpn.client import tun
 from p2pvpn.client.tun import MAX_NAME_LENGTH, TunDevice, TunError, validate_name
+from tests.netns import Namespace, require_netns
 
 # -- no root needed ------------------------------------------------------------
 

@@ -27,6 +27,7 @@ from p2pvpn.client.tun import TunDevice, TunError
 from p2pvpn.config import ClientConfig
 from p2pvpn.dataplane import create_data_plane
 from p2pvpn.dataplane.base import DataPlane, DataPlaneStats, UdpAddress
+from p2pvpn.metrics import MetricsServer, serve_client_metrics
 from p2pvpn.wire.crypto import peer_key
 from p2pvpn.wire.ws import Forward, SystemRoutes, WsMessage
 
@@ -61,6 +62,7 @@ class ClientNode:
             tls_verify=config.tls_verify,
         )
         self.control = ControlServer(control_socket_path(config.state_dir), self.snapshot)
+        self.metrics: MetricsServer | None = None
         self._stopping = asyncio.Event()
 
     # -- lifecycle --------------------------------------------------------
@@ -74,6 +76,8 @@ class ClientNode:
             TunDevice.remove_stale(self.config.interface_name)
             self.tun = TunDevice.open(self.config.interface_name, self.config.mtu)
             await self.control.start()
+            if self.config.metrics is not None:
+                self.metrics = serve_client_metrics(self.config.metrics, self.snapshot)
             return await self._serve()
         except (TunError, SignalingError, OSError) as error:
             logger.error("%s", error)
@@ -118,6 +122,9 @@ class ClientNode:
         if self.tun is not None:
             self.tun.close()
         await self.control.close()
+        if self.metrics is not None:
+            # Stopping the HTTP thread can block briefly; keep the loop free.
+            await asyncio.to_thread(self.metrics.close)
         self.udp.close()
         logger.info("stopped; %s removed", self.config.interface_name)
 
@@ -261,6 +268,7 @@ class ClientNode:
                 for network, nexthop in self.sysroutes
             ],
             "drops": dict(stats.drops) if stats else {},
+            "stun_failures": self.peers.stun_failures if self.peers is not None else 0,
         }
 
 

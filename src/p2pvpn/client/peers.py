@@ -252,6 +252,9 @@ class PeerManager:
         elif isinstance(action, SendLanAddress):
             self._send_lan_address(tun_ip)
         elif isinstance(action, StateChanged):
+            if action.old is PeerState.PREPARING and action.new is PeerState.FAILED:
+                # PREPARING only fails when STUN never answered within 10 s.
+                self.stun_failures += self._config.stun is not None
             logger.info(
                 "peer %s: %s -> %s (%s)", tun_ip, action.old.name, action.new.name, action.reason
             )

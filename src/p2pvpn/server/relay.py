@@ -16,6 +16,7 @@ import abc
 import asyncio
 import contextlib
 import heapq
+import itertools
 import logging
 import os
 import signal
@@ -31,6 +32,8 @@ from websockets.asyncio.server import serve as ws_serve
 from websockets.exceptions import ConnectionClosed
 
 from p2pvpn.config import ServerConfig
+from p2pvpn.logs import install_secret_filter
+from p2pvpn.metrics import MetricsServer, serve_server_metrics
 from p2pvpn.server.stun import StunResponder, start_stun_responder
 from p2pvpn.wire.close_codes import CloseCode
 from p2pvpn.wire.errors import DecodeError
@@ -163,14 +166,18 @@ class _ReplayCache:
     def __init__(self, window: float) -> None:
         self._window = window
         self._expiry: dict[tuple[object, ...], float] = {}
-        self._heap: list[tuple[float, tuple[object, ...]]] = []
+        # (expiry, insertion number, key): the number breaks ties between equal
+        # expiries, so keys are never compared with each other. They are not
+        # always comparable: an EXPTTUN key holds the vmac, which may be None.
+        self._heap: list[tuple[float, int, tuple[object, ...]]] = []
+        self._sequence = itertools.count()
 
     def __len__(self) -> int:
         return len(self._expiry)
 
     def prune(self, now: float) -> None:
         while self._heap and self._heap[0][0] < now:
-            expiry, key = heapq.heappop(self._heap)
+            expiry, _, key = heapq.heappop(self._heap)
             if self._expiry.get(key) == expiry:
                 del self._expiry[key]
 
@@ -182,7 +189,7 @@ class _ReplayCache:
         # clock, so that is how long its key must be remembered.
         expiry = float(timestamp) + self._window
         self._expiry[key] = expiry
-        heapq.heappush(self._heap, (expiry, key))
+        heapq.heappush(self._heap, (expiry, next(self._sequence), key))
 
 
 class _RejectError(Exception):
@@ -822,7 +829,7 @@ def listen_address(url: str) -> tuple[str, int]:
 
 
 class ServerRuntime:
-    """The whole server process: WebSocket relay plus the optional STUN responder."""
+    """The whole server process: WebSocket relay, optional STUN responder and metrics."""
 
     def __init__(
         self,
@@ -837,17 +844,23 @@ class ServerRuntime:
         self.ws = RelayServer(self.relay, self.host, port, login_timeout=login_timeout)
         self._stun_host = stun_host
         self._stun: tuple[asyncio.DatagramTransport, StunResponder] | None = None
+        self._metrics: MetricsServer | None = None
 
     @property
     def ws_port(self) -> int:
         return self.ws.port
 
     @property
+    def metrics(self) -> MetricsServer | None:
+        """The Prometheus endpoint (``config.metrics``) once started, else None."""
+        return self._metrics
+
+    @property
     def stun(self) -> StunResponder | None:
         return self._stun[1] if self._stun is not None else None
 
     async def start(self) -> None:
-        """Bind both sockets; raises ListenError naming the address that failed."""
+        """Bind every socket; raises ListenError naming the address that failed."""
         try:
             await self.ws.start()
         except OSError as exc:
@@ -862,8 +875,22 @@ class ServerRuntime:
                 raise ListenError(
                     f"cannot start the STUN responder on {address}: {_os_error_text(exc)}"
                 ) from exc
+        if self.config.metrics is not None:
+            try:
+                # Scrapes run in prometheus_client's thread; stats() is read on this loop.
+                self._metrics = serve_server_metrics(self.config.metrics, self.stats)
+            except OSError as exc:
+                await self.close()
+                host, port = self.config.metrics
+                address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+                raise ListenError(
+                    f"cannot serve metrics on {address}: {_os_error_text(exc)}"
+                ) from exc
 
     async def close(self) -> None:
+        if self._metrics is not None:
+            metrics, self._metrics = self._metrics, None
+            await asyncio.to_thread(metrics.close)  # waits for the HTTP thread
         if self._stun is not None:
             self._stun[0].close()
         await self.ws.close()
@@ -921,8 +948,7 @@ def run_server(config: ServerConfig, *, debug: bool) -> int:
             len(config.sdwan),
             config.stun_port,
         )
-    if config.metrics is not None:
-        logger.warning("metrics: not implemented by the server yet, ignored")
+    install_secret_filter(config.password)
     return asyncio.run(_main(config))
 
 

@@ -1,0 +1,414 @@
+"""Prometheus metrics for the client and the server (``metrics = host:port``).
+
+Nothing is counted twice: the collectors read the counters the client and
+the server keep anyway (``ClientNode.snapshot()``, ``ServerRuntime.stats()``)
+at scrape time. prometheus_client serves ``/metrics`` from a daemon thread;
+the counters live on the event loop, so the stats function is wrapped in a
+:class:`LoopSnapshot`, which runs it *on* the loop and waits for the answer
+(with a timeout): a scrape never reads loop state from another thread.
+
+Client side, from a coroutine on the node's loop::
+
+    server = serve_client_metrics(config.metrics, node.snapshot)   # OSError if it cannot bind
+    ...
+    server.close()
+
+Server side, :class:`ServerRuntime` does the same with :class:`ServerCollector`.
+"""
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, Generic, TypeVar
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import start_http_server
+from prometheus_client.registry import Collector, CollectorRegistry
+
+__all__ = [
+    "PEER_STATES",
+    "ClientCollector",
+    "LoopSnapshot",
+    "MetricsServer",
+    "ServerCollector",
+    "SnapshotUnavailableError",
+    "serve_client_metrics",
+    "serve_server_metrics",
+    "start_metrics_server",
+]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# client/peer.py PeerState, in order; every state is exported, 0 when no peer is in it.
+PEER_STATES = (
+    "INIT",
+    "PREPARING",
+    "SYNCHRONIZING",
+    "CONNECTING",
+    "CONNECTED",
+    "WAITING",
+    "FAILED",
+)
+DEFAULT_SNAPSHOT_TIMEOUT = 5.0
+_PATHS = ("relay", "direct")
+_DIRECTIONS = ("in", "out")
+
+
+class SnapshotUnavailableError(RuntimeError):
+    """The event loop did not run the stats function (closed, stopped or too busy)."""
+
+
+class LoopSnapshot(Generic[T]):
+    """Calls ``fn`` on ``loop``'s thread and returns its result, from any thread.
+
+    Called on the loop's own thread it simply calls ``fn``. From another
+    thread it schedules ``fn`` with ``call_soon_threadsafe`` and waits at most
+    ``timeout`` seconds; raises :class:`SnapshotUnavailableError` if the loop is
+    closed or does not answer in time, and re-raises what ``fn`` raised.
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        fn: Callable[[], T],
+        *,
+        timeout: float = DEFAULT_SNAPSHOT_TIMEOUT,
+    ) -> None:
+        self._loop = loop
+        self._fn = fn
+        self._timeout = timeout
+
+    def __call__(self) -> T:
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self._loop:
+            return self._fn()
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def run() -> None:
+            if not future.set_running_or_notify_cancel():
+                return  # the scrape gave up already
+            try:
+                future.set_result(self._fn())
+            except BaseException as exc:  # handed to the waiting thread
+                future.set_exception(exc)
+
+        try:
+            self._loop.call_soon_threadsafe(run)
+        except RuntimeError as exc:  # the loop is closed
+            raise SnapshotUnavailableError(f"event loop unavailable: {exc}") from None
+        try:
+            return future.result(self._timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise SnapshotUnavailableError(
+                f"event loop did not answer within {self._timeout:g} s"
+            ) from None
+
+
+# -- collectors -------------------------------------------------------------------
+
+
+def _number(value: object) -> float:
+    """A counter value from a snapshot: numbers as they are, anything else 0."""
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, int | float):
+        return float(value)
+    return 0.0
+
+
+def _mapping(value: object) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _labelled_counter(
+    name: str, documentation: str, label: str, values: object
+) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, documentation, labels=[label])
+    for key, value in sorted(_mapping(values).items()):
+        family.add_metric([str(key)], _number(value))
+    return family
+
+
+def _read(stats_fn: Callable[[], Mapping[str, Any]], what: str) -> Mapping[str, Any]:
+    try:
+        return stats_fn()
+    except Exception as exc:
+        # Surfaces as an HTTP 500, which Prometheus records as a failed scrape (up = 0).
+        logger.warning("metrics: cannot read the %s counters: %s", what, exc)
+        raise
+
+
+class ServerCollector(Collector):
+    """The relay server's counters (``ServerRuntime.stats()`` / ``Relay.stats()``)."""
+
+    def __init__(self, stats_fn: Callable[[], Mapping[str, Any]]) -> None:
+        self._stats_fn = stats_fn
+
+    def collect(self) -> Iterable[Metric]:
+        stats = _read(self._stats_fn, "server")
+        return list(self._families(stats))
+
+    def _families(self, stats: Mapping[str, Any]) -> Iterator[Metric]:
+        def gauge(name: str, documentation: str, key: str) -> GaugeMetricFamily:
+            return GaugeMetricFamily(name, documentation, value=_number(stats.get(key)))
+
+        def counter(name: str, documentation: str, key: str) -> CounterMetricFamily:
+            return CounterMetricFamily(name, documentation, value=_number(stats.get(key)))
+
+        yield gauge("p2pvpn_server_connections", "Open WebSocket connections.", "connections_open")
+        yield counter(
+            "p2pvpn_server_connections_accepted_total",
+            "WebSocket connections accepted.",
+            "connections_total",
+        )
+        yield gauge(
+            "p2pvpn_server_authenticated_sessions",
+            "Logged-in clients (sessions mapped to a tun address).",
+            "sessions_authenticated",
+        )
+        yield counter("p2pvpn_server_logins_total", "Accepted AUTH logins.", "logins")
+        yield counter(
+            "p2pvpn_server_frames_received_total",
+            "WebSocket frames received from clients.",
+            "frames_received",
+        )
+        yield counter(
+            "p2pvpn_server_bytes_received_total",
+            "Bytes of WebSocket frames received from clients.",
+            "bytes_received",
+        )
+        yield counter(
+            "p2pvpn_server_frames_relayed_total",
+            "Frames relayed to clients (a broadcast counts once per receiver).",
+            "frames_relayed",
+        )
+        yield counter(
+            "p2pvpn_server_bytes_relayed_total",
+            "Bytes of frames relayed to clients.",
+            "bytes_relayed",
+        )
+        yield _labelled_counter(
+            "p2pvpn_server_drops_total",
+            "Frames dropped without closing their sender, by reason.",
+            "reason",
+            stats.get("drops"),
+        )
+        yield _labelled_counter(
+            "p2pvpn_server_rejections_total",
+            "Connections closed for a protocol or security violation, by reason.",
+            "reason",
+            stats.get("rejections"),
+        )
+        yield gauge("p2pvpn_server_dhcp_leases", "Addresses leased from the pool.", "dhcp_leases")
+        yield gauge(
+            "p2pvpn_server_replay_cache_entries",
+            "Login hashes remembered against replays.",
+            "replay_cache_entries",
+        )
+        yield counter(
+            "p2pvpn_server_internal_errors_total",
+            "Frames that hit a bug in the server (the sender was closed).",
+            "internal_errors",
+        )
+        stun = stats.get("stun")
+        if isinstance(stun, Mapping):
+            yield CounterMetricFamily(
+                "p2pvpn_server_stun_requests_total",
+                "STUN binding requests received.",
+                value=_number(stun.get("requests")),
+            )
+            yield CounterMetricFamily(
+                "p2pvpn_server_stun_responses_total",
+                "STUN binding responses sent.",
+                value=_number(stun.get("responses")),
+            )
+            yield CounterMetricFamily(
+                "p2pvpn_server_stun_ignored_total",
+                "Datagrams on the STUN port that were not binding requests (or not IPv4).",
+                value=_number(stun.get("ignored")),
+            )
+
+
+class ClientCollector(Collector):
+    """A client's counters, from the status snapshot (``ClientNode.snapshot()``)."""
+
+    def __init__(self, snapshot_fn: Callable[[], Mapping[str, Any]]) -> None:
+        self._snapshot_fn = snapshot_fn
+
+    def collect(self) -> Iterable[Metric]:
+        snapshot = _read(self._snapshot_fn, "client")
+        return list(self._families(snapshot))
+
+    def _families(self, snapshot: Mapping[str, Any]) -> Iterator[Metric]:
+        info = InfoMetricFamily("p2pvpn_client", "This client.")
+        info.add_metric(
+            [],
+            {
+                "version": str(snapshot.get("version") or ""),
+                "name": str(snapshot.get("name") or ""),
+                "interface": str(snapshot.get("interface") or ""),
+                "address": str(snapshot.get("address") or ""),
+                "dataplane": str(snapshot.get("dataplane") or ""),
+            },
+        )
+        yield info
+        if isinstance(snapshot.get("started"), int | float):
+            yield GaugeMetricFamily(
+                "p2pvpn_start_time_seconds",
+                "When the client started, in seconds since the Unix epoch.",
+                value=_number(snapshot["started"]),
+            )
+
+        peers = [row for row in snapshot.get("peers") or () if isinstance(row, Mapping)]
+        states = dict.fromkeys(PEER_STATES, 0)
+        for row in peers:
+            state = str(row.get("state") or "INIT")
+            states[state] = states.get(state, 0) + 1
+        peer_states = GaugeMetricFamily("p2pvpn_peers", "Known peers, by state.", labels=["state"])
+        for state, count in states.items():
+            peer_states.add_metric([state], count)
+        yield peer_states
+
+        rtt = GaugeMetricFamily(
+            "p2pvpn_peer_rtt_seconds",
+            "Round-trip time to a directly connected peer.",
+            labels=["peer"],
+        )
+        for row in peers:
+            if isinstance(row.get("rtt_ms"), int | float):
+                rtt.add_metric([str(row.get("tun_ip"))], _number(row["rtt_ms"]) / 1000)
+        yield rtt
+
+        traffic = {
+            "relay": _mapping(snapshot.get("relay")),
+            "direct": _mapping(snapshot.get("direct")),
+        }
+        for unit, documentation in (
+            ("bytes", "Bytes of tunnelled packets, by path (relay server or direct UDP)."),
+            ("packets", "Tunnelled packets, by path (relay server or direct UDP)."),
+        ):
+            family = CounterMetricFamily(
+                f"p2pvpn_{unit}", documentation, labels=["path", "direction"]
+            )
+            for path in _PATHS:
+                for direction in _DIRECTIONS:
+                    family.add_metric(
+                        [path, direction], _number(traffic[path].get(f"{unit}_{direction}"))
+                    )
+            yield family
+
+        drops: dict[str, float] = {
+            str(reason): _number(count) for reason, count in _mapping(snapshot.get("drops")).items()
+        }
+        relay_dropped = _number(traffic["relay"].get("dropped"))
+        drops["relay_not_sent"] = drops.get("relay_not_sent", 0.0) + relay_dropped
+        family = CounterMetricFamily(
+            "p2pvpn_drops", "Packets and datagrams dropped, by reason.", labels=["reason"]
+        )
+        for reason, dropped in sorted(drops.items()):
+            family.add_metric([reason], dropped)
+        yield family
+
+        server = _mapping(snapshot.get("server"))
+        yield GaugeMetricFamily(
+            "p2pvpn_server_connected",
+            "1 while logged in to the signaling/relay server, else 0.",
+            value=1.0 if server.get("state") == "connected" else 0.0,
+        )
+        yield CounterMetricFamily(
+            "p2pvpn_reconnects",
+            "Reconnections to the signaling/relay server.",
+            value=_number(server.get("reconnects")),
+        )
+        yield CounterMetricFamily(
+            "p2pvpn_stun_failures",
+            "STUN requests that got no usable answer.",
+            value=_number(snapshot.get("stun_failures")),
+        )
+        yield GaugeMetricFamily(
+            "p2pvpn_routes",
+            "Client-relay routes in use.",
+            value=float(len(snapshot.get("routes") or ())),
+        )
+
+
+# -- HTTP endpoint -----------------------------------------------------------------
+
+
+class MetricsServer:
+    """A running ``/metrics`` endpoint; :meth:`close` (or calling it) stops it."""
+
+    def __init__(self, host: str, port: int, collector: Collector) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(collector)
+        self._httpd, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        self.host = host
+        self.port: int = self._httpd.server_port
+        self._closed = False
+        self._lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/metrics"
+
+    def close(self) -> None:
+        """Stop serving and release the port; idempotent. Blocks up to about 0.5 s."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(timeout=5.0)
+
+    def __call__(self) -> None:
+        self.close()
+
+
+def start_metrics_server(host: str, port: int, collector: Collector) -> MetricsServer:
+    """Serve ``collector`` (alone, in its own registry) on ``http://host:port/metrics``.
+
+    Port 0 binds any free port (see ``.port``). Raises OSError (errno kept, the
+    message names the address) if it cannot bind. Returns the closer:
+    ``server.close()`` (or ``server()``) stops it.
+    """
+    try:
+        server = MetricsServer(host, port, collector)
+    except OSError as exc:
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        reason = exc.strerror or str(exc)
+        raise OSError(exc.errno, f"cannot serve metrics on {address}: {reason}") from exc
+    logger.info("metrics on %s", server.url)
+    return server
+
+
+def serve_client_metrics(
+    endpoint: tuple[str, int], snapshot_fn: Callable[[], Mapping[str, Any]]
+) -> MetricsServer:
+    """The client's endpoint; call from the event loop that owns ``snapshot_fn``'s data."""
+    loop = asyncio.get_running_loop()
+    host, port = endpoint
+    return start_metrics_server(host, port, ClientCollector(LoopSnapshot(loop, snapshot_fn)))
+
+
+def serve_server_metrics(
+    endpoint: tuple[str, int], stats_fn: Callable[[], Mapping[str, Any]]
+) -> MetricsServer:
+    """The server's endpoint; call from the event loop that owns ``stats_fn``'s data."""
+    loop = asyncio.get_running_loop()
+    host, port = endpoint
+    return start_metrics_server(host, port, ServerCollector(LoopSnapshot(loop, stats_fn)))
