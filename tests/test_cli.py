@@ -15,6 +15,7 @@ import pytest
 import p2pvpn
 from p2pvpn.cli import LOG_FORMAT, configure_logging, main
 from p2pvpn.config import DEFAULT_STATE_ROOT, ClientConfig, ServerConfig, StunServer
+from p2pvpn.logs import secret_filter
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 PASSWORD = "correct horse battery staple"
@@ -27,6 +28,7 @@ def restore_logging() -> Iterator[None]:
     yield
     root.setLevel(level)
     root.handlers[:] = handlers
+    secret_filter().clear()  # `run -p ...` registered the password
 
 
 def fake_module(monkeypatch: pytest.MonkeyPatch, name: str, attribute: str) -> list[Any]:
@@ -116,8 +118,9 @@ def test_check_config_server(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     path = write(tmp_path, "server.toml", 'mode = "server"\nwebsocket = "ws://0.0.0.0:80"\n')
     assert main(["check-config", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "mode      = server" in out.splitlines()
-    assert "password  = (empty)" in out.splitlines()
+    assert "mode       = server" in out.splitlines()
+    assert "password   = (empty)" in out.splitlines()
+    assert "log_format = text" in out.splitlines()
 
 
 def test_check_config_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -274,11 +277,6 @@ def test_missing_back_end(
     monkeypatch.setitem(sys.modules, "p2pvpn.client.node", None)
     assert main(["run", "-w", "ws://h"]) == 1
     assert "p2pvpn.client.node is not available" in capsys.readouterr().err
-
-
-def test_demo_not_available(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo"]) == 2
-    assert "not available yet" in capsys.readouterr().err
 
 
 def test_configure_logging(capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,4 +1,7 @@
-"""Command-line entry point: ``p2pvpn run | server | status | demo | check-config``."""
+"""Command-line entry point.
+
+``p2pvpn run | server | status | demo | check-config | install-service``.
+"""
 
 import argparse
 import importlib
@@ -23,10 +26,13 @@ from p2pvpn.config import (
     server_config_from_values,
     validate_name,
 )
+from p2pvpn.logs import LOG_FORMATS, TEXT_FORMAT, LogFormat, install_secret_filter, make_formatter
+from p2pvpn.logs import secret_filter as _secret_filter
+from p2pvpn.service import DEFAULT_CONFIG_DIR, DEFAULT_UNIT_DIR, ServiceError, install_service
 
 logger = logging.getLogger(__name__)
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LOG_FORMAT = TEXT_FORMAT
 _HANDLER_NAME = "p2pvpn-stderr"
 EXIT_USAGE = 2
 
@@ -43,19 +49,28 @@ class _PrintStatus(Protocol):
     def __call__(self, name: str | None, as_json: bool, state_root: Path) -> int: ...
 
 
+class _RunDemo(Protocol):
+    def __call__(self, options: Any) -> int: ...
+
+
 class _UnavailableError(Exception):
     """A lazily imported part of p2pvpn is not installed."""
 
 
-def configure_logging(debug: bool) -> None:
-    """Log to stderr at DEBUG (``debug``) or INFO; safe to call again to change the level."""
+def configure_logging(debug: bool, log_format: LogFormat = "text") -> None:
+    """Log to stderr at DEBUG (``debug``) or INFO, as text or JSON lines.
+
+    Safe to call again to change the level or the format. The handler carries
+    the secret filter (:func:`p2pvpn.logs.install_secret_filter`).
+    """
     root = logging.getLogger()
     for handler in list(root.handlers):
         if handler.get_name() == _HANDLER_NAME:
             root.removeHandler(handler)
     handler = logging.StreamHandler(sys.stderr)
     handler.set_name(_HANDLER_NAME)
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.setFormatter(make_formatter(log_format))
+    handler.addFilter(_secret_filter())
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if debug else logging.INFO)
 
@@ -72,6 +87,11 @@ _DEBUG_FLAG: _Flag = (
     "debug",
     ("-d", "--debug"),
     {"action": "store_const", "const": True, "help": "debug logging"},
+)
+_LOG_FORMAT_FLAG: _Flag = (
+    "log_format",
+    ("--log-format",),
+    {"choices": LOG_FORMATS, "help": "log lines on stderr: text (default) or json"},
 )
 _METRICS_FLAG: _Flag = (
     "metrics",
@@ -97,6 +117,7 @@ _RUN_FLAGS: tuple[_Flag, ...] = (
     ),
     _METRICS_FLAG,
     _DEBUG_FLAG,
+    _LOG_FORMAT_FLAG,
 )
 _SERVER_FLAGS: tuple[_Flag, ...] = (
     *_COMMON_FLAGS,
@@ -105,6 +126,7 @@ _SERVER_FLAGS: tuple[_Flag, ...] = (
     ("stun_port", ("--stun-port",), {"metavar": "PORT", "help": "STUN UDP port (0 = off)"}),
     _METRICS_FLAG,
     _DEBUG_FLAG,
+    _LOG_FORMAT_FLAG,
 )
 
 
@@ -137,13 +159,89 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status.set_defaults(handler=_cmd_status)
 
-    demo = commands.add_parser("demo", help="a complete network on this machine (needs root)")
+    demo = commands.add_parser(
+        "demo",
+        help="a complete network on this machine (needs root)",
+        description="Build a p2pvpn network in network namespaces on this machine (a server, "
+        "two NAT routers, three clients), show the peers connecting, measure throughput over "
+        "the direct and the relay path, then remove everything.",
+    )
+    _add_demo_flags(demo)
     demo.set_defaults(handler=_cmd_demo)
 
     check = commands.add_parser("check-config", help="validate a config file and print it")
     check.add_argument("file", metavar="FILE")
     check.set_defaults(handler=_cmd_check_config)
+
+    install = commands.add_parser(
+        "install-service",
+        help="install the systemd unit of a client (p2pvpn@NAME) or of the server",
+        description=(
+            "Write the systemd unit p2pvpn@.service (a client per /etc/p2pvpn/NAME.cfg) "
+            "or, with --server, p2pvpn-server.service (/etc/p2pvpn/server.cfg)."
+        ),
+    )
+    install.add_argument("name", metavar="NAME", nargs="?", help="network name (client)")
+    install.add_argument("--server", action="store_true", help="install the server's unit")
+    install.add_argument(
+        "--prefix",
+        metavar="DIR",
+        type=Path,
+        default=DEFAULT_UNIT_DIR,
+        help=f"directory of the unit files (default {DEFAULT_UNIT_DIR})",
+    )
+    install.add_argument(
+        "--config-dir",
+        metavar="DIR",
+        type=Path,
+        default=DEFAULT_CONFIG_DIR,
+        help=f"directory of the config files (default {DEFAULT_CONFIG_DIR})",
+    )
+    install.add_argument("--dry-run", action="store_true", help="print the unit, write nothing")
+    install.add_argument("--force", action="store_true", help="replace a different unit")
+    install.set_defaults(handler=_cmd_install_service)
     return parser
+
+
+DEMO_MAX_DURATION = 600
+
+
+def _demo_duration(text: str) -> int:
+    try:
+        seconds = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of seconds") from None
+    if not 1 <= seconds <= DEMO_MAX_DURATION:
+        raise argparse.ArgumentTypeError(f"{seconds} is outside 1..{DEMO_MAX_DURATION}")
+    return seconds
+
+
+def _add_demo_flags(demo: argparse.ArgumentParser) -> None:
+    mode = demo.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--keep",
+        action="store_true",
+        help="leave the network running at the end (remove it later with --cleanup)",
+    )
+    mode.add_argument(
+        "--cleanup", action="store_true", help="remove a demo left running with --keep"
+    )
+    demo.add_argument(
+        "--duration",
+        metavar="SECONDS",
+        type=_demo_duration,
+        help="length of each throughput run (default 3; 1 with --quick)",
+    )
+    demo.add_argument(
+        "--quick", action="store_true", help="CI mode: fewer pings, 1 s throughput runs"
+    )
+    demo.add_argument(
+        "--dataplane", choices=DATAPLANES, help="data plane of the clients (default auto)"
+    )
+    demo.add_argument("--no-color", action="store_true", help="no colors in the output")
+    demo.add_argument(
+        "-d", "--debug", action="store_true", help="debug logs from server and clients"
+    )
 
 
 def _add_flags(parser: argparse.ArgumentParser, flags: Sequence[_Flag]) -> None:
@@ -173,11 +271,16 @@ def _lazy(module: str, attribute: str) -> object:
     return getattr(loaded, attribute)
 
 
+def _apply_logging(config: ClientConfig | ServerConfig) -> None:
+    """Mask the password in every log line, then log as the configuration says."""
+    install_secret_filter(config.password)
+    configure_logging(config.debug, config.log_format)
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     values, source = _values(args, _RUN_FLAGS)
     config = client_config_from_values(values, source)
-    if config.debug:
-        configure_logging(True)
+    _apply_logging(config)
     run_client = cast(_RunClient, _lazy("p2pvpn.client.node", "run_client"))
     return run_client(config, debug=config.debug)
 
@@ -185,8 +288,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_server(args: argparse.Namespace) -> int:
     values, source = _values(args, _SERVER_FLAGS)
     config = server_config_from_values(values, source)
-    if config.debug:
-        configure_logging(True)
+    _apply_logging(config)
     run_server = cast(_RunServer, _lazy("p2pvpn.server.relay", "run_server"))
     return run_server(config, debug=config.debug)
 
@@ -198,8 +300,18 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    print("p2pvpn: demo: not available yet", file=sys.stderr)
-    return EXIT_USAGE
+    options_type = cast(Callable[..., object], _lazy("p2pvpn.demo", "DemoOptions"))
+    run_demo = cast(_RunDemo, _lazy("p2pvpn.demo", "run_demo"))
+    options = options_type(
+        keep=bool(args.keep),
+        cleanup=bool(args.cleanup),
+        duration=args.duration,
+        quick=bool(args.quick),
+        dataplane=args.dataplane,
+        no_color=bool(args.no_color),
+        debug=bool(args.debug),
+    )
+    return run_demo(options)
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
@@ -209,6 +321,30 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     for key, value in items:
         print(f"{key:<{width}} = {value}")
     return 0
+
+
+def _cmd_install_service(args: argparse.Namespace) -> int:
+    if args.server and args.name is not None:
+        print("p2pvpn: error: install-service --server takes no NAME", file=sys.stderr)
+        return EXIT_USAGE
+    if not args.server and args.name is None:
+        print("p2pvpn: error: install-service needs a NAME (or --server)", file=sys.stderr)
+        return EXIT_USAGE
+    name = None if args.server else validate_name("NAME", ConfigValue(args.name, "install-service"))
+    if name == "":
+        print("p2pvpn: error: install-service: NAME must not be empty", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        return install_service(
+            name,
+            prefix=args.prefix,
+            config_dir=args.config_dir,
+            dry_run=bool(args.dry_run),
+            force=bool(args.force),
+        )
+    except ServiceError as exc:
+        print(f"p2pvpn: error: {exc}", file=sys.stderr)
+        return 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -221,7 +357,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_usage(sys.stderr)
         print("p2pvpn: error: a command is required", file=sys.stderr)
         return EXIT_USAGE
-    configure_logging(bool(getattr(args, "debug", False)))
+    configure_logging(
+        bool(getattr(args, "debug", False)), getattr(args, "log_format", None) or "text"
+    )
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)
