@@ -224,3 +224,57 @@ def test_sigterm_removes_the_tun_device_and_routes(vpn: VpnNetwork) -> None:
     assert not a.has_tun()
     assert not any(r.get("dst") == "172.31.0.0/16" for r in a.ns.routes())
     assert not any("p2pvpn" in str(r.get("dev")) for r in a.ns.routes())
+
+
+SCRAPE = """
+import sys, urllib.request
+print(urllib.request.urlopen(f"http://{sys.argv[1]}/metrics", timeout=5).read().decode())
+"""
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in Prometheus text format."""
+    wanted = ",".join(f'{key}="{value}"' for key, value in sorted(labels.items()))
+    for line in text.splitlines():
+        if line.startswith("#") or " " not in line:
+            continue
+        sample, value = line.rsplit(" ", 1)
+        sample_name, _, rest = sample.partition("{")
+        sample_labels = ",".join(sorted(rest.rstrip("}").split(","))) if rest else ""
+        if sample_name == name and sample_labels == wanted:
+            return float(value)
+    raise AssertionError(f"no sample {name}{{{wanted}}} in metrics")
+
+
+def test_metrics_endpoint_counts_the_relayed_traffic(vpn: VpnNetwork) -> None:
+    vpn.start_server()
+    a = vpn.add_client("a", "--metrics", "127.0.0.1:9310", tun="10.77.0.11/24")
+    b = vpn.add_client("b", tun="10.77.0.12/24")
+    vpn.wait_ping(a, "10.77.0.12")
+    receiver = vpn.bed.start(
+        b.ns, ["python3", "-c", UDP_RECEIVER, "6000", "-", "10.77.0.12"], "receiver"
+    )
+    receiver.wait_for_log("ready")
+
+    def scrape() -> str:
+        return a.ns.run(["python3", "-c", SCRAPE, "127.0.0.1:9310"]).stdout
+
+    before = scrape()
+    a.ns.run(["python3", "-c", UDP_SENDER, "10.77.0.12", "6000", "10.77.0.11", "m", "25", "200"])
+    receiver.wait_for_log("got m", timeout=15)
+    vpn.bed.wait_until(
+        lambda: b.status()["relay"]["packets_in"] >= 25, timeout=15, message="b missed packets"
+    )
+    after = scrape()
+    sent = metric(after, "p2pvpn_packets_total", path="relay", direction="out")
+    sent -= metric(before, "p2pvpn_packets_total", path="relay", direction="out")
+    sent_bytes = metric(after, "p2pvpn_bytes_total", path="relay", direction="out")
+    sent_bytes -= metric(before, "p2pvpn_bytes_total", path="relay", direction="out")
+    assert (sent, sent_bytes) == (25, 25 * 228)
+    assert metric(after, "p2pvpn_server_connected") == 1
+    status = a.status()
+    assert (
+        metric(after, "p2pvpn_bytes_total", path="relay", direction="out")
+        <= status["relay"]["bytes_out"]
+    )
+    assert "integration-password" not in after
