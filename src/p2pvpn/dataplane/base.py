@@ -36,6 +36,7 @@ class DropReason(enum.StrEnum):
     TUN_WRITE_FAILED = "tun_write_failed"
     UNKNOWN_TYPE = "unknown_type"
     LOOP = "loop"
+    QUEUE_FULL = "queue_full"
 
 
 @dataclass(slots=True)

@@ -231,7 +231,14 @@ class PureDataPlane:
         if came_from is None and self._sysroutes:
             nexthop = self._sysroute_for(destination)
             if nexthop is not None:
-                packet = encapsulate_ipip(packet, IPv4Address(self._own_ip), IPv4Address(nexthop))
+                try:
+                    packet = encapsulate_ipip(
+                        packet, IPv4Address(self._own_ip), IPv4Address(nexthop)
+                    )
+                except ValueError:
+                    # No room for the outer header in a maximal packet.
+                    self._drop(DropReason.MALFORMED)
+                    return
                 destination = nexthop
         next_hop = self._routes.get(destination, destination)
         peer = self._peers.get(next_hop)
