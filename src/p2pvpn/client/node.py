@@ -73,9 +73,11 @@ class ClientNode:
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, self._on_signal, signum)
         try:
+            # The control socket is the instance lock: take it before touching
+            # the interface, so a second client with our name changes nothing.
+            await self.control.start()
             TunDevice.remove_stale(self.config.interface_name)
             self.tun = TunDevice.open(self.config.interface_name, self.config.mtu)
-            await self.control.start()
             if self.config.metrics is not None:
                 self.metrics = serve_client_metrics(self.config.metrics, self.snapshot)
             return await self._serve()

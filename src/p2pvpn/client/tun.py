@@ -21,6 +21,7 @@ import struct
 import threading
 from collections.abc import Callable
 from ipaddress import IPv4Interface, IPv4Network
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
@@ -41,6 +42,7 @@ MAX_NAME_LENGTH = IFNAMSIZ - 1
 TUNSETIFF = 0x400454CA
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
+IFF_PERSIST = 0x0800
 _IFREQ = struct.Struct("16sH22x")  # struct ifreq: name, flags, padding to 40 bytes
 
 _MAIN_TABLE = 254
@@ -140,6 +142,15 @@ def _routes_to(ipr: IPRoute, network: IPv4Network) -> list[Any]:
         if route["dst_len"] == network.prefixlen and dst == str(network.network_address):
             routes.append(route)
     return routes
+
+
+def _is_persistent(name: str) -> bool:
+    """Whether the TUN device has IFF_PERSIST; unknown (no sysfs) counts as persistent."""
+    try:
+        flags = int(Path(f"/sys/class/net/{name}/tun_flags").read_text(), 16)
+    except (OSError, ValueError):
+        return True
+    return bool(flags & IFF_PERSIST)
 
 
 class TunDevice:
@@ -374,6 +385,14 @@ class TunDevice:
                     f"interface {name} exists and is not a TUN device "
                     f"(kind {kind or 'unknown'}); refusing to delete it",
                     errno.EEXIST,
+                )
+            if not _is_persistent(name):
+                # A non-persistent TUN device lives only while a process holds
+                # it open: it belongs to a running client, not a dead one.
+                raise TunError(
+                    f"TUN device {name} is in use by a running process "
+                    "(another p2pvpn client with this name?)",
+                    errno.EBUSY,
                 )
             logger.warning("deleting stale TUN device %s (index %d)", name, index)
             try:

@@ -74,6 +74,7 @@ logger = logging.getLogger(__name__)
 
 # A FORWARD carries at most a 65535-byte IPv4 packet plus its type byte; any
 # larger frame cannot be a valid message and closes the sender.
+CLOSE_TIMEOUT = 2.0
 MAX_FRAME_SIZE = 65536
 # Signed login messages further than this from the server clock are refused,
 # and a hash seen within it is a replay (ARCHITECTURE: security).
@@ -90,6 +91,11 @@ DEFAULT_PING_INTERVAL = 20.0
 DEFAULT_PING_TIMEOUT = 20.0
 # A connection that has not logged in by then only holds resources.
 DEFAULT_LOGIN_TIMEOUT = 30.0
+# A rejected client is no longer read; if its answer to the close frame does not
+# arrive within this (it may sit behind unread frames), the connection is dropped.
+REJECTED_CLOSE_TIMEOUT = 2.0
+# Frames one connection may have handled before its reader lets other tasks run.
+READ_BATCH = 16
 # At most one WARNING per reason in this interval for per-packet events.
 WARNING_INTERVAL = 10.0
 
@@ -689,6 +695,22 @@ class _WsSession(RelaySession):
                 self._connection.close(int(code), reason)
             )
 
+    async def wait_closed(self, timeout: float) -> None:
+        """Wait for the close started by close(); after ``timeout``, drop the connection.
+
+        Called once the relay stopped reading: a client whose answer to the close
+        sits behind frames nobody reads any more cannot complete the handshake.
+        """
+        if self._close_task is None:
+            return
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(self._close_task)
+        except TimeoutError:
+            self._connection.transport.abort()
+        except Exception:  # the close task logs nothing; its failure ends the connection too
+            self._connection.transport.abort()
+
     async def write_loop(self) -> None:
         with contextlib.suppress(ConnectionClosed):
             while True:
@@ -756,6 +778,9 @@ class RelayServer:
             max_size=MAX_FRAME_SIZE,
             ping_interval=self._ping_interval,
             ping_timeout=self._ping_timeout,
+            # A client that cannot answer the closing handshake must not hold
+            # up a shutdown or restart for websockets' default 10 s.
+            close_timeout=CLOSE_TIMEOUT,
             server_header=None,
         )
 
@@ -789,10 +814,24 @@ class RelayServer:
 
     async def _read_loop(self, connection: ServerConnection, session: _WsSession) -> None:
         try:
+            budget = READ_BATCH
             async for message in connection:
                 # Candy's server treats text and binary frames alike.
                 frame = message.encode() if isinstance(message, str) else message
                 self.relay.handle_frame(session, frame, time.time())
+                budget -= 1
+                if budget == 0:
+                    # recv() does not yield while frames are queued: without this, one
+                    # client flooding the relay would hold the loop for whole batches.
+                    budget = READ_BATCH
+                    await asyncio.sleep(0)
+                if session.closed:
+                    # Rejected (or kicked): read nothing more. A client that keeps
+                    # sending instead of answering the close would otherwise have
+                    # every frame read and dispatched until the close times out;
+                    # unread, they stop at the connection's bounded receive queue.
+                    await session.wait_closed(REJECTED_CLOSE_TIMEOUT)
+                    return
         except ConnectionClosed as exc:
             if exc.sent is not None and exc.sent.code == MESSAGE_TOO_BIG:
                 self.relay.record_rejection(
