@@ -269,7 +269,10 @@ class ClientNode:
                 {"network": str(network), "nexthop": str(nexthop)}
                 for network, nexthop in self.sysroutes
             ],
-            "drops": dict(stats.drops) if stats else {},
+            "drops": {
+                **(dict(stats.drops) if stats else {}),
+                **(self.peers.drops if self.peers is not None else {}),
+            },
             "stun_failures": self.peers.stun_failures if self.peers is not None else 0,
         }
 

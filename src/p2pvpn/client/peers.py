@@ -79,6 +79,8 @@ class PeerManager:
     ) -> None:
         self._config = config
         self._own_ip = address.ip
+        self._network = address.network
+        self.drops: dict[str, int] = {}
         self._data_plane = data_plane
         self._signaling = signaling
         self._local_port = local_port
@@ -136,6 +138,13 @@ class PeerManager:
 
     def on_ws_message(self, message: WsMessage) -> None:
         now = self._clock()
+        if isinstance(message, Udp4Conn | LanAddress | Discovery) and not self._is_peer_address(
+            message.src
+        ):
+            # A Candy server relays these without checking src: never start a
+            # connection with ourselves, a broadcast or an address outside the VPN.
+            self._count_drop("bad_peer_address")
+            return
         if isinstance(message, Udp4Conn):
             if message.dst != self._own_ip:
                 return
@@ -147,8 +156,6 @@ class PeerManager:
             address = (str(message.lan_ip), message.lan_port)
             self._run(self._peer(message.src), "on_lan_address", address, now)
         elif isinstance(message, Discovery):
-            if message.src == self._own_ip:
-                return
             if message.dst == BROADCAST:
                 self._signaling.send(Discovery(self._own_ip, message.src))
             self._run(self._peer(message.src), "on_hint", now)
@@ -158,7 +165,8 @@ class PeerManager:
         if len(packet) < 20:
             return
         source = IPv4Address(packet[12:16])
-        if source == self._own_ip:
+        if not self._is_peer_address(source):
+            # e.g. a LAN host behind an sdwan gateway: traffic, not a peer.
             return
         counters = self._relay_counters.setdefault(source, _RelayCounters())
         counters.packets_in += 1
@@ -181,23 +189,30 @@ class PeerManager:
                 message = decode_peer_message(plaintext)
             except DecodeError:
                 logger.debug("malformed control datagram from %s:%d", *source)
+                self._count_drop("control_malformed")
                 continue
             if isinstance(message, Heartbeat):
                 peer = self._peers.get(message.tun_ip)
-                if peer is not None:
+                if peer is None:
+                    self._count_drop("heartbeat_unknown_peer")
+                else:
                     self._run(peer, "on_heartbeat", source, message.ack, now)
             elif isinstance(message, Delay):
                 self._on_delay(message, source, now)
             elif isinstance(message, RouteAdvert):
                 self._apply_routes(self._routes.on_advert(message))
+            else:
+                self._count_drop("unknown_type")
 
     def on_stun_datagrams(self, datagrams: list[tuple[bytes, UdpAddress]]) -> None:
         for data, _source in datagrams:
             try:
                 response = decode_binding_response(data)
             except DecodeError:
+                self._count_drop("stun_malformed")
                 continue
             if response.transaction_id not in self._stun_transactions:
+                self._count_drop("stun_unexpected")
                 continue
             self._stun_transactions.clear()
             ip, port = response.address
@@ -209,6 +224,21 @@ class PeerManager:
                     self._run(peer, "on_own_public_address", now)
 
     # -- actions ----------------------------------------------------------------
+
+    def _is_peer_address(self, tun_ip: IPv4Address) -> bool:
+        """A unicast address of our virtual network other than our own."""
+        network = self._network
+        return (
+            tun_ip != self._own_ip
+            and tun_ip in network
+            and (
+                network.prefixlen >= 31
+                or tun_ip not in (network.network_address, network.broadcast_address)
+            )
+        )
+
+    def _count_drop(self, reason: str) -> None:
+        self.drops[reason] = self.drops.get(reason, 0) + 1
 
     def _peer(self, tun_ip: IPv4Address) -> Peer:
         peer = self._peers.get(tun_ip)

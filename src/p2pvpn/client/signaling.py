@@ -604,8 +604,10 @@ def _refusal_message(code: CloseCode, attempt: _Attempt) -> str:
 def _unusable_address(cidr: IPv4Interface) -> str | None:
     """Why a granted address cannot go on a TUN device, or None if it can."""
     ip = cidr.ip
-    if ip.is_unspecified or ip.is_loopback or ip.is_multicast:
+    if ip.is_unspecified or ip.is_loopback or ip.is_multicast or ip.is_reserved:
         return "is not a host address"
+    if cidr.network.prefixlen == 0:
+        return "has no network prefix"
     network = cidr.network
     if network.prefixlen <= 30 and ip in (network.network_address, network.broadcast_address):
         return f"is the network or broadcast address of {network}"
