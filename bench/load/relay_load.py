@@ -1,0 +1,974 @@
+#!/usr/bin/env python3
+"""Relay load benchmark: many simulated clients against a real `p2pvpn server`.
+
+    python bench/load/relay_load.py --clients 1000 --rate 5 --duration 20
+    python bench/load/relay_load.py --compare 100,1000 --rate 5 --duration 20
+
+The server runs as a subprocess on 127.0.0.1 so that its CPU time and memory
+are read from /proc/<pid>. Simulated clients run in worker processes (asyncio
+and the websockets client library, each worker holding a share of the
+connections) so that the load generator is not the bottleneck. Each client
+logs in like a real one (VMAC, then AUTH with a static address from
+10.66.0.0/16, fresh timestamps, valid hashes), proves the login by sending a
+FORWARD to itself, then sends `--rate` FORWARD frames per second to random
+other clients. Every frame carries its send time (time.time_ns(): the clients
+are in different processes of one machine), so receivers measure the relay
+latency.
+
+Load phase (per client count): relayed frames/s, p50/p99 latency, the
+server's CPU seconds (utime + stime) and CPU %, its peak RSS, and errors
+(failed logins, unexpected closes; both must be 0), plus lost frames.
+
+Garbage phase (one server, one run): `--good-clients` clients exchange as
+above, first alone (baseline), then while `--garbage-clients` logged-in
+clients send garbage as fast as they can (random bytes, truncated frames,
+spoofed sources, oversized frames), reconnecting whenever the server closes
+them. Reported: the good clients' p50/p99 in both windows, side by side.
+
+Everything stays on 127.0.0.1 and every phase is bounded in time. Results
+are printed as a table and written as JSON (--output, default
+bench/load/results.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import multiprocessing
+import multiprocessing.connection
+import os
+import platform
+import random
+import resource
+import secrets
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "src"))
+
+from websockets.asyncio.client import ClientConnection, connect  # noqa: E402
+from websockets.exceptions import ConnectionClosed, WebSocketException  # noqa: E402
+
+from p2pvpn.wire.crypto import auth_hash, vmac_hash  # noqa: E402
+
+PASSWORD = "relay-load-benchmark"
+NETWORK = IPv4Network("10.66.0.0/16")
+GARBAGE_OFFSET = 30000  # garbage clients' host numbers start here
+FORWARD = 1
+HEADER = struct.Struct("!BBHHHBBH4s4s")  # IPv4 header, no options
+STAMP = struct.Struct("!QII")  # send time (ns), sender index, sequence number
+CONNECT_CONCURRENCY = 64  # per worker: keeps the listen backlog from overflowing
+LOGIN_TIMEOUT = 60.0
+WARMUP = 2.0  # traffic flows, nothing is measured
+DRAIN = 1.5  # after the last send: frames still in flight may arrive
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+# -- frames -------------------------------------------------------------------------------
+
+
+def address(index: int) -> IPv4Address:
+    """Client ``index`` (0-based) gets host ``index + 1`` of NETWORK."""
+    return NETWORK.network_address + index + 1
+
+
+def ipv4_packet(source: IPv4Address, destination: IPv4Address, payload: bytes) -> bytes:
+    header = HEADER.pack(
+        0x45, 0, 20 + len(payload), 0, 0, 64, 17, 0, source.packed, destination.packed
+    )
+    return header + payload
+
+
+def forward(source: IPv4Address, destination: IPv4Address, payload: bytes) -> bytes:
+    return bytes((FORWARD,)) + ipv4_packet(source, destination, payload)
+
+
+_last_timestamp: dict[IPv4Address, int] = {}
+
+
+def login_timestamp(tun_ip: IPv4Address) -> int:
+    """Like the real client: never the same timestamp twice, or the AUTH is a replay."""
+    now = max(int(time.time()), _last_timestamp.get(tun_ip, 0) + 1)
+    _last_timestamp[tun_ip] = now
+    return now
+
+
+def login_frames(tun_ip: IPv4Address, vmac: str) -> tuple[bytes, bytes]:
+    now = login_timestamp(tun_ip)
+    vmac_frame = (
+        bytes((4,)) + vmac.encode() + now.to_bytes(8, "big") + vmac_hash(PASSWORD, vmac, now)
+    )
+    auth_frame = (
+        bytes((0,)) + tun_ip.packed + now.to_bytes(8, "big") + auth_hash(PASSWORD, tun_ip, now)
+    )
+    return vmac_frame, auth_frame
+
+
+# -- worker side ----------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    """What one worker process does; times are Unix seconds, set once everyone is ready."""
+
+    url: str
+    good: list[int]  # client indexes this worker runs as good clients
+    garbage: list[int]  # ... and as garbage clients
+    good_total: int  # good clients 0..good_total-1 exist across all workers
+    rate: float
+    payload: int
+    windows: dict[str, tuple[float, float]] = field(default_factory=dict)  # name -> [start, end)
+    send_start: float = 0.0
+    send_end: float = 0.0
+    garbage_start: float = 0.0
+    flood_start: float = 0.0  # from here on, only junk that is dropped without a close
+    garbage_end: float = 0.0
+    stop: float = 0.0
+
+
+@dataclass
+class WorkerResult:
+    failed_logins: int = 0
+    login_errors: list[str] = field(default_factory=list)
+    unexpected_closes: int = 0
+    close_reasons: list[str] = field(default_factory=list)
+    sent: dict[str, int] = field(default_factory=dict)  # per window
+    latencies_ns: dict[str, list[int]] = field(default_factory=dict)  # per window
+    wrong_destination: int = 0
+    max_send_lag_ms: float = 0.0
+    garbage_frames: dict[str, int] = field(default_factory=dict)  # per window
+    garbage_reconnects: dict[str, int] = field(default_factory=dict)
+    garbage_failed_logins: int = 0
+    cpu_seconds: float = 0.0
+    runqueue_wait_seconds: float = 0.0
+    wall_seconds: float = 0.0
+
+
+def _window_of(plan: Plan, timestamp: float) -> str | None:
+    for name, (start, end) in plan.windows.items():
+        if start <= timestamp < end:
+            return name
+    return None
+
+
+async def _sleep_until(deadline: float) -> None:
+    delay = deadline - time.time()
+    if delay > 0:
+        await asyncio.sleep(delay)
+
+
+async def _login(url: str, index: int) -> ClientConnection:
+    """Connect, VMAC, AUTH; then a FORWARD to ourselves proves the server mapped us."""
+    tun_ip = address(index)
+    ws = await connect(
+        url,
+        compression=None,
+        ping_interval=None,
+        max_size=2**17,
+        open_timeout=LOGIN_TIMEOUT,
+        close_timeout=2,
+    )
+    try:
+        vmac = secrets.token_hex(8)
+        for frame in login_frames(tun_ip, vmac):
+            await ws.send(frame)
+        probe = forward(tun_ip, tun_ip, b"login-probe")
+        await ws.send(probe)
+        async with asyncio.timeout(LOGIN_TIMEOUT):
+            while (reply := await ws.recv()) != probe:
+                pass  # frames from others may already arrive
+        del reply
+    except BaseException:
+        await ws.close()
+        raise
+    return ws
+
+
+class GoodClient:
+    def __init__(self, index: int, plan: Plan, result: WorkerResult) -> None:
+        self.index = index
+        self.tun_ip = address(index)
+        self.plan = plan
+        self.result = result
+        self.ws: ClientConnection | None = None
+        self.closing = False
+
+    async def login(self, limit: asyncio.Semaphore) -> None:
+        async with limit:
+            try:
+                self.ws = await _login(self.plan.url, self.index)
+            except (OSError, TimeoutError, WebSocketException) as error:
+                self.result.failed_logins += 1
+                self.result.login_errors.append(f"{self.tun_ip}: {error!r}")
+
+    async def receive(self) -> None:
+        assert self.ws is not None
+        plan, result = self.plan, self.result
+        try:
+            async for frame in self.ws:
+                now = time.time_ns()
+                if not isinstance(frame, bytes) or len(frame) < 21 + STAMP.size:
+                    continue
+                if frame[17:21] != self.tun_ip.packed:
+                    result.wrong_destination += 1
+                    continue
+                sent_ns, _, _ = STAMP.unpack_from(frame, 21)
+                window = _window_of(plan, sent_ns / 1e9)
+                if window is not None:
+                    result.latencies_ns.setdefault(window, []).append(now - sent_ns)
+        except ConnectionClosed as closed:
+            if not self.closing:
+                result.unexpected_closes += 1
+                result.close_reasons.append(f"{self.tun_ip}: {closed!r}")
+
+    async def send(self) -> None:
+        assert self.ws is not None
+        plan, result = self.plan, self.result
+        rng = random.Random(self.index)
+        period = 1.0 / plan.rate
+        padding = bytes(max(0, plan.payload - STAMP.size))
+        next_send = plan.send_start + rng.random() * period  # spread clients over a period
+        sequence = 0
+        try:
+            while next_send < plan.send_end:
+                await _sleep_until(next_send)
+                lag = time.time() - next_send
+                result.max_send_lag_ms = max(result.max_send_lag_ms, lag * 1000)
+                other = rng.randrange(plan.good_total - 1)
+                other += other >= self.index  # anyone but ourselves
+                sent_ns = time.time_ns()
+                stamp = STAMP.pack(sent_ns, self.index, sequence)
+                await self.ws.send(forward(self.tun_ip, address(other), stamp + padding))
+                window = _window_of(plan, sent_ns / 1e9)
+                if window is not None:
+                    result.sent[window] = result.sent.get(window, 0) + 1
+                sequence += 1
+                next_send += period
+        except ConnectionClosed:
+            pass  # counted by receive()
+
+
+class GarbageClient:
+    """Logged in, then sends junk as fast as the connection takes it; reconnects when closed."""
+
+    def __init__(self, index: int, plan: Plan, result: WorkerResult) -> None:
+        self.index = index
+        self.tun_ip = address(index)
+        self.plan = plan
+        self.result = result
+        self.rng = random.Random(index)
+
+    def frame(self, flood: bool) -> bytes:
+        """Junk; with ``flood`` only kinds the relay drops without closing the sender."""
+        rng, plan = self.rng, self.plan
+        victim = address(rng.randrange(plan.good_total))
+        kind = rng.random()
+        if kind < 0.40:  # spoofed source: dropped and counted
+            return forward(victim, address(rng.randrange(plan.good_total)), rng.randbytes(64))
+        if kind < 0.55:  # truncated FORWARD: dropped
+            return forward(self.tun_ip, victim, b"")[: rng.randrange(1, 21)]
+        if kind < 0.70:  # unknown type: dropped
+            return bytes((rng.randrange(7, 255),)) + rng.randbytes(rng.randrange(0, 200))
+        if kind < 0.80:  # to nobody: dropped
+            return forward(self.tun_ip, IPv4Address("10.99.99.99"), rng.randbytes(64))
+        if flood:  # random bytes behind an unknown type byte: dropped
+            return bytes((rng.randrange(7, 255),)) + rng.randbytes(rng.randrange(0, 300))
+        if kind < 0.994:  # any bytes: mostly dropped, a malformed known type closes us
+            return rng.randbytes(rng.randrange(1, 300))
+        if kind < 0.999:  # spoofed DISCOVERY / UDP4CONN: closes us (4005)
+            return bytes((rng.choice((3, 5)),)) + victim.packed + self.tun_ip.packed + bytes(6)
+        # Oversized (the length field cannot say so): the server closes us with 1009.
+        return forward(self.tun_ip, victim, b"") + bytes(70000)
+
+    async def run(self, ws: ClientConnection | None) -> None:
+        plan, result = self.plan, self.result
+        await _sleep_until(plan.garbage_start)
+        while (now := time.time()) < plan.garbage_end:
+            flood = now >= plan.flood_start
+            window = _window_of(plan, now) or "ramp"
+            if ws is None:
+                if _last_timestamp.get(self.tun_ip, 0) > now + 120:
+                    # Reconnecting faster than once a second would run the login
+                    # timestamps out of the server's 300 s window.
+                    await asyncio.sleep(0.1)
+                    continue
+                try:
+                    ws = await _login(plan.url, self.index)
+                except (OSError, TimeoutError, WebSocketException):
+                    result.garbage_failed_logins += 1
+                    await asyncio.sleep(0.05)
+                    continue
+            try:
+                for _ in range(64):
+                    await ws.send(self.frame(flood))
+                    result.garbage_frames[window] = result.garbage_frames.get(window, 0) + 1
+            except (ConnectionClosed, OSError, AttributeError):
+                # AttributeError: asyncio (3.11) can fail inside websockets' send() when
+                # the server closed the connection while our write buffer was not empty.
+                count = result.garbage_reconnects.get(window, 0)
+                result.garbage_reconnects[window] = count + 1
+                with contextlib.suppress(Exception):
+                    await ws.close()
+                ws = None
+            # Let the connection read: the server's close frame tells us we were closed.
+            await asyncio.sleep(0)
+        if ws is not None:
+            await ws.close()
+
+
+async def _worker(plan: Plan, conn: multiprocessing.connection.Connection) -> WorkerResult:
+    result = WorkerResult()
+    limit = asyncio.Semaphore(CONNECT_CONCURRENCY)
+    good = [GoodClient(index, plan, result) for index in plan.good]
+    garbage = [GarbageClient(index, plan, result) for index in plan.garbage]
+
+    async def login_garbage(client: GarbageClient) -> ClientConnection | None:
+        async with limit:
+            try:
+                return await _login(plan.url, client.index)
+            except (OSError, TimeoutError, WebSocketException):
+                result.garbage_failed_logins += 1
+                return None
+
+    await asyncio.gather(*(client.login(limit) for client in good))
+    garbage_ws = list(await asyncio.gather(*(login_garbage(client) for client in garbage)))
+    conn.send(("ready", result.failed_logins))
+    # The parent answers with the timeline once every worker is ready; the clients
+    # hold this plan, so it is updated in place.
+    timeline: dict[str, Any] = await asyncio.to_thread(conn.recv)
+    for key, value in timeline.items():
+        setattr(plan, key, value)
+    cpu_start = time.process_time()
+    wait_start = _runqueue_wait("self")
+    wall_start = time.time()
+    live = [client for client in good if client.ws is not None]
+    receivers = [asyncio.create_task(client.receive()) for client in live]
+    senders = [asyncio.create_task(client.send()) for client in live]
+    spammers = [
+        asyncio.create_task(client.run(ws)) for client, ws in zip(garbage, garbage_ws, strict=True)
+    ]
+    await asyncio.gather(*senders, *spammers)
+    await _sleep_until(plan.stop)
+    result.cpu_seconds = time.process_time() - cpu_start
+    result.runqueue_wait_seconds = _runqueue_wait("self") - wait_start
+    result.wall_seconds = time.time() - wall_start
+    for client in live:
+        client.closing = True
+    await asyncio.gather(*(client.ws.close() for client in live if client.ws is not None))
+    await asyncio.gather(*receivers, return_exceptions=True)
+    return result
+
+
+def worker_main(plan: Plan, conn: multiprocessing.connection.Connection) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles ^C
+    try:
+        result = asyncio.run(_worker(plan, conn))
+    except BaseException:
+        conn.send(("error", traceback.format_exc()))
+        raise
+    conn.send(("result", result))
+    conn.close()
+
+
+# -- parent side ----------------------------------------------------------------------------
+
+
+def raise_fd_limit(needed: int) -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = max(soft, needed)
+    if hard != resource.RLIM_INFINITY:
+        wanted = min(wanted, hard)
+    if wanted > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    return wanted
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def _runqueue_wait(pid: int | str) -> float:
+    """Seconds the threads of ``pid`` spent runnable but waiting for a CPU (schedstat).
+
+    A busy machine shows up here rather than as CPU time: a process that waits
+    for a CPU uses little of it while its latency grows.
+    """
+    total = 0
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                total += int((task / "schedstat").read_text().split()[1])
+    return total / 1e9
+
+
+class Server:
+    """`p2pvpn server` as a subprocess on 127.0.0.1, measured from /proc/<pid>."""
+
+    def __init__(self, workdir: Path, *, metrics: bool = True, src: Path = REPO / "src") -> None:
+        self.port = free_port()
+        self.metrics_port = free_port() if metrics else None
+        config = workdir / f"server-{self.port}.cfg"
+        text = (
+            f"mode = server\nwebsocket = ws://127.0.0.1:{self.port}/\n"
+            f"password = {PASSWORD}\nstun_port = 0\n"
+        )
+        if self.metrics_port is not None:
+            text += f"metrics = 127.0.0.1:{self.metrics_port}\n"
+        config.write_text(text)
+        self.log_path = workdir / f"server-{self.port}.log"
+        self._log = self.log_path.open("wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "p2pvpn", "server", "-c", str(config)],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(src)},
+        )
+        self._wait_listening()
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/"
+
+    def _wait_listening(self) -> None:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited: {self.log_path.read_text()[-2000:]}")
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2),
+            ):
+                return
+            time.sleep(0.05)
+        raise RuntimeError("server did not start listening within 15 s")
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        utime, stime = int(fields[11]), int(fields[12])  # fields 14 and 15 of stat(5)
+        return (utime + stime) / CLK_TCK
+
+    def cpu_wait_seconds(self) -> float:
+        """Time the server was runnable but waiting for a CPU (run queue), all threads."""
+        return _runqueue_wait(self.process.pid)
+
+    def counters(self) -> dict[str, float] | None:
+        """The relay's own counters from its metrics endpoint; None if there is none."""
+        if self.metrics_port is None:
+            return None
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                text = response.read().decode()
+        except OSError:
+            return None
+        wanted = {
+            "p2pvpn_server_frames_received_total": "frames_received",
+            "p2pvpn_server_frames_relayed_total": "frames_relayed",
+            "p2pvpn_server_drops_total": "drops",
+            "p2pvpn_server_rejections_total": "rejections",
+            "p2pvpn_server_logins_total": "logins",
+        }
+        values: dict[str, float] = {}
+        for line in text.splitlines():
+            if line.startswith("#") or " " not in line:
+                continue
+            name, _, value = line.rpartition(" ")
+            key = wanted.get(name.split("{", 1)[0])
+            if key is not None:
+                values[key] = values.get(key, 0.0) + float(value)
+        return values
+
+    def memory_kib(self) -> dict[str, int]:
+        values = {}
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            if key in ("VmHWM", "VmRSS"):
+                values[key] = int(rest.split()[0])
+        return values
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+
+
+def _machine_idle_seconds() -> float:
+    """Machine-wide idle CPU seconds so far, all CPUs (/proc/stat: idle + iowait)."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    return (int(fields[3]) + int(fields[4])) / CLK_TCK
+
+
+def percentile(sorted_values: list[int], fraction: float) -> float:
+    if not sorted_values:
+        return math.nan
+    index = max(0, math.ceil(fraction * len(sorted_values)) - 1)
+    return sorted_values[index] / 1e6  # ms
+
+
+def latency_summary(values: list[int]) -> dict[str, float]:
+    ordered = sorted(values)
+    return {
+        "p50_ms": round(percentile(ordered, 0.50), 3),
+        "p90_ms": round(percentile(ordered, 0.90), 3),
+        "p99_ms": round(percentile(ordered, 0.99), 3),
+        "max_ms": round(percentile(ordered, 1.0), 3),
+        "samples": len(ordered),
+    }
+
+
+def split(indexes: list[int], parts: int) -> list[list[int]]:
+    return [indexes[part::parts] for part in range(parts)]
+
+
+def run_workers(
+    server: Server, plans: list[Plan], timeline: Callable[[float], dict[str, Any]]
+) -> tuple[list[WorkerResult], dict[str, dict[str, Any]], float]:
+    """Start workers, wait for their logins, run the timeline; measure the server per window."""
+    context = multiprocessing.get_context("spawn")
+    pipes, processes = [], []
+    for plan in plans:
+        parent_end, child_end = context.Pipe()
+        process = context.Process(target=worker_main, args=(plan, child_end), daemon=True)
+        process.start()
+        pipes.append(parent_end)
+        processes.append(process)
+    login_started = time.time()
+    for pipe, process in zip(pipes, processes, strict=True):
+        _expect(pipe, process, "ready", LOGIN_TIMEOUT + 30)
+    login_seconds = time.time() - login_started
+    schedule = timeline(time.time() + 1.0)
+    for pipe in pipes:
+        pipe.send(schedule)
+    server_windows: dict[str, dict[str, Any]] = {}
+    for name, (start, end) in sorted(schedule["windows"].items(), key=lambda item: item[1]):
+        _sleep_until_wall(start)
+        cpu_before, wait_before = server.cpu_seconds(), server.cpu_wait_seconds()
+        idle_before = _machine_idle_seconds()
+        counters_before = server.counters()
+        _sleep_until_wall(end)
+        cpu = server.cpu_seconds() - cpu_before
+        wait = server.cpu_wait_seconds() - wait_before
+        idle_after = _machine_idle_seconds()
+        counters_after = server.counters()
+        server_windows[name] = {
+            "cpu_seconds": round(cpu, 3),
+            "cpu_percent": round(100 * cpu / (end - start), 1),
+            "runqueue_wait_percent": round(100 * wait / (end - start), 1),
+            "machine_idle_percent": round(
+                100 * (idle_after - idle_before) / (end - start) / (os.cpu_count() or 1),
+                1,
+            ),
+        }
+        if counters_before is not None and counters_after is not None:
+            # The relay's own view: what it read, relayed, dropped and closed per second.
+            server_windows[name]["relay_counters_per_s"] = {
+                key: round((counters_after.get(key, 0) - value) / (end - start), 1)
+                for key, value in counters_before.items()
+            }
+    results = []
+    for pipe, process in zip(pipes, processes, strict=True):
+        results.append(_expect(pipe, process, "result", 60))
+        process.join(10)
+    return results, server_windows, login_seconds
+
+
+def _expect(
+    pipe: multiprocessing.connection.Connection,
+    process: multiprocessing.process.BaseProcess,
+    kind: str,
+    timeout: float,
+) -> Any:
+    """The next message of a worker, which must be ``kind``; fails fast if the worker died."""
+    deadline = time.monotonic() + timeout
+    while not pipe.poll(0.2):
+        if not process.is_alive() and not pipe.poll(0):
+            raise RuntimeError(f"worker {process.pid} died (exit code {process.exitcode})")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"worker {process.pid} sent no {kind!r} within {timeout:g} s")
+    message, payload = pipe.recv()
+    if message == "error":
+        raise RuntimeError(f"worker {process.pid} failed:\n{payload}")
+    if message != kind:
+        raise RuntimeError(f"worker {process.pid}: expected {kind!r}, got {message!r}")
+    return payload
+
+
+def _sleep_until_wall(deadline: float) -> None:
+    delay = deadline - time.time()
+    if delay > 0:
+        time.sleep(delay)
+
+
+def merge(results: list[WorkerResult], window: str) -> dict[str, Any]:
+    latencies = [value for result in results for value in result.latencies_ns.get(window, [])]
+    sent = sum(result.sent.get(window, 0) for result in results)
+    return {"sent": sent, "received": len(latencies), "latency": latency_summary(latencies)}
+
+
+def errors_of(results: list[WorkerResult]) -> dict[str, Any]:
+    return {
+        "failed_logins": sum(r.failed_logins for r in results),
+        "unexpected_closes": sum(r.unexpected_closes for r in results),
+        "wrong_destination": sum(r.wrong_destination for r in results),
+        "examples": [e for r in results for e in r.login_errors + r.close_reasons][:5],
+    }
+
+
+def generator_load(results: list[WorkerResult]) -> dict[str, Any]:
+    return {
+        "worker_cpu_percent": [
+            round(100 * r.cpu_seconds / r.wall_seconds, 1) if r.wall_seconds else 0.0
+            for r in results
+        ],
+        "worker_runqueue_wait_percent": [
+            round(100 * r.runqueue_wait_seconds / r.wall_seconds, 1) if r.wall_seconds else 0.0
+            for r in results
+        ],
+        "max_send_lag_ms": round(max(r.max_send_lag_ms for r in results), 1),
+    }
+
+
+def load_scenario(clients: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    print(f"-- load: {clients} clients x {args.rate} frames/s for {args.duration:g} s", flush=True)
+    server = Server(workdir, metrics=not args.no_server_metrics, src=args.server_src)
+    try:
+        workers = max(1, min(args.workers, clients // 50 or 1))
+        plans = [
+            Plan(server.url, part, [], clients, args.rate, args.payload)
+            for part in split(list(range(clients)), workers)
+        ]
+
+        def timeline(t0: float) -> dict[str, Any]:
+            start, end = t0 + WARMUP, t0 + WARMUP + args.duration
+            return {
+                "windows": {"load": (start, end)},
+                "send_start": t0,
+                "send_end": end,
+                "stop": end + DRAIN,
+            }
+
+        results, windows, login_seconds = run_workers(server, plans, timeline)
+        memory = server.memory_kib()
+    finally:
+        server.stop()
+    traffic = merge(results, "load")
+    return {
+        "scenario": f"load-{clients}",
+        "clients": clients,
+        "rate_per_client": args.rate,
+        "duration_s": args.duration,
+        "payload_bytes": args.payload,
+        "workers": len(plans),
+        "login_seconds": round(login_seconds, 2),
+        "offered_fps": round(traffic["sent"] / args.duration, 1),
+        "relayed_fps": round(traffic["received"] / args.duration, 1),
+        "lost_frames": traffic["sent"] - traffic["received"],
+        "latency": traffic["latency"],
+        "server": {
+            **windows["load"],
+            "peak_rss_mib": round(memory.get("VmHWM", 0) / 1024, 1),
+            "rss_mib": round(memory.get("VmRSS", 0) / 1024, 1),
+        },
+        "errors": errors_of(results),
+        "generator": generator_load(results),
+    }
+
+
+def garbage_scenario(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    good, bad = args.good_clients, args.garbage_clients
+    print(
+        f"-- garbage: {good} good clients x {args.rate} frames/s: alone, then with "
+        f"{bad} clients sending mixed garbage, then a droppable flood, at full speed "
+        f"({args.duration:g} s each)",
+        flush=True,
+    )
+    server = Server(workdir, metrics=not args.no_server_metrics, src=args.server_src)
+    try:
+        good_workers = max(1, min(args.workers, good // 50 or 1))
+        garbage_workers = max(1, min(args.workers, bad // 50 or 1))
+        plans = [
+            Plan(server.url, part, [], good, args.rate, args.payload)
+            for part in split(list(range(good)), good_workers)
+        ]
+        plans += [
+            Plan(server.url, [], part, good, args.rate, args.payload)
+            for part in split(list(range(GARBAGE_OFFSET, GARBAGE_OFFSET + bad)), garbage_workers)
+        ]
+
+        def timeline(t0: float) -> dict[str, Any]:
+            baseline = (t0 + WARMUP, t0 + WARMUP + args.duration)
+            mixed = (baseline[1] + 1.0, baseline[1] + 1.0 + args.duration)
+            flood = (mixed[1] + 1.0, mixed[1] + 1.0 + args.duration)
+            return {
+                "windows": {"baseline": baseline, "garbage": mixed, "flood": flood},
+                "send_start": t0,
+                "send_end": flood[1],
+                "garbage_start": baseline[1],
+                "flood_start": mixed[1],
+                "garbage_end": flood[1],
+                "stop": flood[1] + DRAIN,
+            }
+
+        results, windows, login_seconds = run_workers(server, plans, timeline)
+        memory = server.memory_kib()
+    finally:
+        server.stop()
+    phases = {}
+    for window in ("baseline", "garbage", "flood"):
+        traffic = merge(results, window)
+        junk = sum(r.garbage_frames.get(window, 0) for r in results)
+        phases[window] = {
+            "offered_fps": round(traffic["sent"] / args.duration, 1),
+            "relayed_fps": round(traffic["received"] / args.duration, 1),
+            "lost_frames": traffic["sent"] - traffic["received"],
+            "latency": traffic["latency"],
+            "server": windows[window],
+            "junk_sent_fps": round(junk / args.duration, 1),
+            "garbage_reconnects": sum(r.garbage_reconnects.get(window, 0) for r in results),
+        }
+    return {
+        "scenario": "garbage",
+        "good_clients": good,
+        "garbage_clients": bad,
+        "rate_per_client": args.rate,
+        "duration_s": args.duration,
+        "login_seconds": round(login_seconds, 2),
+        "phases": phases,
+        "garbage_failed_logins": sum(r.garbage_failed_logins for r in results),
+        "server_peak_rss_mib": round(memory.get("VmHWM", 0) / 1024, 1),
+        "errors": errors_of(results),
+        "generator": generator_load(results),
+    }
+
+
+# -- report ---------------------------------------------------------------------------------
+
+
+def print_report(report: dict[str, Any]) -> None:
+    rows = [
+        (
+            "scenario",
+            "clients",
+            "offered/s",
+            "relayed/s",
+            "p50 ms",
+            "p99 ms",
+            "srv CPU s",
+            "srv CPU %",
+            "srv CPU-wait %",
+            "idle %",
+            "peak RSS MiB",
+            "errors",
+            "lost",
+        )
+    ]
+    for load in report["load"]:
+        errors = load["errors"]["failed_logins"] + load["errors"]["unexpected_closes"]
+        rows.append(
+            (
+                load["scenario"],
+                str(load["clients"]),
+                f"{load['offered_fps']:.0f}",
+                f"{load['relayed_fps']:.0f}",
+                f"{load['latency']['p50_ms']:.2f}",
+                f"{load['latency']['p99_ms']:.2f}",
+                f"{load['server']['cpu_seconds']:.2f}",
+                f"{load['server']['cpu_percent']:.1f}",
+                f"{load['server']['runqueue_wait_percent']:.1f}",
+                f"{load['server']['machine_idle_percent']:.0f}",
+                f"{load['server']['peak_rss_mib']:.1f}",
+                str(errors),
+                str(load["lost_frames"]),
+            )
+        )
+    garbage = report.get("garbage")
+    if garbage:
+        errors = garbage["errors"]["failed_logins"] + garbage["errors"]["unexpected_closes"]
+        for name, phase in garbage["phases"].items():
+            label = f"{garbage['good_clients']} good" + (
+                " alone" if name == "baseline" else f" + {garbage['garbage_clients']} {name}"
+            )
+            rows.append(
+                (
+                    f"garbage/{name}",
+                    label,
+                    f"{phase['offered_fps']:.0f}",
+                    f"{phase['relayed_fps']:.0f}",
+                    f"{phase['latency']['p50_ms']:.2f}",
+                    f"{phase['latency']['p99_ms']:.2f}",
+                    f"{phase['server']['cpu_seconds']:.2f}",
+                    f"{phase['server']['cpu_percent']:.1f}",
+                    f"{phase['server']['runqueue_wait_percent']:.1f}",
+                    f"{phase['server']['machine_idle_percent']:.0f}",
+                    f"{garbage['server_peak_rss_mib']:.1f}",
+                    str(errors),
+                    str(phase["lost_frames"]),
+                )
+            )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for number, row in enumerate(rows):
+        print("  ".join(cell.rjust(width) for cell, width in zip(row, widths, strict=True)))
+        if number == 0:
+            print("  ".join("-" * width for width in widths))
+    loads = report["load"]
+    if len(loads) > 1:
+        first, last = loads[0], loads[-1]
+        scale = last["clients"] / first["clients"]
+        print(f"\ngrowth {first['clients']} -> {last['clients']} clients (x{scale:g}):")
+        for key, label in (("cpu_seconds", "server CPU"), ("peak_rss_mib", "server peak RSS")):
+            ratio = last["server"][key] / first["server"][key] if first["server"][key] else math.nan
+            print(f"  {label}: x{ratio:.2f}")
+        for load in loads:
+            per_frame = (
+                1e6
+                * load["server"]["cpu_seconds"]
+                / max(1, load["relayed_fps"] * load["duration_s"])
+            )
+            print(f"  {load['clients']} clients: {per_frame:.1f} us server CPU per relayed frame")
+    if garbage:
+        base = garbage["phases"]["baseline"]
+        print()
+        for name, text in (("garbage", "mixed garbage"), ("flood", "droppable flood")):
+            attack = garbage["phases"][name]
+            relay = attack["server"].get("relay_counters_per_s", {})
+            print(
+                f"{text}: {attack['junk_sent_fps']:.0f} junk frames/s sent, server read "
+                f"{relay.get('frames_received', math.nan):.0f}/s and dropped "
+                f"{relay.get('drops', math.nan):.0f}/s, "
+                f"{attack['garbage_reconnects']} garbage reconnects; good clients' p50 "
+                f"{base['latency']['p50_ms']:.2f} -> {attack['latency']['p50_ms']:.2f} ms, "
+                f"p99 {base['latency']['p99_ms']:.2f} -> {attack['latency']['p99_ms']:.2f} ms"
+            )
+    for load in loads:
+        gen = load["generator"]
+        print(
+            f"generator ({load['scenario']}): worker CPU % {gen['worker_cpu_percent']}, "
+            f"CPU-wait % {gen['worker_runqueue_wait_percent']}, "
+            f"max send lag {gen['max_send_lag_ms']} ms"
+        )
+    if garbage:
+        gen = garbage["generator"]
+        print(
+            f"generator (garbage): worker CPU % {gen['worker_cpu_percent']}, "
+            f"CPU-wait % {gen['worker_runqueue_wait_percent']}, "
+            f"max send lag {gen['max_send_lag_ms']} ms"
+        )
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": model,
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "loadavg_at_start": os.getloadavg(),
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, default=1000, help="clients in the load phase")
+    parser.add_argument(
+        "--compare", metavar="N,M,...", help="run the load phase for each count (e.g. 100,1000)"
+    )
+    parser.add_argument("--rate", type=float, default=5.0, help="frames/s per client")
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds measured per phase")
+    parser.add_argument("--payload", type=int, default=64, help="IP payload bytes per frame")
+    parser.add_argument("--workers", type=int, default=max(1, min(4, (os.cpu_count() or 2) - 1)))
+    parser.add_argument("--good-clients", type=int, default=100)
+    parser.add_argument("--garbage-clients", type=int, default=100)
+    parser.add_argument("--no-garbage", action="store_true", help="skip the garbage phase")
+    parser.add_argument("--no-load", action="store_true", help="skip the load phase")
+    parser.add_argument("--output", type=Path, default=REPO / "bench" / "load" / "results.json")
+    parser.add_argument(
+        "--log-dir", type=Path, help="keep the server configs and logs here (default: discard)"
+    )
+    parser.add_argument(
+        "--server-src",
+        type=Path,
+        default=REPO / "src",
+        help="run the server from this source tree (A/B comparisons); default: this checkout",
+    )
+    parser.add_argument(
+        "--no-server-metrics",
+        action="store_true",
+        help="do not read the relay's counters from its metrics endpoint",
+    )
+    args = parser.parse_args(argv)
+    counts = [int(n) for n in args.compare.split(",")] if args.compare else [args.clients]
+    if any(n < 2 for n in counts) or max(counts) > GARBAGE_OFFSET:
+        parser.error(f"client counts must be within 2..{GARBAGE_OFFSET}")
+    if not 0 < args.rate <= 1000 or not 0 < args.duration <= 600:
+        parser.error("rate must be in (0, 1000] and duration in (0, 600]")
+    if args.payload < STAMP.size:
+        parser.error(f"payload must be at least {STAMP.size} bytes")
+    args.counts = counts
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    total = max(args.counts) + (0 if args.no_garbage else args.good_clients + args.garbage_clients)
+    limit = raise_fd_limit(2 * total + 1024)  # the server inherits it too
+    report: dict[str, Any] = {
+        "machine": machine(),
+        "fd_limit": limit,
+        "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
+        "server_src": str(args.server_src),
+        "load": [],
+    }
+    with tempfile.TemporaryDirectory(prefix="relay-load-") as tmp:
+        workdir = args.log_dir or Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        for clients in [] if args.no_load else args.counts:
+            report["load"].append(load_scenario(clients, args, workdir))
+        if not args.no_garbage:
+            report["garbage"] = garbage_scenario(args, workdir)
+    print()
+    print_report(report)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwrote {args.output}")
+    failures = [load["errors"] for load in report["load"]]
+    if "garbage" in report:
+        failures.append(report["garbage"]["errors"])
+    bad = [f for f in failures if f["failed_logins"] or f["unexpected_closes"]]
+    if bad:
+        print(f"ERRORS: {bad}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
