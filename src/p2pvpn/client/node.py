@@ -16,7 +16,7 @@ import signal
 import socket
 import time
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from p2pvpn import __version__
 from p2pvpn.client.control import ControlServer, control_socket_path
@@ -27,9 +27,11 @@ from p2pvpn.client.tun import TunDevice, TunError
 from p2pvpn.config import ClientConfig
 from p2pvpn.dataplane import create_data_plane
 from p2pvpn.dataplane.base import DataPlane, DataPlaneStats, UdpAddress
-from p2pvpn.metrics import MetricsServer, serve_client_metrics
 from p2pvpn.wire.crypto import peer_key
 from p2pvpn.wire.ws import Forward, SystemRoutes, WsMessage
+
+if TYPE_CHECKING:
+    from p2pvpn.metrics import MetricsServer
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +64,7 @@ class ClientNode:
             tls_verify=config.tls_verify,
         )
         self.control = ControlServer(control_socket_path(config.state_dir), self.snapshot)
-        self.metrics: MetricsServer | None = None
+        self.metrics: MetricsServer | None = None  # set when metrics are served
         self._stopping = asyncio.Event()
 
     # -- lifecycle --------------------------------------------------------
@@ -79,6 +81,9 @@ class ClientNode:
             TunDevice.remove_stale(self.config.interface_name)
             self.tun = TunDevice.open(self.config.interface_name, self.config.mtu)
             if self.config.metrics is not None:
+                # Imported only when asked for: prometheus_client costs RSS.
+                from p2pvpn.metrics import serve_client_metrics
+
                 self.metrics = serve_client_metrics(self.config.metrics, self.snapshot)
             return await self._serve()
         except (TunError, SignalingError, OSError) as error:

@@ -11,9 +11,6 @@ import os
 import struct
 from ipaddress import IPv4Address
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
 from p2pvpn.wire.errors import DecodeError
 
 __all__ = [
@@ -88,12 +85,18 @@ class DatagramCipher:
     and a peer's key never changes.
     """
 
-    __slots__ = ("_aead",)
+    __slots__ = ("_aead", "_invalid_tag")
 
     def __init__(self, key: bytes) -> None:
         if len(key) != KEY_SIZE:
             raise ValueError(f"key must be {KEY_SIZE} bytes (AES-256), got {len(key)}")
+        # Imported here: a client on the compiled data plane never builds a
+        # DatagramCipher, and cryptography costs ~6 MiB of RSS to import.
+        from cryptography.exceptions import InvalidTag
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
         self._aead = AESGCM(key)
+        self._invalid_tag = InvalidTag
 
     def seal(self, plaintext: bytes, iv: bytes | None = None) -> bytes:
         """Encrypt ``plaintext``; a fresh random IV is drawn unless one is given."""
@@ -115,5 +118,5 @@ class DatagramCipher:
         ciphertext = datagram[OVERHEAD:]
         try:
             return self._aead.decrypt(iv, ciphertext + tag, None)
-        except InvalidTag:
+        except self._invalid_tag:
             raise AuthenticationFailed("GCM tag did not verify") from None
