@@ -10,8 +10,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 from ipaddress import IPv4Address
-from typing import Any, TypeAlias
+from typing import TypeAlias
 
+from p2pvpn.wire._layout import TYPE_BYTE, pack, unpack
 from p2pvpn.wire.errors import DecodeError
 
 __all__ = [
@@ -47,20 +48,6 @@ _ROUTE_I32 = struct.Struct("!B4s4si")
 # The protocol design document's 8-byte delay; no released client sends it,
 # but accepting it costs nothing.
 _ROUTE_I64 = struct.Struct("!B4s4sq")
-_TYPE_BYTE = struct.Struct("!B")
-
-
-def _pack(layout: struct.Struct, *fields: object) -> bytes:
-    try:
-        return layout.pack(*fields)
-    except struct.error as exc:
-        raise ValueError(f"field out of range for layout {layout.format!r}: {exc}") from exc
-
-
-def _unpack(layout: struct.Struct, plaintext: bytes, name: str) -> tuple[Any, ...]:
-    if len(plaintext) < layout.size:
-        raise DecodeError(f"{name} needs {layout.size} bytes, got {len(plaintext)}")
-    return layout.unpack_from(plaintext)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +64,7 @@ class Heartbeat:
     ack: bool
 
     def encode(self) -> bytes:
-        return _pack(
+        return pack(
             _HEARTBEAT,
             PeerType.HEARTBEAT,
             self.tun_ip.packed,
@@ -108,7 +95,7 @@ class Delay:
     timestamp_ms: int
 
     def encode(self) -> bytes:
-        return _pack(_DELAY, PeerType.DELAY, self.src.packed, self.dst.packed, self.timestamp_ms)
+        return pack(_DELAY, PeerType.DELAY, self.src.packed, self.dst.packed, self.timestamp_ms)
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,14 +123,14 @@ class UnknownPeerMessage:
     payload: bytes
 
     def encode(self) -> bytes:
-        return _pack(_TYPE_BYTE, self.type) + self.payload
+        return pack(TYPE_BYTE, self.type) + self.payload
 
 
 PeerMessage: TypeAlias = Heartbeat | PeerForward | Delay | RouteAdvert | UnknownPeerMessage
 
 
 def _decode_heartbeat(plaintext: bytes) -> Heartbeat:
-    _, tun_ip, ip, port, ack = _unpack(_HEARTBEAT, plaintext, "HEARTBEAT")
+    _, tun_ip, ip, port, ack = unpack(_HEARTBEAT, plaintext, "HEARTBEAT")
     return Heartbeat(IPv4Address(tun_ip), IPv4Address(ip), port, bool(ack))
 
 
@@ -156,13 +143,13 @@ def _decode_forward(plaintext: bytes) -> PeerForward:
 
 
 def _decode_delay(plaintext: bytes) -> Delay:
-    _, src, dst, timestamp_ms = _unpack(_DELAY, plaintext, "DELAY")
+    _, src, dst, timestamp_ms = unpack(_DELAY, plaintext, "DELAY")
     return Delay(IPv4Address(src), IPv4Address(dst), timestamp_ms)
 
 
 def _decode_route(plaintext: bytes) -> RouteAdvert:
     layout = _ROUTE_I64 if len(plaintext) >= _ROUTE_I64.size else _ROUTE_I32
-    _, dst, next_hop, delay_ms = _unpack(layout, plaintext, "ROUTE")
+    _, dst, next_hop, delay_ms = unpack(layout, plaintext, "ROUTE")
     return RouteAdvert(IPv4Address(dst), IPv4Address(next_hop), delay_ms)
 
 

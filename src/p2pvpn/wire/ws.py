@@ -12,8 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
-from typing import Any, Self, TypeAlias
+from typing import Self, TypeAlias
 
+from p2pvpn.wire._layout import TYPE_BYTE, pack, unpack
 from p2pvpn.wire.crypto import auth_hash, expttun_hash, vmac_hash
 from p2pvpn.wire.errors import DecodeError
 
@@ -68,20 +69,6 @@ _ROUTE_HEADER = struct.Struct("!BBH")
 _ROUTE_ENTRY = struct.Struct("!4s4s4s")
 _GENERAL_HEADER = struct.Struct("!BBH4s4s")
 _LAN_ADDRESS = struct.Struct("!BBH4s4s4sH")
-_TYPE_BYTE = struct.Struct("!B")
-
-
-def _pack(layout: struct.Struct, *fields: object) -> bytes:
-    try:
-        return layout.pack(*fields)
-    except struct.error as exc:
-        raise ValueError(f"field out of range for layout {layout.format!r}: {exc}") from exc
-
-
-def _unpack(layout: struct.Struct, frame: bytes, name: str) -> tuple[Any, ...]:
-    if len(frame) < layout.size:
-        raise DecodeError(f"{name} needs {layout.size} bytes, got {len(frame)}")
-    return layout.unpack_from(frame)
 
 
 def _require_hash_size(digest: bytes) -> None:
@@ -113,7 +100,7 @@ class Auth:
 
     def encode(self) -> bytes:
         _require_hash_size(self.hash)
-        return _pack(_AUTH, WsType.AUTH, self.tun_ip.packed, self.timestamp, self.hash)
+        return pack(_AUTH, WsType.AUTH, self.tun_ip.packed, self.timestamp, self.hash)
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +134,7 @@ class ExptTun:
         _require_hash_size(self.hash)
         # "255.255.255.255/32" is 18 characters, so the NUL always fits.
         cidr_text = str(self.cidr).encode("ascii")
-        return _pack(_EXPTTUN, WsType.EXPTTUN, self.timestamp, cidr_text, self.hash)
+        return pack(_EXPTTUN, WsType.EXPTTUN, self.timestamp, cidr_text, self.hash)
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,7 +147,7 @@ class Udp4Conn:
     public_port: int
 
     def encode(self) -> bytes:
-        return _pack(
+        return pack(
             _UDP4CONN,
             WsType.UDP4CONN,
             self.src.packed,
@@ -194,7 +181,7 @@ class Vmac:
         vmac_bytes = self.vmac.encode("ascii")
         if len(vmac_bytes) != VMAC_SIZE:
             raise ValueError(f"vmac must be {VMAC_SIZE} ASCII characters")
-        return _pack(_VMAC, WsType.VMAC, vmac_bytes, self.timestamp, self.hash)
+        return pack(_VMAC, WsType.VMAC, vmac_bytes, self.timestamp, self.hash)
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,7 +192,7 @@ class Discovery:
     dst: IPv4Address
 
     def encode(self) -> bytes:
-        return _pack(_DISCOVERY, WsType.DISCOVERY, self.src.packed, self.dst.packed)
+        return pack(_DISCOVERY, WsType.DISCOVERY, self.src.packed, self.dst.packed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,7 +240,7 @@ class General:
     data: bytes
 
     def encode(self) -> bytes:
-        header = _pack(
+        header = pack(
             _GENERAL_HEADER,
             WsType.GENERAL,
             self.subtype,
@@ -274,7 +261,7 @@ class LanAddress:
     lan_port: int
 
     def encode(self) -> bytes:
-        return _pack(
+        return pack(
             _LAN_ADDRESS,
             WsType.GENERAL,
             GENERAL_SUBTYPE_LAN_ADDRESS,
@@ -294,7 +281,7 @@ class UnknownWsMessage:
     payload: bytes
 
     def encode(self) -> bytes:
-        return _pack(_TYPE_BYTE, self.type) + self.payload
+        return pack(TYPE_BYTE, self.type) + self.payload
 
 
 WsMessage: TypeAlias = (
@@ -312,7 +299,7 @@ WsMessage: TypeAlias = (
 
 
 def _decode_auth(frame: bytes) -> Auth:
-    _, tun_ip, timestamp, digest = _unpack(_AUTH, frame, "AUTH")
+    _, tun_ip, timestamp, digest = unpack(_AUTH, frame, "AUTH")
     return Auth(IPv4Address(tun_ip), timestamp, digest)
 
 
@@ -331,17 +318,17 @@ def _decode_cidr(raw: bytes) -> IPv4Interface:
 
 
 def _decode_expttun(frame: bytes) -> ExptTun:
-    _, timestamp, raw_cidr, digest = _unpack(_EXPTTUN, frame, "EXPTTUN")
+    _, timestamp, raw_cidr, digest = unpack(_EXPTTUN, frame, "EXPTTUN")
     return ExptTun(timestamp, _decode_cidr(raw_cidr), digest)
 
 
 def _decode_udp4conn(frame: bytes) -> Udp4Conn:
-    _, src, dst, public_ip, public_port = _unpack(_UDP4CONN, frame, "UDP4CONN")
+    _, src, dst, public_ip, public_port = unpack(_UDP4CONN, frame, "UDP4CONN")
     return Udp4Conn(IPv4Address(src), IPv4Address(dst), IPv4Address(public_ip), public_port)
 
 
 def _decode_vmac(frame: bytes) -> Vmac:
-    _, raw_vmac, timestamp, digest = _unpack(_VMAC, frame, "VMAC")
+    _, raw_vmac, timestamp, digest = unpack(_VMAC, frame, "VMAC")
     try:
         vmac = raw_vmac.decode("ascii")
     except UnicodeDecodeError as exc:
@@ -350,12 +337,12 @@ def _decode_vmac(frame: bytes) -> Vmac:
 
 
 def _decode_discovery(frame: bytes) -> Discovery:
-    _, src, dst = _unpack(_DISCOVERY, frame, "DISCOVERY")
+    _, src, dst = unpack(_DISCOVERY, frame, "DISCOVERY")
     return Discovery(IPv4Address(src), IPv4Address(dst))
 
 
 def _decode_route(frame: bytes) -> SystemRoutes:
-    _, count, _reserved = _unpack(_ROUTE_HEADER, frame, "ROUTE")
+    _, count, _reserved = unpack(_ROUTE_HEADER, frame, "ROUTE")
     needed = _ROUTE_HEADER.size + count * _ROUTE_ENTRY.size
     if len(frame) < needed:
         raise DecodeError(f"ROUTE with {count} entries needs {needed} bytes, got {len(frame)}")
@@ -371,11 +358,11 @@ def _decode_route(frame: bytes) -> SystemRoutes:
 
 
 def _decode_general(frame: bytes) -> General | LanAddress:
-    _, subtype, extra, src, dst = _unpack(_GENERAL_HEADER, frame, "GENERAL")
+    _, subtype, extra, src, dst = unpack(_GENERAL_HEADER, frame, "GENERAL")
     if subtype != GENERAL_SUBTYPE_LAN_ADDRESS:
         data = bytes(frame[_GENERAL_HEADER.size :])
         return General(subtype, extra, IPv4Address(src), IPv4Address(dst), data)
-    *_, lan_ip, lan_port = _unpack(_LAN_ADDRESS, frame, "GENERAL LAN address")
+    *_, lan_ip, lan_port = unpack(_LAN_ADDRESS, frame, "GENERAL LAN address")
     return LanAddress(IPv4Address(src), IPv4Address(dst), IPv4Address(lan_ip), lan_port)
 
 
