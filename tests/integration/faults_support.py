@@ -88,7 +88,7 @@ _PING_SEQ = re.compile(r"icmp_seq=(?P<seq>\d+)")
 
 
 # --------------------------------------------------------------------------
-# clients behind NATs (copied from test_direct_vpn.py)
+# clients behind NATs
 
 
 def nat_client(

@@ -10,77 +10,29 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.integration.vpn import Client, VpnNetwork
-from tests.netns import Namespace, NatSite, Process, TestBed
+from tests.integration.faults_support import (
+    WAN,
+    block_udp_between,
+    bulk_transfer,
+    nat_client,
+    peer_state,
+    unblock,
+    wait_state,
+)
+from tests.integration.vpn import VpnNetwork
+from tests.netns import Namespace, TestBed
 
 pytestmark = pytest.mark.netns
 
-WAN = "198.51.100.0/24"
 A_IP, B_IP, C_IP = "10.77.0.11", "10.77.0.12", "10.77.0.13"
-
-# A TCP bulk sender/receiver in plain Python, so the test needs no iperf3.
-BULK_RECEIVER = """
-import socket, sys
-server = socket.create_server(("0.0.0.0", int(sys.argv[1])))
-print("ready", flush=True)
-while True:
-    conn, _ = server.accept()
-    total = 0
-    while chunk := conn.recv(65536):
-        total += len(chunk)
-    print("received", total, flush=True)
-    conn.close()
-"""
-BULK_SENDER = """
-import socket, sys
-total = int(sys.argv[3])
-with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=60) as conn:
-    block = b"x" * 65536
-    sent = 0
-    while sent < total:
-        conn.sendall(block[: total - sent])
-        sent += min(len(block), total - sent)
-print("sent", sent, flush=True)
-"""
 
 
 @pytest.fixture
 def vpn(testbed: TestBed, tmp_path: Path) -> VpnNetwork:
     return VpnNetwork(testbed, tmp_path, wan=WAN)
-
-
-def nat_client(
-    vpn: VpnNetwork, name: str, tun_ip: str, mode: str = "port-preserving", *extra: str
-) -> tuple[Client, NatSite]:
-    index = len(vpn.clients) + 1
-    site = vpn.bed.nat_site(name, vpn.wan, f"192.168.{index}.0/24", mode)  # type: ignore[arg-type]
-    client = vpn.add_client(name, *extra, tun=f"{tun_ip}/24", ns=site.host, stun=True)
-    return client, site
-
-
-def peer_state(client: Client, tun_ip: str) -> str | None:
-    row = client.peer(tun_ip)
-    return row["state"] if row else None
-
-
-def wait_state(
-    vpn: VpnNetwork, client: Client, tun_ip: str, states: set[str], timeout: float
-) -> dict[str, Any]:
-    def reached() -> dict[str, Any] | None:
-        row = client.peer(tun_ip)
-        return row if row is not None and row["state"] in states else None
-
-    row = vpn.bed.wait_until(
-        reached,
-        timeout=timeout,
-        message=f"{client.name}: peer {tun_ip} never reached {sorted(states)}",
-    )
-    assert row is not None
-    return row
 
 
 class Pinger:
@@ -102,33 +54,6 @@ class Pinger:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
-
-
-def block_udp_between(router: Namespace, other_public_ip: str) -> None:
-    router.nft(f"""
-table ip p2t_cut {{
-    chain forward {{
-        type filter hook forward priority -10; policy accept;
-        ip daddr {other_public_ip} udp dport != 3478 drop
-        ip saddr {other_public_ip} meta l4proto udp drop
-    }}
-}}
-""")
-
-
-def unblock(router: Namespace) -> None:
-    router.run(["nft", "delete", "table", "ip", "p2t_cut"])
-
-
-def bulk_transfer(
-    vpn: VpnNetwork, sender: Client, receiver: Client, address: str, size: int
-) -> None:
-    process: Process = vpn.bed.start(
-        receiver.ns, ["python3", "-c", BULK_RECEIVER, "7000"], f"bulk-rx-{receiver.name}"
-    )
-    process.wait_for_log("ready")
-    sender.ns.run(["python3", "-c", BULK_SENDER, address, "7000", str(size)], timeout=120)
-    process.wait_for_log(f"received {size}", timeout=60)
 
 
 def test_two_clients_behind_nats_connect_directly(vpn: VpnNetwork) -> None:
