@@ -137,6 +137,17 @@ def wait_connected(vpn: VpnNetwork, a: Client, b: Client, timeout: float = 30) -
     wait_state(vpn, b, a_ip, {"CONNECTED"}, timeout=timeout)
 
 
+def connected_pair(vpn: VpnNetwork) -> tuple[Client, NatSite, Client, NatSite]:
+    """Server plus clients a and b behind their own NATs, CONNECTED to each other."""
+    vpn.start_server()
+    a, site_a = nat_client(vpn, "a", A_IP)
+    b, site_b = nat_client(vpn, "b", B_IP)
+    vpn.wait_for_tun(a)
+    vpn.wait_for_tun(b)
+    wait_connected(vpn, a, b)
+    return a, site_a, b, site_b
+
+
 def _tun_ip(client: Client) -> str:
     address = client.tun_address()
     assert address is not None, f"{client.name} has no TUN address"

@@ -29,6 +29,7 @@ from tests.integration.faults_support import (
     BulkTransfer,
     PingLog,
     add_udp_loss,
+    connected_pair,
     delayed_nat_site,
     direct_endpoint,
     first_change,
@@ -82,12 +83,7 @@ def _server_connected(client_status: dict[str, object]) -> bool:
 
 def test_server_killed_and_restarted_mid_transfer(vpn: VpnNetwork, measured: Record) -> None:
     """(a) The direct path does not need the server; signaling comes back by itself."""
-    vpn.start_server()
-    a, _ = nat_client(vpn, "a", A_IP)
-    b, _ = nat_client(vpn, "b", B_IP)
-    vpn.wait_for_tun(a)
-    vpn.wait_for_tun(b)
-    wait_connected(vpn, a, b)
+    a, _, b, _ = connected_pair(vpn)
     connected_at = time.time()
     ping = PingLog(vpn.bed, a.ns, B_IP)
     vpn.bed.wait_until(lambda: ping.replies_after(connected_at, 3), message="no pings")
@@ -159,12 +155,7 @@ def test_nat_rebinding_behind_two_nats_reconnects(vpn: VpnNetwork, measured: Rec
     the pings (relayed meanwhile) are hints, and the peers punch again with
     a's new public address.
     """
-    vpn.start_server()
-    a, site_a = nat_client(vpn, "a", A_IP)
-    b, _ = nat_client(vpn, "b", B_IP)
-    vpn.wait_for_tun(a)
-    vpn.wait_for_tun(b)
-    wait_connected(vpn, a, b)
+    a, site_a, b, _ = connected_pair(vpn)
     old = direct_endpoint(b.peer(A_IP))
     assert old is not None and old[0] == str(site_a.public_ip), old
     new_port = other_port(old[1])
@@ -270,12 +261,7 @@ def test_nat_rebinding_towards_a_public_peer_updates_the_path(
 def test_peer_killed_and_restarted(vpn: VpnNetwork, measured: Record) -> None:
     """(c) b is SIGKILLed: a leaves CONNECTED within the ack window (-> INIT);
     b restarts with the same name and address and both connect again."""
-    vpn.start_server()
-    a, _ = nat_client(vpn, "a", A_IP)
-    b, _ = nat_client(vpn, "b", B_IP)
-    vpn.wait_for_tun(a)
-    vpn.wait_for_tun(b)
-    wait_connected(vpn, a, b)
+    a, _, b, _ = connected_pair(vpn)
     ping = PingLog(vpn.bed, a.ns, B_IP)
     vpn.bed.wait_until(lambda: ping.replies_after(time.time() - 1, 3), message="no pings")
 
@@ -356,12 +342,7 @@ def _observe_impaired_path(
 @pytest.mark.slow
 def test_packet_loss_keeps_peers_connected(vpn: VpnNetwork, measured: Record) -> None:
     """(d) 5 % loss each way on the direct path: heartbeats tolerate it, traffic goes on."""
-    vpn.start_server()
-    a, site_a = nat_client(vpn, "a", A_IP)
-    b, site_b = nat_client(vpn, "b", B_IP)
-    vpn.wait_for_tun(a)
-    vpn.wait_for_tun(b)
-    wait_connected(vpn, a, b)
+    _, site_a, _, site_b = connected_pair(vpn)
     add_udp_loss(site_a.router, str(site_b.public_ip), 5)
     _observe_impaired_path(vpn, measured, seconds=30, bulk_bytes=20_000_000)
 
