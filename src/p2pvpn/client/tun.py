@@ -23,10 +23,15 @@ from collections.abc import Callable
 from ipaddress import IPv4Interface, IPv4Network
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
+from p2pvpn.client import _pyroute2
+
+if TYPE_CHECKING:
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+else:
+    IPRoute, NetlinkError = _pyroute2.load()
 
 logger = logging.getLogger(__name__)
 
