@@ -48,10 +48,16 @@ class FastDataPlane:
         tun_ip: IPv4Address,
         key: bytes,
         events: DataPlaneEvents,
+        *,
+        udp_segmentation: bool = True,
     ) -> None: ...
     @property
     def implementation(self) -> str:
         """Always ``"fast"``."""
+
+    @property
+    def udp_segmentation(self) -> bool:
+        """Whether sends use UDP GSO now (off if the kernel refused it once)."""
 
     def start(self) -> None:
         """Start the workers; call on the event loop thread."""

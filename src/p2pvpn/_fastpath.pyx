@@ -26,7 +26,19 @@ cimport cython
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.mem cimport PyMem_Calloc, PyMem_Free, PyMem_Malloc
-from libc.errno cimport EAGAIN, EBADF, EINTR, EIO, ENOMEM, EPIPE, errno
+from libc.errno cimport (
+    EAGAIN,
+    EBADF,
+    EINTR,
+    EINVAL,
+    EIO,
+    EMSGSIZE,
+    ENOMEM,
+    ENOPROTOOPT,
+    EOPNOTSUPP,
+    EPIPE,
+    errno,
+)
 from libc.limits cimport INT_MAX
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc, realloc
@@ -53,6 +65,10 @@ from p2pvpn._openssl cimport (
 )
 from p2pvpn._posix cimport (
     AF_INET,
+    CMSG_DATA,
+    CMSG_FIRSTHDR,
+    CMSG_LEN,
+    CMSG_SPACE,
     EFD_CLOEXEC,
     EFD_NONBLOCK,
     MSG_DONTWAIT,
@@ -67,6 +83,7 @@ from p2pvpn._posix cimport (
     flag_get,
     flag_increment,
     flag_set,
+    cmsghdr,
     htons,
     mmsghdr,
     ntohl,
@@ -88,6 +105,8 @@ from p2pvpn._posix cimport (
     sendmmsg,
     set_errno,
     sockaddr_in,
+    SOL_UDP,
+    UDP_SEGMENT,
 )
 
 from p2pvpn.dataplane.base import (
@@ -577,6 +596,12 @@ cdef enum:
     UP_ARENA_BYTES = 4194304
     SEND_WAIT_MS = 100           # one wait for a full socket send buffer
     SEND_WAITS = 3               # waits per batch before dropping what is left
+    # UDP generic segmentation offload (UDP_SEGMENT): a run of same-size
+    # datagrams to one peer leaves as one message. Kernels before 6.2 take
+    # at most 64 segments; an IPv4 UDP payload is at most 65507 bytes.
+    MAX_GSO_SEGMENTS = 64
+    MAX_GSO_BYTES = 65507
+    GSO_CONTROL_WORDS = 4        # uint64_t words >= CMSG_SPACE(sizeof(uint16_t))
 
 cdef enum:  # worker roles
     ROLE_TUN = 0
@@ -726,6 +751,11 @@ cdef struct Worker:
     mmsghdr tx[BATCH]
     iovec tx_iov[BATCH]
     sockaddr_in tx_to[BATCH]
+    # The same batch as UDP GSO messages: message i carries the
+    # gso[i].msg_hdr.msg_iovlen tx entries from gso_first[i] on.
+    mmsghdr gso[BATCH]
+    int gso_first[BATCH]
+    uint64_t gso_control[BATCH * GSO_CONTROL_WORDS]
     Outgoing outgoing[BATCH]
     int tx_count
     UpItem pending[BATCH]
@@ -741,6 +771,7 @@ cdef struct Shared:
     int stop
     int ready                    # workers that have entered their loop
     int failed[N_WORKERS]        # errno (or -1) of a worker that gave up on its fd
+    int udp_segmentation         # 1 while sends use UDP GSO; off for good once refused
     bint running                 # buffers and eventfds exist (start() .. close())
     EVP_CIPHER_CTX* open_ctx     # own key; only the UDP worker opens
     Tables tables
@@ -1155,9 +1186,8 @@ cdef bint _wait_writable(Shared* s) noexcept nogil:
     return (fds[0].revents & POLLOUT) != 0
 
 
-cdef void _send_batch(Shared* s, Worker* w) noexcept nogil:
-    """One sendmmsg for the batch (more only after a partial send or an error)."""
-    cdef int done = 0
+cdef int _send_each(Shared* s, Worker* w, int done) noexcept nogil:
+    """Send tx[done:] one datagram per message; returns tx_count (all sent or dropped)."""
     cdef int waits = 0
     cdef int sent
     while done < w.tx_count:
@@ -1175,6 +1205,112 @@ cdef void _send_batch(Shared* s, Worker* w) noexcept nogil:
             # call: that one is dropped, like pure's failed sendto.
             _drop(&w.totals, DROP_SEND_FAILED)
             done += 1
+    return done
+
+
+cdef void _set_segment_size(mmsghdr* message, uint64_t* control,
+                            uint16_t segment) noexcept nogil:
+    cdef cmsghdr* header
+    message.msg_hdr.msg_control = control
+    message.msg_hdr.msg_controllen = CMSG_SPACE(sizeof(uint16_t))
+    header = CMSG_FIRSTHDR(&message.msg_hdr)
+    header.cmsg_level = SOL_UDP
+    header.cmsg_type = UDP_SEGMENT
+    header.cmsg_len = CMSG_LEN(sizeof(uint16_t))
+    memcpy(CMSG_DATA(header), &segment, sizeof(uint16_t))
+
+
+cdef int _coalesce(Worker* w) noexcept nogil:
+    """Group the batch into UDP GSO messages; returns how many.
+
+    A message is a run of datagrams to one address, all as long as its first
+    but the last, which may be shorter: the kernel carries it as one skb and
+    cuts it back into these datagrams at the end of the path (the receiving
+    socket, or the NIC), so the receiver sees the same datagrams as without.
+    """
+    cdef int count = 0
+    cdef int first = 0
+    cdef int end
+    cdef size_t segment, total, length
+    cdef mmsghdr* message
+    while first < w.tx_count:
+        segment = total = w.tx_iov[first].iov_len
+        end = first + 1
+        while end < w.tx_count and end - first < MAX_GSO_SEGMENTS:
+            length = w.tx_iov[end].iov_len
+            if (length > segment or total + length > MAX_GSO_BYTES
+                    or not _same_address(&w.tx_to[end], &w.tx_to[first])):
+                break
+            total += length
+            end += 1
+            if length < segment:
+                break
+        message = &w.gso[count]
+        message.msg_hdr.msg_name = &w.tx_to[first]
+        message.msg_hdr.msg_namelen = sizeof(sockaddr_in)
+        message.msg_hdr.msg_iov = &w.tx_iov[first]
+        message.msg_hdr.msg_iovlen = <size_t>(end - first)
+        if end - first > 1:
+            _set_segment_size(message, &w.gso_control[count * GSO_CONTROL_WORDS],
+                              <uint16_t>segment)
+        else:
+            message.msg_hdr.msg_control = NULL
+            message.msg_hdr.msg_controllen = 0
+        w.gso_first[count] = first
+        count += 1
+        first = end
+    return count
+
+
+cdef inline bint _segmentation_refused(int error) noexcept nogil:
+    # EIO: the route's device has no checksum offload, or IPsec is on the
+    # path; EINVAL/EMSGSIZE: a segment is over the path MTU; the others: a
+    # kernel without UDP_SEGMENT.
+    return (error == EIO or error == EINVAL or error == EMSGSIZE
+            or error == ENOPROTOOPT or error == EOPNOTSUPP)
+
+
+cdef int _send_segmented(Shared* s, Worker* w) noexcept nogil:
+    """Send the batch as UDP GSO messages; returns the tx entries dealt with.
+
+    When the kernel refuses segmentation it is switched off for good and the
+    rest is left to _send_each, so nothing is lost by trying.
+    """
+    cdef int messages = _coalesce(w)
+    cdef int done = 0
+    cdef int waits = 0
+    cdef int sent, i
+    cdef int carried
+    while done < messages:
+        sent = sendmmsg(s.udp_fd, &w.gso[done], <unsigned int>(messages - done),
+                        MSG_DONTWAIT)
+        if sent > 0:
+            for i in range(done, done + sent):
+                _count_sent(w, w.gso_first[i], <int>w.gso[i].msg_hdr.msg_iovlen)
+            done += sent
+            continue
+        if errno == EINTR:
+            continue
+        if errno == EAGAIN and waits < SEND_WAITS and _wait_writable(s):
+            waits += 1
+            continue
+        carried = <int>w.gso[done].msg_hdr.msg_iovlen
+        if carried > 1 and _segmentation_refused(errno):
+            flag_set(&s.udp_segmentation, 0)
+            return w.gso_first[done]
+        for i in range(carried):
+            _drop(&w.totals, DROP_SEND_FAILED)
+        done += 1
+    return w.tx_count
+
+
+cdef void _send_batch(Shared* s, Worker* w) noexcept nogil:
+    """One sendmmsg for the batch (more only after a partial send or an error)."""
+    cdef int done = 0
+    if w.tx_count > 1 and flag_get(&s.udp_segmentation):
+        done = _send_segmented(s, w)
+    if done < w.tx_count:
+        _send_each(s, w, done)
     w.tx_count = 0
 
 
@@ -1442,6 +1578,16 @@ cdef int _open_run(Shared* s) noexcept nogil:
     return 0
 
 
+def _kernel_segments_udp(udp_socket):
+    """Linux >= 4.18 knows UDP_SEGMENT; an older one would ignore the control
+    message and send a whole run as one datagram, so ask first."""
+    try:
+        udp_socket.getsockopt(SOL_UDP, UDP_SEGMENT)
+    except OSError:
+        return False
+    return True
+
+
 cdef void _request_stop(Shared* s) noexcept nogil:
     cdef uint64_t one = 1
     flag_set(&s.stop, 1)
@@ -1696,8 +1842,9 @@ cdef class FastDataPlane:
     cdef object _loop
     cdef list _threads
     cdef dict _control_contexts
+    cdef bint _try_segmentation
 
-    def __init__(self, tun_fd, udp_socket, tun_ip, key, events):
+    def __init__(self, tun_fd, udp_socket, tun_ip, key, events, *, udp_segmentation=True):
         cdef Py_buffer view
         cdef Shared* s
         if udp_socket.family != socket.AF_INET:
@@ -1708,6 +1855,7 @@ cdef class FastDataPlane:
         self._events = events
         self._threads = []
         self._control_contexts = {}
+        self._try_segmentation = udp_segmentation
         s = self._core.s
         s.tun_fd = tun_fd
         s.udp_fd = udp_socket.fileno()
@@ -1730,6 +1878,11 @@ cdef class FastDataPlane:
     def implementation(self):
         return "fast"
 
+    @property
+    def udp_segmentation(self):
+        """Whether sends use UDP GSO now (off if the kernel refused it once)."""
+        return bool(flag_get(&self._core.s.udp_segmentation))
+
     # -- lifecycle --------------------------------------------------------
 
     def start(self):
@@ -1744,6 +1897,10 @@ cdef class FastDataPlane:
         if _open_run(s) < 0:
             error = errno
             raise OSError(error, f"data plane setup failed: {os.strerror(error)}")
+        flag_set(&s.udp_segmentation,
+                 self._try_segmentation and _kernel_segments_udp(self._udp))
+        logger.debug("fast data plane: UDP segmentation offload %s",
+                     "on" if s.udp_segmentation else "off")
         self._loop = loop
         try:
             loop.add_reader(s.up_fd, self._drain_up_queue)

@@ -27,12 +27,28 @@ cdef extern from "<sys/socket.h>" nogil:
         msghdr msg_hdr
         unsigned int msg_len
 
+    struct cmsghdr:
+        size_t cmsg_len
+        int cmsg_level
+        int cmsg_type
+
     enum:
         AF_INET
         MSG_DONTWAIT
 
+    cmsghdr* CMSG_FIRSTHDR(msghdr* message)
+    unsigned char* CMSG_DATA(cmsghdr* header)
+    size_t CMSG_LEN(size_t length)
+    size_t CMSG_SPACE(size_t length)
+
     int recvmmsg(int fd, mmsghdr* messages, unsigned int count, int flags, void* timeout)
     int sendmmsg(int fd, mmsghdr* messages, unsigned int count, int flags)
+
+
+cdef extern from "<netinet/udp.h>" nogil:
+    enum:
+        SOL_UDP
+        UDP_SEGMENT                      # Linux 4.18: UDP generic segmentation offload
 
 
 cdef extern from "<netinet/in.h>" nogil:

@@ -1,0 +1,155 @@
+"""UDP segmentation offload in the compiled data plane.
+
+The fast plane sends a run of same-size datagrams to one peer as one UDP GSO
+message; the kernel cuts it back into those datagrams, so a receiver (a
+Candy peer, a pure plane, a plain socket here) must see exactly the
+datagrams it would have seen without. When the kernel refuses segmentation
+(here: a path MTU below the datagram size) the plane turns it off and sends
+the same datagrams one by one, losing none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import textwrap
+import time
+from ipaddress import IPv4Address
+from typing import Any
+
+import pytest
+
+from p2pvpn.wire.crypto import DatagramCipher, peer_key
+from tests.dataplane.conftest import PASSWORD, Recorder, available_backends, ipv4_packet
+from tests.netns import Namespace, require_netns
+
+pytestmark = pytest.mark.skipif(
+    "fast" not in available_backends(), reason="p2pvpn._fastpath has no FastDataPlane"
+)
+
+A, B, C = "10.9.0.1", "10.9.0.2", "10.9.0.3"
+
+
+def _packets_that_coalesce_in_every_way() -> list[tuple[str, bytes]]:
+    """(destination, packet) in TUN order, all read in the plane's first batches."""
+    full = 1400 - 28  # an IPv4/UDP packet of 1400 bytes
+    plan: list[tuple[str, int]] = []
+    plan += [(B, full)] * 40  # one run
+    plan += [(B, 300)]  # a shorter datagram ends it
+    plan += [(B, full)] * 10  # a new run
+    plan += [(B, 60), (C, 60), (B, 60), (C, 60)]  # peers alternate: no runs
+    plan += [(C, 1000)] * 70  # over 64 segments and over 64 KiB: split
+    plan += [(C, 1000), (C, 1001)]  # a longer datagram starts a new run
+    return [
+        (destination, ipv4_packet(A, destination, bytes([n % 251]) * size, ident=n))
+        for n, (destination, size) in enumerate(plan)
+    ]
+
+
+def _receive(sock: socket.socket, count: int, timeout: float = 10.0) -> list[bytes]:
+    datagrams: list[bytes] = []
+    sock.settimeout(0.2)
+    deadline = time.monotonic() + timeout
+    while len(datagrams) < count and time.monotonic() < deadline:
+        with contextlib.suppress(TimeoutError):
+            datagrams.append(sock.recv(70000))
+    return datagrams
+
+
+def send_through_a_fast_plane(udp_segmentation: bool) -> dict[str, Any]:
+    """Send the packets above from a fast plane to two plain UDP sockets
+    (peers B and C); return whether each received exactly its packets, in
+    order and one datagram each, and whether segmentation is still on."""
+    from p2pvpn._fastpath import FastDataPlane
+
+    packets = _packets_that_coalesce_in_every_way()
+    kernel, tun = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    receivers = {peer: socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for peer in (B, C)}
+    try:
+        kernel.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 21)
+        udp.bind(("127.0.0.1", 0))
+        for receiver in receivers.values():
+            receiver.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)
+            receiver.bind(("127.0.0.1", 0))
+        plane = FastDataPlane(
+            tun.fileno(),
+            udp,
+            IPv4Address(A),
+            peer_key(PASSWORD, IPv4Address(A)),
+            Recorder(),
+            udp_segmentation=udp_segmentation,
+        )
+        for peer, receiver in receivers.items():
+            plane.set_peer(
+                IPv4Address(peer), receiver.getsockname(), peer_key(PASSWORD, IPv4Address(peer))
+            )
+        # Queued before the workers start, so their first reads are full batches.
+        for _, packet in packets:
+            kernel.send(packet)
+
+        async def run() -> dict[str, Any]:
+            plane.start()
+            try:
+                result: dict[str, Any] = {}
+                for peer, receiver in receivers.items():
+                    expected = [packet for destination, packet in packets if destination == peer]
+                    datagrams = await asyncio.to_thread(_receive, receiver, len(expected))
+                    cipher = DatagramCipher(peer_key(PASSWORD, IPv4Address(peer)))
+                    opened = [cipher.open(datagram) for datagram in datagrams]
+                    result[peer] = {
+                        "expected": len(expected),
+                        "received": len(opened),
+                        "exact": opened == [b"\x01" + packet for packet in expected],
+                    }
+                result["segmentation"] = plane.udp_segmentation
+                result["send_failed"] = plane.stats().drops.get("send_failed", 0)
+                return result
+            finally:
+                plane.close()
+
+        return asyncio.run(run())
+    finally:
+        for sock in (kernel, tun, udp, *receivers.values()):
+            sock.close()
+
+
+def _assert_every_packet_arrived_alone(result: dict[str, Any]) -> None:
+    for peer in (B, C):
+        assert result[peer]["received"] == result[peer]["expected"], (peer, result)
+        assert result[peer]["exact"], (peer, result)
+    assert result["send_failed"] == 0
+
+
+def test_runs_leave_segmented_and_arrive_as_the_same_datagrams() -> None:
+    result = send_through_a_fast_plane(udp_segmentation=True)
+    _assert_every_packet_arrived_alone(result)
+    assert result["segmentation"] is True  # Linux >= 4.18 on loopback
+
+
+def test_without_segmentation_the_same_datagrams_arrive() -> None:
+    result = send_through_a_fast_plane(udp_segmentation=False)
+    _assert_every_packet_arrived_alone(result)
+    assert result["segmentation"] is False
+
+
+@pytest.mark.netns
+def test_a_path_mtu_below_the_datagrams_turns_segmentation_off_and_loses_nothing() -> None:
+    """Segments larger than the path MTU make the kernel refuse the GSO send
+    (EINVAL); without GSO the same datagrams go out as IP fragments."""
+    require_netns()
+    code = textwrap.dedent(
+        """
+        import json, subprocess
+        subprocess.run(["ip", "link", "set", "lo", "up", "mtu", "1280"], check=True)
+        from tests.dataplane.test_fast_segmentation import send_through_a_fast_plane
+        print(json.dumps(send_through_a_fast_plane(udp_segmentation=True)))
+        """
+    )
+    with Namespace.create("gso") as namespace:
+        completed = namespace.python(code, timeout=60)
+    result = json.loads(completed.stdout.splitlines()[-1])
+    _assert_every_packet_arrived_alone(result)
+    assert result["segmentation"] is False
