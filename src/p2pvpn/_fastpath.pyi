@@ -49,7 +49,7 @@ class FastDataPlane:
         key: bytes,
         events: DataPlaneEvents,
         *,
-        udp_segmentation: bool = True,
+        udp_offload: bool = True,
     ) -> None: ...
     @property
     def implementation(self) -> str:
@@ -58,6 +58,10 @@ class FastDataPlane:
     @property
     def udp_segmentation(self) -> bool:
         """Whether sends use UDP GSO now (off if the kernel refused it once)."""
+
+    @property
+    def udp_receive_offload(self) -> bool:
+        """Whether the socket hands runs of datagrams up coalesced (UDP_GRO)."""
 
     def start(self) -> None:
         """Start the workers; call on the event loop thread."""

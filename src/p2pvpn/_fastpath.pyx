@@ -86,6 +86,7 @@ from p2pvpn._posix cimport (
     cmsghdr,
     htons,
     mmsghdr,
+    msghdr,
     ntohl,
     ntohs,
     poll,
@@ -106,6 +107,7 @@ from p2pvpn._posix cimport (
     set_errno,
     sockaddr_in,
     SOL_UDP,
+    UDP_GRO,
     UDP_SEGMENT,
 )
 
@@ -748,6 +750,7 @@ cdef struct Worker:
     mmsghdr rx[BATCH]
     iovec rx_iov[BATCH]
     sockaddr_in rx_from[BATCH]
+    uint64_t rx_control[BATCH * GSO_CONTROL_WORDS]   # UDP_GRO segment sizes
     mmsghdr tx[BATCH]
     iovec tx_iov[BATCH]
     sockaddr_in tx_to[BATCH]
@@ -1443,8 +1446,9 @@ cdef void _tun_loop(Shared* s) noexcept nogil:
 cdef int _receive_batch(Shared* s, Worker* w) noexcept nogil:
     cdef int i, count
     for i in range(BATCH):
-        # The kernel overwrites it with the source address's length.
+        # The kernel overwrites both with what it filled in.
         w.rx[i].msg_hdr.msg_namelen = sizeof(sockaddr_in)
+        w.rx[i].msg_hdr.msg_controllen = GSO_CONTROL_WORDS * sizeof(uint64_t)
     while True:
         count = recvmmsg(s.udp_fd, w.rx, BATCH, MSG_DONTWAIT, NULL)
         if count >= 0 or errno != EINTR:
@@ -1490,6 +1494,39 @@ cdef void _handle_datagram(Shared* s, Worker* w, unsigned char* datagram, int le
         _handle_forward(s, w, plaintext + 1, plaintext_length - 1, source)
 
 
+cdef int _received_segment_size(msghdr* message) noexcept nogil:
+    """The UDP_GRO segment size of a coalesced receive, or 0 for one datagram."""
+    cdef cmsghdr* header
+    cdef int segment = 0
+    if message.msg_controllen < CMSG_LEN(sizeof(int)):
+        return 0
+    header = CMSG_FIRSTHDR(message)
+    if (header != NULL and header.cmsg_level == SOL_UDP and header.cmsg_type == UDP_GRO
+            and header.cmsg_len >= CMSG_LEN(sizeof(int))):
+        memcpy(&segment, CMSG_DATA(header), sizeof(int))
+    return segment if segment > 0 else 0
+
+
+cdef void _handle_received(Shared* s, Worker* w, int i) noexcept nogil:
+    """One recvmmsg entry: a datagram, or with UDP_GRO a run of them from one
+    source, all `segment` bytes long but the last; each is handled alone."""
+    cdef unsigned char* data = _slot(w, i)
+    cdef int length = <int>w.rx[i].msg_len
+    cdef int segment = _received_segment_size(&w.rx[i].msg_hdr)
+    cdef int offset = 0
+    if segment == 0 or segment >= length:
+        _handle_datagram(s, w, data, length, &w.rx_from[i])
+        return
+    while offset < length:
+        # A run holds up to 64 datagrams, each of which may add one entry.
+        if w.tx_count == BATCH:
+            _send_batch(s, w)
+        if w.pending_count == BATCH:
+            _push_up(s, w)
+        _handle_datagram(s, w, data + offset, min(segment, length - offset), &w.rx_from[i])
+        offset += segment
+
+
 cdef void _udp_loop(Shared* s) noexcept nogil:
     cdef Worker* w = &s.workers[ROLE_UDP]
     cdef int count, i, ready
@@ -1504,7 +1541,7 @@ cdef void _udp_loop(Shared* s) noexcept nogil:
             continue
         pthread_rwlock_rdlock(&s.tables.lock)
         for i in range(count):
-            _handle_datagram(s, w, _slot(w, i), <int>w.rx[i].msg_len, &w.rx_from[i])
+            _handle_received(s, w, i)
         _send_batch(s, w)
         pthread_rwlock_unlock(&s.tables.lock)
         _push_up(s, w)
@@ -1522,6 +1559,7 @@ cdef void _setup_receive(Worker* w) noexcept nogil:
         w.rx[i].msg_hdr.msg_name = &w.rx_from[i]
         w.rx[i].msg_hdr.msg_iov = &w.rx_iov[i]
         w.rx[i].msg_hdr.msg_iovlen = 1
+        w.rx[i].msg_hdr.msg_control = &w.rx_control[i * GSO_CONTROL_WORDS]
 
 
 cdef void _close_run(Shared* s) noexcept nogil:
@@ -1576,6 +1614,15 @@ cdef int _open_run(Shared* s) noexcept nogil:
             set_errno(ENOMEM)
             return -1
     return 0
+
+
+def _set_receive_offload(udp_socket, on):
+    """UDP_GRO (Linux >= 5.0); False where the kernel does not know it."""
+    try:
+        udp_socket.setsockopt(SOL_UDP, UDP_GRO, 1 if on else 0)
+    except OSError:
+        return False
+    return True
 
 
 def _kernel_segments_udp(udp_socket):
@@ -1842,9 +1889,10 @@ cdef class FastDataPlane:
     cdef object _loop
     cdef list _threads
     cdef dict _control_contexts
-    cdef bint _try_segmentation
+    cdef bint _try_offload
+    cdef bint _receive_offload
 
-    def __init__(self, tun_fd, udp_socket, tun_ip, key, events, *, udp_segmentation=True):
+    def __init__(self, tun_fd, udp_socket, tun_ip, key, events, *, udp_offload=True):
         cdef Py_buffer view
         cdef Shared* s
         if udp_socket.family != socket.AF_INET:
@@ -1855,7 +1903,7 @@ cdef class FastDataPlane:
         self._events = events
         self._threads = []
         self._control_contexts = {}
-        self._try_segmentation = udp_segmentation
+        self._try_offload = udp_offload
         s = self._core.s
         s.tun_fd = tun_fd
         s.udp_fd = udp_socket.fileno()
@@ -1883,6 +1931,11 @@ cdef class FastDataPlane:
         """Whether sends use UDP GSO now (off if the kernel refused it once)."""
         return bool(flag_get(&self._core.s.udp_segmentation))
 
+    @property
+    def udp_receive_offload(self):
+        """Whether the socket hands runs of datagrams up coalesced (UDP_GRO)."""
+        return self._receive_offload
+
     # -- lifecycle --------------------------------------------------------
 
     def start(self):
@@ -1897,10 +1950,11 @@ cdef class FastDataPlane:
         if _open_run(s) < 0:
             error = errno
             raise OSError(error, f"data plane setup failed: {os.strerror(error)}")
-        flag_set(&s.udp_segmentation,
-                 self._try_segmentation and _kernel_segments_udp(self._udp))
-        logger.debug("fast data plane: UDP segmentation offload %s",
-                     "on" if s.udp_segmentation else "off")
+        flag_set(&s.udp_segmentation, self._try_offload and _kernel_segments_udp(self._udp))
+        self._receive_offload = self._try_offload and _set_receive_offload(self._udp, True)
+        logger.debug("fast data plane: UDP segmentation offload %s, receive offload %s",
+                     "on" if s.udp_segmentation else "off",
+                     "on" if self._receive_offload else "off")
         self._loop = loop
         try:
             loop.add_reader(s.up_fd, self._drain_up_queue)
@@ -1933,6 +1987,11 @@ cdef class FastDataPlane:
         except RuntimeError:
             pass                     # the loop is already closed
         _close_run(s)
+        if self._receive_offload and self._udp.fileno() >= 0:
+            # The socket is the caller's: leave it as it came, for a reader
+            # that does not expect coalesced datagrams.
+            _set_receive_offload(self._udp, False)
+            self._receive_offload = False
 
     # -- tables -------------------------------------------------------------
 

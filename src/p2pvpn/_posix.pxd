@@ -49,6 +49,7 @@ cdef extern from "<netinet/udp.h>" nogil:
     enum:
         SOL_UDP
         UDP_SEGMENT                      # Linux 4.18: UDP generic segmentation offload
+        UDP_GRO                          # Linux 5.0: receive runs of datagrams coalesced
 
 
 cdef extern from "<netinet/in.h>" nogil:

@@ -1,4 +1,4 @@
-"""UDP segmentation offload in the compiled data plane.
+"""UDP offloads in the compiled data plane.
 
 The fast plane sends a run of same-size datagrams to one peer as one UDP GSO
 message; the kernel cuts it back into those datagrams, so a receiver (a
@@ -6,6 +6,10 @@ Candy peer, a pure plane, a plain socket here) must see exactly the
 datagrams it would have seen without. When the kernel refuses segmentation
 (here: a path MTU below the datagram size) the plane turns it off and sends
 the same datagrams one by one, losing none.
+
+Its socket also takes such runs in coalesced (UDP_GRO; on loopback a GSO
+send arrives whole), and the plane must take them apart into the same
+datagrams, also when a run makes more packets to relay than one batch holds.
 """
 
 from __future__ import annotations
@@ -16,13 +20,21 @@ import json
 import socket
 import textwrap
 import time
+from collections.abc import Callable
 from ipaddress import IPv4Address
 from typing import Any
 
 import pytest
 
 from p2pvpn.wire.crypto import DatagramCipher, peer_key
-from tests.dataplane.conftest import PASSWORD, Recorder, available_backends, ipv4_packet
+from tests.dataplane.conftest import (
+    PASSWORD,
+    Node,
+    Recorder,
+    available_backends,
+    eventually,
+    ipv4_packet,
+)
 from tests.netns import Namespace, require_netns
 
 pytestmark = pytest.mark.skipif(
@@ -30,6 +42,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 A, B, C = "10.9.0.1", "10.9.0.2", "10.9.0.3"
+UDP_GRO = 104  # <netinet/udp.h>; not in Python's socket module
 
 
 def _packets_that_coalesce_in_every_way() -> list[tuple[str, bytes]]:
@@ -58,7 +71,7 @@ def _receive(sock: socket.socket, count: int, timeout: float = 10.0) -> list[byt
     return datagrams
 
 
-def send_through_a_fast_plane(udp_segmentation: bool) -> dict[str, Any]:
+def send_through_a_fast_plane(udp_offload: bool) -> dict[str, Any]:
     """Send the packets above from a fast plane to two plain UDP sockets
     (peers B and C); return whether each received exactly its packets, in
     order and one datagram each, and whether segmentation is still on."""
@@ -80,7 +93,7 @@ def send_through_a_fast_plane(udp_segmentation: bool) -> dict[str, Any]:
             IPv4Address(A),
             peer_key(PASSWORD, IPv4Address(A)),
             Recorder(),
-            udp_segmentation=udp_segmentation,
+            udp_offload=udp_offload,
         )
         for peer, receiver in receivers.items():
             plane.set_peer(
@@ -124,13 +137,13 @@ def _assert_every_packet_arrived_alone(result: dict[str, Any]) -> None:
 
 
 def test_runs_leave_segmented_and_arrive_as_the_same_datagrams() -> None:
-    result = send_through_a_fast_plane(udp_segmentation=True)
+    result = send_through_a_fast_plane(udp_offload=True)
     _assert_every_packet_arrived_alone(result)
     assert result["segmentation"] is True  # Linux >= 4.18 on loopback
 
 
 def test_without_segmentation_the_same_datagrams_arrive() -> None:
-    result = send_through_a_fast_plane(udp_segmentation=False)
+    result = send_through_a_fast_plane(udp_offload=False)
     _assert_every_packet_arrived_alone(result)
     assert result["segmentation"] is False
 
@@ -144,8 +157,8 @@ def test_a_path_mtu_below_the_datagrams_turns_segmentation_off_and_loses_nothing
         """
         import json, subprocess
         subprocess.run(["ip", "link", "set", "lo", "up", "mtu", "1280"], check=True)
-        from tests.dataplane.test_fast_segmentation import send_through_a_fast_plane
-        print(json.dumps(send_through_a_fast_plane(udp_segmentation=True)))
+        from tests.dataplane.test_fast_udp_offload import send_through_a_fast_plane
+        print(json.dumps(send_through_a_fast_plane(udp_offload=True)))
         """
     )
     with Namespace.create("gso") as namespace:
@@ -153,3 +166,91 @@ def test_a_path_mtu_below_the_datagrams_turns_segmentation_off_and_loses_nothing
     result = json.loads(completed.stdout.splitlines()[-1])
     _assert_every_packet_arrived_alone(result)
     assert result["segmentation"] is False
+
+
+def _make_room(node: Node) -> None:
+    """Room for a few hundred full-size packets in each of a node's queues.
+
+    The fake TUN is a unix socket, whose sender (the plane) gets EAGAIN when
+    the unread packets fill its send buffer; a real TUN device never does."""
+    node._tun.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 22)
+    node.kernel.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 22)
+    node.udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+
+
+def _collect(node: Node, count: int) -> Callable[[], bool]:
+    received: list[bytes] = []
+    node.collected = received  # type: ignore[attr-defined]
+
+    def done() -> bool:
+        received.extend(node.delivered())
+        return len(received) >= count
+
+    return done
+
+
+def test_coalesced_runs_are_taken_apart_into_the_same_packets() -> None:
+    packets = [packet for _, packet in _packets_that_coalesce_in_every_way()]
+    packets = [ipv4_packet(A, B, packet[28:], ident=n) for n, packet in enumerate(packets)]
+
+    async def body() -> None:
+        a, b = Node("fast", A), Node("fast", B)
+        try:
+            _make_room(a)
+            _make_room(b)
+            a.plane.set_peer(b.tun_ip, b.address, b.key)
+            a.inject(*packets)
+            b.plane.start()
+            a.plane.start()
+            assert b.plane.udp_receive_offload  # type: ignore[attr-defined]
+            await eventually(_collect(b, len(packets)), timeout=10)
+            assert b.collected == packets  # type: ignore[attr-defined]
+            assert b.plane.stats().drops == {}
+        finally:
+            a.close()
+            b.close()
+
+    asyncio.run(body())
+
+
+def test_a_coalesced_run_to_relay_larger_than_a_batch_is_relayed_whole() -> None:
+    """A sends to C through B: B's socket takes runs of up to 64 in, each a
+    packet to re-seal, so one receive batch overflows its send batch."""
+    count = 300
+    packets = [ipv4_packet(A, C, bytes([n % 251]) * 1300, ident=n) for n in range(count)]
+
+    async def body() -> None:
+        a, b, c = Node("fast", A), Node("fast", B), Node("fast", C)
+        try:
+            for node in (a, b, c):
+                _make_room(node)
+            a.plane.set_peer(b.tun_ip, b.address, b.key)
+            a.plane.set_route(c.tun_ip, b.tun_ip)
+            b.plane.set_peer(c.tun_ip, c.address, c.key)
+            a.inject(*packets)
+            c.plane.start()
+            b.plane.start()
+            a.plane.start()
+            await eventually(_collect(c, count), timeout=10)
+            assert c.collected == packets  # type: ignore[attr-defined]
+            assert b.plane.stats().drops == {}
+            assert b.plane.stats().peers[c.tun_ip].packets_out == count
+        finally:
+            for node in (a, b, c):
+                node.close()
+
+    asyncio.run(body())
+
+
+def test_close_gives_the_socket_back_without_receive_offload() -> None:
+    async def body() -> None:
+        node = Node("fast", A)
+        try:
+            node.plane.start()
+            assert node.udp.getsockopt(socket.SOL_UDP, UDP_GRO) == 1
+            node.plane.close()
+            assert node.udp.getsockopt(socket.SOL_UDP, UDP_GRO) == 0
+        finally:
+            node.close()
+
+    asyncio.run(body())
