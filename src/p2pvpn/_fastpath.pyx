@@ -1284,6 +1284,7 @@ cdef int _send_segmented(Shared* s, Worker* w) noexcept nogil:
     cdef int waits = 0
     cdef int sent, i
     cdef int carried
+    cdef uint64_t one = 1
     while done < messages:
         sent = sendmmsg(s.udp_fd, &w.gso[done], <unsigned int>(messages - done),
                         MSG_DONTWAIT)
@@ -1300,6 +1301,7 @@ cdef int _send_segmented(Shared* s, Worker* w) noexcept nogil:
         carried = <int>w.gso[done].msg_hdr.msg_iovlen
         if carried > 1 and _segmentation_refused(errno):
             flag_set(&s.udp_segmentation, 0)
+            write(s.up_fd, &one, sizeof(one))   # the loop logs it
             return w.gso_first[done]
         for i in range(carried):
             _drop(&w.totals, DROP_SEND_FAILED)
@@ -1891,6 +1893,7 @@ cdef class FastDataPlane:
     cdef dict _control_contexts
     cdef bint _try_offload
     cdef bint _receive_offload
+    cdef bint _segmentation_reported
 
     def __init__(self, tun_fd, udp_socket, tun_ip, key, events, *, udp_offload=True):
         cdef Py_buffer view
@@ -1951,10 +1954,11 @@ cdef class FastDataPlane:
             error = errno
             raise OSError(error, f"data plane setup failed: {os.strerror(error)}")
         flag_set(&s.udp_segmentation, self._try_offload and _kernel_segments_udp(self._udp))
+        self._segmentation_reported = s.udp_segmentation
         self._receive_offload = self._try_offload and _set_receive_offload(self._udp, True)
-        logger.debug("fast data plane: UDP segmentation offload %s, receive offload %s",
-                     "on" if s.udp_segmentation else "off",
-                     "on" if self._receive_offload else "off")
+        logger.info("fast data plane: UDP segmentation offload %s, receive offload %s",
+                    "on" if s.udp_segmentation else "off",
+                    "on" if self._receive_offload else "off")
         self._loop = loop
         try:
             loop.add_reader(s.up_fd, self._drain_up_queue)
@@ -2125,6 +2129,12 @@ cdef class FastDataPlane:
         # Cleared before the swap: a push after it signals again.
         read(s.up_fd, &value, sizeof(value))
         self._log_failed_workers()
+        if self._segmentation_reported and not flag_get(&s.udp_segmentation):
+            self._segmentation_reported = False
+            logger.warning(
+                "UDP segmentation offload turned off: the kernel refused it on this "
+                "socket (no checksum offload on the way out, IPsec, or a path MTU "
+                "below the datagram size); sending one datagram per packet from now on")
         _lock_holding_gil(&s.up.lock)
         arena = &s.up.arenas[s.up.active]
         s.up.active ^= 1
