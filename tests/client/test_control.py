@@ -416,6 +416,14 @@ def test_print_status_rejects_path_names(
 # --------------------------------------------------------------------------- formatting
 
 
+def test_header_names_the_udp_offloads_in_use() -> None:
+    snapshot = {**EXAMPLE, "dataplane": "fast", "udp_offloads": ["gso", "gro"]}
+    header = format_status(snapshot, now=NOW).splitlines()[0]
+    assert header.startswith("p2pvpn-a  10.0.0.1/24  (dataplane: fast udp gso+gro, pid 1234,")
+    no_offloads = {**EXAMPLE, "dataplane": "fast", "udp_offloads": []}
+    assert "(dataplane: fast, pid" in format_status(no_offloads, now=NOW)
+
+
 def test_format_status_example() -> None:
     lines = format_status(EXAMPLE, now=NOW).splitlines()
     assert lines[0] == "p2pvpn-a  10.0.0.1/24  (dataplane: pure, pid 1234, up 1h02m, version 0.1.0)"

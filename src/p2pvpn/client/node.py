@@ -252,6 +252,7 @@ class ClientNode:
             "address": str(self.address) if self.address else None,
             "version": __version__,
             "dataplane": stats.implementation if stats else None,
+            "udp_offloads": _udp_offloads(self.data_plane),
             "pid": os.getpid(),
             "started": self.started,
             "server": {
@@ -280,6 +281,16 @@ class ClientNode:
             },
             "stun_failures": self.peers.stun_failures if self.peers is not None else 0,
         }
+
+
+def _udp_offloads(plane: DataPlane | None) -> list[str]:
+    """Kernel UDP offloads in use now; only the compiled data plane has any."""
+    offloads = []
+    if getattr(plane, "udp_segmentation", False):
+        offloads.append("gso")
+    if getattr(plane, "udp_receive_offload", False):
+        offloads.append("gro")
+    return offloads
 
 
 def _direct_totals(stats: DataPlaneStats | None) -> dict[str, int]:
