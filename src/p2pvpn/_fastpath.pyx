@@ -114,6 +114,7 @@ from p2pvpn._posix cimport (
 from p2pvpn.dataplane.base import (
     BATCH_SIZE,
     MAX_DATAGRAM,
+    MAX_PEER_COUNTERS,
     DataPlaneStats,
     DropReason,
     PeerCounters,
@@ -585,6 +586,7 @@ def open_batch(GcmContext context not None, datagrams):
 cdef enum:
     BATCH = 64                   # p2pvpn.dataplane.base.BATCH_SIZE (checked at import)
     MAX_DATAGRAM_LEN = 65564     # p2pvpn.dataplane.base.MAX_DATAGRAM (checked at import)
+    PEER_COUNTER_LIMIT = 16384   # p2pvpn.dataplane.base.MAX_PEER_COUNTERS (checked at import)
     MAX_PACKET = 65535           # largest IPv4 packet, and what one TUN read asks for
     IPV4_HEADER = 20
     IPPROTO_IPIP_ = 4
@@ -985,6 +987,8 @@ cdef PeerTraffic* _add_peer_traffic(CounterTable* table, uint32_t ip) noexcept n
     cdef PeerTraffic* entries
     cdef PeerTraffic* entry = NULL
     cdef size_t capacity
+    if table.count >= PEER_COUNTER_LIMIT:
+        return NULL              # not counted (see MAX_PEER_COUNTERS)
     pthread_mutex_lock(&table.lock)
     if table.count == table.capacity:
         capacity = table.capacity * 2 if table.capacity else 16
@@ -1866,7 +1870,8 @@ _DROP_KEYS = (
     getattr(DropReason, "QUEUE_FULL", "queue_full"),
 )
 
-if BATCH_SIZE != BATCH or MAX_DATAGRAM != MAX_DATAGRAM_LEN or len(_DROP_KEYS) != N_DROPS:
+if (BATCH_SIZE != BATCH or MAX_DATAGRAM != MAX_DATAGRAM_LEN
+        or MAX_PEER_COUNTERS != PEER_COUNTER_LIMIT or len(_DROP_KEYS) != N_DROPS):
     raise ImportError("p2pvpn._fastpath was built against another p2pvpn.dataplane.base")
 
 # pure.py's bound on cached control-message ciphers.

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from p2pvpn.dataplane.base import DropReason
+from p2pvpn.dataplane.base import MAX_PEER_COUNTERS, DropReason
 from p2pvpn.wire.crypto import DatagramCipher, peer_key
 from p2pvpn.wire.ipv4 import decapsulate_ipip, encapsulate_ipip, parse_ipv4_header
 from p2pvpn.wire.peer import Heartbeat
@@ -113,6 +113,45 @@ def test_bad_datagrams_are_dropped_and_counted(
         await settle()
         assert b.delivered() == []
         assert b.events.control == [] and b.events.relay == []
+
+    run(body())
+
+
+def test_forged_inner_sources_cannot_grow_the_counters_without_end(
+    make_node: NodeFactory,
+) -> None:
+    """A peer with the password can put any inner source address in its
+    FORWARDs; packets are still delivered, but past MAX_PEER_COUNTERS new
+    addresses get no counters of their own."""
+    count = MAX_PEER_COUNTERS + 300
+
+    async def body() -> None:
+        b = make_node(B)
+        b.plane.start()
+        b.kernel.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+        cipher = DatagramCipher(b.key)
+        sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        delivered: list[bytes] = []
+
+        def delivered_at_least(wanted: int) -> Callable[[], bool]:
+            def check() -> bool:
+                delivered.extend(b.delivered())
+                return len(delivered) >= wanted
+
+            return check
+
+        try:
+            for n in range(count):
+                source = str(IPv4Address("172.16.0.0") + n)
+                sender.sendto(cipher.seal(b"\x01" + ipv4_packet(source, B)), b.address)
+                if n % 256 == 255:  # let B catch up: a full socket buffer drops
+                    await eventually(delivered_at_least(n + 1))
+            await eventually(delivered_at_least(count), timeout=30)
+        finally:
+            sender.close()
+        stats = b.plane.stats()
+        assert stats.tun_packets_out == count
+        assert len(stats.peers) == MAX_PEER_COUNTERS
 
     run(body())
 

@@ -24,6 +24,12 @@ BATCH_SIZE = 64
 # FORWARD type byte and the GCM overhead.
 MAX_DATAGRAM = 65535 + 1 + 28
 
+# Most addresses that get per-peer counters (more than a /18 network holds).
+# Counters are keyed by the inner source address, which a peer that has the
+# password can forge at will; past this bound new addresses are not counted,
+# so such a peer cannot grow the tables without end.
+MAX_PEER_COUNTERS = 16384
+
 
 class DropReason(enum.StrEnum):
     """Why a packet or datagram was dropped; the keys of `DataPlaneStats.drops`."""

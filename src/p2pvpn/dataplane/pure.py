@@ -18,6 +18,7 @@ from ipaddress import IPv4Address, IPv4Network
 from p2pvpn.dataplane.base import (
     BATCH_SIZE,
     MAX_DATAGRAM,
+    MAX_PEER_COUNTERS,
     DataPlaneEvents,
     DataPlaneStats,
     DropReason,
@@ -141,6 +142,8 @@ class PureDataPlane:
     def _counters(self, tun_ip: bytes) -> PeerCounters:
         counters = self._peer_counters.get(tun_ip)
         if counters is None:
+            if len(self._peer_counters) >= MAX_PEER_COUNTERS:
+                return PeerCounters()  # counted nowhere (see MAX_PEER_COUNTERS)
             counters = self._peer_counters[tun_ip] = PeerCounters()
         return counters
 
