@@ -824,6 +824,11 @@ def test_two_sessions_through_the_real_relay(tmp_path: Path) -> None:
             b = make_session(url, tmp_path / "b", bob, static=None)
             async with running(a), running(b):
                 await wait_until(lambda: bool(alice.logins and bob.logins), "both logins")
+                # A login is announced once AUTH is sent; Candy's server never
+                # acknowledges it, so wait until the relay has taken both.
+                await wait_until(
+                    lambda: relay.stats()["sessions_authenticated"] == 2, "both sessions"
+                )
                 a_address, b_address = alice.logins[0], bob.logins[0]
                 assert a_address != b_address
                 assert a_address.network == b_address.network == IPv4Network("10.9.0.0/24")

@@ -330,13 +330,16 @@ def _observe_impaired_path(
     measured("ping_rtt_ms_median", statistics.median(rtts) if rtts else None)
     for flap in lost_a + lost_b:
         measured("flap", f"{flap.peer} {flap.old}->{flap.new} at +{flap.when - start:.1f}s")
-    assert row_a is not None and row_a["state"] == "CONNECTED", row_a
-    assert row_b is not None and row_b["state"] == "CONNECTED", row_b
     # 5 % loss each way loses ~10 % of the pings; the state machine must not add to it.
     assert ratio > 0.75, f"only {received}/{sent} pings answered"
     # Two heartbeats lost in a row may, with unlucky tick phases, cross the 3 s ack
     # window (p ~ 0.25 % per heartbeat): tolerate one flap, report every one.
     assert len(lost_a) + len(lost_b) <= 1, f"peers flapped: {lost_a + lost_b}"
+    # Both end CONNECTED; after a tolerated flap (which may fall at the very end
+    # of the window) they get there again by themselves once traffic flows.
+    if not (row_a and row_a["state"] == "CONNECTED" and row_b and row_b["state"] == "CONNECTED"):
+        assert lost_a or lost_b, (row_a, row_b)
+        wait_connected(vpn, a, b, timeout=30)
 
 
 @pytest.mark.slow
