@@ -72,7 +72,6 @@ SERVER_STATS: dict[str, Any] = {
     "dhcp_leases": 2,
     "replay_cache_entries": 5,
     "internal_errors": 0,
-    "read_pauses": 4,
     "drops": {"unknown_destination": 6},
     "rejections": {"AUTH_FAILED": 2, "MESSAGE_TOO_BIG": 1},
     "stun": {"requests": 11, "responses": 10, "ignored": 1},
@@ -183,7 +182,6 @@ def test_server_metrics_from_stats() -> None:
     assert value(samples, "p2pvpn_server_dhcp_leases") == 2
     assert value(samples, "p2pvpn_server_replay_cache_entries") == 5
     assert value(samples, "p2pvpn_server_internal_errors_total") == 0
-    assert value(samples, "p2pvpn_server_read_pauses_total") == 4
     assert value(samples, "p2pvpn_server_stun_requests_total") == 11
     assert value(samples, "p2pvpn_server_stun_responses_total") == 10
     assert value(samples, "p2pvpn_server_stun_ignored_total") == 1

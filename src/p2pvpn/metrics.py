@@ -223,11 +223,6 @@ class ServerCollector(Collector):
             "Frames that hit a bug in the server (the sender was closed).",
             "internal_errors",
         )
-        yield counter(
-            "p2pvpn_server_read_pauses_total",
-            "Pauses in reading a client that sent junk frames faster than allowed.",
-            "read_pauses",
-        )
         stun = stats.get("stun")
         if isinstance(stun, Mapping):
             yield CounterMetricFamily(
