@@ -98,11 +98,6 @@ REJECTED_CLOSE_TIMEOUT = 2.0
 READ_BATCH = 16
 # At most one WARNING per reason in this interval for per-packet events.
 WARNING_INTERVAL = 10.0
-# Junk frames (unknown or unexpected types, FORWARD without an IPv4 packet) a
-# session may send per second, after a burst, before its reads are paced. A
-# correct client sends none; a newer one may send a few of a new type.
-DROP_ALLOWANCE_RATE = 100.0
-DROP_ALLOWANCE_BURST = 500.0
 
 _SIGNED_TYPES = frozenset({WsType.AUTH, WsType.EXPTTUN, WsType.VMAC})
 _ALLOWED_BEFORE_AUTH = _SIGNED_TYPES
@@ -139,9 +134,6 @@ class RelaySession(abc.ABC):
         self.closed = False
         # Set once on_disconnect ran, so a second call does not log twice.
         self.disconnected = False
-        # Token bucket of drops this session may still cause (see read_pause).
-        self.drop_allowance = DROP_ALLOWANCE_BURST
-        self.drop_allowance_updated: float | None = None
 
     @abc.abstractmethod
     def send(self, frame: bytes) -> None:
@@ -307,41 +299,6 @@ class Relay:
     def count_drop(self, reason: str) -> None:
         self._drops[reason] += 1
 
-    def read_pause(self, session: RelaySession, now: float) -> float:
-        """Seconds to wait before reading ``session``'s next frame; 0 normally.
-
-        A junk frame costs the relay a read and a parse like any other. A
-        session that sends junk faster than DROP_ALLOWANCE_RATE (after a
-        burst of DROP_ALLOWANCE_BURST) is read only as fast as its allowance
-        refills: its socket buffer fills, TCP slows the sender down, and the
-        CPU stays with the clients whose frames are relayed. Frames dropped
-        for reasons a correct client can run into (a destination that just
-        left, a source outside its address) are not charged.
-        """
-        last = session.drop_allowance_updated
-        session.drop_allowance_updated = now
-        if last is not None and now > last:
-            session.drop_allowance = min(
-                DROP_ALLOWANCE_BURST, session.drop_allowance + (now - last) * DROP_ALLOWANCE_RATE
-            )
-        if session.drop_allowance >= 0:
-            return 0.0
-        self._counters["read_pauses"] += 1
-        suppressed = self._throttle.allow("read pause", now)
-        if suppressed is not None:
-            logger.warning(
-                "slowing down reads from %s: more than %g junk frames/s%s",
-                session.describe(),
-                DROP_ALLOWANCE_RATE,
-                f" ({suppressed} more such pauses since the last warning)" if suppressed else "",
-            )
-        return -session.drop_allowance / DROP_ALLOWANCE_RATE
-
-    def _drop_junk(self, session: RelaySession, reason: str) -> None:
-        """Count a frame no correct client sends, and charge it to ``session``."""
-        self._drops[reason] += 1
-        session.drop_allowance -= 1
-
     def session_for(self, tun_ip: IPv4Address) -> RelaySession | None:
         return self._sessions.get(tun_ip)
 
@@ -363,7 +320,6 @@ class Relay:
             "dhcp_leases": len(self._leases),
             "replay_cache_entries": len(self._replays),
             "internal_errors": counters["internal_errors"],
-            "read_pauses": counters["read_pauses"],
             "drops": dict(self._drops),
             "rejections": dict(self._rejections),
         }
@@ -411,10 +367,10 @@ class Relay:
         elif isinstance(message, Udp4Conn | Discovery | General | LanAddress):
             self._relay_signal(session, message, frame)
         elif isinstance(message, UnknownWsMessage):
-            self._drop_junk(session, "unknown_type")  # PROTOCOL 2: unknown types are ignored
+            self._drops["unknown_type"] += 1  # PROTOCOL 2: unknown types are ignored
         else:
             # ROUTE goes server -> client only; a client sending it is ignored.
-            self._drop_junk(session, "unexpected_type")
+            self._drops["unexpected_type"] += 1
 
     # -- signed login messages ----------------------------------------------
 
@@ -599,10 +555,10 @@ class Relay:
 
     def _forward(self, session: RelaySession, frame: bytes, now: float) -> None:
         if len(frame) < 1 + _IPV4_HEADER_SIZE:
-            self._drop_junk(session, "short_forward")
+            self._drops["short_forward"] += 1
             return
         if frame[1] >> 4 != 4:
-            self._drop_junk(session, "not_ipv4")
+            self._drops["not_ipv4"] += 1
             return
         source = IPv4Address(frame[13:17])
         destination = IPv4Address(frame[17:21])
@@ -862,15 +818,13 @@ class RelayServer:
             async for message in connection:
                 # Candy's server treats text and binary frames alike.
                 frame = message.encode() if isinstance(message, str) else message
-                now = time.time()
-                self.relay.handle_frame(session, frame, now)
-                pause = self.relay.read_pause(session, now)
+                self.relay.handle_frame(session, frame, time.time())
                 budget -= 1
-                if pause > 0 or budget == 0:
+                if budget == 0:
                     # recv() does not yield while frames are queued: without this, one
                     # client flooding the relay would hold the loop for whole batches.
                     budget = READ_BATCH
-                    await asyncio.sleep(pause)
+                    await asyncio.sleep(0)
                 if session.closed:
                     # Rejected (or kicked): read nothing more. A client that keeps
                     # sending instead of answering the close would otherwise have
