@@ -155,15 +155,15 @@ def _make_room(node: Node) -> None:
     node.udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
 
 
-def _collect(node: Node, count: int) -> Callable[[], bool]:
+def _collector(node: Node, count: int) -> tuple[list[bytes], Callable[[], bool]]:
+    """The packets `node` writes to TUN, and a predicate: have `count` arrived?"""
     received: list[bytes] = []
-    node.collected = received  # type: ignore[attr-defined]
 
     def done() -> bool:
         received.extend(node.delivered())
         return len(received) >= count
 
-    return done
+    return received, done
 
 
 def test_coalesced_runs_are_taken_apart_into_the_same_packets() -> None:
@@ -180,8 +180,9 @@ def test_coalesced_runs_are_taken_apart_into_the_same_packets() -> None:
             b.plane.start()
             a.plane.start()
             assert b.plane.udp_receive_offload  # type: ignore[attr-defined]
-            await eventually(_collect(b, len(packets)), timeout=10)
-            assert b.collected == packets  # type: ignore[attr-defined]
+            received, all_arrived = _collector(b, len(packets))
+            await eventually(all_arrived, timeout=10)
+            assert received == packets
             assert b.plane.stats().drops == {}
         finally:
             a.close()
@@ -208,8 +209,9 @@ def test_a_coalesced_run_to_relay_larger_than_a_batch_is_relayed_whole() -> None
             c.plane.start()
             b.plane.start()
             a.plane.start()
-            await eventually(_collect(c, count), timeout=10)
-            assert c.collected == packets  # type: ignore[attr-defined]
+            received, all_arrived = _collector(c, count)
+            await eventually(all_arrived, timeout=10)
+            assert received == packets
             assert b.plane.stats().drops == {}
             assert b.plane.stats().peers[c.tun_ip].packets_out == count
         finally:
