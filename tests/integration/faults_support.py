@@ -229,6 +229,22 @@ def flaps(process: Process | None, peer: str, *, after: float = 0.0) -> list[Tra
     return [c for c in state_changes(process, peer) if c.old == "CONNECTED" and c.when >= after]
 
 
+# A peer that leaves CONNECTED stops sending heartbeats (PROTOCOL 4), so the other
+# side loses its acks and follows within the 3 s window plus a tick or two.
+CASCADE_WINDOW_S = 6.0
+
+
+def flap_episodes(transitions: list[Transition]) -> list[list[Transition]]:
+    """Group flaps into episodes: one root flap and those it caused on the other side."""
+    episodes: list[list[Transition]] = []
+    for flap in sorted(transitions, key=lambda t: t.when):
+        if episodes and flap.when - episodes[-1][0].when <= CASCADE_WINDOW_S:
+            episodes[-1].append(flap)
+        else:
+            episodes.append([flap])
+    return episodes
+
+
 # --------------------------------------------------------------------------
 # continuous ping with timestamps
 
