@@ -49,6 +49,8 @@ class FastDataPlane:
         key: bytes,
         events: DataPlaneEvents,
         *,
+        relaying: bool = False,
+        replay_window: float = ...,
         udp_offload: bool = True,
     ) -> None: ...
     @property

@@ -40,9 +40,10 @@ from libc.errno cimport (
     errno,
 )
 from libc.limits cimport INT_MAX
-from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memcpy, memmove, memset
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from posix.uio cimport iovec
 from posix.unistd cimport close, read, write
 
@@ -115,6 +116,8 @@ from p2pvpn.dataplane.base import (
     BATCH_SIZE,
     MAX_DATAGRAM,
     MAX_PEER_COUNTERS,
+    REPLAY_BUCKET_LIMIT,
+    REPLAY_WINDOW_SECONDS,
     DataPlaneStats,
     DropReason,
     PeerCounters,
@@ -606,6 +609,16 @@ cdef enum:
     MAX_GSO_SEGMENTS = 64
     MAX_GSO_BYTES = 65507
     GSO_CONTROL_WORDS = 4        # uint64_t words >= CMSG_SPACE(sizeof(uint16_t))
+    IPV4_TTL = 8                 # offsets in the IPv4 header
+    IPV4_PROTOCOL = 9
+    IPV4_CHECKSUM = 10
+    # The replay record (p2pvpn.dataplane.replay is the reference): three
+    # buckets of half a window each, linear-probing sets of IV fingerprints.
+    REPLAY_BUCKETS = 3
+    REPLAY_MIN_SLOTS = 1024
+    REPLAY_LIMIT = 1048576       # p2pvpn.dataplane.base.REPLAY_BUCKET_LIMIT (checked at import)
+    STUN_HEADER = 20
+    STUN_BINDING_RESPONSE = 0x0101
 
 cdef enum:  # worker roles
     ROLE_TUN = 0
@@ -628,6 +641,10 @@ cdef enum:
     DROP_UNKNOWN_TYPE
     DROP_LOOP
     DROP_QUEUE_FULL
+    DROP_REPLAY
+    DROP_TRANSIT
+    DROP_TTL_EXPIRED
+    DROP_IPIP_SOURCE
     N_DROPS
 
 
@@ -639,6 +656,22 @@ cdef struct U32Map:
     unsigned char* used
     size_t capacity              # 0 or a power of two
     size_t count
+
+
+# The IVs of one bucket of time, as 64-bit fingerprints; 0 marks a free slot.
+cdef struct IvBucket:
+    uint64_t* slots
+    size_t capacity              # 0 or a power of two
+    size_t count
+    int64_t number               # which bucket of time it holds; -1: none
+
+
+# Only the UDP worker opens datagrams, so only it touches the record: no lock.
+cdef struct ReplayRecord:
+    IvBucket buckets[REPLAY_BUCKETS]
+    uint64_t seed                # random: where a fingerprint lands is unguessable
+    uint64_t bucket_ns           # length of a bucket
+    int64_t now                  # the current bucket, set once per batch
 
 
 # Each set of counters has exactly one writing thread (a worker, or the event
@@ -778,6 +811,8 @@ cdef struct Shared:
     int failed[N_WORKERS]        # errno (or -1) of a worker that gave up on its fd
     int udp_segmentation         # 1 while sends use UDP GSO; off for good once refused
     bint running                 # buffers and eventfds exist (start() .. close())
+    bint relaying                # route FORWARDs for other addresses (route > 0)
+    ReplayRecord replay
     EVP_CIPHER_CTX* open_ctx     # own key; only the UDP worker opens
     Tables tables
     UpQueue up
@@ -895,6 +930,133 @@ cdef void map_free(U32Map* m) noexcept nogil:
     free(m.values)
     free(m.used)
     memset(m, 0, sizeof(U32Map))
+
+
+# ---------------------------------------------------------------------------
+# Replay record (UDP worker only)
+# ---------------------------------------------------------------------------
+
+cdef inline uint64_t _mix64(uint64_t value) noexcept nogil:
+    # splitmix64's finaliser.
+    value ^= value >> 30
+    value *= <uint64_t>0xBF58476D1CE4E5B9
+    value ^= value >> 27
+    value *= <uint64_t>0x94D049BB133111EB
+    value ^= value >> 31
+    return value
+
+
+cdef inline uint64_t _iv_fingerprint(const unsigned char* iv) noexcept nogil:
+    """64 bits of the 96-bit IV; two random IVs share one with odds of 2**-64."""
+    cdef uint64_t head
+    cdef uint32_t tail
+    memcpy(&head, iv, 8)
+    memcpy(&tail, iv + 8, 4)
+    head ^= <uint64_t>tail * <uint64_t>0x9E3779B97F4A7C15
+    return head if head != 0 else 1
+
+
+cdef bint _bucket_contains(const IvBucket* bucket, uint64_t fingerprint,
+                           uint64_t seed) noexcept nogil:
+    cdef size_t mask, i
+    if bucket.capacity == 0:
+        return False
+    mask = bucket.capacity - 1
+    i = _mix64(fingerprint ^ seed) & mask
+    # The load stays at or below 3/4: a free slot ends every probe.
+    while bucket.slots[i] != 0:
+        if bucket.slots[i] == fingerprint:
+            return True
+        i = (i + 1) & mask
+    return False
+
+
+cdef void _bucket_place(IvBucket* bucket, uint64_t fingerprint, uint64_t seed) noexcept nogil:
+    cdef size_t mask = bucket.capacity - 1
+    cdef size_t i = _mix64(fingerprint ^ seed) & mask
+    while bucket.slots[i] != 0:
+        i = (i + 1) & mask
+    bucket.slots[i] = fingerprint
+    bucket.count += 1
+
+
+cdef int _bucket_grow(IvBucket* bucket, uint64_t seed) noexcept nogil:
+    cdef IvBucket old = bucket[0]
+    cdef size_t capacity = old.capacity * 2 if old.capacity else REPLAY_MIN_SLOTS
+    cdef size_t i
+    bucket.slots = <uint64_t*>calloc(capacity, sizeof(uint64_t))
+    if bucket.slots == NULL:
+        bucket[0] = old
+        return -1
+    bucket.capacity = capacity
+    bucket.count = 0
+    for i in range(old.capacity):
+        if old.slots[i] != 0:
+            _bucket_place(bucket, old.slots[i], seed)
+    free(old.slots)
+    return 0
+
+
+cdef void _bucket_reuse(IvBucket* bucket, int64_t number) noexcept nogil:
+    """Empty a bucket for a new span of time, keeping its size while it is used."""
+    if bucket.capacity > REPLAY_MIN_SLOTS and bucket.count * 8 < bucket.capacity:
+        # Traffic fell off: give the memory back (it is reallocated small).
+        free(bucket.slots)
+        bucket.slots = NULL
+        bucket.capacity = 0
+    elif bucket.capacity:
+        memset(bucket.slots, 0, bucket.capacity * sizeof(uint64_t))
+    bucket.count = 0
+    bucket.number = number
+
+
+cdef void replay_set_time(ReplayRecord* record) noexcept nogil:
+    """Take the clock once per batch."""
+    cdef timespec now
+    clock_gettime(CLOCK_MONOTONIC, &now)
+    record.now = <int64_t>((<uint64_t>now.tv_sec * <uint64_t>1000000000
+                            + <uint64_t>now.tv_nsec) // record.bucket_ns)
+
+
+cdef bint replay_seen(ReplayRecord* record, const unsigned char* iv) noexcept nogil:
+    """dataplane.replay.ReplayWindow.seen: True for an IV seen within the window,
+    else it is recorded (unless its bucket is full or memory is short)."""
+    cdef uint64_t fingerprint = _iv_fingerprint(iv)
+    cdef IvBucket* bucket
+    cdef IvBucket* current = &record.buckets[record.now % REPLAY_BUCKETS]
+    cdef int i
+    if current.number != record.now:
+        _bucket_reuse(current, record.now)
+    for i in range(REPLAY_BUCKETS):
+        bucket = &record.buckets[i]
+        # A bucket left from longer ago holds nothing of the window.
+        if (bucket.number > record.now - REPLAY_BUCKETS
+                and _bucket_contains(bucket, fingerprint, record.seed)):
+            return True
+    if current.count >= REPLAY_LIMIT:
+        return False
+    if (current.count + 1) * 4 > current.capacity * 3 and _bucket_grow(current, record.seed) < 0:
+        return False
+    _bucket_place(current, fingerprint, record.seed)
+    return False
+
+
+cdef void replay_init(ReplayRecord* record, uint64_t bucket_ns, uint64_t seed) noexcept nogil:
+    cdef int i
+    memset(record, 0, sizeof(ReplayRecord))
+    for i in range(REPLAY_BUCKETS):
+        record.buckets[i].number = -1
+    record.bucket_ns = bucket_ns if bucket_ns else 1
+    record.seed = seed
+
+
+cdef void replay_free(ReplayRecord* record) noexcept nogil:
+    cdef int i
+    for i in range(REPLAY_BUCKETS):
+        free(record.buckets[i].slots)
+        record.buckets[i].slots = NULL
+        record.buckets[i].capacity = record.buckets[i].count = 0
+        record.buckets[i].number = -1
 
 
 # ---------------------------------------------------------------------------
@@ -1078,6 +1240,32 @@ cdef bint _unwrap_ipip(const unsigned char** packet, int* length) noexcept nogil
     return True
 
 
+cdef bint _decrement_ttl(unsigned char* packet) noexcept nogil:
+    """pure._decrement_ttl in place (RFC 1624 eqn. 3); False when the TTL runs out."""
+    cdef uint32_t ttl = packet[IPV4_TTL]
+    cdef uint32_t old_word, new_word, total
+    if ttl <= 1:
+        return False
+    old_word = (ttl << 8) | packet[IPV4_PROTOCOL]
+    new_word = old_word - 0x0100
+    total = ((~((<uint32_t>packet[IPV4_CHECKSUM] << 8) | packet[IPV4_CHECKSUM + 1])) & 0xFFFF)
+    total += (~old_word & 0xFFFF) + new_word
+    total = (total & 0xFFFF) + (total >> 16)
+    total = (total & 0xFFFF) + (total >> 16)
+    packet[IPV4_TTL] = <unsigned char>(ttl - 1)
+    _store_be16(packet + IPV4_CHECKSUM, ~total & 0xFFFF)
+    return True
+
+
+cdef bint _looks_like_binding_response(const unsigned char* data, int length) noexcept nogil:
+    """wire.stun.looks_like_binding_response."""
+    if length < STUN_HEADER:
+        return False
+    return (((<uint32_t>data[0] << 8) | data[1]) == STUN_BINDING_RESPONSE
+            and _load_be32(data + 4) == 0x2112A442
+            and STUN_HEADER + (((<int>data[2]) << 8) | data[3]) <= length)
+
+
 cdef inline bint _same_address(const sockaddr_in* a, const sockaddr_in* b) noexcept nogil:
     return a.sin_addr.s_addr == b.sin_addr.s_addr and a.sin_port == b.sin_port
 
@@ -1086,13 +1274,35 @@ cdef inline bint _same_address(const sockaddr_in* a, const sockaddr_in* b) noexc
 # Packet path (workers; _deliver also serves write_tun)
 # ---------------------------------------------------------------------------
 
-cdef void _deliver(int tun_fd, Totals* totals, const unsigned char* packet,
-                   int length) noexcept nogil:
-    """pure._deliver: unwrap IPIP, write one packet to TUN."""
+cdef bint _may_wrap(const Tables* t, uint32_t outer_source, const unsigned char* inner,
+                    int length) noexcept nogil:
+    """pure._may_wrap: a peer's own packets, or ones from a network that our
+    sdwan routes put behind it; anything else would let a peer inject packets
+    from any address into our TUN."""
+    cdef uint32_t inner_source, nexthop
+    if length < IPV4_HEADER:
+        return False
+    inner_source = _load_be32(inner + 12)
+    return inner_source == outer_source or (
+        _sysroute_for(t, inner_source, &nexthop) and nexthop == outer_source)
+
+
+cdef void _deliver(int tun_fd, Totals* totals, const unsigned char* packet, int length,
+                   const Tables* from_peer) noexcept nogil:
+    """pure._deliver: unwrap IPIP, write one packet to TUN.
+
+    from_peer: the tables (read lock held) for a packet that came over UDP,
+    whose IPIP must pass _may_wrap; NULL for one from the server.
+    """
     cdef ssize_t written
-    if length >= IPV4_HEADER and packet[9] == IPPROTO_IPIP_:
+    cdef uint32_t outer_source
+    if length >= IPV4_HEADER and packet[IPV4_PROTOCOL] == IPPROTO_IPIP_:
+        outer_source = _load_be32(packet + 12)
         if not _unwrap_ipip(&packet, &length):
             _drop(totals, DROP_MALFORMED)
+            return
+        if from_peer != NULL and not _may_wrap(from_peer, outer_source, packet, length):
+            _drop(totals, DROP_IPIP_SOURCE)
             return
     while True:
         written = write(tun_fd, packet, <size_t>length)
@@ -1105,9 +1315,18 @@ cdef void _deliver(int tun_fd, Totals* totals, const unsigned char* packet,
     counter_add(&totals.tun_bytes_out, <uint64_t>length)
 
 
-cdef void _queue_up(Worker* w, int kind, const unsigned char* data, int length,
+cdef void _queue_up(Shared* s, Worker* w, int kind, const unsigned char* data, int length,
                     const sockaddr_in* source) noexcept nogil:
-    cdef UpItem* item = &w.pending[w.pending_count]
+    """Add an item for the event loop; a full `pending` is pushed up first.
+
+    The check lives here, not in the callers, because one recvmmsg entry can
+    add many items (a UDP_GRO run holds up to 64 datagrams, and more than one
+    entry's worth arrive per batch): no caller can know there is room.
+    """
+    cdef UpItem* item
+    if w.pending_count >= BATCH:
+        _push_up(s, w)
+    item = &w.pending[w.pending_count]
     item.data = data
     item.length = length
     item.kind = kind
@@ -1116,17 +1335,23 @@ cdef void _queue_up(Worker* w, int kind, const unsigned char* data, int length,
     w.pending_count += 1
 
 
-cdef bint _queue_sealed(Worker* w, const Peer* peer, unsigned char* packet, int length,
-                        uint32_t destination) noexcept nogil:
+cdef bint _queue_sealed(Shared* s, Worker* w, const Peer* peer, unsigned char* packet,
+                        int length, uint32_t destination) noexcept nogil:
     """Seal FORWARD(packet) for `peer` in place and add it to the batch's sendmmsg.
 
     `packet` has 1 + OVERHEAD bytes of its slot in front of it: the type
-    byte goes right before it and the datagram starts OVERHEAD earlier.
+    byte goes right before it and the datagram starts OVERHEAD earlier. A
+    full batch is sent first (see _queue_up for why the check is here); what
+    it sends points into slots that stay valid until the next receive.
     """
     cdef unsigned char* datagram = packet - 1 - OVERHEAD
-    cdef const unsigned char* iv = iv_source_next(&w.ivs)
-    cdef int i = w.tx_count
+    cdef const unsigned char* iv
+    cdef int i
     cdef int sealed
+    if w.tx_count >= BATCH:
+        _send_batch(s, w)
+    i = w.tx_count
+    iv = iv_source_next(&w.ivs)
     if iv == NULL:
         return False
     (packet - 1)[0] = FORWARD_TYPE
@@ -1173,10 +1398,10 @@ cdef void _route_packet(Shared* s, Worker* w, unsigned char* packet, int length,
         next_hop = destination
     peer = _find_peer(&s.tables, next_hop)
     if peer == NULL:
-        _queue_up(w, UP_RELAY, packet, length, NULL)
+        _queue_up(s, w, UP_RELAY, packet, length, NULL)
     elif came_from != NULL and _same_address(&peer.address, came_from):
         _drop(&w.totals, DROP_LOOP)
-    elif not _queue_sealed(w, peer, packet, length, destination):
+    elif not _queue_sealed(s, w, peer, packet, length, destination):
         _drop(&w.totals, DROP_SEND_FAILED)
 
 
@@ -1473,7 +1698,11 @@ cdef void _handle_forward(Shared* s, Worker* w, unsigned char* packet, int lengt
         counter_add(&traffic.packets_in, 1)
         counter_add(&traffic.bytes_in, <uint64_t>length)
     if _load_be32(packet + 16) == s.own_ip:
-        _deliver(s.tun_fd, &w.totals, packet, length)
+        _deliver(s.tun_fd, &w.totals, packet, length, &s.tables)
+    elif not s.relaying:
+        _drop(&w.totals, DROP_TRANSIT)
+    elif not _decrement_ttl(packet):
+        _drop(&w.totals, DROP_TTL_EXPIRED)
     else:
         _route_packet(s, w, packet, length, source)
 
@@ -1483,8 +1712,9 @@ cdef void _handle_datagram(Shared* s, Worker* w, unsigned char* datagram, int le
     """pure._on_datagram; the plaintext is opened in place, at datagram + OVERHEAD."""
     cdef unsigned char* plaintext = datagram + OVERHEAD
     cdef int plaintext_length
-    if s.tables.has_stun and _same_address(&s.tables.stun, source):
-        _queue_up(w, UP_STUN, datagram, length, source)
+    if (s.tables.has_stun and _same_address(&s.tables.stun, source)
+            and _looks_like_binding_response(datagram, length)):
+        _queue_up(s, w, UP_STUN, datagram, length, source)
         return
     if length < OVERHEAD:
         _drop(&w.totals, DROP_TOO_SHORT)
@@ -1492,10 +1722,14 @@ cdef void _handle_datagram(Shared* s, Worker* w, unsigned char* datagram, int le
     plaintext_length = _gcm_open(s.open_ctx, datagram, length, plaintext)
     if plaintext_length < 0:
         _drop(&w.totals, DROP_AUTHENTICATION)
+    # Before anything of the plaintext is used; after authentication, so that
+    # junk cannot fill the record. Opening in place left the IV as it came.
+    elif replay_seen(&s.replay, datagram):
+        _drop(&w.totals, DROP_REPLAY)
     elif plaintext_length == 0:
         _drop(&w.totals, DROP_MALFORMED)
     elif plaintext[0] != FORWARD_TYPE:
-        _queue_up(w, UP_CONTROL, plaintext, plaintext_length, source)
+        _queue_up(s, w, UP_CONTROL, plaintext, plaintext_length, source)
     else:
         _handle_forward(s, w, plaintext + 1, plaintext_length - 1, source)
 
@@ -1524,11 +1758,6 @@ cdef void _handle_received(Shared* s, Worker* w, int i) noexcept nogil:
         _handle_datagram(s, w, data, length, &w.rx_from[i])
         return
     while offset < length:
-        # A run holds up to 64 datagrams, each of which may add one entry.
-        if w.tx_count == BATCH:
-            _send_batch(s, w)
-        if w.pending_count == BATCH:
-            _push_up(s, w)
         _handle_datagram(s, w, data + offset, min(segment, length - offset), &w.rx_from[i])
         offset += segment
 
@@ -1545,6 +1774,7 @@ cdef void _udp_loop(Shared* s) noexcept nogil:
         count = _receive_batch(s, w)
         if count == 0:
             continue
+        replay_set_time(&s.replay)
         pthread_rwlock_rdlock(&s.tables.lock)
         for i in range(count):
             _handle_received(s, w, i)
@@ -1586,6 +1816,7 @@ cdef void _close_run(Shared* s) noexcept nogil:
         s.up.arenas[i].used = 0
     s.up.active = 0
     s.up.signalled = False
+    replay_free(&s.replay)
     s.running = False
 
 
@@ -1678,6 +1909,7 @@ cdef class _Core:
         if s == NULL:
             return
         _close_run(s)
+        replay_free(&s.replay)
         _tables_free(&s.tables)
         for i in range(N_WORKERS):
             free(s.workers[i].counters.entries)
@@ -1867,11 +2099,16 @@ _DROP_KEYS = (
     DropReason.TUN_WRITE_FAILED,
     DropReason.UNKNOWN_TYPE,
     DropReason.LOOP,
-    getattr(DropReason, "QUEUE_FULL", "queue_full"),
+    DropReason.QUEUE_FULL,
+    DropReason.REPLAY,
+    DropReason.TRANSIT,
+    DropReason.TTL_EXPIRED,
+    DropReason.IPIP_SOURCE,
 )
 
 if (BATCH_SIZE != BATCH or MAX_DATAGRAM != MAX_DATAGRAM_LEN
-        or MAX_PEER_COUNTERS != PEER_COUNTER_LIMIT or len(_DROP_KEYS) != N_DROPS):
+        or MAX_PEER_COUNTERS != PEER_COUNTER_LIMIT or REPLAY_BUCKET_LIMIT != REPLAY_LIMIT
+        or len(_DROP_KEYS) != N_DROPS):
     raise ImportError("p2pvpn._fastpath was built against another p2pvpn.dataplane.base")
 
 # pure.py's bound on cached control-message ciphers.
@@ -1900,9 +2137,13 @@ cdef class FastDataPlane:
     cdef bint _receive_offload
     cdef bint _segmentation_reported
 
-    def __init__(self, tun_fd, udp_socket, tun_ip, key, events, *, udp_offload=True):
+    def __init__(self, tun_fd, udp_socket, tun_ip, key, events, *, relaying=False,
+                 replay_window=REPLAY_WINDOW_SECONDS, udp_offload=True):
         cdef Py_buffer view
         cdef Shared* s
+        cdef uint64_t seed
+        if not replay_window > 0:
+            raise ValueError(f"replay window must be > 0 seconds, got {replay_window}")
         if udp_socket.family != socket.AF_INET:
             raise ValueError("the fast data plane needs an AF_INET UDP socket")
         self._core = _Core()
@@ -1916,6 +2157,10 @@ cdef class FastDataPlane:
         s.tun_fd = tun_fd
         s.udp_fd = udp_socket.fileno()
         s.own_ip = _ip_value(tun_ip)
+        s.relaying = bool(relaying)
+        seed = int.from_bytes(os.urandom(8), "little")
+        # Buckets of half a window (dataplane.replay.ReplayWindow).
+        replay_init(&s.replay, <uint64_t>(replay_window * 1e9 / 2), seed)
         PyObject_GetBuffer(key, &view, PyBUF_SIMPLE)
         try:
             if view.len != KEY_LEN:
@@ -2109,8 +2354,9 @@ cdef class FastDataPlane:
             if view.len > INT_MAX:
                 _drop(&s.python_totals, DROP_TUN_WRITE_FAILED)
             else:
+                # From the server: IPIP is unwrapped whoever sent it (PROTOCOL 2.5).
                 _deliver(self._tun_fd, &s.python_totals, <const unsigned char*>view.buf,
-                         <int>view.len)
+                         <int>view.len, NULL)
         finally:
             PyBuffer_Release(&view)
 

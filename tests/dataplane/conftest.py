@@ -14,12 +14,14 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
+from typing import Protocol
 
 import pytest
 
 from p2pvpn.dataplane import create_data_plane
 from p2pvpn.dataplane.base import DataPlane, UdpAddress
 from p2pvpn.wire.crypto import peer_key
+from p2pvpn.wire.ipv4 import ipv4_checksum
 
 PASSWORD = "dataplane-test"
 
@@ -41,8 +43,10 @@ def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-def ipv4_packet(source: str, destination: str, payload: bytes = b"x" * 32, ident: int = 0) -> bytes:
-    """A minimal valid IPv4/UDP packet (checksums are not looked at by the data plane)."""
+def ipv4_packet(
+    source: str, destination: str, payload: bytes = b"x" * 32, ident: int = 0, ttl: int = 64
+) -> bytes:
+    """A minimal valid IPv4/UDP packet with a correct header checksum."""
     udp = struct.pack("!HHHH", 4000, 4001, 8 + len(payload), 0) + payload
     header = struct.pack(
         "!BBHHHBBH4s4s",
@@ -51,13 +55,25 @@ def ipv4_packet(source: str, destination: str, payload: bytes = b"x" * 32, ident
         20 + len(udp),
         ident,
         0,
-        64,
+        ttl,
         17,
         0,
         IPv4Address(source).packed,
         IPv4Address(destination).packed,
     )
-    return header + udp
+    checksum = ipv4_checksum(header)
+    return header[:10] + checksum.to_bytes(2, "big") + header[12:] + udp
+
+
+def after_hops(packet: bytes, hops: int = 1) -> bytes:
+    """`packet` as a relaying client passes it on: TTL down by `hops`, and the
+    header checksum computed afresh (which the relay's incremental update of
+    a valid checksum must match)."""
+    header = bytearray(packet[:20])
+    header[8] -= hops
+    header[10:12] = b"\0\0"
+    header[10:12] = ipv4_checksum(bytes(header)).to_bytes(2, "big")
+    return bytes(header) + packet[20:]
 
 
 @dataclass
@@ -81,7 +97,7 @@ class Recorder:
 class Node:
     """A data plane under test plus the 'kernel' end of its fake TUN device."""
 
-    def __init__(self, backend: str, tun_ip: str) -> None:
+    def __init__(self, backend: str, tun_ip: str, *, relaying: bool = False) -> None:
         self.tun_ip = IPv4Address(tun_ip)
         self.key = peer_key(PASSWORD, self.tun_ip)
         self.kernel, tun = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -98,6 +114,7 @@ class Node:
             tun_ip=self.tun_ip,
             key=self.key,
             events=self.events,
+            relaying=relaying,
         )
 
     def inject(self, *packets: bytes) -> None:
@@ -121,12 +138,18 @@ class Node:
         self.udp.close()
 
 
+class NodeFactory(Protocol):
+    """`make_node(tun_ip, relaying=False)`: a Node that is closed after the test."""
+
+    def __call__(self, tun_ip: str, *, relaying: bool = False) -> Node: ...
+
+
 @pytest.fixture
-def make_node(backend: str) -> Iterator[Callable[[str], Node]]:
+def make_node(backend: str) -> Iterator[NodeFactory]:
     nodes: list[Node] = []
 
-    def make(tun_ip: str) -> Node:
-        node = Node(backend, tun_ip)
+    def make(tun_ip: str, *, relaying: bool = False) -> Node:
+        node = Node(backend, tun_ip, relaying=relaying)
         nodes.append(node)
         return node
 

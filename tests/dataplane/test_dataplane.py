@@ -14,10 +14,19 @@ from p2pvpn.dataplane.base import MAX_PEER_COUNTERS, DropReason
 from p2pvpn.wire.crypto import DatagramCipher, peer_key
 from p2pvpn.wire.ipv4 import decapsulate_ipip, encapsulate_ipip, parse_ipv4_header
 from p2pvpn.wire.peer import Heartbeat
-from tests.dataplane.conftest import PASSWORD, Node, eventually, ipv4_packet, settle
+from p2pvpn.wire.stun import encode_binding_request, encode_binding_response
+from tests.dataplane.conftest import (
+    PASSWORD,
+    Node,
+    NodeFactory,
+    after_hops,
+    eventually,
+    ipv4_packet,
+    settle,
+)
 
 A, B, C = "10.9.0.1", "10.9.0.2", "10.9.0.3"
-NodeFactory = Callable[[str], Node]
+TRANSACTION_ID = bytes(range(12))
 
 
 def run(body: Coroutine[Any, Any, None]) -> None:
@@ -187,17 +196,19 @@ def test_stun_server_datagrams_go_up_unopened(make_node: NodeFactory) -> None:
         a, stun = make_node(A), make_node(C)
         a.plane.start()
         a.plane.set_stun_server(stun.address)
-        a.plane.send_stun(stun.address, b"stun request")
-        assert stun.udp.recvfrom(100) == (b"stun request", a.address)
-        stun.udp.sendto(b"stun answer", a.address)
-        await eventually(lambda: a.events.stun == [(b"stun answer", stun.address)])
+        request = encode_binding_request(TRANSACTION_ID)
+        a.plane.send_stun(stun.address, request)
+        assert stun.udp.recvfrom(100) == (request, a.address)
+        answer = encode_binding_response(TRANSACTION_ID, (IPv4Address("192.0.2.1"), 32853))
+        stun.udp.sendto(answer, a.address)
+        await eventually(lambda: a.events.stun == [(answer, stun.address)])
 
     run(body())
 
 
 def test_forward_for_another_peer_is_relayed(make_node: NodeFactory) -> None:
     async def body() -> None:
-        a, b, c = make_node(A), make_node(B), make_node(C)
+        a, b, c = make_node(A), make_node(B, relaying=True), make_node(C)
         for node in (a, b, c):
             node.plane.start()
         connect(a, b)
@@ -205,7 +216,7 @@ def test_forward_for_another_peer_is_relayed(make_node: NodeFactory) -> None:
         a.plane.set_route(c.tun_ip, b.tun_ip)
         packet = ipv4_packet(A, C)
         a.inject(packet)
-        await eventually(lambda: c.delivered() == [packet])
+        await eventually(lambda: c.delivered() == [after_hops(packet)])
         assert b.delivered() == []
         assert b.events.relay == []
 
@@ -214,14 +225,14 @@ def test_forward_for_another_peer_is_relayed(make_node: NodeFactory) -> None:
 
 def test_forward_for_another_peer_without_path_goes_to_the_server(make_node: NodeFactory) -> None:
     async def body() -> None:
-        a, b = make_node(A), make_node(B)
+        a, b = make_node(A), make_node(B, relaying=True)
         a.plane.start()
         b.plane.start()
         connect(a, b)
         a.plane.set_route(IPv4Address(C), b.tun_ip)
         packet = ipv4_packet(A, C)
         a.inject(packet)
-        await eventually(lambda: b.events.relay == [packet])
+        await eventually(lambda: b.events.relay == [after_hops(packet)])
 
     run(body())
 

@@ -15,15 +15,14 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from ipaddress import IPv4Address, IPv4Network
 
 from p2pvpn.dataplane.base import DataPlaneStats
-from tests.dataplane.conftest import Node, eventually, ipv4_packet, settle
+from tests.dataplane.conftest import Node, NodeFactory, eventually, ipv4_packet, settle
 
 A, B, C, D = "10.9.0.1", "10.9.0.2", "10.9.0.3", "10.9.0.4"
 SYSROUTE = IPv4Network("172.30.0.0/16")
-NodeFactory = Callable[[str], Node]
 WORKER_PREFIX = "p2pvpn-fast"
 
 

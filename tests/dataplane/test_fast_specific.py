@@ -22,6 +22,7 @@ from p2pvpn.dataplane.base import DataPlaneStats, DropReason, UdpAddress
 from p2pvpn.wire.crypto import DatagramCipher, peer_key
 from p2pvpn.wire.ipv4 import encapsulate_ipip
 from p2pvpn.wire.peer import Heartbeat
+from p2pvpn.wire.stun import encode_binding_response
 from tests.dataplane.conftest import PASSWORD, Node, available_backends, eventually, ipv4_packet
 
 pytestmark = pytest.mark.skipif(
@@ -31,6 +32,7 @@ pytestmark = pytest.mark.skipif(
 A, B, C, D = "10.9.0.1", "10.9.0.2", "10.9.0.3", "10.9.0.4"
 QUEUE_FULL = "queue_full"
 MARKER = b"\x07end of scenario"
+STUN_ANSWER = encode_binding_response(bytes(12), (IPv4Address("192.0.2.1"), 32853))
 
 
 def fast_threads() -> set[threading.Thread]:
@@ -167,7 +169,7 @@ def test_bad_arguments_are_refused() -> None:
 async def run_scenario(backend: str) -> dict[str, Any]:
     """Every branch of the packet path once, in an order that is the same for
     both backends; returns what came out, with UDP endpoints named."""
-    a = Node(backend, A)
+    a = Node(backend, A, relaying=True)
     b_sock, x_sock, stun_sock = (socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in "bxs")
     for sock in (b_sock, x_sock, stun_sock):
         sock.bind(("127.0.0.1", 0))
@@ -205,10 +207,15 @@ async def run_scenario(backend: str) -> dict[str, Any]:
         a.inject(*tun_inputs)
         await eventually(lambda: a.plane.stats().tun_packets_in == len(tun_inputs))
 
+        for_a = to_a.seal(b"\x01" + ipv4_packet(B, A, b"for a"))
         udp_inputs: list[tuple[socket.socket, bytes]] = [
-            (x_sock, to_a.seal(b"\x01" + ipv4_packet(B, A, b"for a"))),
+            (x_sock, for_a),
+            (x_sock, for_a),
             (x_sock, to_a.seal(b"\x01" + encapsulate_ipip(inner, IPv4Address(B), IPv4Address(A)))),
             (x_sock, to_a.seal(b"\x01" + bad_ipip)),
+            # C is not the sdwan next hop for 172.30.0.0/16.
+            (x_sock, to_a.seal(b"\x01" + encapsulate_ipip(inner, IPv4Address(C), IPv4Address(A)))),
+            (x_sock, to_a.seal(b"\x01" + ipv4_packet(D, C, b"last hop", ttl=1))),
             (b_sock, to_a.seal(b"\x01" + ipv4_packet(B, C, b"loop"))),
             (x_sock, to_a.seal(b"\x01" + ipv4_packet(D, C, b"relayed"))),
             (x_sock, to_a.seal(b"\x01" + ipv4_packet(B, "10.9.0.9", b"no path"))),
@@ -218,7 +225,8 @@ async def run_scenario(backend: str) -> dict[str, Any]:
             (x_sock, to_a.seal(b"\x09unknown type")),
             (x_sock, to_a.seal(b"\x01" + ipv4_packet(B, A))[:-1] + b"\x00"),
             (x_sock, b"short"),
-            (stun_sock, b"stun answer"),
+            (stun_sock, STUN_ANSWER),
+            (stun_sock, b"not stun at all, opened and refused"),
         ]
         for sock, datagram in udp_inputs:
             sock.sendto(datagram, a.address)
@@ -266,11 +274,14 @@ def test_fast_and_pure_agree_on_every_branch() -> None:
         DropReason.MALFORMED,
         DropReason.NOT_IPV4,
         DropReason.LOOP,
+        DropReason.REPLAY,
+        DropReason.IPIP_SOURCE,
+        DropReason.TTL_EXPIRED,
     ):
         assert drops.get(reason, 0) > 0, reason
     assert len(pure["delivered"]) == 4
     assert [source for _, source in pure["control"]] == ["x", "x", "x"]
-    assert pure["stun"] == [(b"stun answer", "stun")]
+    assert pure["stun"] == [(STUN_ANSWER, "stun")]
     assert len(pure["sent_to_b"]) == 4
 
 

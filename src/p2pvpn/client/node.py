@@ -193,6 +193,8 @@ class ClientNode:
             tun_ip=address.ip,
             key=key,
             events=self,
+            # Only a client that advertises routes (route > 0) forwards for others.
+            relaying=self.config.route > 0,
         )
         self.peers = PeerManager(
             self.config,

@@ -42,8 +42,13 @@ def create_data_plane(
     tun_ip: IPv4Address,
     key: bytes,
     events: DataPlaneEvents,
+    relaying: bool = False,
 ) -> DataPlane:
-    """Build the data plane named by `kind` (`auto`, `fast` or `pure`)."""
+    """Build the data plane named by `kind` (`auto`, `fast` or `pure`).
+
+    `relaying`: route FORWARDs for other addresses on (client relaying,
+    PROTOCOL 5); without it they are dropped.
+    """
     if kind not in ("auto", "fast", "pure"):
         raise ValueError(f"dataplane: unknown implementation {kind!r} (auto, fast or pure)")
     fast = _fast_data_plane_class() if kind != "pure" else None
@@ -53,5 +58,5 @@ def create_data_plane(
                 "dataplane = fast, but the compiled extension p2pvpn._fastpath "
                 "does not provide a data plane in this build"
             )
-        return PureDataPlane(tun_fd, udp_socket, tun_ip, key, events)
-    return cast(DataPlane, fast(tun_fd, udp_socket, tun_ip, key, events))
+        return PureDataPlane(tun_fd, udp_socket, tun_ip, key, events, relaying=relaying)
+    return cast(DataPlane, fast(tun_fd, udp_socket, tun_ip, key, events, relaying=relaying))

@@ -19,15 +19,18 @@ from p2pvpn.dataplane.base import (
     BATCH_SIZE,
     MAX_DATAGRAM,
     MAX_PEER_COUNTERS,
+    REPLAY_WINDOW_SECONDS,
     DataPlaneEvents,
     DataPlaneStats,
     DropReason,
     PeerCounters,
     UdpAddress,
 )
-from p2pvpn.wire.crypto import AuthenticationFailed, DatagramCipher
+from p2pvpn.dataplane.replay import ReplayWindow
+from p2pvpn.wire.crypto import IV_SIZE, AuthenticationFailed, DatagramCipher
 from p2pvpn.wire.errors import DecodeError
 from p2pvpn.wire.ipv4 import IPPROTO_IPIP, decapsulate_ipip, encapsulate_ipip
+from p2pvpn.wire.stun import looks_like_binding_response
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +56,9 @@ class PureDataPlane:
         tun_ip: IPv4Address,
         key: bytes,
         events: DataPlaneEvents,
+        *,
+        relaying: bool = False,
+        replay_window: float = REPLAY_WINDOW_SECONDS,
     ) -> None:
         self._tun_fd = tun_fd
         self._udp = udp_socket
@@ -67,6 +73,8 @@ class PureDataPlane:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stats = DataPlaneStats(implementation="pure")
         self._peer_counters: dict[bytes, PeerCounters] = {}
+        self._relaying = relaying
+        self._replay = ReplayWindow(replay_window)
 
     @property
     def implementation(self) -> str:
@@ -125,7 +133,8 @@ class PureDataPlane:
     def write_tun(self, packet: bytes) -> None:
         self._stats.relay_packets_in += 1
         self._stats.relay_bytes_in += len(packet)
-        self._deliver(packet)
+        # From the server: IPIP is unwrapped whoever sent it (PROTOCOL 2.5).
+        self._deliver(packet, from_peer=False)
 
     def stats(self) -> DataPlaneStats:
         return dataclasses.replace(
@@ -181,7 +190,7 @@ class PureDataPlane:
                 # ICMP errors from earlier sends surface here; they are not fatal.
                 logger.debug("UDP receive error: %s", error)
                 continue
-            if source == self._stun_server:
+            if source == self._stun_server and looks_like_binding_response(datagram):
                 stun.append((datagram, source))
                 continue
             self._on_datagram(datagram, source, relay, control)
@@ -207,6 +216,11 @@ class PureDataPlane:
         except DecodeError:
             self._drop(DropReason.TOO_SHORT)
             return
+        # Before anything of the plaintext is used; authenticated first, so
+        # that junk cannot fill the record.
+        if self._replay.seen(datagram[:IV_SIZE]):
+            self._drop(DropReason.REPLAY)
+            return
         if not plaintext:
             self._drop(DropReason.MALFORMED)
             return
@@ -221,9 +235,16 @@ class PureDataPlane:
         counters.packets_in += 1
         counters.bytes_in += len(packet)
         if packet[16:20] == self._own_ip:
-            self._deliver(packet)
-        else:
-            self._route(packet, relay, came_from=source)
+            self._deliver(packet, from_peer=True)
+            return
+        if not self._relaying:
+            self._drop(DropReason.TRANSIT)
+            return
+        relayed = _decrement_ttl(packet)
+        if relayed is None:
+            self._drop(DropReason.TTL_EXPIRED)
+            return
+        self._route(relayed, relay, came_from=source)
 
     def _route(self, packet: bytes, relay: list[bytes], came_from: UdpAddress | None) -> None:
         """Send one IP packet toward its destination (PROTOCOL 4, "Sending an IP packet")."""
@@ -265,12 +286,16 @@ class PureDataPlane:
                 return nexthop
         return None
 
-    def _deliver(self, packet: bytes) -> None:
+    def _deliver(self, packet: bytes, *, from_peer: bool) -> None:
         if len(packet) >= 20 and packet[9] == IPPROTO_IPIP:
+            outer_source = packet[12:16]
             try:
                 packet = decapsulate_ipip(packet)
             except DecodeError:
                 self._drop(DropReason.MALFORMED)
+                return
+            if from_peer and not self._may_wrap(outer_source, packet):
+                self._drop(DropReason.IPIP_SOURCE)
                 return
         try:
             os.write(self._tun_fd, packet)
@@ -279,6 +304,19 @@ class PureDataPlane:
             return
         self._stats.tun_packets_out += 1
         self._stats.tun_bytes_out += len(packet)
+
+    def _may_wrap(self, outer_source: bytes, inner: bytes) -> bool:
+        """Whether a peer may hand us `inner` wrapped in IPIP from `outer_source`.
+
+        Its own packets (an sdwan client sending to its gateway), or packets
+        from a network our sdwan routes say lies behind it (gateway to
+        gateway); anything else would let a peer inject packets from any
+        address into our TUN.
+        """
+        if len(inner) < 20:
+            return False
+        inner_source = inner[12:16]
+        return inner_source == outer_source or self._sysroute_for(inner_source) == outer_source
 
     def _sendto(self, datagram: bytes, address: UdpAddress) -> bool:
         try:
@@ -291,3 +329,22 @@ class PureDataPlane:
 
 def _is_ipv4(packet: bytes) -> bool:
     return len(packet) >= 20 and packet[0] >> 4 == 4
+
+
+def _decrement_ttl(packet: bytes) -> bytes | None:
+    """The packet with its TTL one less and the header checksum updated
+    incrementally (RFC 1624, eqn. 3), as a router does; None when the TTL
+    runs out, so that a loop between relaying clients dies out."""
+    ttl = packet[8]
+    if ttl <= 1:
+        return None
+    old_word = (ttl << 8) | packet[9]
+    new_word = old_word - 0x0100
+    checksum = int.from_bytes(packet[10:12], "big")
+    total = (~checksum & 0xFFFF) + (~old_word & 0xFFFF) + new_word
+    total = (total & 0xFFFF) + (total >> 16)
+    total = (total & 0xFFFF) + (total >> 16)
+    header = bytearray(packet[:12])
+    header[8] = ttl - 1
+    header[10:12] = (~total & 0xFFFF).to_bytes(2, "big")
+    return bytes(header) + packet[12:]

@@ -20,6 +20,7 @@ __all__ = [
     "decode_binding_response",
     "encode_binding_request",
     "encode_binding_response",
+    "looks_like_binding_response",
     "looks_like_stun",
 ]
 
@@ -69,6 +70,24 @@ def looks_like_stun(data: bytes) -> bool:
     so a random IV matches with probability 2**-34.
     """
     return len(data) >= _HEADER.size and data[0] & 0xC0 == 0 and data[4:8] == _COOKIE_BYTES
+
+
+def looks_like_binding_response(data: bytes) -> bool:
+    """Whether a datagram has the header of a binding success response.
+
+    The data planes hand a datagram from the STUN server's address up as STUN
+    only when this holds; anything else from that address is opened like any
+    other datagram, so that address cannot be used to smuggle junk upward.
+    """
+    if len(data) < _HEADER.size:
+        return False
+    fields: tuple[int, int, int, bytes] = _HEADER.unpack_from(data)
+    message_type, length, cookie, _ = fields
+    return bool(
+        message_type == BINDING_SUCCESS_RESPONSE
+        and cookie == MAGIC_COOKIE
+        and _HEADER.size + length <= len(data)
+    )
 
 
 def encode_binding_request(transaction_id: bytes) -> bytes:
