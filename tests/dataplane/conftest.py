@@ -14,16 +14,22 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
-from typing import Protocol
+from typing import Any, Protocol
 
 import pytest
 
-from p2pvpn.dataplane import create_data_plane
-from p2pvpn.dataplane.base import DataPlane, UdpAddress
+from p2pvpn.dataplane.base import REPLAY_WINDOW_SECONDS, DataPlane, UdpAddress
+from p2pvpn.dataplane.pure import PureDataPlane
 from p2pvpn.wire.crypto import peer_key
 from p2pvpn.wire.ipv4 import ipv4_checksum
 
 PASSWORD = "dataplane-test"
+
+
+def fast_data_plane_class() -> Any:
+    from p2pvpn._fastpath import FastDataPlane
+
+    return FastDataPlane
 
 
 def available_backends() -> list[str]:
@@ -97,7 +103,14 @@ class Recorder:
 class Node:
     """A data plane under test plus the 'kernel' end of its fake TUN device."""
 
-    def __init__(self, backend: str, tun_ip: str, *, relaying: bool = False) -> None:
+    def __init__(
+        self,
+        backend: str,
+        tun_ip: str,
+        *,
+        relaying: bool = False,
+        replay_window: float = REPLAY_WINDOW_SECONDS,
+    ) -> None:
         self.tun_ip = IPv4Address(tun_ip)
         self.key = peer_key(PASSWORD, self.tun_ip)
         self.kernel, tun = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -107,14 +120,15 @@ class Node:
         self.udp.bind(("127.0.0.1", 0))
         self.address: UdpAddress = self.udp.getsockname()
         self.events = Recorder()
-        self.plane: DataPlane = create_data_plane(
-            backend,
-            tun_fd=tun.fileno(),
-            udp_socket=self.udp,
-            tun_ip=self.tun_ip,
-            key=self.key,
-            events=self.events,
+        plane_class = PureDataPlane if backend == "pure" else fast_data_plane_class()
+        self.plane: DataPlane = plane_class(
+            tun.fileno(),
+            self.udp,
+            self.tun_ip,
+            self.key,
+            self.events,
             relaying=relaying,
+            replay_window=replay_window,
         )
 
     def inject(self, *packets: bytes) -> None:
@@ -141,15 +155,19 @@ class Node:
 class NodeFactory(Protocol):
     """`make_node(tun_ip, relaying=False)`: a Node that is closed after the test."""
 
-    def __call__(self, tun_ip: str, *, relaying: bool = False) -> Node: ...
+    def __call__(
+        self, tun_ip: str, *, relaying: bool = False, replay_window: float = ...
+    ) -> Node: ...
 
 
 @pytest.fixture
 def make_node(backend: str) -> Iterator[NodeFactory]:
     nodes: list[Node] = []
 
-    def make(tun_ip: str, *, relaying: bool = False) -> Node:
-        node = Node(backend, tun_ip, relaying=relaying)
+    def make(
+        tun_ip: str, *, relaying: bool = False, replay_window: float = REPLAY_WINDOW_SECONDS
+    ) -> Node:
+        node = Node(backend, tun_ip, relaying=relaying, replay_window=replay_window)
         nodes.append(node)
         return node
 
