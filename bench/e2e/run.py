@@ -60,7 +60,9 @@ from tests.netns import (  # noqa: E402  (needs the repository root on sys.path)
     wait_until,
 )
 
-VARIANTS = ("raw", "pure", "fast", "relay")
+VARIANTS = ("raw", "pure", "fast", "fast-base", "relay")
+# Run by default; fast-base only with --baseline-src.
+DEFAULT_VARIANTS = ("raw", "pure", "fast", "relay")
 SEGMENT = "198.51.100.0/24"
 SERVER_ADDR, C1_ADDR, C2_ADDR = "198.51.100.1/24", "198.51.100.2/24", "198.51.100.3/24"
 TUN1, TUN2 = "10.77.0.1", "10.77.0.2"
@@ -427,12 +429,15 @@ class Bench:
 
     # p2pvpn processes
 
-    def start_vpn(self, dataplane: str, stun: bool) -> None:
+    def start_vpn(self, dataplane: str, stun: bool, source: Path | None = None) -> None:
+        """Server and clients; from the `source` tree (a ``src`` folder with its
+        extension built in place) instead of this one, for a same-run A/B."""
         self.stop_vpn()
+        env = {"PYTHONPATH": f"{source}{os.pathsep}{REPO_ROOT}"} if source else None
         server_argv = ["server", "-w", f"ws://0.0.0.0:{WS_PORT}/", "-p", PASSWORD]
         server_argv += ["--stun-port", str(STUN_PORT), "--dhcp", POOL]
         self.server.process = self.bed.start(
-            self.server.ns, p2pvpn_argv(*server_argv), self._name("server")
+            self.server.ns, p2pvpn_argv(*server_argv), self._name("server"), env=env
         )
         self._wait_listening(self.server.ns, f"-ltn sport = :{WS_PORT}", self.server.process)
         for node in (self.c1, self.c2):
@@ -442,7 +447,9 @@ class Bench:
             argv += ["-t", f"{node.tun_ip}/{TUN_PREFIX}", "--dataplane", dataplane]
             if stun:
                 argv += ["-s", f"stun://{self.server.segment_ip}:{STUN_PORT}"]
-            node.process = self.bed.start(node.ns, p2pvpn_argv(*argv), self._name(node.name))
+            node.process = self.bed.start(
+                node.ns, p2pvpn_argv(*argv), self._name(node.name), env=env
+            )
         for node in (self.c1, self.c2):
             self._wait_client_up(node)
 
@@ -548,6 +555,7 @@ class Options:
     udp_steps: int
     udp_len: int
     loaded_duration: float
+    baseline_src: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -556,12 +564,14 @@ class Variant:
     label: str
     dataplane: str | None  # None: no VPN
     path: str | None  # "direct" | "relay"
+    baseline: bool = False  # run the code of --baseline-src
 
 
 VARIANT_SPECS = {
     "raw": Variant("raw", "raw veth", None, None),
     "pure": Variant("pure", "direct, pure", "pure", "direct"),
     "fast": Variant("fast", "direct, fast", "fast", "direct"),
+    "fast-base": Variant("fast-base", "direct, fast, baseline code", "fast", "direct", True),
     "relay": Variant("relay", "relay server", "auto", "relay"),
 }
 
@@ -600,7 +610,8 @@ def run_variant(bench: Bench, spec: Variant, options: Options) -> dict[str, Any]
     else:
         dst = TUN2
         log(f"  starting server and clients (--dataplane {spec.dataplane})")
-        bench.start_vpn(spec.dataplane, stun=spec.path == "direct")
+        source = options.baseline_src if spec.baseline else None
+        bench.start_vpn(spec.dataplane, stun=spec.path == "direct", source=source)
         rows = bench.wait_path("direct" if spec.path == "direct" else "relay")
         status = bench.status(bench.c1)
         result["dataplane"] = status.get("dataplane")
@@ -698,6 +709,10 @@ def compute_ratios(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
         _get(results.get("fast", {}), "tcp", "bits_per_second"),
         _get(results.get("pure", {}), "tcp", "bits_per_second"),
     )
+    ratios["fast_vs_baseline_tcp"] = ratio(
+        _get(results.get("fast", {}), "tcp", "bits_per_second"),
+        _get(results.get("fast-base", {}), "tcp", "bits_per_second"),
+    )
     return ratios
 
 
@@ -768,6 +783,11 @@ def format_report(report: dict[str, Any]) -> str:
         )
     if ratios.get("fast_vs_pure_tcp") is not None:
         out.append(f"\nfast / pure TCP throughput: {ratios['fast_vs_pure_tcp']:.2f}x")
+    if ratios.get("fast_vs_baseline_tcp") is not None:
+        out.append(
+            f"fast / fast on the baseline code TCP throughput: "
+            f"{ratios['fast_vs_baseline_tcp']:.3f}x"
+        )
     out += _notes(results)
     out += _fragment_note(report)
     if any(_get(r, "udp", "sender_limited") for r in results.values()):
@@ -816,8 +836,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="smoke run: TCP 3 s, 1 run, no UDP")
     parser.add_argument(
         "--only",
-        default=",".join(VARIANTS),
-        help=f"comma-separated variants (default {','.join(VARIANTS)})",
+        help=f"comma-separated variants of {', '.join(VARIANTS)} "
+        f"(default {','.join(DEFAULT_VARIANTS)}, and fast-base with --baseline-src)",
+    )
+    parser.add_argument(
+        "--baseline-src",
+        type=Path,
+        help="the src folder of another checkout, extension built in place: "
+        "variant fast-base runs its code, for a same-run A/B against this code",
     )
     parser.add_argument("--duration", type=float, help="seconds per TCP run (10; 3 with --quick)")
     parser.add_argument("--runs", type=int, help="TCP runs per variant, median taken (3; 1)")
@@ -830,11 +856,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="where to write the JSON results")
     parser.add_argument("--keep-logs", action="store_true", help="keep process logs and state")
     args = parser.parse_args(argv)
-    variants = tuple(v.strip() for v in args.only.split(",") if v.strip())
+    default = (*DEFAULT_VARIANTS, "fast-base") if args.baseline_src else DEFAULT_VARIANTS
+    only = args.only if args.only is not None else ",".join(default)
+    variants = tuple(v.strip() for v in only.split(",") if v.strip())
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown or not variants:
         parser.error(f"--only: unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
     args.variants = tuple(v for v in VARIANTS if v in variants)  # raw first, always
+    if "fast-base" in args.variants:
+        if args.baseline_src is None:
+            parser.error("--only fast-base needs --baseline-src")
+        if not (args.baseline_src / "p2pvpn" / "__init__.py").is_file():
+            parser.error(f"--baseline-src {args.baseline_src}: no p2pvpn package in it")
     if args.duration is not None and not 1 <= args.duration <= 120:
         parser.error("--duration: 1..120 seconds")
     return args
@@ -851,6 +884,7 @@ def options_from(args: argparse.Namespace) -> Options:
         udp_steps=args.udp_steps,
         udp_len=args.udp_len,
         loaded_duration=max(duration, 3.0),
+        baseline_src=args.baseline_src.resolve() if args.baseline_src else None,
     )
 
 
