@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from p2pvpn.client.peer import (
+    PATH_CHALLENGE_TIMEOUT,
     RETRY_MAX,
     RETRY_MIN,
     Address,
@@ -23,6 +24,7 @@ from p2pvpn.client.peer import (
     SendDelayProbe,
     SendHeartbeat,
     SendLanAddress,
+    SendPathChallenge,
     SendPublicAddress,
     StateChanged,
     is_lan_address,
@@ -614,15 +616,29 @@ def test_any_heartbeat_sets_ack_and_path(state: PeerState) -> None:
         assert peer.current_address == PUB2
 
 
+def challenge_of(actions: list[PeerAction]) -> SendPathChallenge:
+    (challenge,) = actions
+    assert isinstance(challenge, SendPathChallenge)
+    return challenge
+
+
+def move_path(peer: Peer, source: Address, now: float) -> list[PeerAction]:
+    """A CONNECTED peer's heartbeat from ``source``, our challenge, its echo from there."""
+    challenge = challenge_of(peer.on_heartbeat(source, True, now))
+    assert challenge.address == source
+    assert peer.path_challenge == (source, challenge.timestamp_ms)
+    return peer.on_path_echo(source, challenge.timestamp_ms, now + 0.05)
+
+
 def test_lan_path_preferred_over_public() -> None:
     peer = connected(0.0, source=PUB)
-    assert peer.on_heartbeat(LAN, True, 1.0) == [PathUp(LAN)]
+    assert move_path(peer, LAN, 1.0) == [PathUp(LAN)]
     assert peer.current_address == LAN
     assert peer.lan_address == LAN
-    # Never back from LAN to public, though the public address is learnt.
+    # Never back from LAN to public: not even worth a challenge.
     assert peer.on_heartbeat(PUB2, True, 2.0) == []
+    assert peer.path_challenge is None
     assert peer.current_address == LAN
-    assert peer.public_address == PUB2
     assert peer.tick(3.0) == [SendHeartbeat(LAN, True)]
 
 
@@ -634,15 +650,17 @@ def test_lan_seen_before_connecting_wins() -> None:
 
 
 def test_public_path_follows_the_newest_public_source() -> None:
-    # A NAT rebinding moves the path (Candy: real = address unless real is LAN).
+    # A NAT rebinding moves the path (Candy: real = address unless real is LAN),
+    # here once the new address has answered a challenge.
     peer = connected(0.0, source=PUB)
-    assert peer.on_heartbeat(PUB2, True, 1.0) == [PathUp(PUB2)]
+    assert move_path(peer, PUB2, 1.0) == [PathUp(PUB2)]
+    assert peer.public_address == PUB2
     assert peer.on_heartbeat(PUB2, True, 2.0) == []
 
 
 def test_lan_path_follows_the_newest_lan_source() -> None:
     peer = connected(0.0, source=LAN)
-    assert peer.on_heartbeat(LAN2, True, 1.0) == [PathUp(LAN2)]
+    assert move_path(peer, LAN2, 1.0) == [PathUp(LAN2)]
 
 
 def test_lan_disabled_ignores_lan_addresses_and_lan_heartbeats() -> None:
@@ -682,7 +700,7 @@ def test_disable_lan_while_connected_over_the_lan() -> None:
     assert peer.current_address == LAN  # kept until something better arrives
     assert peer.on_heartbeat(LAN, True, 1.0) == []  # now dropped
     assert peer.last_ack_heartbeat == 0.0
-    assert peer.on_heartbeat(PUB, True, 2.0) == [PathUp(PUB)]  # public replaces it
+    assert move_path(peer, PUB, 2.0) == [PathUp(PUB)]  # public replaces it
     assert not peer.on_lan_path
     assert peer.tick(3.0) == [SendHeartbeat(PUB, True)]
 
@@ -735,6 +753,136 @@ def test_entering_preparing_keeps_what_is_known() -> None:
     peer.on_public_address(PUB, 0.0)
     peer.on_lan_address(LAN, 0.0)
     assert (peer.public_address, peer.lan_address) == (PUB, LAN)
+
+
+# ------------------------------------------------------------ path challenge
+
+
+def test_heartbeat_from_another_address_is_challenged_not_believed() -> None:
+    # What a third host replaying a captured heartbeat from its own address gets.
+    peer = connected(0.0, source=PUB)
+    assert peer.on_heartbeat(PUB2, True, 2.0) == [SendPathChallenge(PUB2, 2000)]
+    assert peer.current_address == PUB
+    assert peer.public_address == PUB
+    assert peer.last_ack_heartbeat == 0.0  # no refresh: the path still times out
+    assert peer.path_challenge == (PUB2, 2000)
+    assert peer.tick(2.5) == [SendHeartbeat(PUB, True)]  # heartbeats stay on the path
+    assert change(peer.tick(3.1)) == (S.CONNECTED, S.INIT)
+    assert peer.path_challenge is None
+
+
+def test_heartbeat_from_the_path_behaves_as_before() -> None:
+    peer = connected(0.0, source=PUB)
+    peer.on_heartbeat(PUB2, True, 1.0)
+    assert peer.on_heartbeat(PUB, True, 2.0) == []
+    assert peer.last_ack_heartbeat == 2.0
+    assert peer.path_challenge == (PUB2, 1000)  # still waiting for PUB2
+
+
+@pytest.mark.parametrize(
+    ("source", "delta_ms"),
+    [(PUB, 0), (LAN, 0), (("203.0.113.9", 5001), 0), (PUB2, 1), (PUB2, -1), (PUB2, -1000)],
+)
+def test_wrong_echo_does_nothing(source: Address, delta_ms: int) -> None:
+    peer = connected(0.0, source=PUB)
+    challenge = challenge_of(peer.on_heartbeat(PUB2, True, 1.0))
+    assert peer.on_path_echo(source, challenge.timestamp_ms + delta_ms, 1.1) == []
+    assert peer.current_address == PUB
+    assert peer.last_ack_heartbeat == 0.0
+    # A wrong echo does not cancel the challenge: the right one still counts.
+    assert peer.on_path_echo(PUB2, challenge.timestamp_ms, 1.2) == [PathUp(PUB2)]
+
+
+def test_right_echo_moves_the_path_and_refreshes_the_timer() -> None:
+    peer = connected(0.0, source=PUB)
+    challenge = challenge_of(peer.on_heartbeat(PUB2, True, 2.0))
+    assert peer.on_path_echo(PUB2, challenge.timestamp_ms, 2.05) == [PathUp(PUB2)]
+    assert peer.current_address == PUB2
+    assert peer.public_address == PUB2
+    assert peer.last_ack_heartbeat == 2.05
+    assert peer.path_challenge is None
+    assert peer.tick(5.0) == [SendHeartbeat(PUB2, True)]  # 3 s after the echo, not after 0
+    # The same echo again (a replay) finds no challenge.
+    assert peer.on_path_echo(PUB2, challenge.timestamp_ms, 5.1) == []
+    assert change(peer.tick(5.1)) == (S.CONNECTED, S.INIT)
+
+
+def test_echo_of_an_older_challenge_to_the_same_candidate_counts() -> None:
+    # An echo slower than the challenge interval must not lose the race forever.
+    peer = connected(0.0, source=PUB)
+    first = challenge_of(peer.on_heartbeat(PUB2, True, 1.0))
+    second = challenge_of(peer.on_heartbeat(PUB2, True, 2.0))
+    assert second.timestamp_ms > first.timestamp_ms
+    assert peer.on_path_echo(PUB2, first.timestamp_ms, 2.5) == [PathUp(PUB2)]
+
+
+def test_late_echo_is_ignored() -> None:
+    peer = connected(0.0, source=PUB)
+    challenge = challenge_of(peer.on_heartbeat(PUB2, False, 1.0))
+    peer.on_heartbeat(PUB, True, 2.0)
+    peer.on_heartbeat(PUB, True, 4.0)
+    assert peer.on_path_echo(PUB2, challenge.timestamp_ms, 1.0 + PATH_CHALLENGE_TIMEOUT + 0.1) == []
+    assert peer.current_address == PUB
+
+
+def test_challenges_are_rate_limited_per_candidate() -> None:
+    peer = connected(0.0, source=PUB)
+    sent = []
+    for step in range(40):  # a replay flood: 20 per second for two seconds
+        now = 1.0 + step * 0.05
+        sent += peer.on_heartbeat(PUB2, True, now)
+    assert sent == [SendPathChallenge(PUB2, 1000), SendPathChallenge(PUB2, 2000)]
+
+
+def test_a_new_candidate_replaces_the_old_one() -> None:
+    peer = connected(0.0, source=PUB)
+    old = challenge_of(peer.on_heartbeat(PUB2, True, 1.0))
+    new = challenge_of(peer.on_heartbeat(LAN2, True, 1.0))
+    assert new.address == LAN2
+    assert new.timestamp_ms > old.timestamp_ms  # fresh even within one millisecond
+    assert peer.on_path_echo(PUB2, old.timestamp_ms, 1.1) == []
+    assert peer.on_path_echo(LAN2, new.timestamp_ms, 1.1) == [PathUp(LAN2)]
+
+
+def test_no_challenge_for_what_could_not_become_the_path() -> None:
+    peer = connected(0.0, source=LAN)
+    assert peer.on_heartbeat(PUB, True, 1.0) == []  # LAN beats public
+    assert peer.path_challenge is None
+    peer = connected(0.0, source=PUB, lan=False)
+    assert peer.on_heartbeat(LAN, True, 1.0) == []  # LAN off
+    assert peer.path_challenge is None
+
+
+def test_echo_after_lan_was_disabled_does_not_move_to_the_lan() -> None:
+    peer = connected(0.0, source=PUB)
+    challenge = challenge_of(peer.on_heartbeat(LAN, True, 1.0))
+    peer.disable_lan()
+    assert peer.on_path_echo(LAN, challenge.timestamp_ms, 1.1) == []
+    assert peer.current_address == PUB
+
+
+@pytest.mark.parametrize("state", [s for s in S if s is not S.CONNECTED])
+def test_path_echo_ignored_unless_connected(state: PeerState) -> None:
+    peer = BUILDERS[state](0.0)
+    assert peer.on_path_echo(PUB2, 1000, 1.0) == []
+    assert peer.path_challenge is None
+
+
+def test_nat_rebinding_moves_the_path_within_seconds() -> None:
+    """The peer's NAT picks a new port: its heartbeats come from there, and so does the echo."""
+    peer = connected(0.0, source=PUB)
+    rebound: Address = (PUB[0], PUB[1] + 1)
+    moved_at = None
+    for second in range(1, 6):
+        now = float(second)
+        for action in peer.on_heartbeat(rebound, True, now):
+            assert isinstance(action, SendPathChallenge)
+            # The peer echoes the probe; it arrives from the new mapping 40 ms later.
+            if peer.on_path_echo(rebound, action.timestamp_ms, now + 0.04) == [PathUp(rebound)]:
+                moved_at = now + 0.04
+        assert change(peer.tick(now + 0.5)) is None
+    assert moved_at == 1.04
+    assert peer.current_address == rebound
 
 
 # ------------------------------------------------------------------ back-off
@@ -910,6 +1058,8 @@ class PeerMachine(RuleBasedStateMachine):
         self.peer = Peer(TUN, 0.0, stun_enabled=stun, lan_enabled=lan, delay_probes=probes)
         self.path_up: Address | None = None
         self.retries_seen = {RETRY_MIN}
+        self.last_challenge_ms = -(2**63)
+        self.challenges: list[SendPathChallenge] = []
 
     def step(self, actions: list[PeerAction], before: PeerState) -> None:
         changes = [a for a in actions if isinstance(a, StateChanged)]
@@ -936,6 +1086,12 @@ class PeerMachine(RuleBasedStateMachine):
             case PathUp(address):
                 assert address != self.path_up, "PathUp repeated for the same path"
                 self.path_up = address
+            case SendPathChallenge(address, timestamp_ms):
+                assert self.peer.state is S.CONNECTED
+                assert address != self.peer.current_address
+                assert timestamp_ms > self.last_challenge_ms, "challenge timestamp reused"
+                self.last_challenge_ms = timestamp_ms
+                self.challenges.append(action)
             case SendLanAddress():
                 assert self.lan
             case RequestStun():
@@ -993,6 +1149,19 @@ class PeerMachine(RuleBasedStateMachine):
     @rule(rtt=st.floats(0.0, 2000.0))
     def rtt(self, rtt: float) -> None:
         self.run("on_rtt", rtt)
+
+    @rule(data=st.data(), source=ADDRESSES, stamp=st.integers(0, 10**7))
+    def path_echo(self, data: st.DataObject, source: Address, stamp: int) -> None:
+        """Mostly the echo of a challenge we sent (from anywhere), sometimes made up."""
+        if self.challenges and data.draw(st.booleans()):
+            challenge = data.draw(st.sampled_from(self.challenges))
+            source = data.draw(st.sampled_from([challenge.address, source]))
+            stamp = challenge.timestamp_ms
+        before = self.peer.current_address
+        self.run("on_path_echo", source, stamp)
+        if self.peer.current_address != before:
+            assert source == self.peer.current_address
+            assert any(c == SendPathChallenge(source, stamp) for c in self.challenges)
 
     @invariant()
     def consistent(self) -> None:

@@ -11,6 +11,12 @@ actions. Like h11 and aioquic, the behaviour is written down as tables:
 
 Where PROTOCOL 4 is silent, the reference implementation (Candy,
 ``src/peer/peer.cc``) decides; each such place says so in a comment.
+
+One deliberate difference: once CONNECTED, a heartbeat from an address other
+than the path does not move the path. Anyone can capture a heartbeat and send
+it again from elsewhere, so the new address first gets a DELAY probe with a
+fresh timestamp (a path challenge) and becomes the path only when that probe
+comes back from it: only a holder of the peer's key can echo it.
 """
 
 import enum
@@ -23,6 +29,8 @@ from typing import TypeAlias
 __all__ = [
     "ACK_TIMEOUT",
     "DELAY_PROBE_TICKS",
+    "PATH_CHALLENGE_INTERVAL",
+    "PATH_CHALLENGE_TIMEOUT",
     "PUNCH_TIMEOUT",
     "RETRY_MAX",
     "RETRY_MIN",
@@ -37,6 +45,7 @@ __all__ = [
     "SendDelayProbe",
     "SendHeartbeat",
     "SendLanAddress",
+    "SendPathChallenge",
     "SendPublicAddress",
     "StateChanged",
     "is_lan_address",
@@ -54,6 +63,12 @@ PUNCH_TIMEOUT = 10.0
 ACK_TIMEOUT = 3.0
 # A DELAY probe goes out every this many CONNECTED ticks (when relaying is on).
 DELAY_PROBE_TICKS = 60
+# A candidate path is challenged at most this often (seconds): replaying one
+# captured heartbeat many times must not make us send as many probes.
+PATH_CHALLENGE_INTERVAL = 1.0
+# An echo later than this (seconds) answers a challenge we have given up on.
+PATH_CHALLENGE_TIMEOUT = 5.0
+_CHALLENGES_KEPT = int(PATH_CHALLENGE_TIMEOUT / PATH_CHALLENGE_INTERVAL)
 
 # RFC 1918 and link-local, exactly. ``IPv4Address.is_private`` would also
 # count 100.64/10 (CGNAT), 192.0.0/24, the documentation ranges and more,
@@ -94,6 +109,7 @@ class Event(enum.Enum):
     OWN_PUBLIC_ADDRESS = "our STUN answer"
     HEARTBEAT = "heartbeat"
     RTT = "DELAY answer"
+    PATH_ECHO = "DELAY answer from a challenged address"
 
 
 # ---------------------------------------------------------------- actions
@@ -126,6 +142,14 @@ class SendDelayProbe:
 
 
 @dataclass(frozen=True, slots=True)
+class SendPathChallenge:
+    """Send a DELAY probe stamped exactly ``timestamp_ms`` to the candidate ``address``."""
+
+    address: Address
+    timestamp_ms: int
+
+
+@dataclass(frozen=True, slots=True)
 class StateChanged:
     """Always the first action of a transition; the manager logs it at INFO."""
 
@@ -152,6 +176,7 @@ PeerAction: TypeAlias = (
     | SendLanAddress
     | SendHeartbeat
     | SendDelayProbe
+    | SendPathChallenge
     | StateChanged
     | PathUp
     | PathDown
@@ -223,6 +248,14 @@ class Peer:
         self._rtt_ms: float | None = None
         self._last_ack_heartbeat: float | None = None
         self._connected_ticks = 0
+        # Path challenge (CONNECTED only): the address a heartbeat came from
+        # that is not the path, when we last probed it, and the timestamps of
+        # the probes it may answer. Keeping a few lets an echo slower than
+        # PATH_CHALLENGE_INTERVAL count. Timestamps only grow: each is fresh.
+        self._candidate: Address | None = None
+        self._challenged_at: float | None = None
+        self._challenges: list[int] = []
+        self._challenge_ms = 0
 
     def __repr__(self) -> str:
         return f"<Peer {self._tun_ip} {self._state.name} path={self._current}>"
@@ -278,13 +311,20 @@ class Peer:
     def last_ack_heartbeat(self) -> float | None:
         return self._last_ack_heartbeat
 
+    @property
+    def path_challenge(self) -> tuple[Address, int] | None:
+        """The candidate path and the timestamp its echo must carry, while one is pending."""
+        if self._candidate is None or not self._challenges:
+            return None
+        return self._candidate, self._challenges[-1]
+
     def disable_lan(self) -> None:
         """System routes arrived (PROTOCOL 2.6): stop using LAN addresses from now on.
 
         Like Candy's localP2PDisabled, this takes effect event by event rather
-        than tearing anything down: a CONNECTED LAN path stays until the next
-        public heartbeat replaces it, or until it times out because heartbeats
-        from LAN sources are now dropped.
+        than tearing anything down: a CONNECTED LAN path stays until a public
+        address answers a path challenge, or until it times out because
+        heartbeats from LAN sources are now dropped.
         """
         self._lan_enabled = False
         self._lan = None
@@ -328,6 +368,10 @@ class Peer:
     def on_rtt(self, rtt_ms: float, now: float) -> list[PeerAction]:
         """The manager measured a round trip with a DELAY probe."""
         return self._dispatch(Event.RTT, now, rtt_ms)
+
+    def on_path_echo(self, source: Address, timestamp_ms: int, now: float) -> list[PeerAction]:
+        """Our DELAY probe stamped ``timestamp_ms`` came back from UDP address ``source``."""
+        return self._dispatch(Event.PATH_ECHO, now, source, timestamp_ms)
 
     def _dispatch(self, event: Event, now: float, *args: object) -> list[PeerAction]:
         handler = _TRANSITIONS.get((self._state, event))
@@ -405,11 +449,63 @@ class Peer:
         # Candy probes on entering CONNECTED whether or not relaying is on.
         return [*actions, SendDelayProbe(self._current or source)]
 
+    def _heartbeat_connected(self, now: float, source: Address, ack: bool) -> list[PeerAction]:
+        if source == self._current:
+            return self._heartbeat(now, source, ack)
+        # Possibly a replay from a third host: it neither moves the path nor
+        # keeps it alive until the address has answered a challenge.
+        if not self._may_become_path(source):
+            return []
+        if source != self._candidate:
+            # One candidate at a time: the newest is the likeliest rebinding.
+            self._drop_candidate()
+            self._candidate = source
+        elif (
+            self._challenged_at is not None and now - self._challenged_at < PATH_CHALLENGE_INTERVAL
+        ):
+            return []
+        self._challenged_at = now
+        self._challenge_ms = max(int(now * 1000), self._challenge_ms + 1)
+        self._challenges = [*self._challenges[-(_CHALLENGES_KEPT - 1) :], self._challenge_ms]
+        logger.debug(
+            "peer %s: heartbeat from %s, not the path: challenging it", self._tun_ip, _show(source)
+        )
+        return [SendPathChallenge(source, self._challenge_ms)]
+
+    def _path_echo(self, now: float, source: Address, timestamp_ms: int) -> list[PeerAction]:
+        if source != self._candidate or timestamp_ms not in self._challenges:
+            return []
+        self._drop_candidate()
+        # Our timestamps are our clock in ms: they say when the probe went out.
+        # disable_lan() or a new LAN path may have come in since the challenge.
+        late = now * 1000 - timestamp_ms > PATH_CHALLENGE_TIMEOUT * 1000
+        if late or not self._may_become_path(source):
+            return []
+        if is_lan_address(source[0]):
+            self._lan = source
+        else:
+            self._public = source
+        self._last_ack_heartbeat = self._timer_since = now
+        logger.info(
+            "peer %s: path moves to %s, which answered a challenge", self._tun_ip, _show(source)
+        )
+        return self._choose_path(source, is_lan_address(source[0]))
+
+    def _drop_candidate(self) -> None:
+        self._candidate = self._challenged_at = None
+        self._challenges = []
+
+    def _may_become_path(self, source: Address) -> bool:
+        lan = is_lan_address(source[0])
+        if lan:
+            return self._lan_enabled
+        return not (self._current is not None and self._lan_enabled and self.on_lan_path)
+
     def _choose_path(self, source: Address, lan: bool) -> list[PeerAction]:
         """Make ``source`` the path unless that would leave a LAN path for a public one."""
-        current = self._current
-        if current is not None and not lan and self._lan_enabled and self.on_lan_path:
+        if not lan and not self._may_become_path(source):
             return []
+        current = self._current
         self._current = source
         if self._state is PeerState.CONNECTED and source != current:
             return [PathUp(source)]
@@ -461,6 +557,8 @@ class Peer:
         self._retry = _next_retry(old, new, self._retry)
         self._state = new
         self._state_since = self._timer_since = now
+        # A challenge belongs to one stretch of CONNECTED.
+        self._drop_candidate()
         if new is PeerState.CONNECTED and self._current is not None:
             self._connected_ticks = 0
             actions.append(PathUp(self._current))
@@ -544,7 +642,8 @@ _TRANSITIONS: dict[tuple[PeerState, Event], Callable[..., list[PeerAction]]] = {
     (_S.PREPARING, _E.HEARTBEAT): Peer._heartbeat,
     (_S.SYNCHRONIZING, _E.HEARTBEAT): Peer._heartbeat,
     (_S.CONNECTING, _E.HEARTBEAT): Peer._heartbeat,
-    (_S.CONNECTED, _E.HEARTBEAT): Peer._heartbeat,
+    (_S.CONNECTED, _E.HEARTBEAT): Peer._heartbeat_connected,
     # A late DELAY answer after the path went down must not resurrect an rtt.
     (_S.CONNECTED, _E.RTT): Peer._store_rtt,
+    (_S.CONNECTED, _E.PATH_ECHO): Peer._path_echo,
 }
