@@ -10,10 +10,12 @@ from hypothesis import strategies as st
 
 from p2pvpn.client.routing import (
     MAX_DELAY,
+    MAX_ROUTES,
     Advertise,
     DropRoute,
     Route,
     RouteAction,
+    RouteRefused,
     RouteTable,
     SetRoute,
     is_deletion,
@@ -294,6 +296,46 @@ def test_advertisements_are_the_whole_table_plus_cost() -> None:
     routes.on_direct_rtt(B, 20)
     routes.on_advert(RouteAdvert(C, B, 15))
     assert routes.advertisements() == [RouteAdvert(B, A, 25), RouteAdvert(C, A, 40)]
+
+
+# --------------------------------------------------------------------- cap
+
+
+def test_table_cap_refuses_new_relayed_destinations() -> None:
+    routes = RouteTable(A, COST, max_routes=3)
+    routes.on_direct_rtt(B, 10)
+    routes.on_advert(RouteAdvert(C, B, 10))
+    routes.on_advert(RouteAdvert(D, B, 10))
+    far = IPv4Address("192.168.202.99")
+    assert routes.on_advert(RouteAdvert(far, B, 10)) == [RouteRefused(far)]
+    assert routes.lookup(far) is None
+    assert len(routes.routes()) == 3
+    # Entries already there still update, and a removal makes room again.
+    assert adverts(routes.on_advert(RouteAdvert(C, B, 20))) == [RouteAdvert(C, A, 10 + 20 + COST)]
+    routes.on_advert(RouteAdvert(D, B, ROUTE_DELETED))
+    assert SetRoute(far, B) in routes.on_advert(RouteAdvert(far, B, 10))
+
+
+def test_table_cap_does_not_refuse_direct_entries() -> None:
+    # A flood of adverts must not stop us from advertising the peers we reach.
+    routes = RouteTable(A, COST, max_routes=2)
+    routes.on_direct_rtt(B, 10)
+    routes.on_advert(RouteAdvert(C, B, 10))
+    assert routes.on_direct_rtt(D, 10) == [Advertise(RouteAdvert(D, A, 10 + COST))]
+    assert routes.lookup(D) == Route(D, D, 10)
+
+
+def test_default_cap_under_a_flood_of_adverts() -> None:
+    routes = table()
+    routes.on_direct_rtt(B, 10)
+    refused = 0
+    for n in range(MAX_ROUTES + 100):
+        dst = IPv4Address(int(IPv4Address("10.0.0.0")) + n)
+        refused += any(
+            isinstance(a, RouteRefused) for a in routes.on_advert(RouteAdvert(dst, B, 1))
+        )
+    assert len(routes.routes()) == MAX_ROUTES
+    assert refused == 101  # B's direct entry took one place
 
 
 # ---------------------------------------------------------- small networks

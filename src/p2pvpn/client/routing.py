@@ -4,6 +4,10 @@ Inputs are measured round trips to direct peers, ROUTE adverts received from
 peers and lost peers; outputs are actions for the caller: data-plane route
 changes and adverts to send to every CONNECTED peer. With a route cost of 0
 (relaying off) the table stays empty and every method returns nothing.
+
+Adverts come from peers that may be hostile, so the number of relayed entries
+is capped: a destination beyond the cap is refused (``RouteRefused``) rather
+than letting one member grow our memory without end.
 """
 
 import logging
@@ -15,10 +19,12 @@ from p2pvpn.wire.peer import ROUTE_DELETED, RouteAdvert
 
 __all__ = [
     "MAX_DELAY",
+    "MAX_ROUTES",
     "Advertise",
     "DropRoute",
     "Route",
     "RouteAction",
+    "RouteRefused",
     "RouteTable",
     "SetRoute",
     "is_deletion",
@@ -28,6 +34,10 @@ logger = logging.getLogger(__name__)
 
 # Delays outside 0..MAX_DELAY ms mean "no route" (PROTOCOL 5).
 MAX_DELAY = 1000
+# Relayed entries the table holds at most. Direct entries are not counted
+# against it: they are bounded by the peer table, and refusing one would stop
+# us from advertising a peer we really reach.
+MAX_ROUTES = 4096
 
 
 def is_deletion(delay_ms: int) -> bool:
@@ -67,17 +77,25 @@ class Advertise:
     advert: RouteAdvert
 
 
-RouteAction: TypeAlias = SetRoute | DropRoute | Advertise
+@dataclass(frozen=True, slots=True)
+class RouteRefused:
+    """The table is full: no entry for ``destination`` (the caller counts it)."""
+
+    destination: IPv4Address
+
+
+RouteAction: TypeAlias = SetRoute | DropRoute | Advertise | RouteRefused
 
 
 class RouteTable:
     """One entry per destination: the best next hop we know and its delay."""
 
-    def __init__(self, own_ip: IPv4Address, cost: int) -> None:
+    def __init__(self, own_ip: IPv4Address, cost: int, *, max_routes: int = MAX_ROUTES) -> None:
         if cost < 0:
             raise ValueError(f"route cost must be >= 0, got {cost}")
         self._own_ip = own_ip
         self._cost = cost
+        self._max_routes = max_routes
         self._routes: dict[IPv4Address, Route] = {}
 
     @property
@@ -148,6 +166,9 @@ class RouteTable:
 
     def _install(self, route: Route) -> list[RouteAction]:
         old = self._routes.get(route.destination)
+        if old is None and not route.direct and len(self._routes) >= self._max_routes:
+            logger.debug("route: dst=%s refused, table full", route.destination)
+            return [RouteRefused(route.destination)]
         self._routes[route.destination] = route
         actions: list[RouteAction] = []
         if not route.direct and (old is None or old.next_hop != route.next_hop):
