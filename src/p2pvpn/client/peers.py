@@ -4,6 +4,9 @@ The state machines (client/peer.py) and the route table (client/routing.py)
 decide; this module does what they ask: STUN requests, address exchange over
 the server, heartbeats and DELAY probes through the data plane, and handing
 CONNECTED peers and client-relay routes to the data plane.
+
+Every table here is filled by what other hosts send (relayed packets, server
+messages, control datagrams), so each has a cap with a counted drop beyond it.
 """
 
 from __future__ import annotations
@@ -30,10 +33,18 @@ from p2pvpn.client.peer import (
     SendDelayProbe,
     SendHeartbeat,
     SendLanAddress,
+    SendPathChallenge,
     SendPublicAddress,
     StateChanged,
 )
-from p2pvpn.client.routing import Advertise, DropRoute, RouteAction, RouteTable, SetRoute
+from p2pvpn.client.routing import (
+    Advertise,
+    DropRoute,
+    RouteAction,
+    RouteRefused,
+    RouteTable,
+    SetRoute,
+)
 from p2pvpn.config import ClientConfig
 from p2pvpn.dataplane.base import DataPlane, DataPlaneStats, UdpAddress
 from p2pvpn.wire.crypto import peer_key
@@ -47,7 +58,16 @@ logger = logging.getLogger(__name__)
 # How many STUN transactions we remember; answers to older ones are ignored.
 STUN_OUTSTANDING = 8
 STUN_RESOLVE_RETRY_SECONDS = 30.0
+# The data plane takes datagrams from the STUN server as STUN only this long
+# (seconds) after our last request: at other times they are decrypted like
+# anything else, so a spoofed "STUN server" cannot feed us answers.
+STUN_ANSWER_SECONDS = 5.0
 DELAY_PROBE_TICKS = 60
+# Caps of the tables other hosts can fill. A /8 VPN network has 16M addresses
+# that relayed packets or a member's messages could name.
+MAX_PEERS = 4096
+MAX_KEYS = 4096
+MAX_RELAY_COUNTERS = 4096
 
 
 class SignalingSender(Protocol):
@@ -93,6 +113,11 @@ class PeerManager:
         self._lan_address: UdpAddress | None = None
         self._stun_address: UdpAddress | None = None
         self._stun_transactions: list[bytes] = []
+        # When the last STUN request went out while the data plane passes
+        # STUN up; None while it does not.
+        self._stun_requested_at: float | None = None
+        # A fruitless search for a peer to evict happens at most once per tick.
+        self._peer_table_full = False
         self._public_address: UdpAddress | None = None
         self._next_discovery = 0.0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -122,9 +147,18 @@ class PeerManager:
     def on_server_lost(self) -> None:
         """Nothing to undo: peers keep their direct paths while the server is away."""
 
+    @property
+    def stun_server(self) -> UdpAddress | None:
+        """The STUN server's resolved address (None until resolved or without one)."""
+        return self._stun_address
+
     # -- events from the node -------------------------------------------------
 
     def tick(self, now: float) -> None:
+        self._peer_table_full = False
+        requested_at = self._stun_requested_at
+        if requested_at is not None and now - requested_at >= STUN_ANSWER_SECONDS:
+            self._stop_stun()
         want_stun = False
         for peer in list(self._peers.values()):
             for action in peer.tick(now):
@@ -149,16 +183,16 @@ class PeerManager:
             if message.dst != self._own_ip:
                 return
             address = (str(message.public_ip), message.public_port)
-            self._run(self._peer(message.src), "on_public_address", address, now)
+            self._run_new(message.src, "on_public_address", address, now)
         elif isinstance(message, LanAddress):
             if message.dst != self._own_ip or not self._lan_enabled:
                 return
             address = (str(message.lan_ip), message.lan_port)
-            self._run(self._peer(message.src), "on_lan_address", address, now)
+            self._run_new(message.src, "on_lan_address", address, now)
         elif isinstance(message, Discovery):
             if message.dst == BROADCAST:
                 self._signaling.send(Discovery(self._own_ip, message.src))
-            self._run(self._peer(message.src), "on_hint", now)
+            self._run_new(message.src, "on_hint", now)
 
     def on_relay_in(self, packet: bytes) -> None:
         """A packet relayed by the server: count it and take it as a hint (PROTOCOL 2.5)."""
@@ -168,19 +202,20 @@ class PeerManager:
         if not self._is_peer_address(source):
             # e.g. a LAN host behind an sdwan gateway: traffic, not a peer.
             return
-        counters = self._relay_counters.setdefault(source, _RelayCounters())
-        counters.packets_in += 1
-        counters.bytes_in += len(packet)
-        self._run(self._peer(source), "on_hint", self._clock())
+        counters = self._relay_counter(source)
+        if counters is not None:
+            counters.packets_in += 1
+            counters.bytes_in += len(packet)
+        self._run_new(source, "on_hint", self._clock())
 
     def on_relay_out(self, packets: Iterable[bytes]) -> None:
         for packet in packets:
             if len(packet) < 20:
                 continue
-            destination = IPv4Address(packet[16:20])
-            counters = self._relay_counters.setdefault(destination, _RelayCounters())
-            counters.packets_out += 1
-            counters.bytes_out += len(packet)
+            counters = self._relay_counter(IPv4Address(packet[16:20]))
+            if counters is not None:
+                counters.packets_out += 1
+                counters.bytes_out += len(packet)
 
     def on_control_datagrams(self, datagrams: list[tuple[bytes, UdpAddress]]) -> None:
         now = self._clock()
@@ -200,7 +235,7 @@ class PeerManager:
             elif isinstance(message, Delay):
                 self._on_delay(message, source, now)
             elif isinstance(message, RouteAdvert):
-                self._apply_routes(self._routes.on_advert(message))
+                self._on_route_advert(message, source)
             else:
                 self._count_drop("unknown_type")
 
@@ -214,7 +249,7 @@ class PeerManager:
             if response.transaction_id not in self._stun_transactions:
                 self._count_drop("stun_unexpected")
                 continue
-            self._stun_transactions.clear()
+            self._stop_stun()
             ip, port = response.address
             self._public_address = (str(ip), port)
             logger.debug("STUN: our public address is %s:%d", *self._public_address)
@@ -240,24 +275,65 @@ class PeerManager:
     def _count_drop(self, reason: str) -> None:
         self.drops[reason] = self.drops.get(reason, 0) + 1
 
-    def _peer(self, tun_ip: IPv4Address) -> Peer:
+    def _peer(self, tun_ip: IPv4Address) -> Peer | None:
+        """The peer for ``tun_ip``, created if need be; None when the table is full."""
         peer = self._peers.get(tun_ip)
-        if peer is None:
-            peer = self._peers[tun_ip] = Peer(
-                tun_ip,
-                self._clock(),
-                stun_enabled=self._config.stun is not None,
-                lan_enabled=self._lan_enabled,
-                delay_probes=self._config.route > 0,
-            )
-            logger.info("peer %s seen", tun_ip)
+        if peer is not None:
+            return peer
+        if len(self._peers) >= MAX_PEERS and not self._evict_idle_peer():
+            self._count_drop("peer_table_full")
+            return None
+        peer = self._peers[tun_ip] = Peer(
+            tun_ip,
+            self._clock(),
+            stun_enabled=self._config.stun is not None,
+            lan_enabled=self._lan_enabled,
+            delay_probes=self._config.route > 0,
+        )
+        logger.info("peer %s seen", tun_ip)
         return peer
+
+    def _evict_idle_peer(self) -> bool:
+        """Forget the oldest peer in INIT or FAILED, which has no path and no timers.
+
+        Without this, a flood of made-up source addresses would fill the table
+        for good and lock out members that join later.
+        """
+        if self._peer_table_full:
+            return False
+        for tun_ip, peer in self._peers.items():
+            if peer.state in (PeerState.INIT, PeerState.FAILED):
+                del self._peers[tun_ip]
+                self._count_drop("peer_evicted")
+                logger.debug("peer table full: forgetting idle peer %s", tun_ip)
+                return True
+        self._peer_table_full = True
+        return False
+
+    def _relay_counter(self, tun_ip: IPv4Address) -> _RelayCounters | None:
+        counters = self._relay_counters.get(tun_ip)
+        if counters is None:
+            if len(self._relay_counters) >= MAX_RELAY_COUNTERS:
+                self._count_drop("relay_counters_full")
+                return None
+            counters = self._relay_counters[tun_ip] = _RelayCounters()
+        return counters
 
     def _key(self, tun_ip: IPv4Address) -> bytes:
         key = self._keys.get(tun_ip)
         if key is None:
+            if len(self._keys) >= MAX_KEYS:
+                # A cache: the oldest key goes, and is recomputed if needed again.
+                del self._keys[next(iter(self._keys))]
+                self._count_drop("key_cache_evicted")
             key = self._keys[tun_ip] = peer_key(self._config.password, tun_ip)
         return key
+
+    def _run_new(self, tun_ip: IPv4Address, event: str, *args: Any) -> None:
+        """Like _run, creating the peer first; nothing happens when the table is full."""
+        peer = self._peer(tun_ip)
+        if peer is not None:
+            self._run(peer, event, *args)
 
     def _run(self, peer: Peer, event: str, *args: Any) -> None:
         actions: list[PeerAction] = getattr(peer, event)(*args)
@@ -276,6 +352,9 @@ class PeerManager:
             self._data_plane.send_control(action.address, self._key(tun_ip), heartbeat.encode())
         elif isinstance(action, SendDelayProbe):
             probe = Delay(self._own_ip, tun_ip, int(self._clock() * 1000))
+            self._data_plane.send_control(action.address, self._key(tun_ip), probe.encode())
+        elif isinstance(action, SendPathChallenge):
+            probe = Delay(self._own_ip, tun_ip, action.timestamp_ms)
             self._data_plane.send_control(action.address, self._key(tun_ip), probe.encode())
         elif isinstance(action, SendPublicAddress):
             self._send_public_address(tun_ip)
@@ -311,6 +390,9 @@ class PeerManager:
         if self._stun_address is None:
             self.stun_failures += 1
             return
+        if self._stun_requested_at is None:
+            self._data_plane.set_stun_server(self._stun_address)
+        self._stun_requested_at = self._clock()
         transaction_id = os.urandom(12)
         self._stun_transactions = [
             *self._stun_transactions[-(STUN_OUTSTANDING - 1) :],
@@ -318,31 +400,82 @@ class PeerManager:
         ]
         self._data_plane.send_stun(self._stun_address, encode_binding_request(transaction_id))
 
+    def _stop_stun(self) -> None:
+        """No answer is awaited any more: STUN-looking datagrams are opened again."""
+        self._stun_transactions.clear()
+        if self._stun_requested_at is not None:
+            self._stun_requested_at = None
+            self._data_plane.set_stun_server(None)
+
     def _on_delay(self, probe: Delay, source: UdpAddress, now: float) -> None:
         if probe.dst == self._own_ip and probe.src != self._own_ip:
-            # Echo it back unchanged, sealed for the prober (PROTOCOL 3.2).
-            key = self._key(probe.src)
-            self._data_plane.send_control(source, key, probe.encode())
-            # The prober accepts our adverts once it has measured us, which the
-            # echo is about to let it do: send the table right behind the echo.
+            self._echo_delay(probe, source)
+        elif probe.src == self._own_ip:
+            self._delay_answered(probe, source, now)
+
+    def _echo_delay(self, probe: Delay, source: UdpAddress) -> None:
+        if not self._is_peer_address(probe.src):
+            self._count_drop("delay_bad_source")
+            return
+        # Echo it back unchanged, sealed for the prober (PROTOCOL 3.2), to
+        # wherever it came from: that is how a peer challenges a new path.
+        key = self._key(probe.src)
+        self._data_plane.send_control(source, key, probe.encode())
+        peer = self._peers.get(probe.src)
+        if peer is None or peer.state is not PeerState.CONNECTED:
+            return
+        if peer.current_address != source:
+            # Possibly a replay from a third host: one echo is no amplification,
+            # the whole route table behind it would be.
+            return
+        # The prober accepts our adverts once it has measured us, which the
+        # echo is about to let it do: send the table right behind the echo.
+        for advert in self._routes.advertisements():
+            self._data_plane.send_control(source, key, advert.encode())
+
+    def _delay_answered(self, probe: Delay, source: UdpAddress, now: float) -> None:
+        peer = self._peers.get(probe.dst)
+        if peer is None:
+            return
+        # An echo of a path challenge moves the path first, so that it then
+        # counts as a measurement on the new path.
+        self._run(peer, "on_path_echo", source, probe.timestamp_ms, now)
+        if peer.state is not PeerState.CONNECTED:
+            return  # a late answer must not resurrect an rtt
+        if peer.current_address != source:
+            # A third host may replay an old echo: its rtt would be huge and
+            # take down every route through the peer.
+            self._count_drop("delay_echo_source")
+            return
+        rtt_ms = max(0.0, now * 1000 - probe.timestamp_ms)
+        first_measurement = peer.rtt_ms is None
+        self._run(peer, "on_rtt", rtt_ms, now)
+        self._apply_routes(self._routes.on_direct_rtt(probe.dst, round(rtt_ms)))
+        if first_measurement:
+            # The peer accepts our adverts only once it has measured us too,
+            # so the full table goes out after the first RTT, not at PathUp.
+            key = self._key(probe.dst)
             for advert in self._routes.advertisements():
                 self._data_plane.send_control(source, key, advert.encode())
-        elif probe.src == self._own_ip:
-            peer = self._peers.get(probe.dst)
-            if peer is None:
-                return
-            rtt_ms = max(0.0, now * 1000 - probe.timestamp_ms)
-            first_measurement = peer.rtt_ms is None
-            self._run(peer, "on_rtt", rtt_ms, now)
-            if peer.state is not PeerState.CONNECTED or peer.current_address is None:
-                return
-            self._apply_routes(self._routes.on_direct_rtt(probe.dst, round(rtt_ms)))
-            if first_measurement:
-                # The peer accepts our adverts only once it has measured us too,
-                # so the full table goes out after the first RTT, not at PathUp.
-                key = self._key(probe.dst)
-                for advert in self._routes.advertisements():
-                    self._data_plane.send_control(peer.current_address, key, advert.encode())
+
+    def _on_route_advert(self, advert: RouteAdvert, source: UdpAddress) -> None:
+        if not self._routes.enabled or advert.dst == self._own_ip:
+            # Peers advertise their route to us as to everyone: not a drop.
+            return
+        # The sender must be the next hop it names, seen on that peer's path;
+        # otherwise anyone could steer our traffic or replay a deletion.
+        sender = self._peers.get(advert.next)
+        if (
+            sender is None
+            or sender.state is not PeerState.CONNECTED
+            or sender.current_address != source
+        ):
+            self._count_drop("route_advert_sender")
+            return
+        if not self._is_peer_address(advert.dst):
+            self._count_drop("route_advert_destination")
+            return
+        self._apply_routes(self._routes.on_advert(advert))
 
     def _apply_routes(self, actions: list[RouteAction]) -> None:
         for action in actions:
@@ -354,6 +487,8 @@ class PeerManager:
                 self._data_plane.drop_route(action.destination)
             elif isinstance(action, Advertise):
                 self._advertise(action.advert)
+            elif isinstance(action, RouteRefused):
+                self._count_drop("route_table_full")
 
     def _advertise(self, advert: RouteAdvert) -> None:
         plaintext = advert.encode()
@@ -379,8 +514,8 @@ class PeerManager:
                 await asyncio.sleep(STUN_RESOLVE_RETRY_SECONDS)
                 continue
             ip, port = infos[0][4][:2]
+            # The data plane hears of it only while a request is outstanding.
             self._stun_address = (str(ip), int(port))
-            self._data_plane.set_stun_server(self._stun_address)
             logger.info("STUN server %s:%d", *self._stun_address)
             return
 
