@@ -13,13 +13,38 @@ import pytest
 pytest.importorskip("atheris", reason="atheris is not installed (pip install -e '.[test]')")
 
 HARNESS = Path(__file__).resolve().parents[2] / "fuzz" / "fuzz_datagram.py"
-RUNS = 20000
+# The fast plane's inputs are real datagrams over loopback: fewer per second.
+RUNS = {"pure": 20000, "fast": 5000}
 
 
-def test_short_atheris_run_of_the_datagram_harness(tmp_path: Path) -> None:
+def _has_fast_plane() -> bool:
+    try:
+        from p2pvpn import _fastpath
+    except ImportError:
+        return False
+    return hasattr(_fastpath, "FastDataPlane")
+
+
+@pytest.mark.parametrize(
+    "dataplane",
+    [
+        "pure",
+        pytest.param(
+            "fast",
+            marks=pytest.mark.skipif(not _has_fast_plane(), reason="no compiled FastDataPlane"),
+        ),
+    ],
+)
+def test_short_atheris_run_of_the_datagram_harness(tmp_path: Path, dataplane: str) -> None:
     # cwd: libFuzzer writes crash-* artifacts to the working directory.
     result = subprocess.run(
-        [sys.executable, str(HARNESS), f"-atheris_runs={RUNS}", "-max_total_time=40"],
+        [
+            sys.executable,
+            str(HARNESS),
+            f"--dataplane={dataplane}",
+            f"-atheris_runs={RUNS[dataplane]}",
+            "-max_total_time=40",
+        ],
         cwd=tmp_path,
         capture_output=True,
         text=True,
