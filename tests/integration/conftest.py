@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.faults_support import Record
 from tests.netns import (
     TestBed,
     cleanup_run,
@@ -67,3 +68,17 @@ def _netns_session_cleanup() -> Iterator[None]:
     yield
     if not missing_requirements():
         cleanup_run()
+
+
+@pytest.fixture
+def measured(request: pytest.FixtureRequest) -> Record:
+    """Record a measurement as a test property (JUnit XML) and print it."""
+
+    def record(key: str, value: object) -> None:
+        if isinstance(value, float):
+            value = round(value, 2)
+        # What record_property does, minus its warning under junit_family=xunit2.
+        request.node.user_properties.append((key, value))
+        print(f"MEASURED {key}={value}")
+
+    return record

@@ -27,7 +27,7 @@ import re
 import signal
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Interface, IPv4Network
 from pathlib import Path
@@ -44,6 +44,9 @@ from tests.netns import (
     TestBed,
     list_namespaces,
 )
+
+# What the `measured` fixture (conftest.py) gives a test: measured(key, value).
+Record = Callable[[str, object], None]
 
 WAN = "198.51.100.0/24"
 """The "internet": a documentation range that exists only inside the namespaces."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 import signal
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,6 +28,7 @@ from tests.integration.faults_support import (
     WAN,
     BulkTransfer,
     PingLog,
+    Record,
     add_udp_loss,
     connected_pair,
     delayed_nat_site,
@@ -47,8 +48,6 @@ from tests.netns import RUN_PREFIX, TestBed
 
 pytestmark = pytest.mark.netns
 
-Record = Callable[[str, object], None]
-
 
 @pytest.fixture(scope="module", autouse=True)
 def _no_namespace_left_behind() -> Iterator[None]:
@@ -60,20 +59,6 @@ def _no_namespace_left_behind() -> Iterator[None]:
 @pytest.fixture
 def vpn(testbed: TestBed, tmp_path: Path) -> VpnNetwork:
     return VpnNetwork(testbed, tmp_path, wan=WAN)
-
-
-@pytest.fixture
-def measured(request: pytest.FixtureRequest) -> Record:
-    """Record a measurement as a test property (JUnit XML) and print it."""
-
-    def record(key: str, value: object) -> None:
-        if isinstance(value, float):
-            value = round(value, 2)
-        # What record_property does, minus its warning under junit_family=xunit2.
-        request.node.user_properties.append((key, value))
-        print(f"MEASURED {key}={value}")
-
-    return record
 
 
 def _server_connected(client_status: dict[str, object]) -> bool:

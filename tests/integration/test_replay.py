@@ -34,6 +34,7 @@ from tests.integration.faults_support import (
     B_IP,
     WAN,
     PingLog,
+    Record,
     direct_endpoint,
     flaps,
     leftover_namespaces,
@@ -54,7 +55,6 @@ from tests.netns import RUN_PREFIX, Namespace, NatSite, TestBed
 
 pytestmark = pytest.mark.netns
 
-Record = Callable[[str, object], None]
 
 REPLAYS = 5
 STEADY_SECONDS = 5.0
@@ -78,19 +78,6 @@ def dataplane(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def vpn(testbed: TestBed, tmp_path: Path) -> VpnNetwork:
     return VpnNetwork(testbed, tmp_path, wan=WAN)
-
-
-@pytest.fixture
-def measured(request: pytest.FixtureRequest) -> Record:
-    """Record a measurement as a test property (JUnit XML) and print it."""
-
-    def record(key: str, value: object) -> None:
-        if isinstance(value, float):
-            value = round(value, 2)
-        request.node.user_properties.append((key, value))
-        print(f"MEASURED {key}={value}")
-
-    return record
 
 
 @dataclass
