@@ -613,9 +613,10 @@ cdef enum:
     IPV4_PROTOCOL = 9
     IPV4_CHECKSUM = 10
     # The replay record (p2pvpn.dataplane.replay is the reference): three
-    # buckets of half a window each, linear-probing sets of IV fingerprints.
+    # buckets of half a window each, linear-probing sets of 32-bit IV tags.
     REPLAY_BUCKETS = 3
     REPLAY_MIN_SLOTS = 1024
+    REPLAY_TABLES = 8            # 1024 slots times 4**7 holds REPLAY_LIMIT
     REPLAY_LIMIT = 1048576       # p2pvpn.dataplane.base.REPLAY_BUCKET_LIMIT (checked at import)
     STUN_HEADER = 20
     STUN_BINDING_RESPONSE = 0x0101
@@ -658,18 +659,25 @@ cdef struct U32Map:
     size_t count
 
 
-# The IVs of one bucket of time, as 64-bit fingerprints; 0 marks a free slot.
-cdef struct IvBucket:
-    uint64_t* slots
-    size_t capacity              # 0 or a power of two
+# One table of IV tags (_hash_tag); 0 marks a free slot.
+cdef struct IvTable:
+    uint32_t* slots
+    size_t capacity              # a power of two
     size_t count
+
+
+# The IVs of one bucket of time: normally one table, more while traffic grows.
+cdef struct IvBucket:
+    IvTable tables[REPLAY_TABLES]
+    int table_count
+    size_t count                 # in all its tables
     int64_t number               # which bucket of time it holds; -1: none
 
 
 # Only the UDP worker opens datagrams, so only it touches the record: no lock.
 cdef struct ReplayRecord:
     IvBucket buckets[REPLAY_BUCKETS]
-    uint64_t seed                # random: where a fingerprint lands is unguessable
+    uint64_t seed                # random: which tag an IV gets is unguessable
     uint64_t bucket_ns           # length of a bucket
     int64_t now                  # the current bucket, set once per batch
 
@@ -946,67 +954,112 @@ cdef inline uint64_t _mix64(uint64_t value) noexcept nogil:
     return value
 
 
-cdef inline uint64_t _iv_fingerprint(const unsigned char* iv) noexcept nogil:
-    """64 bits of the 96-bit IV; two random IVs share one with odds of 2**-64."""
+cdef inline uint64_t _iv_hash(const unsigned char* iv, uint64_t seed) noexcept nogil:
+    """The IV's 96 bits mixed with the secret seed into 64: the low bits pick
+    a slot, the high 32 are the tag kept there. The seed keeps both out of a
+    sender's control."""
     cdef uint64_t head
     cdef uint32_t tail
     memcpy(&head, iv, 8)
     memcpy(&tail, iv + 8, 4)
-    head ^= <uint64_t>tail * <uint64_t>0x9E3779B97F4A7C15
-    return head if head != 0 else 1
+    return _mix64(head ^ seed ^ (<uint64_t>tail * <uint64_t>0x9E3779B97F4A7C15))
 
 
-cdef bint _bucket_contains(const IvBucket* bucket, uint64_t fingerprint,
-                           uint64_t seed) noexcept nogil:
-    cdef size_t mask, i
-    if bucket.capacity == 0:
-        return False
-    mask = bucket.capacity - 1
-    i = _mix64(fingerprint ^ seed) & mask
+cdef inline uint32_t _hash_tag(uint64_t hash) noexcept nogil:
+    # Four bytes a slot keep the record small (it grows with the packet
+    # rate). A fresh IV matches a tag only where its slot's probe run holds
+    # an equal one: odds of a few in 10**9 per datagram, a datagram dropped
+    # every few minutes at 10 Gbit/s, none to speak of below.
+    cdef uint32_t tag = <uint32_t>(hash >> 32)
+    return tag if tag != 0 else 1
+
+
+cdef bint _table_contains(const IvTable* table, uint64_t hash, uint32_t tag) noexcept nogil:
+    cdef size_t mask = table.capacity - 1
+    cdef size_t i = <size_t>hash & mask
     # The load stays at or below 3/4: a free slot ends every probe.
-    while bucket.slots[i] != 0:
-        if bucket.slots[i] == fingerprint:
+    while table.slots[i] != 0:
+        if table.slots[i] == tag:
             return True
         i = (i + 1) & mask
     return False
 
 
-cdef void _bucket_place(IvBucket* bucket, uint64_t fingerprint, uint64_t seed) noexcept nogil:
-    cdef size_t mask = bucket.capacity - 1
-    cdef size_t i = _mix64(fingerprint ^ seed) & mask
-    while bucket.slots[i] != 0:
+cdef void _table_place(IvTable* table, uint64_t hash, uint32_t tag) noexcept nogil:
+    cdef size_t mask = table.capacity - 1
+    cdef size_t i = <size_t>hash & mask
+    while table.slots[i] != 0:
         i = (i + 1) & mask
-    bucket.slots[i] = fingerprint
-    bucket.count += 1
+    table.slots[i] = tag
+    table.count += 1
 
 
-cdef int _bucket_grow(IvBucket* bucket, uint64_t seed) noexcept nogil:
-    cdef IvBucket old = bucket[0]
-    cdef size_t capacity = old.capacity * 2 if old.capacity else REPLAY_MIN_SLOTS
-    cdef size_t i
-    bucket.slots = <uint64_t*>calloc(capacity, sizeof(uint64_t))
-    if bucket.slots == NULL:
-        bucket[0] = old
+cdef bint _bucket_contains(const IvBucket* bucket, uint64_t hash, uint32_t tag) noexcept nogil:
+    cdef int i
+    for i in range(bucket.table_count):
+        if _table_contains(&bucket.tables[i], hash, tag):
+            return True
+    return False
+
+
+cdef int _bucket_add_table(IvBucket* bucket, size_t capacity) noexcept nogil:
+    cdef IvTable* table
+    if bucket.table_count == REPLAY_TABLES:
         return -1
-    bucket.capacity = capacity
-    bucket.count = 0
-    for i in range(old.capacity):
-        if old.slots[i] != 0:
-            _bucket_place(bucket, old.slots[i], seed)
-    free(old.slots)
+    table = &bucket.tables[bucket.table_count]
+    table.slots = <uint32_t*>calloc(capacity, sizeof(uint32_t))
+    if table.slots == NULL:
+        return -1
+    table.capacity = capacity
+    table.count = 0
+    bucket.table_count += 1
     return 0
 
 
-cdef void _bucket_reuse(IvBucket* bucket, int64_t number) noexcept nogil:
-    """Empty a bucket for a new span of time, keeping its size while it is used."""
-    if bucket.capacity > REPLAY_MIN_SLOTS and bucket.count * 8 < bucket.capacity:
-        # Traffic fell off: give the memory back (it is reallocated small).
-        free(bucket.slots)
-        bucket.slots = NULL
-        bucket.capacity = 0
-    elif bucket.capacity:
-        memset(bucket.slots, 0, bucket.capacity * sizeof(uint64_t))
+cdef void _bucket_place(IvBucket* bucket, uint64_t hash, uint32_t tag) noexcept nogil:
+    """Record a tag; a full last table gets a larger one after it.
+
+    Tags keep no more of the hash than their slot needs, so a table cannot be
+    rehashed into a bigger one; lookups try each table of the bucket instead.
+    At steady traffic there is one: _bucket_reuse sizes it from the last span.
+    """
+    cdef IvTable* last
+    if bucket.count >= REPLAY_LIMIT:
+        return
+    last = &bucket.tables[bucket.table_count - 1] if bucket.table_count else NULL
+    if last == NULL or (last.count + 1) * 4 > last.capacity * 3:
+        # Four times larger: a ramp from idle to full rate adds few tables.
+        if _bucket_add_table(bucket, last.capacity * 4 if last != NULL
+                             else REPLAY_MIN_SLOTS) < 0:
+            return
+        last = &bucket.tables[bucket.table_count - 1]
+    _table_place(last, hash, tag)
+    bucket.count += 1
+
+
+cdef void _bucket_clear(IvBucket* bucket) noexcept nogil:
+    cdef int i
+    for i in range(bucket.table_count):
+        free(bucket.tables[i].slots)
+        bucket.tables[i].slots = NULL
+        bucket.tables[i].capacity = bucket.tables[i].count = 0
+    bucket.table_count = 0
     bucket.count = 0
+
+
+cdef void _bucket_reuse(IvBucket* bucket, int64_t number) noexcept nogil:
+    """Empty a bucket for a new span of time, with one table sized for the
+    traffic of the span it last held (at most 3/4 full at that rate)."""
+    cdef size_t capacity = REPLAY_MIN_SLOTS
+    while capacity * 3 < bucket.count * 4:
+        capacity *= 2
+    if bucket.table_count == 1 and bucket.tables[0].capacity == capacity:
+        memset(bucket.tables[0].slots, 0, capacity * sizeof(uint32_t))
+        bucket.tables[0].count = 0
+        bucket.count = 0
+    else:
+        _bucket_clear(bucket)
+        _bucket_add_table(bucket, capacity)  # on failure, the next place retries
     bucket.number = number
 
 
@@ -1021,7 +1074,8 @@ cdef void replay_set_time(ReplayRecord* record) noexcept nogil:
 cdef bint replay_seen(ReplayRecord* record, const unsigned char* iv) noexcept nogil:
     """dataplane.replay.ReplayWindow.seen: True for an IV seen within the window,
     else it is recorded (unless its bucket is full or memory is short)."""
-    cdef uint64_t fingerprint = _iv_fingerprint(iv)
+    cdef uint64_t hash = _iv_hash(iv, record.seed)
+    cdef uint32_t tag = _hash_tag(hash)
     cdef IvBucket* bucket
     cdef IvBucket* current = &record.buckets[record.now % REPLAY_BUCKETS]
     cdef int i
@@ -1030,14 +1084,9 @@ cdef bint replay_seen(ReplayRecord* record, const unsigned char* iv) noexcept no
     for i in range(REPLAY_BUCKETS):
         bucket = &record.buckets[i]
         # A bucket left from longer ago holds nothing of the window.
-        if (bucket.number > record.now - REPLAY_BUCKETS
-                and _bucket_contains(bucket, fingerprint, record.seed)):
+        if bucket.number > record.now - REPLAY_BUCKETS and _bucket_contains(bucket, hash, tag):
             return True
-    if current.count >= REPLAY_LIMIT:
-        return False
-    if (current.count + 1) * 4 > current.capacity * 3 and _bucket_grow(current, record.seed) < 0:
-        return False
-    _bucket_place(current, fingerprint, record.seed)
+    _bucket_place(current, hash, tag)
     return False
 
 
@@ -1053,9 +1102,7 @@ cdef void replay_init(ReplayRecord* record, uint64_t bucket_ns, uint64_t seed) n
 cdef void replay_free(ReplayRecord* record) noexcept nogil:
     cdef int i
     for i in range(REPLAY_BUCKETS):
-        free(record.buckets[i].slots)
-        record.buckets[i].slots = NULL
-        record.buckets[i].capacity = record.buckets[i].count = 0
+        _bucket_clear(&record.buckets[i])
         record.buckets[i].number = -1
 
 
