@@ -199,10 +199,11 @@ def test_nat_rebinding_towards_a_public_peer_updates_the_path(
 ) -> None:
     """(b') Same rebinding, but b has a public address and no NAT in front of it.
 
-    a's heartbeats from the new port reach b, whose path follows the
-    heartbeat's source (PROTOCOL 4: "its source address becomes the peer's
-    current path"); b's heartbeats then go to the new port and a's NAT lets
-    them in. Nobody should leave CONNECTED.
+    a's heartbeats from the new port reach b, which challenges the new
+    address with a DELAY probe and moves its path there once a echoes it
+    (PROTOCOL 4 moves the path on the heartbeat alone; p2pvpn does not, so a
+    replayed heartbeat cannot); b's heartbeats then go to the new port and
+    a's NAT lets them in. Nobody should leave CONNECTED.
     """
     vpn.start_server()
     a, site_a = nat_client(vpn, "a", A_IP)
