@@ -1063,6 +1063,28 @@ cdef void _bucket_reuse(IvBucket* bucket, int64_t number) noexcept nogil:
     bucket.number = number
 
 
+cdef extern from *:
+    void __builtin_prefetch(const void* address) nogil
+
+
+cdef void replay_prefetch(const ReplayRecord* record, const unsigned char* iv) noexcept nogil:
+    """Start loading the slots replay_seen will read for this IV.
+
+    Called before the datagram is decrypted, so the cache misses of the
+    lookups (one per bucket, in tables too large for the cache at high
+    rates) overlap with AES-GCM instead of following it.
+    """
+    cdef uint64_t hash = _iv_hash(iv, record.seed)
+    cdef const IvBucket* bucket
+    cdef int i, j
+    for i in range(REPLAY_BUCKETS):
+        bucket = &record.buckets[i]
+        if bucket.number > record.now - REPLAY_BUCKETS:
+            for j in range(bucket.table_count):
+                __builtin_prefetch(&bucket.tables[j].slots[
+                    <size_t>hash & (bucket.tables[j].capacity - 1)])
+
+
 cdef void replay_set_time(ReplayRecord* record) noexcept nogil:
     """Take the clock once per batch."""
     cdef timespec now
@@ -1766,6 +1788,7 @@ cdef void _handle_datagram(Shared* s, Worker* w, unsigned char* datagram, int le
     if length < OVERHEAD:
         _drop(&w.totals, DROP_TOO_SHORT)
         return
+    replay_prefetch(&s.replay, datagram)
     plaintext_length = _gcm_open(s.open_ctx, datagram, length, plaintext)
     if plaintext_length < 0:
         _drop(&w.totals, DROP_AUTHENTICATION)
