@@ -80,7 +80,10 @@ echo "== sanitizer build: compiling _fastpath with $sanitize_flags"
         "$venv/bin/python" setup.py -q build_ext --inplace >"$logs/build.log" 2>&1
 ) || { cat "$logs/build.log"; exit 1; }
 module="$(ls "$tree"/src/p2pvpn/_fastpath*.so)"
-if ! nm -D "$module" | grep -q ' U __asan_report' || ! nm -D "$module" | grep -q ' U __ubsan_handle'; then
+# Into a variable first: `nm | grep -q` under pipefail fails whenever grep
+# stops reading before nm has written everything (SIGPIPE).
+symbols="$(nm -D "$module")"
+if ! grep -q ' U __asan_report' <<<"$symbols" || ! grep -q ' U __ubsan_handle' <<<"$symbols"; then
     echo "sanitize: $module is not instrumented" >&2
     exit 1
 fi
@@ -109,7 +112,9 @@ echo "== sanitizer run: $loaded"
 
 status=0
 # pythonpath comes from pyproject.toml: this copy's src/, holding the sanitized module.
-"$venv/bin/python" -m pytest -q -p no:cacheprovider \
+# --capture=sys: a report written to fd 2 by a process that then aborts
+# would be lost in pytest's fd capture; this way it reaches the log.
+"$venv/bin/python" -m pytest -q -p no:cacheprovider --capture=sys \
     tests/dataplane tests/test_fastpath_crypto.py \
     tests/fuzz/test_fuzz_dataplane.py tests/fuzz/test_atheris_short.py \
     "$@" 2>&1 | tee "$logs/pytest.log" || status=$?
