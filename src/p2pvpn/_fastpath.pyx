@@ -1067,8 +1067,8 @@ cdef extern from *:
     void __builtin_prefetch(const void* address) nogil
 
 
-cdef void replay_prefetch(const ReplayRecord* record, const unsigned char* iv) noexcept nogil:
-    """Start loading the slots replay_seen will read for this IV.
+cdef uint64_t replay_prefetch(const ReplayRecord* record, const unsigned char* iv) noexcept nogil:
+    """The IV's hash for replay_seen, whose slots start loading now.
 
     Called before the datagram is decrypted, so the cache misses of the
     lookups (one per bucket, in tables too large for the cache at high
@@ -1083,6 +1083,7 @@ cdef void replay_prefetch(const ReplayRecord* record, const unsigned char* iv) n
             for j in range(bucket.table_count):
                 __builtin_prefetch(&bucket.tables[j].slots[
                     <size_t>hash & (bucket.tables[j].capacity - 1)])
+    return hash
 
 
 cdef void replay_set_time(ReplayRecord* record) noexcept nogil:
@@ -1093,10 +1094,10 @@ cdef void replay_set_time(ReplayRecord* record) noexcept nogil:
                             + <uint64_t>now.tv_nsec) // record.bucket_ns)
 
 
-cdef bint replay_seen(ReplayRecord* record, const unsigned char* iv) noexcept nogil:
-    """dataplane.replay.ReplayWindow.seen: True for an IV seen within the window,
-    else it is recorded (unless its bucket is full or memory is short)."""
-    cdef uint64_t hash = _iv_hash(iv, record.seed)
+cdef bint replay_seen(ReplayRecord* record, uint64_t hash) noexcept nogil:
+    """dataplane.replay.ReplayWindow.seen for the IV of `hash` (replay_prefetch):
+    True for an IV seen within the window, else it is recorded (unless its
+    bucket is full or memory is short)."""
     cdef uint32_t tag = _hash_tag(hash)
     cdef IvBucket* bucket
     cdef IvBucket* current = &record.buckets[record.now % REPLAY_BUCKETS]
@@ -1781,6 +1782,7 @@ cdef void _handle_datagram(Shared* s, Worker* w, unsigned char* datagram, int le
     """pure._on_datagram; the plaintext is opened in place, at datagram + OVERHEAD."""
     cdef unsigned char* plaintext = datagram + OVERHEAD
     cdef int plaintext_length
+    cdef uint64_t iv_hash
     if (s.tables.has_stun and _same_address(&s.tables.stun, source)
             and _looks_like_binding_response(datagram, length)):
         _queue_up(s, w, UP_STUN, datagram, length, source)
@@ -1788,13 +1790,13 @@ cdef void _handle_datagram(Shared* s, Worker* w, unsigned char* datagram, int le
     if length < OVERHEAD:
         _drop(&w.totals, DROP_TOO_SHORT)
         return
-    replay_prefetch(&s.replay, datagram)
+    iv_hash = replay_prefetch(&s.replay, datagram)
     plaintext_length = _gcm_open(s.open_ctx, datagram, length, plaintext)
     if plaintext_length < 0:
         _drop(&w.totals, DROP_AUTHENTICATION)
     # Before anything of the plaintext is used; after authentication, so that
-    # junk cannot fill the record. Opening in place left the IV as it came.
-    elif replay_seen(&s.replay, datagram):
+    # junk cannot fill the record. Its IV was hashed before opening.
+    elif replay_seen(&s.replay, iv_hash):
         _drop(&w.totals, DROP_REPLAY)
     elif plaintext_length == 0:
         _drop(&w.totals, DROP_MALFORMED)
