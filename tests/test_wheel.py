@@ -181,7 +181,8 @@ def _run_unit_tests(python: Path, run: Path) -> str:
     """
     project = run / "project"
     (project / "tests").mkdir(parents=True)
-    for name in ("__init__.py", "conftest.py"):
+    # The suite's own helper modules that the copied tests import.
+    for name in ("__init__.py", "conftest.py", "clock.py", "udp_offload.py"):
         shutil.copy2(ROOT / "tests" / name, project / "tests" / name)
     for name in UNIT_TESTS:
         source = ROOT / name

@@ -30,6 +30,7 @@ from p2pvpn.wire.peer import (
 )
 from p2pvpn.wire.stun import decode_binding_request, encode_binding_response
 from p2pvpn.wire.ws import Discovery
+from tests.clock import Clock
 
 OWN = IPv4Interface("10.77.0.1/24")
 A = IPv4Address("10.77.0.2")
@@ -94,14 +95,6 @@ class FakeSignaling:
     def send(self, message: object) -> bool:
         self.sent.append(message)
         return True
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @dataclass

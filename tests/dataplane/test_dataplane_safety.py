@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import struct
 from collections.abc import Coroutine
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
@@ -32,12 +31,10 @@ from tests.dataplane.conftest import (
     ipv4_packet,
     settle,
 )
+from tests.udp_offload import enlarge_receive_buffer, send_run, take_runs_whole
 
 A, B, C, D, X = "10.9.0.1", "10.9.0.2", "10.9.0.3", "10.9.0.4", "10.9.0.99"
 LAN_BEHIND_C = IPv4Network("172.30.0.0/16")
-UDP_GRO = 104  # <linux/udp.h>
-UDP_SEGMENT = 103
-SO_RCVBUFFORCE = 33  # <asm-generic/socket.h>; the socket module lacks it
 RUN = 64  # the most segments one UDP GSO message carries on older kernels
 
 
@@ -67,14 +64,7 @@ class Attacker:
             self.sock.sendto(datagram, self.receiver.address)
 
     def send_run(self, datagrams: list[bytes]) -> None:
-        """One UDP GSO message: all as long as the first, the last may be shorter."""
-        segment = len(datagrams[0])
-        self.sock.sendmsg(
-            [b"".join(datagrams)],
-            [(socket.SOL_UDP, UDP_SEGMENT, struct.pack("=H", segment))],
-            0,
-            self.receiver.address,
-        )
+        send_run(self.sock, datagrams, self.receiver.address)
 
     def close(self) -> None:
         self.sock.close()
@@ -100,13 +90,9 @@ def make_room(node: Node, backend: str) -> None:
     and these tests queue everything before that, so one recvmmsg sees it all."""
     node._tun.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 23)
     node.kernel.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 23)
-    try:
-        # Past net.core.rmem_max, as root.
-        node.udp.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 1 << 24)
-    except PermissionError:
-        node.udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 24)
+    enlarge_receive_buffer(node.udp)
     if backend == "fast":
-        node.udp.setsockopt(socket.SOL_UDP, UDP_GRO, 1)
+        take_runs_whole(node.udp)
 
 
 def forward(source: str, destination: str, ident: int, size: int = 200, ttl: int = 64) -> bytes:

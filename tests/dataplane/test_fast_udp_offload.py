@@ -34,13 +34,13 @@ from tests.dataplane.conftest import (
     eventually,
     ipv4_packet,
 )
+from tests.udp_offload import UDP_GRO
 
 pytestmark = pytest.mark.skipif(
     "fast" not in available_backends(), reason="p2pvpn._fastpath has no FastDataPlane"
 )
 
 A, B, C = "10.9.0.1", "10.9.0.2", "10.9.0.3"
-UDP_GRO = 104  # <netinet/udp.h>; not in Python's socket module
 
 
 def _packets_that_coalesce_in_every_way() -> list[tuple[str, bytes]]:

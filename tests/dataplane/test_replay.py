@@ -5,14 +5,7 @@ from __future__ import annotations
 import pytest
 
 from p2pvpn.dataplane.replay import ReplayWindow
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.clock import Clock
 
 
 def test_an_iv_is_seen_again_within_the_window() -> None:

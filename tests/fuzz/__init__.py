@@ -41,6 +41,7 @@ from p2pvpn.wire.ws import (
     WsMessage,
     decode_ws_message,
 )
+from tests.clock import Clock
 
 # The password of the captures in shared/vectors/candy-captures.json: with it,
 # the captured signed frames are valid, so mutations start from real logins.
@@ -337,14 +338,6 @@ class CheckingSignaling:
         assert message.src == self.own_ip, message
         self.sent.append(message)
         return True
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def _resolved_stun(manager: PeerManager, data_plane: CheckingDataPlane) -> UdpAddress | None:

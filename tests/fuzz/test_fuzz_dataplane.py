@@ -31,7 +31,6 @@ import dataclasses
 import functools
 import random
 import socket
-import struct
 from collections import Counter
 from collections.abc import Callable, Coroutine
 from ipaddress import IPv4Address, IPv4Network
@@ -48,6 +47,7 @@ from p2pvpn.wire.ipv4 import IPPROTO_IPIP, decapsulate_ipip
 from p2pvpn.wire.peer import Heartbeat
 from p2pvpn.wire.stun import looks_like_binding_response
 from p2pvpn.wire.ws import Discovery
+from tests import udp_offload
 from tests.fuzz import (
     OWN,
     PEER_A,
@@ -70,9 +70,6 @@ OWN_KEY = peer_key(VECTOR_PASSWORD, OWN.ip)
 SENDER_HOSTS = ("127.0.0.9", "127.0.0.10", "127.0.0.11")
 # Only the pure plane can be handed a datagram from a port no socket can send from.
 PORT_ZERO_SOURCE: UdpAddress = ("127.0.0.12", 0)
-UDP_SEGMENT = 103  # <linux/udp.h>; not in Python's socket module
-UDP_GRO = 104
-SO_RCVBUFFORCE = 33  # <asm-generic/socket.h>
 # Segments per UDP GSO message: kernels before 6.2 take no more.
 MAX_SEGMENTS = 64
 MAX_UDP_PAYLOAD = 65507
@@ -121,11 +118,7 @@ class Wire:
         self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.udp.bind(("127.0.0.1", 0))
         self.udp.setblocking(False)
-        try:
-            # Bursts of a few thousand datagrams, past net.core.rmem_max as root.
-            self.udp.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 1 << 24)
-        except PermissionError:
-            self.udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 24)
+        udp_offload.enlarge_receive_buffer(self.udp)
         self.target: UdpAddress = self.udp.getsockname()
         self.senders: list[socket.socket] = []
         for host in SENDER_HOSTS:
@@ -136,22 +129,13 @@ class Wire:
         self.sources: list[UdpAddress] = [sender.getsockname() for sender in self.senders]
 
     def take_runs_whole(self) -> None:
-        """Coalesced receives (UDP_GRO) from now on: the compiled plane only
-        turns them on when it starts, and a burst queued before that must
-        reach its first recvmmsg as the runs it was sent as."""
-        self.udp.setsockopt(socket.SOL_UDP, UDP_GRO, 1)
+        udp_offload.take_runs_whole(self.udp)
 
     def send(self, datagram: bytes, source: UdpAddress) -> None:
         self.senders[self.sources.index(source)].sendto(datagram, self.target)
 
     def send_run(self, datagrams: list[bytes], source: UdpAddress) -> None:
-        """One UDP GSO message: all as long as the first, the last may be shorter."""
-        self.senders[self.sources.index(source)].sendmsg(
-            [b"".join(datagrams)],
-            [(socket.SOL_UDP, UDP_SEGMENT, struct.pack("=H", len(datagrams[0])))],
-            0,
-            self.target,
-        )
+        udp_offload.send_run(self.senders[self.sources.index(source)], datagrams, self.target)
 
     def delivered(self) -> list[bytes]:
         packets = []
