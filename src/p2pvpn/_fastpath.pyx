@@ -1311,7 +1311,7 @@ cdef bint _unwrap_ipip(const unsigned char** packet, int* length) noexcept nogil
 
 
 cdef bint _decrement_ttl(unsigned char* packet) noexcept nogil:
-    """pure._decrement_ttl in place (RFC 1624 eqn. 3); False when the TTL runs out."""
+    """wire.ipv4.decrement_ttl in place (RFC 1624 eqn. 3); False when the TTL runs out."""
     cdef uint32_t ttl = packet[IPV4_TTL]
     cdef uint32_t old_word, new_word, total
     if ttl <= 1:

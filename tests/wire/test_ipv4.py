@@ -11,6 +11,7 @@ from p2pvpn.wire.ipv4 import (
     IPPROTO_IPIP,
     Ipv4Header,
     decapsulate_ipip,
+    decrement_ttl,
     encapsulate_ipip,
     ipv4_checksum,
     ipv4_destination,
@@ -170,3 +171,31 @@ def test_ipip_round_trip(inner: bytes, source: IPv4Address, destination: IPv4Add
     assert (header.protocol, header.ttl, header.total_length) == (4, 64, 20 + len(inner))
     assert ipv4_checksum(packet[:20]) == 0
     assert decapsulate_ipip(packet) == inner
+
+
+@given(
+    ttl=st.integers(min_value=2, max_value=255),
+    protocol=st.integers(min_value=0, max_value=255),
+    body=st.binary(max_size=40),
+)
+def test_decrement_ttl_keeps_a_valid_checksum(ttl: int, protocol: int, body: bytes) -> None:
+    header = bytearray(20)
+    header[0], header[8], header[9] = 0x45, ttl, protocol
+    header[2:4] = (20 + len(body)).to_bytes(2, "big")
+    header[12:20] = bytes([10, 0, 0, 1, 10, 0, 0, 2])
+    header[10:12] = ipv4_checksum(bytes(header)).to_bytes(2, "big")
+    relayed = decrement_ttl(bytes(header) + body)
+    assert relayed is not None
+    assert relayed[8] == ttl - 1
+    assert ipv4_checksum(relayed[:20]) == 0
+    assert (
+        relayed[:8] + relayed[9:10] + relayed[12:]
+        == bytes(header[:8] + header[9:10] + header[12:]) + body
+    )
+
+
+@pytest.mark.parametrize("ttl", [0, 1])
+def test_decrement_ttl_refuses_a_packet_whose_ttl_runs_out(ttl: int) -> None:
+    header = bytearray(20)
+    header[0], header[8] = 0x45, ttl
+    assert decrement_ttl(bytes(header)) is None

@@ -29,7 +29,7 @@ from p2pvpn.dataplane.base import (
 from p2pvpn.dataplane.replay import ReplayWindow
 from p2pvpn.wire.crypto import IV_SIZE, AuthenticationFailed, DatagramCipher
 from p2pvpn.wire.errors import DecodeError
-from p2pvpn.wire.ipv4 import IPPROTO_IPIP, decapsulate_ipip, encapsulate_ipip
+from p2pvpn.wire.ipv4 import IPPROTO_IPIP, decapsulate_ipip, decrement_ttl, encapsulate_ipip
 from p2pvpn.wire.stun import looks_like_binding_response
 
 logger = logging.getLogger(__name__)
@@ -240,7 +240,7 @@ class PureDataPlane:
         if not self._relaying:
             self._drop(DropReason.TRANSIT)
             return
-        relayed = _decrement_ttl(packet)
+        relayed = decrement_ttl(packet)
         if relayed is None:
             self._drop(DropReason.TTL_EXPIRED)
             return
@@ -329,22 +329,3 @@ class PureDataPlane:
 
 def _is_ipv4(packet: bytes) -> bool:
     return len(packet) >= 20 and packet[0] >> 4 == 4
-
-
-def _decrement_ttl(packet: bytes) -> bytes | None:
-    """The packet with its TTL one less and the header checksum updated
-    incrementally (RFC 1624, eqn. 3), as a router does; None when the TTL
-    runs out, so that a loop between relaying clients dies out."""
-    ttl = packet[8]
-    if ttl <= 1:
-        return None
-    old_word = (ttl << 8) | packet[9]
-    new_word = old_word - 0x0100
-    checksum = int.from_bytes(packet[10:12], "big")
-    total = (~checksum & 0xFFFF) + (~old_word & 0xFFFF) + new_word
-    total = (total & 0xFFFF) + (total >> 16)
-    total = (total & 0xFFFF) + (total >> 16)
-    header = bytearray(packet[:12])
-    header[8] = ttl - 1
-    header[10:12] = (~total & 0xFFFF).to_bytes(2, "big")
-    return bytes(header) + packet[12:]

@@ -17,6 +17,7 @@ __all__ = [
     "MIN_HEADER_LENGTH",
     "Ipv4Header",
     "decapsulate_ipip",
+    "decrement_ttl",
     "encapsulate_ipip",
     "ipv4_checksum",
     "ipv4_destination",
@@ -162,6 +163,25 @@ def decapsulate_ipip(packet: bytes) -> bytes:
     if header.protocol != IPPROTO_IPIP:
         raise DecodeError(f"IP protocol {header.protocol} is not IPIP ({IPPROTO_IPIP})")
     return bytes(packet[header.header_length : header.total_length])
+
+
+def decrement_ttl(packet: bytes) -> bytes | None:
+    """The packet with its TTL one less and the header checksum updated
+    incrementally (RFC 1624, eqn. 3), as a router does; None when the TTL
+    runs out, so that a loop between relaying clients dies out."""
+    ttl = packet[8]
+    if ttl <= 1:
+        return None
+    old_word = (ttl << 8) | packet[9]
+    new_word = old_word - 0x0100
+    checksum = int.from_bytes(packet[10:12], "big")
+    total = (~checksum & 0xFFFF) + (~old_word & 0xFFFF) + new_word
+    total = (total & 0xFFFF) + (total >> 16)
+    total = (total & 0xFFFF) + (total >> 16)
+    header = bytearray(packet[:12])
+    header[8] = ttl - 1
+    header[10:12] = (~total & 0xFFFF).to_bytes(2, "big")
+    return bytes(header) + packet[12:]
 
 
 def is_broadcast_or_multicast(destination: IPv4Address, network: IPv4Network | None = None) -> bool:
