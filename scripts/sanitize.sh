@@ -65,10 +65,6 @@ mkdir -p "$tree" "$logs"
 tar -C "$root" -cf - --exclude='*.so' --exclude='__pycache__' --exclude='*.egg-info' \
     --exclude='src/p2pvpn/_fastpath.c' --exclude='.hypothesis' \
     src tests fuzz setup.py pyproject.toml MANIFEST.in README.md | tar -C "$tree" -xf -
-# The test vectors live next to the repository (tests/conftest.py).
-if [ -d "$root/../shared" ]; then
-    ln -s "$(cd "$root/../shared" && pwd)" "$work/shared"
-fi
 # setup.py's -O3 comes after CFLAGS on the compiler's command line and would
 # win; -O1 keeps stack traces close to the source.
 sed -i 's/extra_compile_args=\["-O3"\]/extra_compile_args=[]/' "$tree/setup.py"

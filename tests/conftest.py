@@ -6,14 +6,15 @@ from typing import Any
 
 import pytest
 
-# The vectors live next to the repository (../shared/vectors), not inside it.
-VECTORS_DIR = Path(__file__).resolve().parents[2] / "shared" / "vectors"
+# The evidence of wire compatibility travels with the code (tests/vectors/README.md).
+VECTORS_DIR = Path(__file__).resolve().parent / "vectors"
 
 
 def _load_vectors(name: str) -> dict[str, Any]:
     path = VECTORS_DIR / name
     if not path.is_file():
-        pytest.skip(f"test vectors not available: {path} is missing")
+        # A missing capture would silently drop every compatibility check.
+        pytest.fail(f"test vector {path} is missing; it is part of the repository")
     loaded: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
     return loaded
 

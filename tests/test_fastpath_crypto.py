@@ -6,12 +6,11 @@ returns ciphertext || tag, so the reference helpers below reorder.
 
 import hashlib
 import ipaddress
-import json
 import os
 import sys
 import threading
 from collections.abc import Iterator
-from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -24,7 +23,6 @@ IV_SIZE = 12
 TAG_SIZE = 16
 OVERHEAD = IV_SIZE + TAG_SIZE
 KEY = bytes(range(32))
-VECTORS = Path(__file__).resolve().parents[2] / "shared" / "vectors" / "candy-captures.json"
 
 keys = st.binary(min_size=32, max_size=32)
 ivs = st.binary(min_size=IV_SIZE, max_size=IV_SIZE)
@@ -79,10 +77,8 @@ def test_context_is_reused_across_many_datagrams(
         assert context.open(datagram) == plaintext
 
 
-def test_opens_datagrams_captured_from_candy() -> None:
-    if not VECTORS.exists():
-        pytest.skip(f"no Candy vectors at {VECTORS}")
-    vectors = json.loads(VECTORS.read_text())
+def test_opens_datagrams_captured_from_candy(candy_vectors: dict[str, Any]) -> None:
+    vectors = candy_vectors
     udp = vectors["udp_client_to_peer"]
     # key(tun_ip) = SHA-256(password || reversed octets of tun_ip)
     peer_ip = ipaddress.IPv4Address(udp["peer_tun_ip"])

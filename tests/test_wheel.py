@@ -25,7 +25,6 @@ import p2pvpn
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-VECTORS_DIR = ROOT.parent / "shared" / "vectors"
 # What the sdist is built from: a clean checkout's top level (plus an optional README/LICENSE).
 SOURCE_ITEMS = ("pyproject.toml", "setup.py", "MANIFEST.in", "src", "tests", "docs")
 UNIT_TESTS = ("tests/wire", "tests/test_config.py", "tests/dataplane")
@@ -176,14 +175,14 @@ def _check_installed(venv: Path, cwd: Path) -> None:
 def _run_unit_tests(python: Path, run: Path) -> str:
     """The unit tests, from a copy, against the installed package.
 
-    The copy sits two levels below ``run`` so that tests/conftest.py finds
-    ../shared/vectors as in the repository.
+    The copy carries tests/vectors, the Candy captures, as the repository does.
     """
     project = run / "project"
     (project / "tests").mkdir(parents=True)
     # The suite's own helper modules that the copied tests import.
     for name in ("__init__.py", "conftest.py", "clock.py", "udp_offload.py"):
         shutil.copy2(ROOT / "tests" / name, project / "tests" / name)
+    shutil.copytree(ROOT / "tests" / "vectors", project / "tests" / "vectors")
     for name in UNIT_TESTS:
         source = ROOT / name
         if source.is_dir():
@@ -192,9 +191,6 @@ def _run_unit_tests(python: Path, run: Path) -> str:
             shutil.copy2(source, project / name)
     (project / "tests" / "test_installed.py").write_text(INSTALLED_CHECK)
     (project / "pytest.ini").write_text(PYTEST_INI)
-    if VECTORS_DIR.is_dir():
-        (run / "shared").mkdir()
-        (run / "shared" / "vectors").symlink_to(VECTORS_DIR)
     argv = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
     return _run([*argv, *UNIT_TESTS, "tests/test_installed.py"], cwd=project)
 

@@ -43,7 +43,7 @@ from p2pvpn.wire.ws import (
 )
 from tests.clock import Clock
 
-# The password of the captures in shared/vectors/candy-captures.json: with it,
+# The password of the captures in tests/vectors/candy-captures.json: with it,
 # the captured signed frames are valid, so mutations start from real logins.
 VECTOR_PASSWORD = "probe-password"
 # The timestamp of those captures; the fuzzed relays use it as "now".

@@ -11,7 +11,7 @@ from p2pvpn.wire.close_codes import CloseCode
 from p2pvpn.wire.ws import Auth, ExptTun, Vmac, decode_ws_message
 
 PASSWORD = "test-password"
-# The timestamp of the Candy captures in shared/vectors, so both agree on "now".
+# The timestamp of the Candy captures in tests/vectors, so both agree on "now".
 NOW = 0x6B06A41A
 
 VMAC_A = "0123456789abcdef"

@@ -1,4 +1,4 @@
-"""Bytes captured from a real Candy client and server (../shared/vectors)."""
+"""Bytes captured from a real Candy client and server (tests/vectors)."""
 
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from typing import Any
