@@ -26,9 +26,6 @@ def _restore_websockets_log_level() -> Iterator[None]:
     websockets_logger.setLevel(level)
 
 
-# -- listen address and process entry point ------------------------------------------
-
-
 def test_listen_address() -> None:
     assert listen_address("ws://0.0.0.0:8080/") == ("0.0.0.0", 8080)
     assert listen_address("ws://127.0.0.1:9000/some/path") == ("127.0.0.1", 9000)

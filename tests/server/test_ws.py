@@ -17,6 +17,7 @@ from tests.server import (
     PASSWORD,
     VMAC_A,
     VMAC_B,
+    VMAC_C,
     auth_frame,
     expttun_frame,
     forward,
@@ -134,6 +135,27 @@ def test_rejected_client_sees_the_private_close_code() -> None:
                 await asyncio.wait_for(connection.recv(), 5)
             assert closed.value.rcvd is not None
             assert closed.value.rcvd.code == CloseCode.AUTHENTICATION_FAILED
+
+    asyncio.run(scenario())
+
+
+def test_a_kicked_client_is_closed_by_the_login_of_another() -> None:
+    """The core's Close for the older session comes out of the newer one's frame."""
+
+    async def scenario() -> None:
+        relay = Relay(PASSWORD)
+        async with RelayServer(relay, "127.0.0.1", 0) as server:
+            older = await connect_client(server, "10.0.0.1", VMAC_A)
+            newer = await connect_client(server, "10.0.0.1", VMAC_B, now=int(time.time()) + 1)
+            with pytest.raises(ConnectionClosed) as closed:
+                await older.recv_frame()
+            assert closed.value.rcvd is not None
+            assert closed.value.rcvd.code == CloseCode.KICKED
+            # Frames for the address now reach the newer client.
+            other = await connect_client(server, "10.0.0.2", VMAC_C)
+            frame = forward("10.0.0.2", "10.0.0.1")
+            await other.connection.send(frame)
+            assert await newer.recv_frame() == frame
 
     asyncio.run(scenario())
 
