@@ -52,7 +52,7 @@ def run_calls(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
 
 @pytest.fixture
 def server_calls(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
-    return fake_module(monkeypatch, "p2pvpn.server.relay", "run_server")
+    return fake_module(monkeypatch, "p2pvpn.server.runtime", "run_server")
 
 
 @pytest.fixture

@@ -225,7 +225,7 @@ def test_run_log_format_json_masks_the_password(
 def test_server_log_format_from_the_file(
     tmp_path: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    calls = fake_back_end(monkeypatch, "p2pvpn.server.relay", "run_server")
+    calls = fake_back_end(monkeypatch, "p2pvpn.server.runtime", "run_server")
     path = tmp_path / "server.cfg"
     path.write_text(
         "mode = server\nwebsocket = ws://0.0.0.0:80\nlog_format = json\npassword = pw1\n"

@@ -27,7 +27,7 @@ from p2pvpn.metrics import (
     serve_client_metrics,
     start_metrics_server,
 )
-from p2pvpn.server.relay import ListenError, ServerRuntime
+from p2pvpn.server.runtime import ListenError, ServerRuntime
 from p2pvpn.wire.stun import encode_binding_request
 from tests.server import PASSWORD, auth_frame, forward, wait_until
 

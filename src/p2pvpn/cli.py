@@ -289,7 +289,7 @@ def _cmd_server(args: argparse.Namespace) -> int:
     values, source = _values(args, _SERVER_FLAGS)
     config = server_config_from_values(values, source)
     _apply_logging(config)
-    run_server = cast(_RunServer, _lazy("p2pvpn.server.relay", "run_server"))
+    run_server = cast(_RunServer, _lazy("p2pvpn.server.runtime", "run_server"))
     return run_server(config, debug=config.debug)
 
 

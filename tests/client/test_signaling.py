@@ -813,7 +813,7 @@ def test_tls_certificates_are_verified_unless_opted_out(
 
 
 def test_two_sessions_through_the_real_relay(tmp_path: Path) -> None:
-    relay_module = pytest.importorskip("p2pvpn.server.relay")
+    relay_module = pytest.importorskip("p2pvpn.server")
 
     async def test() -> None:
         relay = relay_module.Relay(PASSWORD, dhcp=IPv4Network("10.9.0.0/24"))

@@ -10,7 +10,8 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from p2pvpn.server.relay import Relay, RelayServer
+from p2pvpn.server.relay import Relay
+from p2pvpn.server.ws import RelayServer
 from p2pvpn.wire.close_codes import CloseCode
 from p2pvpn.wire.peer import Heartbeat
 from p2pvpn.wire.ws import BROADCAST, Discovery, LanAddress, Udp4Conn
@@ -22,6 +23,7 @@ from tests.server import (
     FakeSession,
     auth_frame,
     expttun_frame,
+    feed,
     forward,
     login,
     vmac_frame,
@@ -38,14 +40,14 @@ def test_same_second_expttun_with_and_without_vmac_is_no_internal_error() -> Non
     """
     relay = Relay(PASSWORD, dhcp=IPv4Network("10.77.0.0/24"))
     without_vmac, with_vmac = FakeSession(), FakeSession()
-    relay.handle_frame(without_vmac, expttun_frame(), NOW)
-    relay.handle_frame(with_vmac, vmac_frame(VMAC_A), NOW)
-    relay.handle_frame(with_vmac, expttun_frame(), NOW)
+    feed(relay, without_vmac, expttun_frame(), NOW)
+    feed(relay, with_vmac, vmac_frame(VMAC_A), NOW)
+    feed(relay, with_vmac, expttun_frame(), NOW)
     assert relay.stats()["internal_errors"] == 0
     assert without_vmac.closes == with_vmac.closes == []
     assert len(without_vmac.sent) == len(with_vmac.sent) == 1  # both got a grant
     # The cache is still a valid heap: entries expire, in order, after the window.
-    relay.handle_frame(FakeSession(), vmac_frame(VMAC_A, NOW + 400), NOW + 400)
+    feed(relay, FakeSession(), vmac_frame(VMAC_A, NOW + 400), NOW + 400)
     assert relay.stats()["replay_cache_entries"] == 1
 
 

@@ -53,7 +53,7 @@ from tests.fuzz import (
     ipv4_packet,
     mutated,
 )
-from tests.server import FakeSession
+from tests.server import FakeSession, feed
 
 PASSWORD = VECTOR_PASSWORD
 NOW = VECTOR_NOW
@@ -110,7 +110,7 @@ class World:
         return session
 
     def send(self, session: FakeSession, frame: bytes, now: float = NOW) -> None:
-        self.relay.handle_frame(session, frame, now)
+        feed(self.relay, session, frame, now)
 
     def login(
         self, address: IPv4Address, *, vmac: str | None = None, timestamp: int = NOW
@@ -184,7 +184,7 @@ class World:
         before = relay.stats()
         good_before = {address: len(s.sent) for address, s in self.good.items()}
 
-        relay.handle_frame(sender, frame, now)
+        feed(relay, sender, frame, now)
 
         after = relay.stats()
         assert after["internal_errors"] == 0

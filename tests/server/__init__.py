@@ -6,8 +6,7 @@ import time
 from collections.abc import Callable
 from ipaddress import IPv4Address, IPv4Interface
 
-from p2pvpn.server.relay import Relay, RelaySession
-from p2pvpn.wire.close_codes import CloseCode
+from p2pvpn.server.relay import Action, Relay, RelaySession, Send
 from p2pvpn.wire.ws import Auth, ExptTun, Vmac, decode_ws_message
 
 PASSWORD = "test-password"
@@ -20,22 +19,31 @@ VMAC_C = "00112233445566aa"
 
 
 class FakeSession(RelaySession):
-    """Records what the relay sends and how it closes the session."""
+    """Records what the relay sends to it and how the relay closes it (see :func:`perform`)."""
 
     def __init__(self, remote: str = "192.0.2.1:40000") -> None:
         super().__init__(remote)
         self.sent: list[bytes] = []
         self.closes: list[tuple[int, str]] = []
 
-    def send(self, frame: bytes) -> None:
-        self.sent.append(frame)
-
-    def close(self, code: CloseCode | int, reason: str) -> None:
-        self.closes.append((int(code), reason))
-
     @property
     def close_code(self) -> int | None:
         return self.closes[0][0] if self.closes else None
+
+
+def perform(actions: list[Action]) -> None:
+    """Carry out the relay's actions on FakeSessions, as the WebSocket layer would."""
+    for action in actions:
+        assert isinstance(action.session, FakeSession)
+        if isinstance(action, Send):
+            action.session.sent.append(action.frame)
+        else:
+            action.session.closes.append((action.code, action.reason))
+
+
+def feed(relay: Relay, session: RelaySession, frame: bytes, now: float = NOW) -> None:
+    """Hand ``frame`` from ``session`` to the relay and perform what it returns."""
+    perform(relay.handle_frame(session, frame, now))
 
 
 def ip(text: str) -> IPv4Address:
@@ -82,8 +90,8 @@ def login(
     session = session if session is not None else FakeSession()
     relay.on_connect(session)
     if vmac is not None:
-        relay.handle_frame(session, vmac_frame(vmac, now), now)
-    relay.handle_frame(session, auth_frame(tun_ip, now), now)
+        feed(relay, session, vmac_frame(vmac, now), now)
+    feed(relay, session, auth_frame(tun_ip, now), now)
     assert session.closes == [], session.closes
     assert session.authenticated
     return session
@@ -94,7 +102,7 @@ def request_address(
 ) -> IPv4Interface | None:
     """Send EXPTTUN; the granted cidr, or None if the session was closed."""
     before = len(session.sent)
-    relay.handle_frame(session, expttun_frame(cidr, now), now)
+    feed(relay, session, expttun_frame(cidr, now), now)
     if session.closes:
         return None
     (reply,) = session.sent[before:]

@@ -1,30 +1,14 @@
-"""The relay (PROTOCOL 2.4) driven with fake sessions, then over real WebSockets."""
+"""The relay core (PROTOCOL 2.4) driven with plain sessions: no socket, no event loop."""
 
-import asyncio
 import logging
-import os
-import signal
-import socket
 import struct
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from typing import Any
 
 import pytest
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
 
-from p2pvpn.config import SdwanRule, ServerConfig
-from p2pvpn.server.relay import (
-    ListenError,
-    Relay,
-    RelayServer,
-    ServerRuntime,
-    listen_address,
-    run_server,
-)
+from p2pvpn.config import SdwanRule
+from p2pvpn.server.relay import Relay
 from p2pvpn.wire.close_codes import CloseCode
 from p2pvpn.wire.ws import (
     BROADCAST,
@@ -45,24 +29,15 @@ from tests.server import (
     FakeSession,
     auth_frame,
     expttun_frame,
+    feed,
     forward,
     ip,
     login,
     request_address,
     vmac_frame,
-    wait_until,
 )
 
 DHCP = IPv4Network("10.77.0.0/24")
-
-
-@pytest.fixture(autouse=True)
-def _restore_websockets_log_level() -> Iterator[None]:
-    # run_server quiets websockets' per-connection lines; keep that out of other tests.
-    websockets_logger = logging.getLogger("websockets.server")
-    level = websockets_logger.level
-    yield
-    websockets_logger.setLevel(level)
 
 
 def make_relay(**kwargs: Any) -> Relay:
@@ -84,7 +59,7 @@ def test_auth_maps_the_tun_ip_and_sends_nothing() -> None:
 def test_auth_with_a_wrong_password_closes_4001() -> None:
     relay = make_relay()
     session = FakeSession()
-    relay.handle_frame(session, auth_frame("10.0.0.1", password="wrong"), NOW)
+    feed(relay, session, auth_frame("10.0.0.1", password="wrong"), NOW)
     assert session.close_code == CloseCode.AUTHENTICATION_FAILED
     assert not session.authenticated
     assert relay.session_for(ip("10.0.0.1")) is None
@@ -94,7 +69,7 @@ def test_auth_with_a_wrong_password_closes_4001() -> None:
 def test_empty_password_is_allowed() -> None:
     relay = Relay("")
     session = FakeSession()
-    relay.handle_frame(session, auth_frame("10.0.0.1", password=""), NOW)
+    feed(relay, session, auth_frame("10.0.0.1", password=""), NOW)
     assert session.authenticated
 
 
@@ -114,7 +89,7 @@ def test_second_login_with_the_same_address_kicks_the_older(
 def test_relogin_with_another_address_moves_the_mapping() -> None:
     relay = make_relay()
     session = login(relay, "10.0.0.1")
-    relay.handle_frame(session, auth_frame("10.0.0.2", NOW + 1), NOW + 1)
+    feed(relay, session, auth_frame("10.0.0.2", NOW + 1), NOW + 1)
     assert relay.session_for(ip("10.0.0.1")) is None
     assert relay.session_for(ip("10.0.0.2")) is session
 
@@ -123,7 +98,7 @@ def test_relogin_with_another_address_moves_the_mapping() -> None:
 def test_auth_for_an_address_that_cannot_be_a_client_is_refused(address: str) -> None:
     relay = make_relay()
     session = FakeSession()
-    relay.handle_frame(session, auth_frame(address), NOW)
+    feed(relay, session, auth_frame(address), NOW)
     assert session.close_code == CloseCode.ADDRESS_REFUSED
 
 
@@ -131,7 +106,7 @@ def test_auth_for_an_address_that_cannot_be_a_client_is_refused(address: str) ->
 def test_auth_for_the_dhcp_network_or_broadcast_address_is_refused(address: str) -> None:
     relay = make_relay(dhcp=DHCP)
     session = FakeSession()
-    relay.handle_frame(session, auth_frame(address), NOW)
+    feed(relay, session, auth_frame(address), NOW)
     assert session.close_code == CloseCode.ADDRESS_REFUSED
 
 
@@ -149,17 +124,17 @@ def test_auth_for_the_dhcp_network_or_broadcast_address_is_refused(address: str)
 def test_messages_before_auth_close_4006(frame: bytes) -> None:
     relay = make_relay()
     session = FakeSession()
-    relay.handle_frame(session, frame, NOW)
+    feed(relay, session, frame, NOW)
     assert session.close_code == CloseCode.NOT_AUTHENTICATED
 
 
 def test_vmac_expttun_and_unknown_types_are_allowed_before_auth() -> None:
     relay = make_relay(dhcp=DHCP)
     session = FakeSession()
-    relay.handle_frame(session, vmac_frame(VMAC_A), NOW)
+    feed(relay, session, vmac_frame(VMAC_A), NOW)
     assert session.vmac == VMAC_A
     assert request_address(relay, session) == IPv4Interface("10.77.0.1/24")
-    relay.handle_frame(session, b"\x07whatever", NOW)  # unknown type: ignored
+    feed(relay, session, b"\x07whatever", NOW)  # unknown type: ignored
     assert session.closes == []
     assert relay.stats()["drops"]["unknown_type"] == 1
 
@@ -169,7 +144,7 @@ def test_candy_login_sequence_is_accepted(candy_vectors: dict[str, Any]) -> None
     relay = Relay(candy_vectors["password"], dhcp=IPv4Network("192.168.202.0/24"))
     session = FakeSession()
     for item in candy_vectors["client_to_server_ws"][:3]:
-        relay.handle_frame(session, bytes.fromhex(item["hex"]), NOW)
+        feed(relay, session, bytes.fromhex(item["hex"]), NOW)
     assert session.closes == []
     assert session.vmac == "1eb9fcc6f6a90f6f"
     assert relay.session_for(ip("192.168.202.1")) is session
@@ -185,7 +160,7 @@ def test_expttun_grant_matches_the_candy_server_bytes(candy_vectors: dict[str, A
     request = next(
         item for item in candy_vectors["client_to_server_ws"] if item["type"] == "EXPTTUN"
     )
-    relay.handle_frame(session, bytes.fromhex(request["hex"]), grant.timestamp)
+    feed(relay, session, bytes.fromhex(request["hex"]), grant.timestamp)
     assert session.sent == [bytes.fromhex(captured)]
 
 
@@ -196,7 +171,7 @@ def test_forward_unicast_reaches_only_the_destination() -> None:
     relay = make_relay()
     a, b, c = (login(relay, f"10.0.0.{n}") for n in (1, 2, 3))
     frame = forward("10.0.0.1", "10.0.0.2")
-    relay.handle_frame(a, frame, NOW)
+    feed(relay, a, frame, NOW)
     assert b.sent == [frame]
     assert a.sent == c.sent == []
     stats = relay.stats()
@@ -209,9 +184,9 @@ def test_forward_broadcast_and_multicast_reach_every_other_session(destination: 
     relay = make_relay()
     a, b, c = (login(relay, f"10.0.0.{n}") for n in (1, 2, 3))
     unauthenticated = FakeSession()
-    relay.handle_frame(unauthenticated, vmac_frame(VMAC_A), NOW)
+    feed(relay, unauthenticated, vmac_frame(VMAC_A), NOW)
     frame = forward("10.0.0.1", destination)
-    relay.handle_frame(a, frame, NOW)
+    feed(relay, a, frame, NOW)
     assert b.sent == c.sent == [frame]
     assert a.sent == unauthenticated.sent == []
 
@@ -220,7 +195,7 @@ def test_forward_to_the_directed_broadcast_of_the_dhcp_range_fans_out() -> None:
     relay = make_relay(dhcp=DHCP)
     a, b = login(relay, "10.77.0.1"), login(relay, "10.77.0.2")
     frame = forward("10.77.0.1", "10.77.0.255")
-    relay.handle_frame(a, frame, NOW)
+    feed(relay, a, frame, NOW)
     assert b.sent == [frame]
     assert a.sent == []
 
@@ -228,7 +203,7 @@ def test_forward_to_the_directed_broadcast_of_the_dhcp_range_fans_out() -> None:
 def test_directed_broadcast_needs_a_dhcp_range() -> None:
     relay = make_relay()
     a, b = login(relay, "10.77.0.1"), login(relay, "10.77.0.2")
-    relay.handle_frame(a, forward("10.77.0.1", "10.77.0.255"), NOW)
+    feed(relay, a, forward("10.77.0.1", "10.77.0.255"), NOW)
     assert b.sent == []
     assert relay.stats()["drops"] == {"unknown_destination": 1}
 
@@ -236,7 +211,7 @@ def test_directed_broadcast_needs_a_dhcp_range() -> None:
 def test_forward_to_an_unknown_destination_is_dropped_and_counted() -> None:
     relay = make_relay()
     a, b = login(relay, "10.0.0.1"), login(relay, "10.0.0.2")
-    relay.handle_frame(a, forward("10.0.0.1", "10.0.0.99"), NOW)
+    feed(relay, a, forward("10.0.0.1", "10.0.0.99"), NOW)
     assert a.sent == b.sent == []
     assert a.closes == []
     assert relay.stats()["drops"] == {"unknown_destination": 1}
@@ -245,14 +220,14 @@ def test_forward_to_an_unknown_destination_is_dropped_and_counted() -> None:
 def test_short_or_non_ipv4_forward_is_dropped_not_closed() -> None:
     relay = make_relay()
     a, b = login(relay, "10.0.0.1"), login(relay, "10.0.0.2")
-    relay.handle_frame(a, forward("10.0.0.1", "10.0.0.2")[:20], NOW)
+    feed(relay, a, forward("10.0.0.1", "10.0.0.2")[:20], NOW)
     ipv6ish = bytearray(forward("10.0.0.1", "10.0.0.2"))
     ipv6ish[1] = 0x60
-    relay.handle_frame(a, bytes(ipv6ish), NOW)
+    feed(relay, a, bytes(ipv6ish), NOW)
     assert a.closes == []
     assert b.sent == []
     assert relay.stats()["drops"] == {"short_forward": 1, "not_ipv4": 1}
-    relay.handle_frame(a, forward("10.0.0.1", "10.0.0.2"), NOW)
+    feed(relay, a, forward("10.0.0.1", "10.0.0.2"), NOW)
     assert len(b.sent) == 1
 
 
@@ -264,7 +239,7 @@ def test_dhcp_grants_distinct_addresses_to_three_vmacs() -> None:
     grants = []
     for vmac in (VMAC_A, VMAC_B, VMAC_C):
         session = FakeSession()
-        relay.handle_frame(session, vmac_frame(vmac), NOW)
+        feed(relay, session, vmac_frame(vmac), NOW)
         grants.append(request_address(relay, session))
     assert grants == [IPv4Interface(f"10.77.0.{n}/24") for n in (1, 2, 3)]
 
@@ -272,7 +247,7 @@ def test_dhcp_grants_distinct_addresses_to_three_vmacs() -> None:
 def test_grant_carries_a_fresh_timestamp_and_a_valid_hash() -> None:
     relay = make_relay(dhcp=DHCP)
     session = FakeSession()
-    relay.handle_frame(session, expttun_frame(now=NOW - 100), NOW)
+    feed(relay, session, expttun_frame(now=NOW - 100), NOW)
     (reply,) = session.sent
     grant = decode_ws_message(reply)
     assert isinstance(grant, ExptTun)
@@ -284,7 +259,7 @@ def test_grant_carries_a_fresh_timestamp_and_a_valid_hash() -> None:
 def test_a_free_requested_address_is_granted() -> None:
     relay = make_relay(dhcp=DHCP)
     session = FakeSession()
-    relay.handle_frame(session, vmac_frame(VMAC_A), NOW)
+    feed(relay, session, vmac_frame(VMAC_A), NOW)
     assert request_address(relay, session, "10.77.0.50/24") == IPv4Interface("10.77.0.50/24")
 
 
@@ -299,7 +274,7 @@ def test_an_address_held_by_another_client_is_not_granted() -> None:
     relay = make_relay(dhcp=DHCP)
     login(relay, "10.77.0.1", vmac=VMAC_A)
     session = FakeSession()
-    relay.handle_frame(session, vmac_frame(VMAC_B), NOW)
+    feed(relay, session, vmac_frame(VMAC_B), NOW)
     assert request_address(relay, session, "10.77.0.1/24") == IPv4Interface("10.77.0.2/24")
 
 
@@ -307,26 +282,26 @@ def test_the_same_vmac_may_take_over_its_address_from_a_stale_connection() -> No
     relay = make_relay(dhcp=DHCP)
     login(relay, "10.77.0.7", vmac=VMAC_A)
     session = FakeSession()
-    relay.handle_frame(session, vmac_frame(VMAC_A, NOW + 1), NOW + 1)
+    feed(relay, session, vmac_frame(VMAC_A, NOW + 1), NOW + 1)
     assert request_address(relay, session, "10.77.0.7/24", NOW + 1) == IPv4Interface("10.77.0.7/24")
 
 
 def test_a_returning_vmac_gets_its_address_back_after_disconnect() -> None:
     relay = make_relay(dhcp=DHCP)
     first = FakeSession()
-    relay.handle_frame(first, vmac_frame(VMAC_A), NOW)
+    feed(relay, first, vmac_frame(VMAC_A), NOW)
     assert request_address(relay, first) == IPv4Interface("10.77.0.1/24")
-    relay.handle_frame(first, auth_frame("10.77.0.1"), NOW)
+    feed(relay, first, auth_frame("10.77.0.1"), NOW)
     relay.on_disconnect(first)
     # Another installation comes and goes meanwhile; it must not take .1.
     other = FakeSession()
-    relay.handle_frame(other, vmac_frame(VMAC_B), NOW)
+    feed(relay, other, vmac_frame(VMAC_B), NOW)
     assert request_address(relay, other) == IPv4Interface("10.77.0.2/24")
     again = FakeSession()
-    relay.handle_frame(again, vmac_frame(VMAC_A, NOW + 5), NOW + 5)
+    feed(relay, again, vmac_frame(VMAC_A, NOW + 5), NOW + 5)
     assert request_address(relay, again, "0.0.0.0/0", NOW + 5) == IPv4Interface("10.77.0.1/24")
     # Asking for an address leased to someone else also gets the own one back.
-    relay.handle_frame(again, expttun_frame("10.77.0.2/24", NOW + 6), NOW + 6)
+    feed(relay, again, expttun_frame("10.77.0.2/24", NOW + 6), NOW + 6)
     assert decode_ws_message(again.sent[-1]) == ExptTun.create(
         PASSWORD, IPv4Interface("10.77.0.1/24"), NOW + 6
     )
@@ -337,7 +312,7 @@ def test_exhausted_pool_closes_4003() -> None:
     login(relay, "10.9.0.1", vmac=VMAC_A)
     login(relay, "10.9.0.2", vmac=VMAC_B)
     session = FakeSession()
-    relay.handle_frame(session, vmac_frame(VMAC_C), NOW)
+    feed(relay, session, vmac_frame(VMAC_C), NOW)
     assert request_address(relay, session) is None
     assert session.closes == [(CloseCode.ADDRESS_REFUSED, "dhcp range exhausted")]
 
@@ -347,7 +322,7 @@ def test_leases_of_absent_clients_are_reclaimed_when_nothing_else_is_left() -> N
     for vmac, address in ((VMAC_A, "10.9.0.1"), (VMAC_B, "10.9.0.2")):
         relay.on_disconnect(login(relay, address, vmac=vmac))
     session = FakeSession()
-    relay.handle_frame(session, vmac_frame(VMAC_C), NOW)
+    feed(relay, session, vmac_frame(VMAC_C), NOW)
     granted = request_address(relay, session)
     assert granted is not None
     assert granted.ip in {ip("10.9.0.1"), ip("10.9.0.2")}
@@ -359,7 +334,7 @@ def test_leases_of_absent_clients_are_reclaimed_when_nothing_else_is_left() -> N
 def test_expttun_without_dhcp_range_closes_4003() -> None:
     relay = make_relay()
     session = FakeSession()
-    relay.handle_frame(session, expttun_frame(), NOW)
+    feed(relay, session, expttun_frame(), NOW)
     assert session.closes == [(CloseCode.ADDRESS_REFUSED, "no dhcp range configured")]
 
 
@@ -370,14 +345,14 @@ def test_udp4conn_is_relayed_unchanged_including_trailing_bytes() -> None:
     relay = make_relay()
     a, b = login(relay, "10.0.0.1"), login(relay, "10.0.0.2")
     frame = Udp4Conn(ip("10.0.0.1"), ip("10.0.0.2"), ip("198.51.100.7"), 41641).encode()
-    relay.handle_frame(a, frame + b"\xaa\xbb", NOW)
+    feed(relay, a, frame + b"\xaa\xbb", NOW)
     assert b.sent == [frame + b"\xaa\xbb"]
 
 
 def test_udp4conn_to_broadcast_is_not_fanned_out() -> None:
     relay = make_relay()
     a, b = login(relay, "10.0.0.1"), login(relay, "10.0.0.2")
-    relay.handle_frame(a, Udp4Conn(ip("10.0.0.1"), BROADCAST, ip("198.51.100.7"), 1).encode(), NOW)
+    feed(relay, a, Udp4Conn(ip("10.0.0.1"), BROADCAST, ip("198.51.100.7"), 1).encode(), NOW)
     assert b.sent == []
     assert relay.stats()["drops"] == {"unknown_destination": 1}
 
@@ -386,11 +361,11 @@ def test_discovery_broadcast_and_unicast() -> None:
     relay = make_relay()
     a, b, c = (login(relay, f"10.0.0.{n}") for n in (1, 2, 3))
     broadcast = Discovery(ip("10.0.0.1"), BROADCAST).encode()
-    relay.handle_frame(a, broadcast, NOW)
+    feed(relay, a, broadcast, NOW)
     assert b.sent == c.sent == [broadcast]
     assert a.sent == []
     answer = Discovery(ip("10.0.0.2"), ip("10.0.0.1")).encode()
-    relay.handle_frame(b, answer, NOW)
+    feed(relay, b, answer, NOW)
     assert a.sent == [answer]
     assert c.sent == [broadcast]
 
@@ -399,11 +374,11 @@ def test_general_lan_address_unicast_and_other_subtypes_broadcast() -> None:
     relay = make_relay()
     a, b, c = (login(relay, f"10.0.0.{n}") for n in (1, 2, 3))
     lan = LanAddress(ip("10.0.0.1"), ip("10.0.0.3"), ip("192.168.1.20"), 5000).encode()
-    relay.handle_frame(a, lan, NOW)
+    feed(relay, a, lan, NOW)
     assert c.sent == [lan]
     assert b.sent == []
     general = General(9, 7, ip("10.0.0.2"), BROADCAST, b"payload").encode()
-    relay.handle_frame(b, general, NOW)
+    feed(relay, b, general, NOW)
     assert a.sent == [general]
     assert c.sent == [lan, general]
 
@@ -411,7 +386,7 @@ def test_general_lan_address_unicast_and_other_subtypes_broadcast() -> None:
 def test_signal_to_an_unknown_destination_is_dropped() -> None:
     relay = make_relay()
     a = login(relay, "10.0.0.1")
-    relay.handle_frame(a, Discovery(ip("10.0.0.1"), ip("10.0.0.9")).encode(), NOW)
+    feed(relay, a, Discovery(ip("10.0.0.1"), ip("10.0.0.9")).encode(), NOW)
     assert a.closes == []
     assert relay.stats()["drops"] == {"unknown_destination": 1}
 
@@ -419,8 +394,8 @@ def test_signal_to_an_unknown_destination_is_dropped() -> None:
 def test_route_and_unknown_types_from_a_client_are_ignored() -> None:
     relay = make_relay()
     a, b = login(relay, "10.0.0.1"), login(relay, "10.0.0.2")
-    relay.handle_frame(a, SystemRoutes(()).encode(), NOW)
-    relay.handle_frame(a, b"\x63anything", NOW)
+    feed(relay, a, SystemRoutes(()).encode(), NOW)
+    feed(relay, a, b"\x63anything", NOW)
     assert a.closes == []
     assert b.sent == []
 
@@ -479,171 +454,11 @@ def test_disconnect_removes_the_mapping_only_if_still_owned() -> None:
 def test_frames_after_a_close_are_ignored() -> None:
     relay = make_relay()
     a, b = login(relay, "10.0.0.1"), login(relay, "10.0.0.2")
-    relay.handle_frame(a, Discovery(ip("10.0.0.9"), ip("10.0.0.2")).encode(), NOW)  # spoofed
+    feed(relay, a, Discovery(ip("10.0.0.9"), ip("10.0.0.2")).encode(), NOW)  # spoofed
     assert a.close_code == CloseCode.PROTOCOL_VIOLATION
-    relay.handle_frame(a, forward("10.0.0.1", "10.0.0.2"), NOW)
+    feed(relay, a, forward("10.0.0.1", "10.0.0.2"), NOW)
     assert b.sent == []
     assert relay.session_for(ip("10.0.0.1")) is None
-
-
-# -- listen address and process entry point ------------------------------------------
-
-
-def test_listen_address() -> None:
-    assert listen_address("ws://0.0.0.0:8080/") == ("0.0.0.0", 8080)
-    assert listen_address("ws://127.0.0.1:9000/some/path") == ("127.0.0.1", 9000)
-    assert listen_address("ws://example.org") == ("example.org", 80)
-    with pytest.raises(ValueError, match="reverse proxy"):
-        listen_address("wss://0.0.0.0:443/")
-
-
-def test_run_server_refuses_wss(caplog: pytest.LogCaptureFixture) -> None:
-    config = ServerConfig(websocket="wss://127.0.0.1:8443/", password=PASSWORD, stun_port=0)
-    with caplog.at_level(logging.ERROR):
-        assert run_server(config, debug=False) == 1
-    assert "reverse proxy" in caplog.text
-    assert PASSWORD not in caplog.text
-
-
-def test_run_server_reports_a_port_in_use(caplog: pytest.LogCaptureFixture) -> None:
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        port = busy.getsockname()[1]
-        config = ServerConfig(websocket=f"ws://127.0.0.1:{port}/", password=PASSWORD, stun_port=0)
-        with caplog.at_level(logging.ERROR):
-            assert run_server(config, debug=False) == 1
-    assert f"ws://127.0.0.1:{port}" in caplog.text
-
-
-def test_stun_bind_failure_names_the_udp_port() -> None:
-    async def scenario() -> None:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as busy:
-            busy.bind(("127.0.0.1", 0))
-            port = busy.getsockname()[1]
-            config = ServerConfig(websocket="ws://127.0.0.1:0/", stun_port=port)
-            runtime = ServerRuntime(config, stun_host="127.0.0.1")
-            with pytest.raises(ListenError, match=f"udp 127.0.0.1:{port}"):
-                await runtime.start()
-
-    asyncio.run(scenario())
-
-
-def test_run_server_stops_cleanly_on_sigterm(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    """A logged-in client is closed with 1001 and run_server returns 0."""
-    original_start = ServerRuntime.start
-    tasks: list[asyncio.Task[None]] = []
-
-    async def client_then_sigterm(runtime: ServerRuntime) -> None:
-        async with connect(f"ws://127.0.0.1:{runtime.ws_port}/") as connection:
-            await connection.send(auth_frame("10.1.0.1", int(time.time())))
-            await wait_until(lambda: runtime.stats()["sessions_authenticated"] == 1)
-            os.kill(os.getpid(), signal.SIGTERM)
-            with pytest.raises(ConnectionClosed):
-                await connection.recv()
-
-    async def start_then_signal(self: ServerRuntime) -> None:
-        await original_start(self)
-        tasks.append(asyncio.get_running_loop().create_task(client_then_sigterm(self)))
-
-    monkeypatch.setattr(ServerRuntime, "start", start_then_signal)
-    config = ServerConfig(websocket="ws://127.0.0.1:0/", password=PASSWORD, stun_port=0)
-    with caplog.at_level(logging.INFO, logger="p2pvpn.server.relay"):
-        assert run_server(config, debug=True) == 0
-    assert "listening on ws://127.0.0.1:" in caplog.text
-    assert "shutting down" in caplog.text
-    assert "close code 1001" in caplog.text
-    assert PASSWORD not in caplog.text
-
-
-# -- end to end over real WebSockets ---------------------------------------------------
-
-
-@dataclass
-class Client:
-    connection: ClientConnection
-    tun_ip: str
-
-    async def recv_frame(self, timeout: float = 5.0) -> bytes:
-        frame = await asyncio.wait_for(self.connection.recv(), timeout)
-        assert isinstance(frame, bytes)
-        return frame
-
-
-async def connect_client(
-    server: RelayServer, tun_ip: str, vmac: str, *, now: int | None = None
-) -> Client:
-    timestamp = int(time.time()) if now is None else now
-    connection = await connect(f"ws://127.0.0.1:{server.port}/", compression=None)
-    await connection.send(vmac_frame(vmac, timestamp))
-    await connection.send(auth_frame(tun_ip, timestamp))
-    await wait_until(lambda: server.relay.session_for(ip(tun_ip)) is not None)
-    return Client(connection, tun_ip)
-
-
-def test_end_to_end_two_clients_exchange_forward_frames() -> None:
-    async def scenario() -> None:
-        relay = Relay(PASSWORD, dhcp=DHCP)
-        async with RelayServer(relay, "127.0.0.1", 0) as server:
-            a = await connect_client(server, "10.77.0.1", VMAC_A)
-            b = await connect_client(server, "10.77.0.2", VMAC_B)
-            to_b = forward("10.77.0.1", "10.77.0.2", b"ping")
-            await a.connection.send(to_b)
-            assert await b.recv_frame() == to_b
-            to_a = forward("10.77.0.2", "10.77.0.1", b"pong")
-            await b.connection.send(to_a)
-            assert await a.recv_frame() == to_a
-            broadcast = forward("10.77.0.1", "10.77.0.255", b"all")
-            await a.connection.send(broadcast)
-            assert await b.recv_frame() == broadcast
-            assert relay.stats()["frames_relayed"] == 3
-            await a.connection.close()
-            await wait_until(lambda: relay.session_for(ip("10.77.0.1")) is None)
-        # Shutting the server down closes the remaining client with 1001.
-        with pytest.raises(ConnectionClosed) as closed:
-            await b.connection.recv()
-        assert closed.value.rcvd is not None
-        assert closed.value.rcvd.code == 1001
-
-    asyncio.run(scenario())
-
-
-def test_end_to_end_dhcp_grant_over_websocket() -> None:
-    async def scenario() -> None:
-        relay = Relay(PASSWORD, dhcp=DHCP)
-        async with (
-            RelayServer(relay, "127.0.0.1", 0) as server,
-            connect(f"ws://127.0.0.1:{server.port}/path") as connection,
-        ):
-            now = int(time.time())
-            await connection.send(vmac_frame(VMAC_A, now))
-            await connection.send(expttun_frame("0.0.0.0/0", now))
-            reply = await asyncio.wait_for(connection.recv(), 5)
-            assert isinstance(reply, bytes)
-            grant = decode_ws_message(reply)
-            assert isinstance(grant, ExptTun)
-            assert grant.verify(PASSWORD)
-            assert grant.cidr == IPv4Interface("10.77.0.1/24")
-
-    asyncio.run(scenario())
-
-
-def test_runtime_serves_on_an_ephemeral_port() -> None:
-    async def scenario() -> None:
-        config = ServerConfig(websocket="ws://127.0.0.1:0/", password=PASSWORD, stun_port=0)
-        runtime = ServerRuntime(config)
-        await runtime.start()
-        try:
-            async with connect(f"ws://127.0.0.1:{runtime.ws_port}/") as connection:
-                await connection.send(auth_frame("10.1.0.1", int(time.time())))
-                await wait_until(lambda: runtime.stats()["sessions_authenticated"] == 1)
-        finally:
-            await runtime.close()
-        assert runtime.stats()["connections_open"] == 0
-
-    asyncio.run(scenario())
 
 
 def test_ipv4_packet_helper_is_a_valid_header() -> None:

@@ -1,19 +1,15 @@
-"""Security and robustness of the relay (ARCHITECTURE.md, "Security and robustness")."""
+"""Security and robustness of the relay core (ARCHITECTURE.md, "Security and robustness")."""
 
-import asyncio
 import logging
-import time
 from ipaddress import IPv4Network
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed
 
 from p2pvpn.config import SdwanRule
-from p2pvpn.server.relay import MAX_FRAME_SIZE, Relay, RelayServer, _WsSession
+from p2pvpn.server.relay import MAX_FRAME_SIZE, Relay
 from p2pvpn.wire.close_codes import CloseCode
 from p2pvpn.wire.ws import BROADCAST, Discovery, General, LanAddress, Udp4Conn, WsType
 from tests.server import (
@@ -24,11 +20,11 @@ from tests.server import (
     FakeSession,
     auth_frame,
     expttun_frame,
+    feed,
     forward,
     ip,
     login,
     vmac_frame,
-    wait_until,
 )
 
 # -- stale and replayed login messages --------------------------------------------------
@@ -38,7 +34,7 @@ from tests.server import (
 def test_stale_auth_closes_4002(skew: int) -> None:
     relay = Relay(PASSWORD)
     session = FakeSession()
-    relay.handle_frame(session, auth_frame("10.0.0.1", NOW + skew), NOW)
+    feed(relay, session, auth_frame("10.0.0.1", NOW + skew), NOW)
     assert session.close_code == CloseCode.STALE_OR_REPLAYED
     assert relay.session_for(ip("10.0.0.1")) is None
 
@@ -48,7 +44,7 @@ def test_auth_at_the_edge_of_the_window_is_accepted(skew: int) -> None:
     relay = Relay(PASSWORD)
     login(relay, "10.0.0.1", now=NOW + skew, session=None)  # the clock below is NOW
     session = FakeSession()
-    relay.handle_frame(session, auth_frame("10.0.0.2", NOW + skew), NOW)
+    feed(relay, session, auth_frame("10.0.0.2", NOW + skew), NOW)
     assert session.closes == []
 
 
@@ -58,7 +54,7 @@ def test_auth_at_the_edge_of_the_window_is_accepted(skew: int) -> None:
 def test_stale_vmac_and_expttun_close_4002(frame: bytes) -> None:
     relay = Relay(PASSWORD, dhcp=IPv4Network("10.77.0.0/24"))
     session = FakeSession()
-    relay.handle_frame(session, frame, NOW)
+    feed(relay, session, frame, NOW)
     assert session.close_code == CloseCode.STALE_OR_REPLAYED
     assert session.sent == []
 
@@ -67,7 +63,7 @@ def test_replayed_auth_closes_4002_and_leaves_the_victim_alone() -> None:
     relay = Relay(PASSWORD)
     victim = login(relay, "10.0.0.1")
     attacker = FakeSession("203.0.113.66:1234")
-    relay.handle_frame(attacker, auth_frame("10.0.0.1"), NOW + 10)
+    feed(relay, attacker, auth_frame("10.0.0.1"), NOW + 10)
     assert attacker.close_code == CloseCode.STALE_OR_REPLAYED
     assert victim.closes == []
     assert relay.session_for(ip("10.0.0.1")) is victim
@@ -75,9 +71,9 @@ def test_replayed_auth_closes_4002_and_leaves_the_victim_alone() -> None:
 
 def test_replayed_vmac_closes_4002() -> None:
     relay = Relay(PASSWORD)
-    relay.handle_frame(FakeSession(), vmac_frame(VMAC_A), NOW)
+    feed(relay, FakeSession(), vmac_frame(VMAC_A), NOW)
     replayer = FakeSession()
-    relay.handle_frame(replayer, vmac_frame(VMAC_A), NOW + 1)
+    feed(relay, replayer, vmac_frame(VMAC_A), NOW + 1)
     assert replayer.close_code == CloseCode.STALE_OR_REPLAYED
 
 
@@ -86,12 +82,12 @@ def test_expttun_in_the_same_second_from_two_installations_is_not_a_replay() -> 
     relay = Relay(PASSWORD, dhcp=IPv4Network("10.77.0.0/24"))
     first, second = FakeSession(), FakeSession()
     for session, vmac in ((first, VMAC_A), (second, VMAC_B)):
-        relay.handle_frame(session, vmac_frame(vmac), NOW)
-        relay.handle_frame(session, expttun_frame(), NOW)
+        feed(relay, session, vmac_frame(vmac), NOW)
+        feed(relay, session, expttun_frame(), NOW)
     assert first.closes == second.closes == []
     replayer = FakeSession()
-    relay.handle_frame(replayer, vmac_frame(VMAC_A, NOW + 1), NOW + 1)
-    relay.handle_frame(replayer, expttun_frame(), NOW + 1)
+    feed(relay, replayer, vmac_frame(VMAC_A, NOW + 1), NOW + 1)
+    feed(relay, replayer, expttun_frame(), NOW + 1)
     assert replayer.close_code == CloseCode.STALE_OR_REPLAYED
 
 
@@ -107,7 +103,7 @@ def test_replay_cache_is_pruned_after_the_window() -> None:
 def test_a_bad_hash_does_not_enter_the_replay_cache() -> None:
     relay = Relay(PASSWORD)
     for n in range(50):
-        relay.handle_frame(FakeSession(), auth_frame(f"10.0.0.{n + 1}", password="x"), NOW)
+        feed(relay, FakeSession(), auth_frame(f"10.0.0.{n + 1}", password="x"), NOW)
     assert relay.stats()["replay_cache_entries"] == 0
 
 
@@ -126,7 +122,7 @@ def test_a_bad_hash_does_not_enter_the_replay_cache() -> None:
 def test_spoofed_signal_closes_the_sender_4005(frame: bytes) -> None:
     relay = Relay(PASSWORD)
     spoofer, victim = login(relay, "10.0.0.1"), login(relay, "10.0.0.2")
-    relay.handle_frame(spoofer, frame, NOW)
+    feed(relay, spoofer, frame, NOW)
     assert spoofer.close_code == CloseCode.PROTOCOL_VIOLATION
     assert victim.sent == []
     assert victim.closes == []
@@ -140,7 +136,7 @@ def test_spoofed_forward_is_dropped_counted_and_logged_rate_limited(
     sender, receiver = login(relay, "10.0.0.1"), login(relay, "10.0.0.2")
     with caplog.at_level(logging.WARNING, logger="p2pvpn.server.relay"):
         for _ in range(5):
-            relay.handle_frame(sender, forward("10.0.0.9", "10.0.0.2"), NOW)
+            feed(relay, sender, forward("10.0.0.9", "10.0.0.2"), NOW)
     assert receiver.sent == []
     assert sender.closes == []
     assert relay.stats()["drops"] == {"spoofed_source": 5}
@@ -148,11 +144,11 @@ def test_spoofed_forward_is_dropped_counted_and_logged_rate_limited(
     assert len(spoof_lines) == 1
     # The sender keeps working.
     legit = forward("10.0.0.1", "10.0.0.2")
-    relay.handle_frame(sender, legit, NOW)
+    feed(relay, sender, legit, NOW)
     assert receiver.sent == [legit]
     # After the interval the next drop is logged again, with the suppressed count.
     with caplog.at_level(logging.WARNING, logger="p2pvpn.server.relay"):
-        relay.handle_frame(sender, forward("10.0.0.9", "10.0.0.2"), NOW + 11)
+        feed(relay, sender, forward("10.0.0.9", "10.0.0.2"), NOW + 11)
     assert "4 similar drops" in caplog.records[-1].getMessage()
 
 
@@ -161,10 +157,10 @@ def test_an_sdwan_next_hop_may_forward_replies_from_its_lan() -> None:
     relay = Relay(PASSWORD, sdwan=[rule])
     gateway, client = login(relay, "10.77.0.9"), login(relay, "10.77.0.1")
     reply = forward("172.30.4.5", "10.77.0.1")
-    relay.handle_frame(gateway, reply, NOW)
+    feed(relay, gateway, reply, NOW)
     assert client.sent[-1] == reply
     # Nobody else may use those sources.
-    relay.handle_frame(client, forward("172.30.4.5", "10.77.0.9"), NOW)
+    feed(relay, client, forward("172.30.4.5", "10.77.0.9"), NOW)
     assert relay.stats()["drops"] == {"spoofed_source": 1}
 
 
@@ -184,20 +180,20 @@ def test_an_sdwan_next_hop_may_forward_replies_from_its_lan() -> None:
 def test_malformed_frames_close_4005(frame: bytes) -> None:
     relay = Relay(PASSWORD, dhcp=IPv4Network("10.77.0.0/24"))
     session = FakeSession()
-    relay.handle_frame(session, frame, NOW)
+    feed(relay, session, frame, NOW)
     assert session.close_code == CloseCode.PROTOCOL_VIOLATION
 
 
 def test_oversized_frame_into_the_core_closes_4005() -> None:
     relay = Relay(PASSWORD)
     sender, other = login(relay, "10.0.0.1"), login(relay, "10.0.0.2")
-    relay.handle_frame(sender, forward("10.0.0.1", "10.0.0.2", bytes(MAX_FRAME_SIZE)), NOW)
+    feed(relay, sender, forward("10.0.0.1", "10.0.0.2", bytes(MAX_FRAME_SIZE)), NOW)
     assert sender.close_code == CloseCode.PROTOCOL_VIOLATION
     assert other.sent == []
     assert relay.session_for(ip("10.0.0.2")) is other
     largest = forward("10.0.0.2", "10.0.0.3", bytes(MAX_FRAME_SIZE - 21))
     assert len(largest) == MAX_FRAME_SIZE
-    relay.handle_frame(other, largest, NOW)
+    feed(relay, other, largest, NOW)
     assert other.closes == []
 
 
@@ -213,7 +209,7 @@ def test_a_bug_closes_only_the_session_that_hit_it(
 
     monkeypatch.setattr(relay, "_relay_signal", broken)
     with caplog.at_level(logging.ERROR, logger="p2pvpn.server.relay"):
-        relay.handle_frame(victim, Discovery(ip("10.0.0.1"), BROADCAST).encode(), NOW)
+        feed(relay, victim, Discovery(ip("10.0.0.1"), BROADCAST).encode(), NOW)
     assert victim.close_code == 1011
     assert bystander.closes == []
     assert relay.session_for(ip("10.0.0.2")) is bystander
@@ -226,8 +222,8 @@ def test_password_never_appears_in_logs(caplog: pytest.LogCaptureFixture) -> Non
     relay = Relay(PASSWORD, dhcp=IPv4Network("10.77.0.0/24"))
     with caplog.at_level(logging.DEBUG):
         session = login(relay, "10.77.0.1", vmac=VMAC_A)
-        relay.handle_frame(session, expttun_frame(now=NOW + 1), NOW + 1)
-        relay.handle_frame(FakeSession(), auth_frame("10.0.0.1", password="wrong"), NOW)
+        feed(relay, session, expttun_frame(now=NOW + 1), NOW + 1)
+        feed(relay, FakeSession(), auth_frame("10.0.0.1", password="wrong"), NOW)
         relay.on_disconnect(session)
     assert caplog.records
     assert PASSWORD not in caplog.text
@@ -252,110 +248,12 @@ def test_garbage_never_raises_nor_touches_another_session(frames: list[bytes]) -
     other = login(relay, "10.0.0.2", vmac=VMAC_B)
     third = login(relay, "10.0.0.3")
     for frame in frames:
-        relay.handle_frame(fuzzed, frame, NOW)
+        feed(relay, fuzzed, frame, NOW)
     assert relay.stats()["internal_errors"] == 0
     assert other.closes == []
     assert other.authenticated
     assert relay.session_for(ip("10.0.0.2")) is other
     assert relay.lease_of(VMAC_B) == ip("10.0.0.2")
     unicast = forward("10.0.0.3", "10.0.0.2")
-    relay.handle_frame(third, unicast, NOW)
+    feed(relay, third, unicast, NOW)
     assert other.sent[-1] == unicast
-
-
-# -- the I/O layer ----------------------------------------------------------------------------
-
-
-def test_oversized_frame_closes_only_the_sender_on_a_real_server() -> None:
-    async def scenario() -> None:
-        relay = Relay(PASSWORD)
-        async with RelayServer(relay, "127.0.0.1", 0) as server:
-            url = f"ws://127.0.0.1:{server.port}/"
-            now = int(time.time())
-            async with connect(url) as big, connect(url) as a, connect(url) as b:
-                for connection, address in ((big, "10.0.0.9"), (a, "10.0.0.1"), (b, "10.0.0.2")):
-                    await connection.send(auth_frame(address, now))
-                await wait_until(lambda: relay.stats()["sessions_authenticated"] == 3)
-                await big.send(forward("10.0.0.9", "10.0.0.1", bytes(70_000 - 21)))
-                with pytest.raises(ConnectionClosed) as closed:
-                    await asyncio.wait_for(big.recv(), 5)
-                assert closed.value.rcvd is not None
-                assert closed.value.rcvd.code == 1009
-                # The others keep working.
-                frame = forward("10.0.0.1", "10.0.0.2")
-                await a.send(frame)
-                assert await asyncio.wait_for(b.recv(), 5) == frame
-                await wait_until(lambda: relay.session_for(ip("10.0.0.9")) is None)
-            assert relay.stats()["rejections"] == {"MESSAGE_TOO_BIG": 1}
-
-    asyncio.run(scenario())
-
-
-def test_rejected_client_sees_the_private_close_code() -> None:
-    async def scenario() -> None:
-        relay = Relay(PASSWORD)
-        async with (
-            RelayServer(relay, "127.0.0.1", 0) as server,
-            connect(f"ws://127.0.0.1:{server.port}/") as connection,
-        ):
-            await connection.send(auth_frame("10.0.0.1", int(time.time()), password="bad"))
-            with pytest.raises(ConnectionClosed) as closed:
-                await asyncio.wait_for(connection.recv(), 5)
-            assert closed.value.rcvd is not None
-            assert closed.value.rcvd.code == CloseCode.AUTHENTICATION_FAILED
-
-    asyncio.run(scenario())
-
-
-def test_silent_connection_is_closed_after_the_login_timeout() -> None:
-    async def scenario() -> None:
-        relay = Relay(PASSWORD)
-        async with (
-            RelayServer(relay, "127.0.0.1", 0, login_timeout=0.2) as server,
-            connect(f"ws://127.0.0.1:{server.port}/") as connection,
-        ):
-            with pytest.raises(ConnectionClosed) as closed:
-                await asyncio.wait_for(connection.recv(), 5)
-            assert closed.value.rcvd is not None
-            assert closed.value.rcvd.code == CloseCode.NOT_AUTHENTICATED
-
-    asyncio.run(scenario())
-
-
-class _StalledConnection:
-    """Stands in for a ServerConnection whose peer stopped reading."""
-
-    remote_address = ("192.0.2.50", 5555)
-
-    def __init__(self) -> None:
-        self.sent: list[bytes] = []
-        self.never = asyncio.Event()
-
-    async def send(self, frame: bytes) -> None:
-        self.sent.append(frame)
-        await self.never.wait()
-
-    async def close(self, code: int, reason: str) -> None:
-        self.never.set()
-
-
-def test_a_slow_client_gets_frames_dropped_instead_of_blocking() -> None:
-    async def scenario() -> None:
-        relay = Relay(PASSWORD)
-        connection = _StalledConnection()
-        session = _WsSession(connection, relay, queue_size=4)  # type: ignore[arg-type]
-        writer = asyncio.get_running_loop().create_task(session.write_loop())
-        for n in range(10):
-            session.send(bytes([n]))  # returns at once even though nothing drains
-        # The queue holds four frames; the other six are dropped and counted.
-        assert relay.stats()["drops"] == {"send_queue_full": 6}
-        # The writer takes one frame and stays stuck in send() for good...
-        await wait_until(lambda: len(connection.sent) == 1)
-        # ...which frees exactly one place in the queue.
-        session.send(b"a")
-        session.send(b"b")
-        assert relay.stats()["drops"] == {"send_queue_full": 7}
-        assert connection.sent == [bytes([0])]
-        writer.cancel()
-
-    asyncio.run(scenario())

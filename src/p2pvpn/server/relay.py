@@ -1,40 +1,25 @@
-"""The signaling/relay server (PROTOCOL 2.4): a sans-I/O core and a WebSocket layer.
+"""The signaling/relay server's sans-I/O core (PROTOCOL 2.4).
 
 :class:`Relay` holds every piece of server state and is driven by
-``handle_frame(session, frame, now)``; it never touches a socket or the clock,
-so unit tests and the fuzzing harness drive it with fake sessions. The I/O
-layer (:class:`RelayServer`) maps each WebSocket connection onto a session
-whose ``send`` only queues, so one slow or hostile client can never stall
-the event loop or another client.
+``handle_frame(session, frame, now)``, which returns the :class:`Send` and
+:class:`Close` actions the frame causes. It never touches a socket, the event
+loop or the clock, so unit tests and the fuzzing harness drive it with plain
+sessions; :mod:`p2pvpn.server.ws` performs the actions over WebSocket.
 
 Security rules (ARCHITECTURE.md) enforced here and not by the reference
 server: signed login messages must be fresh and unique, every relayed
 message must carry the sender's own tun ip as source, frames are capped.
 """
 
-import abc
-import asyncio
-import contextlib
 import heapq
 import itertools
 import logging
-import os
-import signal
-import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from typing import Any, Protocol
-from urllib.parse import urlsplit
 
-from websockets.asyncio.server import Server, ServerConnection
-from websockets.asyncio.server import serve as ws_serve
-from websockets.exceptions import ConnectionClosed
-
-from p2pvpn.config import ServerConfig
-from p2pvpn.logs import install_secret_filter
-from p2pvpn.metrics import MetricsServer, serve_server_metrics
-from p2pvpn.server.stun import StunResponder, start_stun_responder
 from p2pvpn.wire.close_codes import CloseCode
 from p2pvpn.wire.errors import DecodeError
 from p2pvpn.wire.ipv4 import is_broadcast_or_multicast
@@ -59,22 +44,18 @@ __all__ = [
     "MAX_FRAME_SIZE",
     "MAX_ROUTES_PER_MESSAGE",
     "REPLAY_WINDOW",
-    "ListenError",
+    "Action",
+    "Close",
     "Relay",
-    "RelayServer",
     "RelaySession",
     "SdwanRuleLike",
-    "ServerRuntime",
-    "listen_address",
-    "run_server",
-    "serve",
+    "Send",
 ]
 
 logger = logging.getLogger(__name__)
 
 # A FORWARD carries at most a 65535-byte IPv4 packet plus its type byte; any
 # larger frame cannot be a valid message and closes the sender.
-CLOSE_TIMEOUT = 2.0
 MAX_FRAME_SIZE = 65536
 # Signed login messages further than this from the server clock are refused,
 # and a hash seen within it is a replay (ARCHITECTURE: security).
@@ -83,24 +64,11 @@ REPLAY_WINDOW = 300.0
 MAX_ROUTES_PER_MESSAGE = 100
 # RFC 6455 1011: the server hit an unexpected condition (a bug in this code).
 INTERNAL_ERROR = 1011
-# WebSocket close code websockets sends when a message exceeds max_size.
-MESSAGE_TOO_BIG = 1009
-
-DEFAULT_QUEUE_SIZE = 1024
-DEFAULT_PING_INTERVAL = 20.0
-DEFAULT_PING_TIMEOUT = 20.0
-# A connection that has not logged in by then only holds resources.
-DEFAULT_LOGIN_TIMEOUT = 30.0
-# A rejected client is no longer read; if its answer to the close frame does not
-# arrive within this (it may sit behind unread frames), the connection is dropped.
-REJECTED_CLOSE_TIMEOUT = 2.0
-# Frames one connection may have handled before its reader lets other tasks run.
-READ_BATCH = 16
 # At most one WARNING per reason in this interval for per-packet events.
 WARNING_INTERVAL = 10.0
 
-_SIGNED_TYPES = frozenset({WsType.AUTH, WsType.EXPTTUN, WsType.VMAC})
-_ALLOWED_BEFORE_AUTH = _SIGNED_TYPES
+# The signed login messages; every other known type needs a logged-in sender.
+_ALLOWED_BEFORE_AUTH = frozenset({WsType.AUTH, WsType.EXPTTUN, WsType.VMAC})
 _KNOWN_TYPES = frozenset(int(kind) for kind in WsType)
 _IPV4_HEADER_SIZE = 20
 
@@ -118,11 +86,11 @@ class SdwanRuleLike(Protocol):
     def nexthop(self) -> IPv4Address: ...
 
 
-class RelaySession(abc.ABC):
-    """One client connection as the relay sees it.
+class RelaySession:
+    """One client connection as the relay sees it; the attributes are owned by :class:`Relay`.
 
-    Subclasses implement ``send`` (must not block: queue or drop) and
-    ``close``. The attributes are owned by :class:`Relay`.
+    The I/O layer subclasses it to attach its connection; the relay only names
+    sessions in the actions it returns.
     """
 
     def __init__(self, remote: str) -> None:
@@ -135,17 +103,30 @@ class RelaySession(abc.ABC):
         # Set once on_disconnect ran, so a second call does not log twice.
         self.disconnected = False
 
-    @abc.abstractmethod
-    def send(self, frame: bytes) -> None:
-        """Queue one binary frame for the client; never blocks, may drop."""
-
-    @abc.abstractmethod
-    def close(self, code: CloseCode | int, reason: str) -> None:
-        """Start closing the connection with ``code`` and ``reason``."""
-
     def describe(self) -> str:
         who = str(self.tun_ip) if self.tun_ip is not None else "not logged in"
         return f"{self.remote} ({who})"
+
+
+# Not frozen: a frozen dataclass costs twice as much to build, once per relayed frame.
+@dataclass(slots=True)
+class Send:
+    """Queue ``frame`` for ``session`` (never blocking: the I/O layer may drop it)."""
+
+    session: RelaySession
+    frame: bytes
+
+
+@dataclass(slots=True)
+class Close:
+    """Start closing ``session`` with WebSocket close ``code`` and ``reason``."""
+
+    session: RelaySession
+    code: int
+    reason: str
+
+
+Action = Send | Close
 
 
 class _Throttle:
@@ -236,6 +217,8 @@ class Relay:
         self._counters: Counter[str] = Counter()
         self._drops: Counter[str] = Counter()
         self._rejections: Counter[str] = Counter()
+        # What the current event asks of the I/O layer, handed out when it ends.
+        self._actions: list[Action] = []
 
     # -- public API ---------------------------------------------------------
 
@@ -255,46 +238,43 @@ class Relay:
         except Exception:
             logger.exception("internal error while forgetting %s", session.remote)
 
-    def handle_frame(self, session: RelaySession, frame: bytes, now: float) -> None:
+    def handle_frame(self, session: RelaySession, frame: bytes, now: float) -> list[Action]:
         """Process one binary frame from ``session``; ``now`` is Unix time in seconds.
 
-        Never raises: a bad frame closes its sender, a bug closes only the
-        session that triggered it.
+        Returns what to send and whom to close, in order. Never raises: a bad
+        frame closes its sender, a bug closes only the session that triggered it.
         """
         if session.closed:
             self._drops["after_close"] += 1
-            return
+            return []
         self._counters["frames_received"] += 1
         self._counters["bytes_received"] += len(frame)
         try:
             self._dispatch(session, frame, now)
         except _RejectError as rejected:
-            self.reject(session, rejected.code, rejected.reason, rejected.detail)
+            self._reject(session, rejected.code, rejected.reason, rejected.detail)
         except Exception:
             self._counters["internal_errors"] += 1
             logger.exception("internal error handling a frame from %s", session.remote)
-            self._close_quietly(session, INTERNAL_ERROR, "internal error")
-
-    def reject(self, session: RelaySession, code: CloseCode, reason: str, detail: str) -> None:
-        """Close ``session`` for ``code``, logging ``detail`` with its remote address."""
-        self._rejections[code.name] += 1
-        logger.warning("rejected %s: %s", session.describe(), detail)
-        self._close_quietly(session, code, reason)
+            self._close(session, INTERNAL_ERROR, "internal error")
+        return self._take_actions()
 
     def record_rejection(self, session: RelaySession, label: str, detail: str) -> None:
         """Count and log a rejection the I/O layer performed itself (e.g. 1009)."""
         self._rejections[label] += 1
         logger.warning("rejected %s: %s", session.describe(), detail)
 
-    def login_timed_out(self, session: RelaySession, timeout: float) -> None:
+    def login_timed_out(self, session: RelaySession, timeout: float) -> list[Action]:
+        """The login deadline of ``session`` passed: close it unless it logged in."""
         if session.closed or session.authenticated:
-            return
-        self.reject(
+            return []
+        self._reject(
             session,
             CloseCode.NOT_AUTHENTICATED,
             "no login",
             f"no login within {timeout:g} s",
         )
+        return self._take_actions()
 
     def count_drop(self, reason: str) -> None:
         self._drops[reason] += 1
@@ -427,7 +407,7 @@ class Relay:
                 "kicked %s: %s logged in with the same address", older.describe(), session.remote
             )
             self._rejections[CloseCode.KICKED.name] += 1
-            self._close_quietly(older, CloseCode.KICKED, "another client logged in")
+            self._close(older, CloseCode.KICKED, "another client logged in")
         self._sessions[tun_ip] = session
         session.tun_ip = tun_ip
         session.authenticated = True
@@ -459,7 +439,7 @@ class Relay:
         ]
         for start in range(0, len(routes), MAX_ROUTES_PER_MESSAGE):
             chunk = tuple(routes[start : start + MAX_ROUTES_PER_MESSAGE])
-            session.send(SystemRoutes(chunk).encode())
+            self._actions.append(Send(session, SystemRoutes(chunk).encode()))
 
     # -- DHCP ---------------------------------------------------------------
 
@@ -486,7 +466,8 @@ class Relay:
         if session.vmac is not None:
             self._record_lease(session.vmac, granted)
         cidr = IPv4Interface((granted, self._dhcp.prefixlen))
-        session.send(ExptTun.create(self._password, cidr, int(now)).encode())
+        grant = ExptTun.create(self._password, cidr, int(now))
+        self._actions.append(Send(session, grant.encode()))
         logger.info("granted %s to %s (vmac %s)", cidr, session.remote, session.vmac)
 
     def _allocate(self, session: RelaySession, requested: IPv4Address) -> IPv4Address | None:
@@ -616,7 +597,7 @@ class Relay:
     def _deliver(self, target: RelaySession, frame: bytes) -> None:
         self._counters["frames_relayed"] += 1
         self._counters["bytes_relayed"] += len(frame)
-        target.send(frame)
+        self._actions.append(Send(target, frame))
 
     def _fan_out(self, sender: RelaySession, frame: bytes) -> None:
         for target in list(self._sessions.values()):
@@ -631,14 +612,21 @@ class Relay:
         if tun_ip is not None and self._sessions.get(tun_ip) is session:
             del self._sessions[tun_ip]
 
-    def _close_quietly(self, session: RelaySession, code: CloseCode | int, reason: str) -> None:
+    def _reject(self, session: RelaySession, code: CloseCode, reason: str, detail: str) -> None:
+        """Close ``session`` for ``code``, logging ``detail`` with its remote address."""
+        self._rejections[code.name] += 1
+        logger.warning("rejected %s: %s", session.describe(), detail)
+        self._close(session, code, reason)
+
+    def _close(self, session: RelaySession, code: int, reason: str) -> None:
         session.closed = True
         self._unmap(session)
         session.authenticated = False
-        try:
-            session.close(code, reason)
-        except Exception:
-            logger.exception("internal error closing %s", session.remote)
+        self._actions.append(Close(session, int(code), reason))
+
+    def _take_actions(self) -> list[Action]:
+        actions, self._actions = self._actions, []
+        return actions
 
 
 class _HostRange:
@@ -665,343 +653,3 @@ class _HostRange:
         if not isinstance(address, IPv4Address):
             return False
         return 0 <= int(address) - self._first < self._count
-
-
-# -- WebSocket I/O layer ------------------------------------------------------
-
-
-class _WsSession(RelaySession):
-    """A WebSocket connection: send() queues, a writer task drains the queue."""
-
-    def __init__(self, connection: ServerConnection, relay: Relay, queue_size: int) -> None:
-        super().__init__(_format_remote(connection.remote_address))
-        self._connection = connection
-        self._relay = relay
-        self._queue: asyncio.Queue[bytes] = asyncio.Queue(queue_size)
-        self._close_task: asyncio.Task[None] | None = None
-
-    def send(self, frame: bytes) -> None:
-        if self.closed:
-            return
-        try:
-            self._queue.put_nowait(frame)
-        except asyncio.QueueFull:
-            # A client that does not read must not hold up anyone else.
-            self._relay.count_drop("send_queue_full")
-
-    def close(self, code: CloseCode | int, reason: str) -> None:
-        if self._close_task is None:
-            self._close_task = asyncio.get_running_loop().create_task(
-                self._connection.close(int(code), reason)
-            )
-
-    async def wait_closed(self, timeout: float) -> None:
-        """Wait for the close started by close(); after ``timeout``, drop the connection.
-
-        Called once the relay stopped reading: a client whose answer to the close
-        sits behind frames nobody reads any more cannot complete the handshake.
-        """
-        if self._close_task is None:
-            return
-        try:
-            async with asyncio.timeout(timeout):
-                await asyncio.shield(self._close_task)
-        except TimeoutError:
-            self._connection.transport.abort()
-        except Exception:  # the close task logs nothing; its failure ends the connection too
-            self._connection.transport.abort()
-
-    async def write_loop(self) -> None:
-        with contextlib.suppress(ConnectionClosed):
-            while True:
-                frame = await self._queue.get()
-                await self._connection.send(frame)
-
-
-def _format_remote(address: Any) -> str:
-    if isinstance(address, tuple) and len(address) >= 2:
-        host, port = address[0], address[1]
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-    return str(address)
-
-
-def _describe_close(connection: ServerConnection) -> str:
-    code = connection.close_code
-    reason = connection.close_reason
-    if code is None:
-        return "connection lost"
-    return f"close code {code}" + (f" ({reason})" if reason else "")
-
-
-class RelayServer:
-    """Serves a :class:`Relay` over WebSocket on ``host:port`` (port 0: any)."""
-
-    def __init__(
-        self,
-        relay: Relay,
-        host: str,
-        port: int,
-        *,
-        ping_interval: float | None = DEFAULT_PING_INTERVAL,
-        ping_timeout: float | None = DEFAULT_PING_TIMEOUT,
-        queue_size: int = DEFAULT_QUEUE_SIZE,
-        login_timeout: float = DEFAULT_LOGIN_TIMEOUT,
-    ) -> None:
-        self.relay = relay
-        self._host = host
-        self._port = port
-        self._ping_interval = ping_interval
-        self._ping_timeout = ping_timeout
-        self._queue_size = queue_size
-        self._login_timeout = login_timeout
-        self._server: Server | None = None
-
-    @property
-    def requested_port(self) -> int:
-        return self._port
-
-    @property
-    def port(self) -> int:
-        """The bound TCP port (useful after binding port 0)."""
-        if self._server is None or not self._server.sockets:
-            raise RuntimeError("the relay server is not listening")
-        port: int = self._server.sockets[0].getsockname()[1]
-        return port
-
-    async def start(self) -> None:
-        """Bind and start accepting; raises OSError when the address is unusable."""
-        self._server = await ws_serve(
-            self._handle,
-            self._host,
-            self._port,
-            compression=None,
-            max_size=MAX_FRAME_SIZE,
-            ping_interval=self._ping_interval,
-            ping_timeout=self._ping_timeout,
-            # A client that cannot answer the closing handshake must not hold
-            # up a shutdown or restart for websockets' default 10 s.
-            close_timeout=CLOSE_TIMEOUT,
-            server_header=None,
-        )
-
-    async def close(self) -> None:
-        """Close every connection (1001 going away) and stop listening."""
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-
-    async def __aenter__(self) -> "RelayServer":
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.close()
-
-    async def _handle(self, connection: ServerConnection) -> None:
-        session = _WsSession(connection, self.relay, self._queue_size)
-        self.relay.on_connect(session)
-        loop = asyncio.get_running_loop()
-        writer = loop.create_task(session.write_loop())
-        timer = loop.call_later(
-            self._login_timeout, self.relay.login_timed_out, session, self._login_timeout
-        )
-        try:
-            await self._read_loop(connection, session)
-        finally:
-            timer.cancel()
-            writer.cancel()
-            self.relay.on_disconnect(session, _describe_close(connection))
-
-    async def _read_loop(self, connection: ServerConnection, session: _WsSession) -> None:
-        try:
-            budget = READ_BATCH
-            async for message in connection:
-                # Candy's server treats text and binary frames alike.
-                frame = message.encode() if isinstance(message, str) else message
-                self.relay.handle_frame(session, frame, time.time())
-                budget -= 1
-                if budget == 0:
-                    # recv() does not yield while frames are queued: without this, one
-                    # client flooding the relay would hold the loop for whole batches.
-                    budget = READ_BATCH
-                    await asyncio.sleep(0)
-                if session.closed:
-                    # Rejected (or kicked): read nothing more. A client that keeps
-                    # sending instead of answering the close would otherwise have
-                    # every frame read and dispatched until the close times out;
-                    # unread, they stop at the connection's bounded receive queue.
-                    await session.wait_closed(REJECTED_CLOSE_TIMEOUT)
-                    return
-        except ConnectionClosed as exc:
-            if exc.sent is not None and exc.sent.code == MESSAGE_TOO_BIG:
-                self.relay.record_rejection(
-                    session, "MESSAGE_TOO_BIG", f"frame larger than {MAX_FRAME_SIZE} bytes"
-                )
-
-
-# -- process entry points -----------------------------------------------------
-
-
-class ListenError(Exception):
-    """A listening socket could not be bound; the message names the address."""
-
-
-def _os_error_text(exc: OSError) -> str:
-    # asyncio wraps bind errors in a long message that repeats the address.
-    return os.strerror(exc.errno) if exc.errno else str(exc)
-
-
-def listen_address(url: str) -> tuple[str, int]:
-    """Host and port to listen on from ``ws://host:port/path`` (the path is ignored)."""
-    parts = urlsplit(url)
-    if parts.scheme == "wss":
-        raise ValueError(
-            f"cannot listen on {url}: the server speaks plain ws://, "
-            "TLS (wss://) must be terminated by a reverse proxy in front of it"
-        )
-    if parts.scheme != "ws":
-        raise ValueError(f"cannot listen on {url}: expected a ws://host:port URL")
-    if not parts.hostname:
-        raise ValueError(f"cannot listen on {url}: no host")
-    port = parts.port if parts.port is not None else 80
-    return parts.hostname, port
-
-
-class ServerRuntime:
-    """The whole server process: WebSocket relay, optional STUN responder and metrics."""
-
-    def __init__(
-        self,
-        config: ServerConfig,
-        *,
-        stun_host: str = "0.0.0.0",
-        login_timeout: float = DEFAULT_LOGIN_TIMEOUT,
-    ) -> None:
-        self.config = config
-        self.host, port = listen_address(config.websocket)
-        self.relay = Relay(config.password, dhcp=config.dhcp, sdwan=config.sdwan)
-        self.ws = RelayServer(self.relay, self.host, port, login_timeout=login_timeout)
-        self._stun_host = stun_host
-        self._stun: tuple[asyncio.DatagramTransport, StunResponder] | None = None
-        self._metrics: MetricsServer | None = None
-
-    @property
-    def ws_port(self) -> int:
-        return self.ws.port
-
-    @property
-    def metrics(self) -> MetricsServer | None:
-        """The Prometheus endpoint (``config.metrics``) once started, else None."""
-        return self._metrics
-
-    @property
-    def stun(self) -> StunResponder | None:
-        return self._stun[1] if self._stun is not None else None
-
-    async def start(self) -> None:
-        """Bind every socket; raises ListenError naming the address that failed."""
-        try:
-            await self.ws.start()
-        except OSError as exc:
-            address = f"ws://{self.host}:{self.ws.requested_port}"
-            raise ListenError(f"cannot listen on {address}: {_os_error_text(exc)}") from exc
-        if self.config.stun_port:
-            try:
-                self._stun = await start_stun_responder(self._stun_host, self.config.stun_port)
-            except OSError as exc:
-                await self.ws.close()
-                address = f"udp {self._stun_host}:{self.config.stun_port}"
-                raise ListenError(
-                    f"cannot start the STUN responder on {address}: {_os_error_text(exc)}"
-                ) from exc
-        if self.config.metrics is not None:
-            try:
-                # Scrapes run in prometheus_client's thread; stats() is read on this loop.
-                self._metrics = serve_server_metrics(self.config.metrics, self.stats)
-            except OSError as exc:
-                await self.close()
-                host, port = self.config.metrics
-                address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-                raise ListenError(
-                    f"cannot serve metrics on {address}: {_os_error_text(exc)}"
-                ) from exc
-
-    async def close(self) -> None:
-        if self._metrics is not None:
-            metrics, self._metrics = self._metrics, None
-            await asyncio.to_thread(metrics.close)  # waits for the HTTP thread
-        if self._stun is not None:
-            self._stun[0].close()
-        await self.ws.close()
-
-    def stats(self) -> dict[str, Any]:
-        stats = self.relay.stats()
-        stun = self.stun
-        if stun is not None:
-            stats["stun"] = stun.stats()
-        return stats
-
-
-async def serve(
-    config: ServerConfig,
-    *,
-    stop: asyncio.Event,
-    ready: Callable[[ServerRuntime], object] | None = None,
-) -> None:
-    """Run the server until ``stop`` is set.
-
-    ``ready`` is called with the running :class:`ServerRuntime` once both
-    sockets are bound, so an in-process caller can read the bound port
-    (``runtime.ws_port``) and the counters. Raises ListenError.
-    """
-    runtime = ServerRuntime(config)
-    await runtime.start()
-    logger.info("listening on ws://%s:%d", runtime.host, runtime.ws_port)
-    if config.stun_port:
-        logger.info("STUN responder on udp port %d", config.stun_port)
-    else:
-        logger.info("STUN responder disabled (stun_port = 0)")
-    try:
-        if ready is not None:
-            ready(runtime)
-        await stop.wait()
-    finally:
-        logger.info("shutting down")
-        await runtime.close()
-
-
-def run_server(config: ServerConfig, *, debug: bool) -> int:
-    """Entry point of ``p2pvpn server``: 0 after SIGINT/SIGTERM, 1 if it cannot start."""
-    try:
-        listen_address(config.websocket)
-    except ValueError as exc:
-        logger.error("%s", exc)
-        return 1
-    if not debug:
-        # websockets logs every connection at INFO, duplicating our own lines.
-        logging.getLogger("websockets.server").setLevel(logging.WARNING)
-    else:
-        logger.debug(
-            "dhcp=%s, %d sdwan rule(s), stun_port=%d",
-            config.dhcp,
-            len(config.sdwan),
-            config.stun_port,
-        )
-    install_secret_filter(config.password)
-    return asyncio.run(_main(config))
-
-
-async def _main(config: ServerConfig) -> int:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    try:
-        await serve(config, stop=stop)
-    except ListenError as exc:
-        logger.error("%s", exc)
-        return 1
-    finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(signum)
-    return 0

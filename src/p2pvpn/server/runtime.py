@@ -1,0 +1,196 @@
+"""The ``p2pvpn server`` process: listening sockets, metrics, signals and shutdown.
+
+:class:`ServerRuntime` binds the WebSocket relay, the optional STUN responder
+and the optional Prometheus endpoint; :func:`run_server` runs it until SIGINT
+or SIGTERM.
+"""
+
+import asyncio
+import logging
+import os
+import signal
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+from p2pvpn.config import ServerConfig
+from p2pvpn.logs import install_secret_filter
+from p2pvpn.metrics import MetricsServer, serve_server_metrics
+from p2pvpn.server.relay import Relay
+from p2pvpn.server.stun import StunResponder, start_stun_responder
+from p2pvpn.server.ws import DEFAULT_LOGIN_TIMEOUT, RelayServer
+
+__all__ = [
+    "ListenError",
+    "ServerRuntime",
+    "listen_address",
+    "run_server",
+    "serve",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class ListenError(Exception):
+    """A listening socket could not be bound; the message names the address."""
+
+
+def _os_error_text(exc: OSError) -> str:
+    # asyncio wraps bind errors in a long message that repeats the address.
+    return os.strerror(exc.errno) if exc.errno else str(exc)
+
+
+def listen_address(url: str) -> tuple[str, int]:
+    """Host and port to listen on from ``ws://host:port/path`` (the path is ignored)."""
+    parts = urlsplit(url)
+    if parts.scheme == "wss":
+        raise ValueError(
+            f"cannot listen on {url}: the server speaks plain ws://, "
+            "TLS (wss://) must be terminated by a reverse proxy in front of it"
+        )
+    if parts.scheme != "ws":
+        raise ValueError(f"cannot listen on {url}: expected a ws://host:port URL")
+    if not parts.hostname:
+        raise ValueError(f"cannot listen on {url}: no host")
+    port = parts.port if parts.port is not None else 80
+    return parts.hostname, port
+
+
+class ServerRuntime:
+    """The whole server process: WebSocket relay, optional STUN responder and metrics."""
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        *,
+        stun_host: str = "0.0.0.0",
+        login_timeout: float = DEFAULT_LOGIN_TIMEOUT,
+    ) -> None:
+        self.config = config
+        self.host, port = listen_address(config.websocket)
+        self.relay = Relay(config.password, dhcp=config.dhcp, sdwan=config.sdwan)
+        self.ws = RelayServer(self.relay, self.host, port, login_timeout=login_timeout)
+        self._stun_host = stun_host
+        self._stun: tuple[asyncio.DatagramTransport, StunResponder] | None = None
+        self._metrics: MetricsServer | None = None
+
+    @property
+    def ws_port(self) -> int:
+        return self.ws.port
+
+    @property
+    def metrics(self) -> MetricsServer | None:
+        """The Prometheus endpoint (``config.metrics``) once started, else None."""
+        return self._metrics
+
+    @property
+    def stun(self) -> StunResponder | None:
+        return self._stun[1] if self._stun is not None else None
+
+    async def start(self) -> None:
+        """Bind every socket; raises ListenError naming the address that failed."""
+        try:
+            await self.ws.start()
+        except OSError as exc:
+            address = f"ws://{self.host}:{self.ws.requested_port}"
+            raise ListenError(f"cannot listen on {address}: {_os_error_text(exc)}") from exc
+        if self.config.stun_port:
+            try:
+                self._stun = await start_stun_responder(self._stun_host, self.config.stun_port)
+            except OSError as exc:
+                await self.ws.close()
+                address = f"udp {self._stun_host}:{self.config.stun_port}"
+                raise ListenError(
+                    f"cannot start the STUN responder on {address}: {_os_error_text(exc)}"
+                ) from exc
+        if self.config.metrics is not None:
+            try:
+                # Scrapes run in prometheus_client's thread; stats() is read on this loop.
+                self._metrics = serve_server_metrics(self.config.metrics, self.stats)
+            except OSError as exc:
+                await self.close()
+                host, port = self.config.metrics
+                address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+                raise ListenError(
+                    f"cannot serve metrics on {address}: {_os_error_text(exc)}"
+                ) from exc
+
+    async def close(self) -> None:
+        if self._metrics is not None:
+            metrics, self._metrics = self._metrics, None
+            await asyncio.to_thread(metrics.close)  # waits for the HTTP thread
+        if self._stun is not None:
+            self._stun[0].close()
+        await self.ws.close()
+
+    def stats(self) -> dict[str, Any]:
+        stats = self.relay.stats()
+        stun = self.stun
+        if stun is not None:
+            stats["stun"] = stun.stats()
+        return stats
+
+
+async def serve(
+    config: ServerConfig,
+    *,
+    stop: asyncio.Event,
+    ready: Callable[[ServerRuntime], object] | None = None,
+) -> None:
+    """Run the server until ``stop`` is set.
+
+    ``ready`` is called with the running :class:`ServerRuntime` once both
+    sockets are bound, so an in-process caller can read the bound port
+    (``runtime.ws_port``) and the counters. Raises ListenError.
+    """
+    runtime = ServerRuntime(config)
+    await runtime.start()
+    logger.info("listening on ws://%s:%d", runtime.host, runtime.ws_port)
+    if config.stun_port:
+        logger.info("STUN responder on udp port %d", config.stun_port)
+    else:
+        logger.info("STUN responder disabled (stun_port = 0)")
+    try:
+        if ready is not None:
+            ready(runtime)
+        await stop.wait()
+    finally:
+        logger.info("shutting down")
+        await runtime.close()
+
+
+def run_server(config: ServerConfig, *, debug: bool) -> int:
+    """Entry point of ``p2pvpn server``: 0 after SIGINT/SIGTERM, 1 if it cannot start."""
+    try:
+        listen_address(config.websocket)
+    except ValueError as exc:
+        logger.error("%s", exc)
+        return 1
+    if not debug:
+        # websockets logs every connection at INFO, duplicating our own lines.
+        logging.getLogger("websockets.server").setLevel(logging.WARNING)
+    else:
+        logger.debug(
+            "dhcp=%s, %d sdwan rule(s), stun_port=%d",
+            config.dhcp,
+            len(config.sdwan),
+            config.stun_port,
+        )
+    install_secret_filter(config.password)
+    return asyncio.run(_main(config))
+
+
+async def _main(config: ServerConfig) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await serve(config, stop=stop)
+    except ListenError as exc:
+        logger.error("%s", exc)
+        return 1
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+    return 0
