@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from p2pvpn._fastpath import GcmContext, open_batch, seal_batch
+from p2pvpn._gcm import GcmContext, open_batch, seal_batch
 
 IV_SIZE = 12
 TAG_SIZE = 16
