@@ -1,4 +1,4 @@
-"""The compiled AES-256-GCM of p2pvpn._fastpath against cryptography's AESGCM.
+"""The compiled AES-256-GCM of p2pvpn._gcm against cryptography's AESGCM.
 
 Datagrams are IV(12) | tag(16) | ciphertext (PROTOCOL 3.1); cryptography
 returns ciphertext || tag, so the reference helpers below reorder.
