@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds p2pvpn._fastpath with AddressSanitizer and UndefinedBehaviorSanitizer
+# Builds p2pvpn._gcm and p2pvpn._fastpath with AddressSanitizer and UndefinedBehaviorSanitizer
 # into a separate venv (.venv-asan) and runs the data-plane tests, the compiled
 # crypto tests and the data-plane fuzzing against that build. Any sanitizer
 # report fails the script.
@@ -7,9 +7,9 @@
 #   bash scripts/sanitize.sh                 # what CI runs (.ci/run)
 #   bash scripts/sanitize.sh -k coalesced    # extra arguments go to pytest
 #
-# The in-place module that .venv uses (src/p2pvpn/_fastpath*.so) is never
-# touched: the build happens in a copy of the tree, and the tests run from that
-# copy, whose src/ holds the sanitized module and comes first on sys.path.
+# The in-place modules that .venv uses (src/p2pvpn/*.so) are never touched:
+# the build happens in a copy of the tree, and the tests run from that copy,
+# whose src/ holds the sanitized modules and comes first on sys.path.
 #
 # Environment:
 #   P2PVPN_SANITIZE_EXAMPLES  hypothesis examples per fuzz property (default 400)
@@ -63,26 +63,28 @@ logs="$work/logs"
 mkdir -p "$tree" "$logs"
 # The working tree, uncommitted files included, without anything built in it.
 tar -C "$root" -cf - --exclude='*.so' --exclude='__pycache__' --exclude='*.egg-info' \
-    --exclude='src/p2pvpn/_fastpath.c' --exclude='.hypothesis' \
+    --exclude='src/p2pvpn/*.c' --exclude='.hypothesis' \
     src tests fuzz setup.py pyproject.toml MANIFEST.in README.md | tar -C "$tree" -xf -
 # setup.py's -O3 comes after CFLAGS on the compiler's command line and would
 # win; -O1 keeps stack traces close to the source.
 sed -i 's/extra_compile_args=\["-O3"\]/extra_compile_args=[]/' "$tree/setup.py"
 
-echo "== sanitizer build: compiling _fastpath with $sanitize_flags"
+echo "== sanitizer build: compiling _gcm and _fastpath with $sanitize_flags"
 (
     cd "$tree"
     CFLAGS="$sanitize_flags -g -O1" LDFLAGS="$sanitize_flags" \
         "$venv/bin/python" setup.py -q build_ext --inplace >"$logs/build.log" 2>&1
 ) || { cat "$logs/build.log"; exit 1; }
-module="$(ls "$tree"/src/p2pvpn/_fastpath*.so)"
-# Into a variable first: `nm | grep -q` under pipefail fails whenever grep
-# stops reading before nm has written everything (SIGPIPE).
-symbols="$(nm -D "$module")"
-if ! grep -q ' U __asan_report' <<<"$symbols" || ! grep -q ' U __ubsan_handle' <<<"$symbols"; then
-    echo "sanitize: $module is not instrumented" >&2
-    exit 1
-fi
+for name in _gcm _fastpath; do
+    module="$(ls "$tree"/src/p2pvpn/$name*.so)"
+    # Into a variable first: `nm | grep -q` under pipefail fails whenever grep
+    # stops reading before nm has written everything (SIGPIPE).
+    symbols="$(nm -D "$module")"
+    if ! grep -q ' U __asan_report' <<<"$symbols" || ! grep -q ' U __ubsan_handle' <<<"$symbols"; then
+        echo "sanitize: $module is not instrumented" >&2
+        exit 1
+    fi
+done
 
 # The runtimes must be loaded before anything else in the process: preload
 # both (the extension's own DT_NEEDED entries come too late for ASan).
@@ -99,12 +101,14 @@ export PYTHONMALLOC=malloc
 export P2PVPN_FUZZ_EXAMPLES="${P2PVPN_SANITIZE_EXAMPLES:-400}"
 
 cd "$tree"
-loaded="$(PYTHONPATH=src "$venv/bin/python" -c 'import p2pvpn._fastpath as m; print(m.__file__)')"
-if [ "$loaded" != "$module" ]; then
-    echo "sanitize: the tests would import $loaded, not the sanitized $module" >&2
+loaded="$(PYTHONPATH=src "$venv/bin/python" -c \
+    'import p2pvpn._fastpath as f, p2pvpn._gcm as g; print(f.__file__); print(g.__file__)')"
+expected="$(ls "$tree"/src/p2pvpn/_fastpath*.so "$tree"/src/p2pvpn/_gcm*.so)"
+if [ "$loaded" != "$expected" ]; then
+    echo "sanitize: the tests would import $loaded, not the sanitized $expected" >&2
     exit 1
 fi
-echo "== sanitizer run: $loaded"
+echo "== sanitizer run:" $loaded
 
 status=0
 # pythonpath comes from pyproject.toml: this copy's src/, holding the sanitized module.

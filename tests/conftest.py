@@ -1,6 +1,7 @@
 """Fixtures shared by the whole test suite."""
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -8,6 +9,35 @@ import pytest
 
 # The evidence of wire compatibility travels with the code (tests/vectors/README.md).
 VECTORS_DIR = Path(__file__).resolve().parent / "vectors"
+
+
+def _fast_plane_missing() -> str | None:
+    """Why the compiled data plane cannot be tested here, or None."""
+    try:
+        from p2pvpn._fastpath import FastDataPlane  # noqa: F401
+    except ImportError as error:
+        return f"the compiled data plane p2pvpn._fastpath is not built: {error}"
+    return None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "fastpath: tests the compiled data plane; skipped without it, failed under CI=true",
+    )
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    # A missing build must show: as a skip with the reason locally, and as a
+    # failure in CI, which always builds it.
+    if item.get_closest_marker("fastpath") is None:
+        return
+    missing = _fast_plane_missing()
+    if missing is None:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{missing} (CI=true: it must be built)", pytrace=False)
+    pytest.skip(missing)
 
 
 def _load_vectors(name: str) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The compiled AES-256-GCM of p2pvpn._fastpath against cryptography's AESGCM.
+"""The compiled AES-256-GCM of p2pvpn._gcm against cryptography's AESGCM.
 
 Datagrams are IV(12) | tag(16) | ciphertext (PROTOCOL 3.1); cryptography
 returns ciphertext || tag, so the reference helpers below reorder.
@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from p2pvpn._fastpath import GcmContext, open_batch, seal_batch
+from p2pvpn._gcm import GcmContext, open_batch, seal_batch
 
 IV_SIZE = 12
 TAG_SIZE = 16

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SOURCE_ITEMS = ("pyproject.toml", "setup.py", "MANIFEST.in", "src", "tests", "docs")
 UNIT_TESTS = ("tests/wire", "tests/test_config.py", "tests/dataplane")
 BUILD_ARTIFACTS = shutil.ignore_patterns(
-    "__pycache__", "*.py[cod]", "*.so", "*.egg-info", "_fastpath.c", "*.html", ".hypothesis"
+    "__pycache__", "*.py[cod]", "*.so", "*.egg-info", "*.c", "*.html", ".hypothesis"
 )
 TIMEOUT = 300  # per step; the whole test normally takes 30-60 s
 
@@ -41,12 +41,14 @@ from pathlib import Path
 
 import p2pvpn
 import p2pvpn._fastpath
+import p2pvpn._gcm
 
 
 def test_p2pvpn_comes_from_the_venv() -> None:
     prefix = Path(sys.prefix).resolve()
     assert Path(p2pvpn.__file__).resolve().is_relative_to(prefix), p2pvpn.__file__
     assert Path(p2pvpn._fastpath.__file__).resolve().is_relative_to(prefix)
+    assert Path(p2pvpn._gcm.__file__).resolve().is_relative_to(prefix)
     assert not any(Path(entry).name == "src" for entry in sys.path), sys.path
 '''
 
@@ -122,16 +124,18 @@ def _require_build() -> None:
 
 
 def _check_sdist(sdist: Path) -> None:
-    """Everything setup.py needs to compile the extension, and nothing built."""
+    """Everything setup.py needs to compile the extensions, and nothing built."""
     with tarfile.open(sdist) as archive:
         names = {name.split("/", 1)[-1] for name in archive.getnames()}
     for needed in (
         "setup.py",
         "pyproject.toml",
         "MANIFEST.in",
-        "src/p2pvpn/_fastpath.pyx",
-        "src/p2pvpn/_fastpath.pxd",
-        "src/p2pvpn/_openssl.pxd",
+        *(
+            f"src/p2pvpn/{path.name}"
+            for pattern in ("*.pyx", "*.pxd", "*.pxi")
+            for path in (ROOT / "src" / "p2pvpn").glob(pattern)
+        ),
         "src/p2pvpn/data/p2pvpn@.service",
         "src/p2pvpn/data/p2pvpn-server.service",
         "src/p2pvpn/py.typed",
@@ -139,18 +143,19 @@ def _check_sdist(sdist: Path) -> None:
         assert needed in names, needed
     if (ROOT / "README.md").is_file():
         assert "README.md" in names
-    assert not any(name.endswith((".so", ".pyc")) for name in names)
+    assert not any(name.endswith((".so", ".pyc", ".c")) for name in names)
 
 
 def _check_wheel(wheel: Path) -> None:
-    """The compiled extension and the unit templates; no C source, no tests."""
+    """The compiled extensions and the unit templates; no C source, no tests."""
     assert wheel.name.startswith(f"p2pvpn-{p2pvpn.__version__}-cp3")
     assert "linux" in wheel.name
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
-    assert any(name.startswith("p2pvpn/_fastpath.") and name.endswith(".so") for name in names)
+    for module in ("_gcm", "_fastpath"):
+        assert any(name.startswith(f"p2pvpn/{module}.") and name.endswith(".so") for name in names)
     assert {"p2pvpn/data/p2pvpn@.service", "p2pvpn/data/p2pvpn-server.service"} <= names
-    assert "p2pvpn/_fastpath.c" not in names
+    assert not any(name.endswith(".c") for name in names)
     assert not any(name.startswith("tests/") for name in names)
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from p2pvpn._fastpath import GcmContext, open_batch, seal_batch
+from p2pvpn._gcm import GcmContext, open_batch, seal_batch
 
 BATCH = 64
 PACKET_SIZE = 1400

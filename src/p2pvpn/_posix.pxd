@@ -1,5 +1,5 @@
 # cython: language_level=3
-"""C declarations of the Linux/POSIX calls the compiled data plane's workers use.
+"""C declarations of the Linux/POSIX calls of the compiled modules (_gcm, _fastpath).
 
 Kept apart from the code (uvloop's style) so the .pyx reads as logic. Every
 declaration is ``nogil``: the workers call them with the GIL released. The
@@ -93,7 +93,22 @@ cdef extern from "<sys/eventfd.h>" nogil:
     int eventfd(unsigned int initial, int flags)
 
 
+cdef extern from "<sys/random.h>" nogil:
+    ssize_t getrandom(void* buf, size_t buflen, unsigned int flags)
+
+
 cdef extern from "<pthread.h>" nogil:
+    ctypedef struct pthread_mutex_t:
+        pass
+    ctypedef struct pthread_mutexattr_t:
+        pass
+
+    int pthread_mutex_init(pthread_mutex_t* mutex, const pthread_mutexattr_t* attr)
+    int pthread_mutex_destroy(pthread_mutex_t* mutex)
+    int pthread_mutex_lock(pthread_mutex_t* mutex)
+    int pthread_mutex_trylock(pthread_mutex_t* mutex)
+    int pthread_mutex_unlock(pthread_mutex_t* mutex)
+
     ctypedef struct pthread_rwlock_t:
         pass
     ctypedef struct pthread_rwlockattr_t:

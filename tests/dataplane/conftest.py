@@ -32,19 +32,9 @@ def fast_data_plane_class() -> Any:
     return FastDataPlane
 
 
-def available_backends() -> list[str]:
-    backends = ["pure"]
-    try:
-        from p2pvpn import _fastpath
-
-        if hasattr(_fastpath, "FastDataPlane"):
-            backends.append("fast")
-    except ImportError:
-        pass
-    return backends
-
-
-@pytest.fixture(params=available_backends())
+# The compiled plane carries the `fastpath` mark: tests/conftest.py skips it
+# with the reason when the module is not built, and fails it under CI=true.
+@pytest.fixture(params=["pure", pytest.param("fast", marks=pytest.mark.fastpath)])
 def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 

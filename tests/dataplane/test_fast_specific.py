@@ -23,11 +23,9 @@ from p2pvpn.wire.crypto import DatagramCipher, peer_key
 from p2pvpn.wire.ipv4 import encapsulate_ipip
 from p2pvpn.wire.peer import Heartbeat
 from p2pvpn.wire.stun import encode_binding_response
-from tests.dataplane.conftest import PASSWORD, Node, available_backends, eventually, ipv4_packet
+from tests.dataplane.conftest import PASSWORD, Node, eventually, ipv4_packet
 
-pytestmark = pytest.mark.skipif(
-    "fast" not in available_backends(), reason="p2pvpn._fastpath has no FastDataPlane"
-)
+pytestmark = pytest.mark.fastpath
 
 A, B, C, D = "10.9.0.1", "10.9.0.2", "10.9.0.3", "10.9.0.4"
 QUEUE_FULL = "queue_full"

@@ -30,15 +30,12 @@ from tests.dataplane.conftest import (
     Node,
     Recorder,
     after_hops,
-    available_backends,
     eventually,
     ipv4_packet,
 )
 from tests.udp_offload import UDP_GRO
 
-pytestmark = pytest.mark.skipif(
-    "fast" not in available_backends(), reason="p2pvpn._fastpath has no FastDataPlane"
-)
+pytestmark = pytest.mark.fastpath
 
 A, B, C = "10.9.0.1", "10.9.0.2", "10.9.0.3"
 

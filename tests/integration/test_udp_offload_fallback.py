@@ -12,16 +12,10 @@ import textwrap
 
 import pytest
 
-from tests.dataplane.conftest import available_backends
 from tests.dataplane.test_fast_udp_offload import assert_every_packet_arrived_alone
 from tests.netns import Namespace, require_netns
 
-pytestmark = [
-    pytest.mark.netns,
-    pytest.mark.skipif(
-        "fast" not in available_backends(), reason="p2pvpn._fastpath has no FastDataPlane"
-    ),
-]
+pytestmark = [pytest.mark.netns, pytest.mark.fastpath]
 
 
 def test_a_path_mtu_below_the_datagrams_turns_segmentation_off_and_loses_nothing() -> None:

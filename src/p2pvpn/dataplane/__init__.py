@@ -7,11 +7,10 @@ option: `pure` (Python on the event loop), `fast` (the compiled
 
 from __future__ import annotations
 
-import importlib
 import logging
 import socket
+from collections.abc import Callable
 from ipaddress import IPv4Address
-from typing import cast
 
 from p2pvpn.dataplane.base import DataPlane, DataPlaneEvents
 from p2pvpn.dataplane.pure import PureDataPlane
@@ -25,13 +24,13 @@ class DataPlaneUnavailableError(RuntimeError):
     """`dataplane = fast` was asked for but the compiled extension cannot provide it."""
 
 
-def _fast_data_plane_class() -> type | None:
+def _fast_data_plane_class() -> Callable[..., DataPlane] | None:
     try:
-        module = importlib.import_module("p2pvpn._fastpath")
+        from p2pvpn._fastpath import FastDataPlane
     except ImportError as error:
         logger.debug("compiled data plane unavailable: %s", error)
         return None
-    return cast("type | None", getattr(module, "FastDataPlane", None))
+    return FastDataPlane
 
 
 def create_data_plane(
@@ -59,4 +58,4 @@ def create_data_plane(
                 "does not provide a data plane in this build"
             )
         return PureDataPlane(tun_fd, udp_socket, tun_ip, key, events, relaying=relaying)
-    return cast(DataPlane, fast(tun_fd, udp_socket, tun_ip, key, events, relaying=relaying))
+    return fast(tun_fd, udp_socket, tun_ip, key, events, relaying=relaying)

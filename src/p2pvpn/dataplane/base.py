@@ -14,7 +14,14 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from typing import Protocol
 
+from p2pvpn.wire.crypto import OVERHEAD
+from p2pvpn.wire.ipv4 import MAX_TOTAL_LENGTH
+from p2pvpn.wire.peer import PeerType
+
 UdpAddress = tuple[str, int]
+
+# The compiled data plane (p2pvpn._fastpath) holds its own copies of the
+# constants below as C values and refuses to import when one differs.
 
 # Upper bound on how many packets one read or write batch moves; matches the
 # compiled data plane's recvmmsg/sendmmsg batch so both behave alike.
@@ -22,7 +29,15 @@ BATCH_SIZE = 64
 
 # Largest datagram we accept on the UDP socket: a maximal IPv4 packet plus the
 # FORWARD type byte and the GCM overhead.
-MAX_DATAGRAM = 65535 + 1 + 28
+MAX_DATAGRAM = MAX_TOTAL_LENGTH + 1 + OVERHEAD
+
+# The first plaintext byte of a datagram that carries an IP packet; a plain
+# int, as both planes compare it with every datagram's first byte.
+FORWARD_TYPE = int(PeerType.FORWARD)
+
+# Bounds each plane's cache of ciphers for control messages to peers that are
+# not CONNECTED yet; a handful of peers is normal, so 256 is generous.
+CONTROL_CIPHER_CACHE = 256
 
 # Most addresses that get per-peer counters (more than a /18 network holds).
 # Counters are keyed by the inner source address, which a peer that has the
@@ -53,7 +68,6 @@ class DropReason(enum.StrEnum):
     NOT_IPV4 = "not_ipv4"
     SEND_FAILED = "send_failed"
     TUN_WRITE_FAILED = "tun_write_failed"
-    UNKNOWN_TYPE = "unknown_type"
     LOOP = "loop"
     QUEUE_FULL = "queue_full"
     # An authenticated datagram whose IV was seen within the replay window.

@@ -17,6 +17,8 @@ from ipaddress import IPv4Address, IPv4Network
 
 from p2pvpn.dataplane.base import (
     BATCH_SIZE,
+    CONTROL_CIPHER_CACHE,
+    FORWARD_TYPE,
     MAX_DATAGRAM,
     MAX_PEER_COUNTERS,
     REPLAY_WINDOW_SECONDS,
@@ -33,11 +35,6 @@ from p2pvpn.wire.ipv4 import IPPROTO_IPIP, decapsulate_ipip, decrement_ttl, enca
 from p2pvpn.wire.stun import looks_like_binding_response
 
 logger = logging.getLogger(__name__)
-
-FORWARD_TYPE = 1
-# Bounds the cache of ciphers for control messages to peers that are not
-# CONNECTED yet; a handful of peers is normal, so 256 is generous.
-CONTROL_CIPHER_CACHE = 256
 
 
 @dataclasses.dataclass(slots=True)

@@ -5,7 +5,7 @@ Candy's datagrams have no sequence numbers, but every one carries a random
 authenticated datagram whose IV we have already seen is a copy. The record
 keeps the IVs of the last few seconds in time buckets; a bucket that falls
 out of the window is dropped whole, so memory follows the traffic rate.
-The compiled data plane keeps the same record in C (see _fastpath.pyx).
+The compiled data plane keeps the same record in C (_fastpath_replay.pxi).
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from collections.abc import Callable
 
 from p2pvpn.dataplane.base import REPLAY_BUCKET_LIMIT, REPLAY_WINDOW_SECONDS
 
-__all__ = ["ReplayWindow"]
+__all__ = ["REPLAY_BUCKETS", "ReplayWindow"]
 
 # Buckets of half a window each: the current one and two before it, so an IV
 # is remembered for at least one whole window.
-_BUCKETS = 3
+REPLAY_BUCKETS = 3
 
 
 class ReplayWindow:
@@ -45,7 +45,7 @@ class ReplayWindow:
         buckets = self._buckets
         if not buckets or buckets[-1][0] != number:
             buckets.append((number, set()))
-        while buckets[0][0] <= number - _BUCKETS:
+        while buckets[0][0] <= number - REPLAY_BUCKETS:
             del buckets[0]
         for _, ivs in buckets:
             if iv in ivs:
