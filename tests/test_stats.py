@@ -24,5 +24,5 @@ def test_few_samples() -> None:
 
 @pytest.mark.parametrize("pct", [0, 100, -1])
 def test_percentile_out_of_range(pct: int) -> None:
-    with pytest.raises(ValueError, match="outside 1..99"):
+    with pytest.raises(ValueError, match=r"outside 1\.\.99"):
         percentile([1.0, 2.0], pct)

@@ -3,7 +3,6 @@
 from dataclasses import dataclass, field
 
 from p2pvpn._format import format_ms, format_rate, format_seconds, format_table
-
 from p2pvpn.demo.measure import PingResult, Throughput
 
 __all__ = ["PairResult", "PathResult", "Results", "summary_lines"]
