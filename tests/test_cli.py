@@ -134,6 +134,18 @@ def test_check_config_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert captured.err == f"p2pvpn: error: {path}:3: route: 1001 is outside 0..1000\n"
 
 
+def test_check_config_reports_every_bad_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(tmp_path, "client.cfg", "websocket = ws://h\nroute = 1001\nmtu = x\nport = -1\n")
+    assert main(["check-config", str(path)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"p2pvpn: error: {path}:2: route: 1001 is outside 0..1000",
+        f"p2pvpn: error: {path}:3: mtu: expected an integer, got 'x'",
+        f"p2pvpn: error: {path}:4: port: -1 is outside 0..65535",
+    ]
+
+
 def test_check_config_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "absent.cfg"
     assert main(["check-config", str(path)]) == 2

@@ -340,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handler(args)
     except ConfigError as exc:
-        print(f"p2pvpn: error: {exc}", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"p2pvpn: error: {problem}", file=sys.stderr)
         return EXIT_USAGE
     except ModuleNotFoundError as exc:
         if not _is_ours(exc.name):
