@@ -1,7 +1,6 @@
 """pyproject.toml: the license as an SPDX string, which setuptools builds without a warning."""
 
 import re
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -10,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_wheel import _copy_source as copy_source
+from tests.test_wheel import _require_build as require_build
+
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
-# What an sdist is built from (tests/test_wheel.py builds the whole distribution).
-SOURCE_ITEMS = ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md", "src", "docs")
 
 
 def test_license_is_an_spdx_string_without_a_license_classifier() -> None:
@@ -31,16 +31,9 @@ def test_build_requires_a_setuptools_that_knows_spdx_strings() -> None:
 
 @pytest.mark.slow
 def test_sdist_builds_without_the_license_deprecation(tmp_path: Path) -> None:
-    pytest.importorskip("build")
+    require_build()
     source = tmp_path / "source"
-    source.mkdir()
-    built = shutil.ignore_patterns("*.so", "*.c", "__pycache__")
-    for item in SOURCE_ITEMS:
-        path = ROOT / item
-        if path.is_dir():
-            shutil.copytree(path, source / item, ignore=built)
-        elif path.exists():
-            shutil.copy(path, source / item)
+    copy_source(source)
     result = subprocess.run(
         [sys.executable, "-m", "build", "--sdist", "--outdir", str(tmp_path / "dist"), "."],
         cwd=source,
