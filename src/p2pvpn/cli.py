@@ -130,18 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_flags(server, _SERVER_FLAGS)
     server.set_defaults(handler=_cmd_server)
 
-    status = commands.add_parser("status", help="show what a running client is doing")
-    status.add_argument("-n", "--name", help="the client's name (as given to run)")
-    status.add_argument("--json", action="store_true", help="print JSON")
-    status.add_argument(
-        "--state-dir",
-        metavar="DIR",
-        type=Path,
-        default=DEFAULT_STATE_ROOT,
-        help="the client's state directory, as given to run --state-dir, or the directory "
-        f"of the clients' state directories, one per NAME (default {DEFAULT_STATE_ROOT})",
-    )
-    status.set_defaults(handler=_cmd_status)
+    _add_status_command(commands)
 
     demo = commands.add_parser(
         "demo",
@@ -185,6 +174,21 @@ def build_parser() -> argparse.ArgumentParser:
     install.add_argument("--force", action="store_true", help="replace a different unit")
     install.set_defaults(handler=_cmd_install_service)
     return parser
+
+
+def _add_status_command(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    status = commands.add_parser("status", help="show what a running client is doing")
+    status.add_argument("-n", "--name", help="the client's name (as given to run)")
+    status.add_argument("--json", action="store_true", help="print JSON")
+    status.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        type=Path,
+        default=DEFAULT_STATE_ROOT,
+        help="the client's state directory, as given to run --state-dir, or the directory "
+        f"of the clients' state directories, one per NAME (default {DEFAULT_STATE_ROOT})",
+    )
+    status.set_defaults(handler=_cmd_status)
 
 
 DEMO_MAX_DURATION = 600
