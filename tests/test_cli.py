@@ -1,5 +1,6 @@
 """The command-line entry point (no privileges needed; the commands' back ends are faked)."""
 
+import json
 import logging
 import os
 import subprocess
@@ -14,8 +15,10 @@ import pytest
 
 import p2pvpn
 from p2pvpn.cli import LOG_FORMAT, configure_logging, main
+from p2pvpn.client.control import control_socket_path
 from p2pvpn.config import DEFAULT_STATE_ROOT, ClientConfig, ServerConfig, StunServer
 from p2pvpn.logs import secret_filter
+from tests.client.control_support import EXAMPLE, serving, short_tmp_dir
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 PASSWORD = "correct horse battery staple"
@@ -57,7 +60,7 @@ def server_calls(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
 
 @pytest.fixture
 def status_calls(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
-    return fake_module(monkeypatch, "p2pvpn.client.control", "print_status")
+    return fake_module(monkeypatch, "p2pvpn.client.status", "print_status")
 
 
 def write(tmp_path: Path, name: str, text: str) -> Path:
@@ -129,6 +132,18 @@ def test_check_config_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err == f"p2pvpn: error: {path}:3: route: 1001 is outside 0..1000\n"
+
+
+def test_check_config_reports_every_bad_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(tmp_path, "client.cfg", "websocket = ws://h\nroute = 1001\nmtu = x\nport = -1\n")
+    assert main(["check-config", str(path)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"p2pvpn: error: {path}:2: route: 1001 is outside 0..1000",
+        f"p2pvpn: error: {path}:3: mtu: expected an integer, got 'x'",
+        f"p2pvpn: error: {path}:4: port: -1 is outside 0..65535",
+    ]
 
 
 def test_check_config_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -269,6 +284,21 @@ def test_status(
     ]
     assert main(["status", "-n", "../etc"]) == 2
     assert "--name: '../etc' may only contain" in capsys.readouterr().err
+
+
+def test_status_finds_a_client_by_the_state_dir_given_to_run(
+    run_calls: list[Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with short_tmp_dir() as tmp:
+        state_dir = tmp / "lab-state"
+        assert main(["run", "-w", "ws://h", "-n", "lab", "--state-dir", str(state_dir)]) == 0
+        [((config,), _)] = run_calls
+        # Where the client's node serves its control socket.
+        with serving(control_socket_path(config.state_dir)):
+            for name in (["-n", "lab"], []):
+                argv = ["status", "--json", "--state-dir", str(state_dir), *name]
+                assert main(argv) == 0, capsys.readouterr().err
+                assert json.loads(capsys.readouterr().out) == EXAMPLE
 
 
 def test_missing_back_end(

@@ -328,6 +328,52 @@ def test_bad_websocket(tmp_path: Path, mode: str, url: str, message: str) -> Non
     assert str(info.value).startswith(f"{path}:2: {message}")
 
 
+def test_every_bad_key_is_reported_in_file_order(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "c.cfg",
+        "mtu = 100\nwebsocket = ftp://h\nname = ../x\nroute = 5\ndataplane = turbo\n",
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.problems == (
+        f"{path}:1: mtu: 100 is outside 576..9000",
+        f"{path}:2: websocket: expected a ws:// or wss:// URL, got 'ftp://h'",
+        f"{path}:3: name: '../x' may only contain letters, digits, '_', '.' and '-'",
+        f"{path}:5: dataplane: expected one of auto, fast, pure, got 'turbo'",
+    )
+    assert str(info.value) == "\n".join(info.value.problems)
+
+
+def test_every_bad_key_of_a_server_and_a_missing_websocket(tmp_path: Path) -> None:
+    path = write(tmp_path, "s.toml", 'mode = "server"\nstun_port = -1\ndhcp = "x"\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.problems == (
+        f"{path}:2: stun_port: -1 is outside 0..65535",
+        f"{path}:3: dhcp: 'x' is not an IPv4 cidr (e.g. 10.0.0.0/24)",
+        f"{path}: missing websocket (a ws:// URL)",
+    )
+
+
+def test_every_bad_line_is_reported(tmp_path: Path) -> None:
+    path = write(tmp_path, "c.cfg", 'websocket = ws://h\nnonsense\npassword = "open\n= 1\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.problems == (
+        f"{path}:2: expected 'key = value'",
+        f"{path}:3: password: missing closing quote",
+        f"{path}:4: expected 'key = value'",
+    )
+    path = write(tmp_path, "c.toml", 'websocket = "ws://h"\nmtu = [1]\nroute = 1.5\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.problems == (
+        f"{path}:2: mtu: expected a string, integer or boolean, got list",
+        f"{path}:3: route: expected a string, integer or boolean, got float",
+    )
+
+
 def test_syntax_errors_do_not_echo_the_line(tmp_path: Path) -> None:
     path = write(tmp_path, "c.cfg", "websocket = ws://h\npassword hunter2\n")
     with pytest.raises(ConfigError) as info:

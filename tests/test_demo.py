@@ -31,14 +31,7 @@ from p2pvpn.demo.bulk import receive, send
 from p2pvpn.demo.checks import missing_requirements
 from p2pvpn.demo.measure import PingResult, Throughput, parse_bulk, parse_iperf3, parse_ping
 from p2pvpn.demo.monitor import StateTracker, StatusPoller, peer_views
-from p2pvpn.demo.output import (
-    Console,
-    DemoError,
-    format_ms,
-    format_rate,
-    format_table,
-    use_color,
-)
+from p2pvpn.demo.output import Console, DemoError, use_color
 from p2pvpn.demo.state import DemoLock, DemoRecord, StateFile
 from p2pvpn.demo.summary import PairResult, PathResult, Results, summary_lines
 from p2pvpn.demo.topology import (
@@ -56,45 +49,6 @@ NAMES = {"10.77.0.1": "alice", "10.77.0.2": "bob", "10.77.0.3": "carol"}
 
 
 # --------------------------------------------------------------------------- output
-
-
-def test_table_aligns_columns_and_right_aligns_numbers() -> None:
-    lines = format_table(
-        ["PEER", "STATE", "RTT"],
-        [["alice -> bob", "CONNECTED", "0.50 ms"], ["bob -> alice", "WAITING", "12.3 ms"]],
-        right=(2,),
-    )
-    assert lines == [
-        "  PEER          STATE          RTT",
-        "  alice -> bob  CONNECTED  0.50 ms",
-        "  bob -> alice  WAITING    12.3 ms",
-    ]
-
-
-def test_table_pads_short_rows_and_strips_trailing_space() -> None:
-    lines = format_table(["A", "B"], [["x"], ["long cell", "y"]], indent="")
-    assert lines == ["A          B", "x", "long cell  y"]
-
-
-@pytest.mark.parametrize(
-    ("bits", "text"),
-    [
-        (0, "0 bit/s"),
-        (999, "999 bit/s"),
-        (1_500, "1.50 kbit/s"),
-        (95_300_000, "95.3 Mbit/s"),
-        (412_000_000, "412 Mbit/s"),
-        (999_960_000, "1.00 Gbit/s"),
-        (1_234_000_000, "1.23 Gbit/s"),
-        (12_500_000_000, "12.5 Gbit/s"),
-    ],
-)
-def test_format_rate(bits: float, text: str) -> None:
-    assert format_rate(bits) == text
-
-
-def test_format_ms() -> None:
-    assert [format_ms(v) for v in (0.123, 12.34, 123.4)] == ["0.12 ms", "12.3 ms", "123 ms"]
 
 
 def test_console_step_lines() -> None:

@@ -59,6 +59,9 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
 
+from p2pvpn._format import format_table
+from p2pvpn._stats import percentile
+
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "src"))
 
@@ -523,21 +526,17 @@ def _machine_idle_seconds() -> float:
     return (int(fields[3]) + int(fields[4])) / CLK_TCK
 
 
-def percentile(sorted_values: list[int], fraction: float) -> float:
-    if not sorted_values:
-        return math.nan
-    index = max(0, math.ceil(fraction * len(sorted_values)) - 1)
-    return sorted_values[index] / 1e6  # ms
+def _ms(nanoseconds: float | None) -> float:
+    return math.nan if nanoseconds is None else round(nanoseconds / 1e6, 3)
 
 
 def latency_summary(values: list[int]) -> dict[str, float]:
-    ordered = sorted(values)
     return {
-        "p50_ms": round(percentile(ordered, 0.50), 3),
-        "p90_ms": round(percentile(ordered, 0.90), 3),
-        "p99_ms": round(percentile(ordered, 0.99), 3),
-        "max_ms": round(percentile(ordered, 1.0), 3),
-        "samples": len(ordered),
+        "p50_ms": _ms(percentile(values, 50)),
+        "p90_ms": _ms(percentile(values, 90)),
+        "p99_ms": _ms(percentile(values, 99)),
+        "max_ms": _ms(max(values, default=None)),
+        "samples": len(values),
     }
 
 
@@ -830,11 +829,9 @@ def print_report(report: dict[str, Any]) -> None:
                     str(phase["lost_frames"]),
                 )
             )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for number, row in enumerate(rows):
-        print("  ".join(cell.rjust(width) for cell, width in zip(row, widths, strict=True)))
-        if number == 0:
-            print("  ".join("-" * width for width in widths))
+    header, *body = rows
+    for line in format_table(header, body, right=range(len(header)), rule=True):
+        print(line)
     loads = report["load"]
     if len(loads) > 1:
         first, last = loads[0], loads[-1]

@@ -37,6 +37,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from p2pvpn._format import format_table
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
@@ -465,7 +467,7 @@ def verdict(result: dict[str, Any], args: argparse.Namespace) -> list[str]:
     return problems
 
 
-def format_table(result: dict[str, Any]) -> str:
+def format_result(result: dict[str, Any]) -> str:
     header = (
         "process",
         "pid",
@@ -481,7 +483,7 @@ def format_table(result: dict[str, Any]) -> str:
         "max",
         "verdict",
     )
-    rows = [header]
+    rows: list[tuple[str, ...]] = []
     for p in result["processes"]:
         if "growth" not in p:
             rows.append(
@@ -497,9 +499,7 @@ def format_table(result: dict[str, Any]) -> str:
             f"{first['threads']} -> {last['threads']}", f"{growth['threads']:+d}",
             str(top["threads"]), p["verdict"],
         ))  # fmt: skip
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-             for row in rows]  # fmt: skip
+    lines = format_table(header, rows)
     ping, traffic = result["ping"], result["traffic"]
     reconnects = [
         f["reconnected_after_restore_s"]
@@ -552,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
     problems = verdict(result, args)
     result["problems"] = problems
     result["ok"] = not problems
-    print(format_table(result))
+    print(format_result(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
         log(f"JSON written to {args.json}")

@@ -4,12 +4,11 @@
 """
 
 import argparse
-import importlib
 import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import Any
 
 from p2pvpn import __version__
 from p2pvpn.config import (
@@ -35,26 +34,6 @@ logger = logging.getLogger(__name__)
 LOG_FORMAT = TEXT_FORMAT
 _HANDLER_NAME = "p2pvpn-stderr"
 EXIT_USAGE = 2
-
-
-class _RunClient(Protocol):
-    def __call__(self, config: ClientConfig, *, debug: bool) -> int: ...
-
-
-class _RunServer(Protocol):
-    def __call__(self, config: ServerConfig, *, debug: bool) -> int: ...
-
-
-class _PrintStatus(Protocol):
-    def __call__(self, name: str | None, as_json: bool, state_root: Path) -> int: ...
-
-
-class _RunDemo(Protocol):
-    def __call__(self, options: Any) -> int: ...
-
-
-class _UnavailableError(Exception):
-    """A lazily imported part of p2pvpn is not installed."""
 
 
 def configure_logging(debug: bool, log_format: LogFormat = "text") -> None:
@@ -108,7 +87,11 @@ _RUN_FLAGS: tuple[_Flag, ...] = (
     ("route", ("-r", "--route"), {"metavar": "COST", "help": "relay cost 0..1000 (0 = off)"}),
     ("discovery", ("--discovery",), {"metavar": "SECONDS", "help": "discovery interval"}),
     ("localhost", ("--localhost",), {"metavar": "IP", "help": "LAN IPv4 address to advertise"}),
-    ("state_dir", ("--state-dir",), {"metavar": "DIR", "help": "state directory of this client"}),
+    (
+        "state_dir",
+        ("--state-dir",),
+        {"metavar": "DIR", "help": f"state directory of this client ({DEFAULT_STATE_ROOT}/NAME)"},
+    ),
     ("dataplane", ("--dataplane",), {"choices": DATAPLANES, "help": "data plane (auto)"}),
     (
         "tls_verify",
@@ -147,17 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_flags(server, _SERVER_FLAGS)
     server.set_defaults(handler=_cmd_server)
 
-    status = commands.add_parser("status", help="show what a running client is doing")
-    status.add_argument("-n", "--name", help="the client's name (as given to run)")
-    status.add_argument("--json", action="store_true", help="print JSON")
-    status.add_argument(
-        "--state-dir",
-        metavar="DIR",
-        type=Path,
-        default=DEFAULT_STATE_ROOT,
-        help=f"root of the clients' state directories (default {DEFAULT_STATE_ROOT})",
-    )
-    status.set_defaults(handler=_cmd_status)
+    _add_status_command(commands)
 
     demo = commands.add_parser(
         "demo",
@@ -201,6 +174,21 @@ def build_parser() -> argparse.ArgumentParser:
     install.add_argument("--force", action="store_true", help="replace a different unit")
     install.set_defaults(handler=_cmd_install_service)
     return parser
+
+
+def _add_status_command(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    status = commands.add_parser("status", help="show what a running client is doing")
+    status.add_argument("-n", "--name", help="the client's name (as given to run)")
+    status.add_argument("--json", action="store_true", help="print JSON")
+    status.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        type=Path,
+        default=DEFAULT_STATE_ROOT,
+        help="the client's state directory, as given to run --state-dir, or the directory "
+        f"of the clients' state directories, one per NAME (default {DEFAULT_STATE_ROOT})",
+    )
+    status.set_defaults(handler=_cmd_status)
 
 
 DEMO_MAX_DURATION = 600
@@ -260,17 +248,6 @@ def _values(args: argparse.Namespace, flags: Sequence[_Flag]) -> tuple[dict[str,
     return values, path or "command line"
 
 
-def _lazy(module: str, attribute: str) -> object:
-    """``module.attribute``, imported only when a command needs it."""
-    try:
-        loaded = importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        if exc.name is None or not (module == exc.name or module.startswith(exc.name + ".")):
-            raise  # a missing dependency inside the module is a real bug
-        raise _UnavailableError(f"{module} is not available in this installation") from None
-    return getattr(loaded, attribute)
-
-
 def _apply_logging(config: ClientConfig | ServerConfig) -> None:
     """Mask the password in every log line, then log as the configuration says."""
     install_secret_filter(config.password)
@@ -281,7 +258,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     values, source = _values(args, _RUN_FLAGS)
     config = client_config_from_values(values, source)
     _apply_logging(config)
-    run_client = cast(_RunClient, _lazy("p2pvpn.client.node", "run_client"))
+    from p2pvpn.client.node import run_client
+
     return run_client(config, debug=config.debug)
 
 
@@ -289,20 +267,22 @@ def _cmd_server(args: argparse.Namespace) -> int:
     values, source = _values(args, _SERVER_FLAGS)
     config = server_config_from_values(values, source)
     _apply_logging(config)
-    run_server = cast(_RunServer, _lazy("p2pvpn.server.runtime", "run_server"))
+    from p2pvpn.server.runtime import run_server
+
     return run_server(config, debug=config.debug)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
     name = validate_name("name", ConfigValue(args.name, "--name")) if args.name else None
-    print_status = cast(_PrintStatus, _lazy("p2pvpn.client.control", "print_status"))
+    from p2pvpn.client.status import print_status
+
     return print_status(name, bool(args.json), args.state_dir)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    options_type = cast(Callable[..., object], _lazy("p2pvpn.demo", "DemoOptions"))
-    run_demo = cast(_RunDemo, _lazy("p2pvpn.demo", "run_demo"))
-    options = options_type(
+    from p2pvpn.demo import DemoOptions, run_demo
+
+    options = DemoOptions(
         keep=bool(args.keep),
         cleanup=bool(args.cleanup),
         duration=args.duration,
@@ -364,10 +344,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handler(args)
     except ConfigError as exc:
-        print(f"p2pvpn: error: {exc}", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"p2pvpn: error: {problem}", file=sys.stderr)
         return EXIT_USAGE
-    except _UnavailableError as exc:
-        print(f"p2pvpn: error: {exc}", file=sys.stderr)
+    except ModuleNotFoundError as exc:
+        if not _is_ours(exc.name):
+            raise  # a missing dependency is a broken installation: show the traceback
+        print(f"p2pvpn: error: {exc.name} is not available in this installation", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _is_ours(module: str | None) -> bool:
+    """Whether `module` is a part of p2pvpn (a command's back end left out of the install)."""
+    return module is not None and (module == "p2pvpn" or module.startswith("p2pvpn."))

@@ -7,7 +7,8 @@ flags on a file: :func:`read_config_values` turns a file into a mapping of key
 such a mapping. :func:`load_config` does both for a file.
 
 Every validation error is a :class:`ConfigError` naming the origin, the key and
-the bad value, e.g. ``client.cfg:7: route: 1001 is outside 0..1000``. The
+the bad value, e.g. ``client.cfg:7: route: 1001 is outside 0..1000``; one error
+carries every bad line or key of a file, so that one run reports them all. The
 password never appears in an error, a log line, a ``repr`` or
 :func:`effective_items`.
 """
@@ -85,7 +86,14 @@ T = TypeVar("T")
 
 
 class ConfigError(ValueError):
-    """A configuration that cannot be used; the message names origin, key and value."""
+    """A configuration that cannot be used: one problem per bad line or key.
+
+    Each problem names origin, key and value; the message is the problems, one a line.
+    """
+
+    def __init__(self, *problems: str) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +187,7 @@ def parse_candy_text(text: str, source_name: str) -> dict[str, ConfigValue]:
     whitespace are dropped. The same key twice: the last one wins.
     """
     values: dict[str, ConfigValue] = {}
+    problems: list[str] = []
     for number, raw in enumerate(text.splitlines(), start=1):
         origin = f"{source_name}:{number}"
         line = raw.strip()
@@ -188,8 +197,14 @@ def parse_candy_text(text: str, source_name: str) -> dict[str, ConfigValue]:
         key = key.strip()
         if not sep or not key:
             # Do not echo the line: it could hold a password.
-            raise ConfigError(f"{origin}: expected 'key = value'")
-        values[key] = ConfigValue(_candy_value(rest.strip(), key, origin), origin)
+            problems.append(f"{origin}: expected 'key = value'")
+            continue
+        try:
+            values[key] = ConfigValue(_candy_value(rest.strip(), key, origin), origin)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+    if problems:
+        raise ConfigError(*problems)
     return values
 
 
@@ -216,13 +231,17 @@ def parse_toml_text(text: str, source_name: str) -> dict[str, ConfigValue]:
         raise ConfigError(f"{source_name}: invalid TOML: {exc}") from None
     lines = _toml_key_lines(text)
     values: dict[str, ConfigValue] = {}
+    problems: list[str] = []
     for key, value in document.items():
         line = lines.get(key)
         origin = f"{source_name}:{line}" if line else source_name
         if not isinstance(value, str | int | bool):
             kind = "table" if isinstance(value, dict) else type(value).__name__
-            raise ConfigError(f"{origin}: {key}: expected a string, integer or boolean, got {kind}")
+            problems.append(f"{origin}: {key}: expected a string, integer or boolean, got {kind}")
+            continue
         values[key] = ConfigValue(value, origin)
+    if problems:
+        raise ConfigError(*problems)
     return values
 
 
@@ -278,11 +297,11 @@ def client_config_from_values(values: Mapping[str, ConfigValue], source: str) ->
     """Validate ``values`` as a client configuration; ``source`` names them in errors."""
     _expect_mode(values, "client")
     _warn_unknown(values, _CLIENT_KEYS, _SERVER_KEYS)
-    get = _Getter(values)
+    get = _Checker(values)
     name = get("name", validate_name, "")
     state_dir = get("state_dir", _path, None)
-    return ClientConfig(
-        websocket=_websocket(values, source, ("ws", "wss")),
+    config = ClientConfig(
+        websocket=get.check("websocket", lambda: _websocket(values, source, ("ws", "wss")), ""),
         password=get("password", _string, ""),
         debug=get("debug", _bool, False),
         log_format=get("log_format", _log_format, "text"),
@@ -299,15 +318,17 @@ def client_config_from_values(values: Mapping[str, ConfigValue], source: str) ->
         dataplane=get("dataplane", _dataplane, "auto"),
         metrics=get("metrics", _endpoint, None),
     )
+    get.raise_problems()
+    return config
 
 
 def server_config_from_values(values: Mapping[str, ConfigValue], source: str) -> ServerConfig:
     """Validate ``values`` as a server configuration; ``source`` names them in errors."""
     _expect_mode(values, "server")
     _warn_unknown(values, _SERVER_KEYS, _CLIENT_KEYS)
-    get = _Getter(values)
-    return ServerConfig(
-        websocket=_websocket(values, source, ("ws",)),
+    get = _Checker(values)
+    config = ServerConfig(
+        websocket=get.check("websocket", lambda: _websocket(values, source, ("ws",)), ""),
         password=get("password", _string, ""),
         debug=get("debug", _bool, False),
         log_format=get("log_format", _log_format, "text"),
@@ -316,6 +337,8 @@ def server_config_from_values(values: Mapping[str, ConfigValue], source: str) ->
         stun_port=get("stun_port", _int_range(0, 65535), DEFAULT_STUN_PORT),
         metrics=get("metrics", _endpoint, None),
     )
+    get.raise_problems()
+    return config
 
 
 def validate_name(key: str, item: ConfigValue) -> str:
@@ -333,15 +356,39 @@ def validate_name(key: str, item: ConfigValue) -> str:
     return name
 
 
-class _Getter:
-    """``get(key, parse, default)``: parse ``values[key]`` if present, else the default."""
+class _Checker:
+    """``get(key, parse, default)``: parse ``values[key]`` if present, else the default.
+
+    A bad value is noted and stands in as the default, so that one run finds every
+    bad key; `raise_problems` then raises them together, in the order of the file.
+    """
 
     def __init__(self, values: Mapping[str, ConfigValue]) -> None:
         self._values = values
+        self._problems: list[tuple[int, str]] = []
 
     def __call__(self, key: str, parse: Callable[[str, ConfigValue], T], default: T) -> T:
         item = self._values.get(key)
-        return default if item is None else parse(key, item)
+        return default if item is None else self.check(key, lambda: parse(key, item), default)
+
+    def check(self, key: str, parse: Callable[[], T], default: T) -> T:
+        """``parse()``, or ``default`` with its problems noted under ``key``."""
+        try:
+            return parse()
+        except ConfigError as exc:
+            position = self._position(key)
+            self._problems.extend((position, problem) for problem in exc.problems)
+            return default
+
+    def raise_problems(self) -> None:
+        if self._problems:
+            self._problems.sort(key=lambda noted: noted[0])
+            raise ConfigError(*(problem for _, problem in self._problems))
+
+    def _position(self, key: str) -> int:
+        # Keys keep the order of the file (flags after it); a missing key comes last.
+        keys = list(self._values)
+        return keys.index(key) if key in keys else len(keys)
 
 
 def _where(key: str, origin: str) -> str:

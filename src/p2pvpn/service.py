@@ -18,10 +18,11 @@ It does not call ``systemctl`` itself.
 import os
 import re
 import sys
-import tempfile
 from importlib import resources
 from pathlib import Path
 from typing import TextIO
+
+from p2pvpn._files import write_atomically
 
 __all__ = [
     "CLIENT_UNIT",
@@ -180,14 +181,6 @@ def _write_atomically(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` (mode 0644) through a temporary file and a rename."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        write_atomically(path, text, mode=0o644)
     except OSError as exc:
-        raise ServiceError(f"cannot write {path}: {exc.strerror or exc}") from exc
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as file:
-            file.write(text)
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
-    except OSError as exc:
-        Path(temporary).unlink(missing_ok=True)
         raise ServiceError(f"cannot write {path}: {exc.strerror or exc}") from exc

@@ -566,6 +566,27 @@ def test_reconnects_after_the_server_comes_back(tmp_path: Path) -> None:
     run(test)
 
 
+def test_failed_attempts_are_counted_until_a_login(tmp_path: Path) -> None:
+    async def test() -> None:
+        handler = Recorder()
+        async with FakeServer() as probe:
+            url, port = probe.url, probe.port
+        session = make_session(url, tmp_path, handler, clock=fixed_clock)
+        assert (session.failed_attempts, session.retrying_since) == (0, None)
+        task = asyncio.create_task(session.run())
+        # Nobody listens yet: `status` must see the attempts, not "reconnects: 0" alone.
+        await wait_until(lambda: session.failed_attempts >= 2, "two failed attempts")
+        assert session.retrying_since == NOW
+        assert session.reconnects == 0
+        async with FakeServer(port=port):
+            await wait_until(lambda: handler.logins == [STATIC], "the login")
+            assert (session.failed_attempts, session.retrying_since) == (0, None)
+            await session.close()
+            await asyncio.wait_for(task, 5)
+
+    run(test)
+
+
 def test_silent_server_is_pinged_then_given_up(tmp_path: Path) -> None:
     idle, silence = 0.2, 0.6
 

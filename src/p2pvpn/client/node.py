@@ -262,6 +262,8 @@ class ClientNode:
                 "state": self.signaling.state,
                 "connected_since": self.signaling.connected_since,
                 "reconnects": self.signaling.reconnects,
+                "failed_attempts": self.signaling.failed_attempts,
+                "retrying_since": self.signaling.retrying_since,
             },
             "relay": {
                 "packets_out": signaling.relay_packets_out,

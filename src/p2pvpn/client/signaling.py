@@ -181,6 +181,8 @@ class SignalingSession:
         self._state: SessionState = "disconnected"
         self._connected_since: float | None = None
         self._reconnects = 0
+        self._failed_attempts = 0
+        self._retrying_since: float | None = None
         self._address: IPv4Interface | None = None
         self.stats = SignalingStats()
 
@@ -199,6 +201,16 @@ class SignalingSession:
     def reconnects(self) -> int:
         """How many times the session logged in again after its first login."""
         return self._reconnects
+
+    @property
+    def failed_attempts(self) -> int:
+        """Connection attempts that did not log in since the last login (or the start)."""
+        return self._failed_attempts
+
+    @property
+    def retrying_since(self) -> float | None:
+        """clock() when the first of `failed_attempts` began; None when there are none."""
+        return self._retrying_since
 
     @property
     def address(self) -> IPv4Interface | None:
@@ -272,10 +284,15 @@ class SignalingSession:
     async def _run_loop(self) -> None:
         failures = 0  # attempts since the last stable login, drives the back-off
         while not self._closing:
+            started = self._clock()
             attempt = await self._attempt()
             if self._closing:
                 return
             self._judge(attempt)
+            if attempt.logged_in_at is None:
+                self._failed_attempts += 1
+                if self._retrying_since is None:
+                    self._retrying_since = started
             if (
                 attempt.logged_in_at is not None
                 and attempt.ended_at - attempt.logged_in_at > STABLE_LOGIN
@@ -350,6 +367,8 @@ class SignalingSession:
         attempt.logged_in_at = asyncio.get_running_loop().time()
         if self._logins:
             self._reconnects += 1
+        self._failed_attempts = 0
+        self._retrying_since = None
         self._logins += 1
         logger.info("logged in as %s", address)
 

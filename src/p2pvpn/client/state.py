@@ -7,12 +7,12 @@ change, never correctness, so every storage problem here is a warning.
 """
 
 import logging
-import os
 import re
 import secrets
-import tempfile
 from ipaddress import IPv4Interface
 from pathlib import Path
+
+from p2pvpn._files import write_atomically
 
 __all__ = ["StateStore"]
 
@@ -85,16 +85,6 @@ class StateStore:
         path = self._path(name)
         try:
             self.directory.mkdir(mode=DIRECTORY_MODE, parents=True, exist_ok=True)
-            descriptor, temporary = tempfile.mkstemp(prefix=f".{name}.", dir=self.directory)
+            write_atomically(path, text, encoding="ascii")
         except OSError as exc:
             logger.warning("cannot save %s: %s", path, exc)
-            return
-        try:
-            with os.fdopen(descriptor, "w", encoding="ascii") as file:
-                file.write(text)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temporary, path)
-        except OSError as exc:
-            logger.warning("cannot save %s: %s", path, exc)
-            Path(temporary).unlink(missing_ok=True)

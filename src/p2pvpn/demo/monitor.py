@@ -12,7 +12,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from p2pvpn.client.control import ControlError, control_socket_path, query_status
+from p2pvpn.client.control import ControlError, control_socket_path
+from p2pvpn.client.status import query_status, snapshot_number
 
 __all__ = [
     "CONNECTED",
@@ -60,12 +61,6 @@ class StateChange:
         return f"{self.client} -> {self.peer}: {states}{path}"
 
 
-def _number(value: object) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value)
-
-
 def peer_views(snapshot: Snapshot, names: Mapping[str, str]) -> dict[str, PeerView]:
     """The peers of one snapshot by client name; ``names`` maps tun ip -> name.
 
@@ -83,11 +78,11 @@ def peer_views(snapshot: Snapshot, names: Mapping[str, str]) -> dict[str, PeerVi
         if name is None or not isinstance(state, str):
             continue
         path = row.get("path")
-        relay = _number(row.get("relay_bytes_out"))
+        relay = snapshot_number(row.get("relay_bytes_out"))
         views[name] = PeerView(
             state=state,
             path=path if isinstance(path, str) else None,
-            rtt_ms=_number(row.get("rtt_ms")),
+            rtt_ms=snapshot_number(row.get("rtt_ms")),
             relay_bytes_out=int(relay) if relay is not None else 0,
         )
     return views

@@ -1,19 +1,17 @@
-"""What `p2pvpn demo` prints: step lines with a mark and a timing, tables, units."""
+"""What `p2pvpn demo` prints: step lines with a mark and a timing, and details."""
 
 import contextlib
 import os
 import time
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import TextIO
+
+from p2pvpn._format import format_seconds
 
 __all__ = [
     "Console",
     "DemoError",
     "Step",
-    "format_ms",
-    "format_rate",
-    "format_seconds",
-    "format_table",
     "use_color",
 ]
 
@@ -39,55 +37,6 @@ def use_color(stream: TextIO, no_color: bool) -> bool:
         return False
     isatty = getattr(stream, "isatty", None)
     return bool(isatty and isatty())
-
-
-def format_seconds(seconds: float) -> str:
-    return f"{seconds:.1f} s"
-
-
-def format_ms(milliseconds: float) -> str:
-    if milliseconds < 10:
-        return f"{milliseconds:.2f} ms"
-    if milliseconds < 100:
-        return f"{milliseconds:.1f} ms"
-    return f"{milliseconds:.0f} ms"
-
-
-def format_rate(bits_per_second: float) -> str:
-    """Decimal units with three significant digits: ``95.3 Mbit/s``, ``1.23 Gbit/s``."""
-    value = float(bits_per_second)
-    for unit in ("bit/s", "kbit/s", "Mbit/s", "Gbit/s"):
-        if round(value, 1) < 1000 or unit == "Gbit/s":
-            if value >= 100 or unit == "bit/s":
-                return f"{value:.0f} {unit}"
-            if value >= 10:
-                return f"{value:.1f} {unit}"
-            return f"{value:.2f} {unit}"
-        value /= 1000
-    raise AssertionError("unreachable")
-
-
-def format_table(
-    headers: Sequence[str],
-    rows: Sequence[Sequence[str]],
-    *,
-    indent: str = "  ",
-    right: Collection[int] = (),
-) -> list[str]:
-    """Aligned columns as wide as their content, two spaces apart; ``right``: column indexes
-    to right-align (numbers). Short rows are padded with empty cells."""
-    columns = max([len(headers), *(len(row) for row in rows)])
-    table = [list(headers) + [""] * (columns - len(headers))]
-    table += [list(row) + [""] * (columns - len(row)) for row in rows]
-    widths = [max(len(row[index]) for row in table) for index in range(columns)]
-    lines = []
-    for row in table:
-        cells = [
-            cell.rjust(widths[index]) if index in right else cell.ljust(widths[index])
-            for index, cell in enumerate(row)
-        ]
-        lines.append((indent + "  ".join(cells)).rstrip())
-    return lines
 
 
 class Step:

@@ -24,18 +24,12 @@ from pathlib import Path
 from types import FrameType
 
 import p2pvpn
+from p2pvpn._format import format_ms, format_rate, format_seconds
 from p2pvpn.demo.measure import PingResult, ThroughputMeter, ping, ping_many
 from p2pvpn.demo.monitor import StateChange, StateTracker, StatusPoller, peer_views
 from p2pvpn.demo.netns import CommandError, Namespace, Process, terminate_all
 from p2pvpn.demo.network import DemoNetwork
-from p2pvpn.demo.output import (
-    Console,
-    DemoError,
-    Step,
-    format_ms,
-    format_rate,
-    format_seconds,
-)
+from p2pvpn.demo.output import Console, DemoError, Step
 from p2pvpn.demo.state import (
     WORKDIR_PREFIX,
     DemoLock,

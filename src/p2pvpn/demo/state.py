@@ -7,17 +7,16 @@ cleaning up. Namespaces whose name starts with ``p2pdemo-`` count as the
 demo's even without a record.
 """
 
-import contextlib
 import fcntl
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from p2pvpn._files import write_atomically
 from p2pvpn.demo.netns import NETNS_DIR, CommandError, delete_namespace, list_namespaces
 from p2pvpn.demo.topology import NAMESPACE_PREFIX
 
@@ -91,15 +90,7 @@ class StateFile:
     def save(self, record: DemoRecord) -> None:
         """Atomically (a reader never sees half a file)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, temporary = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as file:
-                file.write(record.to_json())
-            os.replace(temporary, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temporary)
-            raise
+        write_atomically(self.path, record.to_json())
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)

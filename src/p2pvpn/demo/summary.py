@@ -2,10 +2,12 @@
 
 from dataclasses import dataclass, field
 
+from p2pvpn._format import format_ms, format_rate, format_seconds, format_table
 from p2pvpn.demo.measure import PingResult, Throughput
-from p2pvpn.demo.output import format_ms, format_rate, format_seconds, format_table
 
 __all__ = ["PairResult", "PathResult", "Results", "summary_lines"]
+
+_TABLE_INDENT = "  "
 
 
 @dataclass
@@ -144,6 +146,7 @@ def summary_lines(results: Results) -> list[str]:
     lines += format_table(
         ["PEER", "STATE", "PATH", "RTT", "PING", "CONNECTED AFTER"],
         _pair_rows(results.pairs),
+        indent=_TABLE_INDENT,
         right=(3, 4, 5),
     )
     if results.paths:
@@ -152,6 +155,7 @@ def summary_lines(results: Results) -> list[str]:
         lines += format_table(
             ["PATH", "PING", "THROUGHPUT", "VIA SERVER", "TOOL"],
             _path_rows(results.paths),
+            indent=_TABLE_INDENT,
             right=(1, 2, 3),
         )
         ratio = _ratio(results.paths)

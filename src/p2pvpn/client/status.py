@@ -1,0 +1,389 @@
+"""`p2pvpn status`: ask a running client for its snapshot and print it.
+
+The client answers on its control socket (`p2pvpn.client.control`) with one
+line of JSON; this prints it as JSON or as a table. The directory given with
+``--state-dir`` is either one client's state directory (as given to ``run
+--state-dir``) or the root of several clients' directories, one per name.
+"""
+
+import ipaddress
+import json
+import math
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+from p2pvpn._format import format_duration, format_size, format_table
+from p2pvpn.client.control import (
+    SOCKET_NAME,
+    ControlError,
+    Snapshot,
+    control_socket_path,
+    scrub_snapshot,
+    socket_answers,
+)
+
+__all__ = ["format_status", "print_status", "query_status", "snapshot_number"]
+
+DEFAULT_NAME = "default"
+# Protects `status` from a runaway or hostile answer; real snapshots are a few KiB.
+_MAX_RESPONSE = 16 * 1024 * 1024
+_LABEL_WIDTH = 10
+_GAP = "  "
+
+
+# --------------------------------------------------------------------------- asking
+
+
+def query_status(path: Path, timeout: float = 3.0) -> Snapshot:
+    """Ask the client serving `path` for its snapshot; raises ControlError."""
+    name = path.parent.name or DEFAULT_NAME
+    response = _request(path, b"status\n", timeout, name)
+    try:
+        answer = json.loads(response)
+    except ValueError as exc:
+        raise ControlError(f"client {name} sent a malformed answer on {path}") from exc
+    if not isinstance(answer, dict):
+        raise ControlError(f"client {name} sent a malformed answer on {path}")
+    if set(answer) == {"error"}:
+        raise ControlError(f"client {name} answered: {answer['error']}")
+    return scrub_snapshot(answer)
+
+
+def _request(path: Path, request: bytes, timeout: float, name: str) -> bytes:
+    deadline = time.monotonic() + timeout
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(os.fspath(path))
+        except FileNotFoundError as exc:
+            raise ControlError(
+                f"no p2pvpn client running for {name} (no control socket at {path})"
+            ) from exc
+        except ConnectionRefusedError as exc:
+            raise ControlError(
+                f"no p2pvpn client running for {name} (stale control socket at {path})"
+            ) from exc
+        except PermissionError as exc:
+            raise ControlError(
+                f"permission denied on {path} (run as the user that started the client)"
+            ) from exc
+        except TimeoutError as exc:
+            raise ControlError(
+                f"client {name} did not accept within {timeout:g}s ({path})"
+            ) from exc
+        except OSError as exc:
+            raise ControlError(f"cannot connect to {path}: {exc.strerror or exc}") from exc
+        try:
+            sock.sendall(request)
+            return _read_line(sock, deadline, name)
+        except ControlError:
+            raise  # already worded for the user (and an OSError, like the cases below)
+        except TimeoutError as exc:
+            raise ControlError(
+                f"client {name} did not answer within {timeout:g}s ({path})"
+            ) from exc
+        except OSError as exc:
+            raise ControlError(
+                f"connection to client {name} failed: {exc.strerror or exc}"
+            ) from exc
+
+
+def _read_line(sock: socket.socket, deadline: float, name: str) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError
+        sock.settimeout(remaining)
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+        if b"\n" in chunk:
+            break
+        if size > _MAX_RESPONSE:
+            raise ControlError(f"client {name} sent an oversized answer")
+    if not chunks:
+        raise ControlError(f"client {name} closed the connection without answering")
+    return b"".join(chunks)
+
+
+def print_status(name: str | None, as_json: bool, state_dir: Path) -> int:
+    """`p2pvpn status`: print client `name`'s snapshot; returns the exit code."""
+    try:
+        snapshot = query_status(_resolve_socket(name, state_dir))
+    except ControlError as exc:
+        print(f"p2pvpn: error: {exc}", file=sys.stderr)
+        return 1
+    if as_json:
+        print(json.dumps(snapshot, indent=2))
+    else:
+        print(format_status(snapshot))
+    return 0
+
+
+def _resolve_socket(name: str | None, state_dir: Path) -> Path:
+    """The control socket of client `name` (None: the only one there is) in `state_dir`.
+
+    A `state_dir` that holds a control socket is one client's own directory
+    (``run --state-dir``): its socket is the answer unless `name` has its own
+    directory below it. Otherwise `state_dir` is the root of the clients'
+    directories, one per name.
+    """
+    if name is not None and ("/" in name or name in (".", "..")):
+        raise ControlError(f"invalid client name {name!r}")
+    own = control_socket_path(state_dir)
+    if name is not None:
+        named = control_socket_path(state_dir / (name or DEFAULT_NAME))
+        return own if own.is_socket() and not named.is_socket() else named
+    if own.is_socket():
+        return own
+    found = _find_sockets(state_dir)
+    if len(found) == 1:
+        return found[0]
+    if len(found) > 1:
+        # Sockets of crashed clients linger: prefer the one client that is alive.
+        alive = [path for path in found if socket_answers(path)]
+        if len(alive) == 1:
+            return alive[0]
+        names = ", ".join(path.parent.name for path in (alive or found))
+        raise ControlError(
+            f"several p2pvpn clients under {state_dir} ({names}): choose one with --name"
+        )
+    return control_socket_path(state_dir / DEFAULT_NAME)
+
+
+def _find_sockets(state_root: Path) -> list[Path]:
+    try:
+        candidates = sorted(state_root.glob(f"*/{SOCKET_NAME}"))
+    except OSError:
+        return []
+    return [path for path in candidates if path.is_socket()]
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def snapshot_number(value: object) -> float | None:
+    """A finite number of a snapshot as a float; None for anything else (missing, odd)."""
+    # bool is an int subclass, but True packets is nonsense: treat it as missing.
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def _integer(value: object) -> int | None:
+    number = snapshot_number(value)
+    return None if number is None else int(number)
+
+
+def _text(value: object, default: str = "-") -> str:
+    if value is None or value == "":
+        return default
+    # Non-printable characters could drive the terminal: never print them raw.
+    return "".join(char if char.isprintable() else "?" for char in str(value))
+
+
+def _mapping(value: object) -> Snapshot:
+    return value if isinstance(value, dict) else {}
+
+
+def _records(value: object) -> list[Snapshot]:
+    if not isinstance(value, list):
+        return []
+    return [item for item in value if isinstance(item, dict)]
+
+
+def _size_or_dash(value: object) -> str:
+    number = snapshot_number(value)
+    return "-" if number is None else format_size(number)
+
+
+def _duration_or_dash(value: object) -> str:
+    number = snapshot_number(value)
+    return "-" if number is None else format_duration(number)
+
+
+def _aligned(rows: list[list[str]]) -> list[str]:
+    """Left-aligned columns as wide as their content; the first row is the heading."""
+    return format_table(rows[0], rows[1:]) if rows else []
+
+
+def _labelled(label: str, lines: list[str]) -> list[str]:
+    """Prefix the first line with `label` and indent the rest to match."""
+    return [
+        (label if index == 0 else "").ljust(_LABEL_WIDTH) + line for index, line in enumerate(lines)
+    ]
+
+
+def format_status(snapshot: Snapshot, now: float | None = None) -> str:
+    """The human-readable `p2pvpn status`; tolerates missing and malformed keys."""
+    now = time.time() if now is None else now
+    snapshot = scrub_snapshot(snapshot)
+    lines = [_header_line(snapshot, now)]
+    server = _mapping(snapshot.get("server"))
+    if server:
+        lines.append(_server_line(server, now))
+    lines.extend(_labelled("traffic", _traffic_lines(snapshot)))
+    lines.extend(_drops_lines(snapshot))
+    lines.append("")
+    lines.extend(_peer_lines(snapshot))
+    lines.extend(_route_lines(snapshot))
+    lines.extend(_sysroute_lines(snapshot))
+    return "\n".join(lines)
+
+
+def _header_line(snapshot: Snapshot, now: float) -> str:
+    title = _text(snapshot.get("interface"), "") or _text(snapshot.get("name"), "") or "p2pvpn"
+    parts = [title]
+    address = _text(snapshot.get("address"), "")
+    if address:
+        parts.append(address)
+    details = []
+    dataplane = _text(snapshot.get("dataplane"), "")
+    if dataplane:
+        offloads = snapshot.get("udp_offloads")
+        if isinstance(offloads, list) and offloads:
+            dataplane += " udp " + "+".join(_text(offload) for offload in offloads)
+        details.append(f"dataplane: {dataplane}")
+    pid = _integer(snapshot.get("pid"))
+    if pid is not None:
+        details.append(f"pid {pid}")
+    started = snapshot_number(snapshot.get("started"))
+    if started is not None:
+        details.append(f"up {format_duration(now - started)}")
+    version = _text(snapshot.get("version"), "")
+    if version:
+        details.append(f"version {version}")
+    if details:
+        parts.append(f"({', '.join(details)})")
+    return _GAP.join(parts)
+
+
+def _server_line(server: Snapshot, now: float) -> str:
+    state = _text(server.get("state"), "unknown")
+    connected = state == "connected"
+    since = snapshot_number(server.get("connected_since"))
+    # connected_since may be left over from an earlier connection: only a live
+    # connection has a meaningful "for".
+    if connected and since is not None:
+        state += f" for {format_duration(now - since)}"
+    line = "server".ljust(_LABEL_WIDTH) + f"{_text(server.get('url'))}{_GAP}{state}"
+    notes = [] if connected else _retry_notes(server, now)
+    reconnects = _integer(server.get("reconnects"))
+    if reconnects is not None:
+        notes.append(f"reconnects: {reconnects}")
+    if notes:
+        line += f"{_GAP}({'; '.join(notes)})"
+    return line
+
+
+def _retry_notes(server: Snapshot, now: float) -> list[str]:
+    """How long and how often a client without a server has been trying to reach it."""
+    failed = _integer(server.get("failed_attempts"))
+    if not failed:
+        return []
+    attempts = f"{failed} failed attempt{'' if failed == 1 else 's'}"
+    since = snapshot_number(server.get("retrying_since"))
+    if since is None:
+        return [attempts]
+    return [f"retrying for {format_duration(now - since)}, {attempts}"]
+
+
+def _counters(counters: Snapshot, direction: str) -> str:
+    packets = _integer(counters.get(f"packets_{direction}"))
+    count = "-" if packets is None else str(packets)
+    return f"{direction} {count} pkts / {_size_or_dash(counters.get(f'bytes_{direction}'))}"
+
+
+def _traffic_lines(snapshot: Snapshot) -> list[str]:
+    rows = []
+    for kind in ("relay", "direct"):
+        counters = _mapping(snapshot.get(kind))
+        if not counters:
+            continue
+        row = [kind, _counters(counters, "out"), _counters(counters, "in")]
+        dropped = _integer(counters.get("dropped"))
+        if dropped:
+            row.append(f"dropped {dropped}")
+        rows.append(row)
+    return _aligned(rows)
+
+
+def _drops_lines(snapshot: Snapshot) -> list[str]:
+    counted = []
+    for reason, value in _mapping(snapshot.get("drops")).items():
+        count = _integer(value)
+        if count:
+            counted.append(f"{_text(reason)} {count}")
+    return _labelled("drops", [", ".join(counted)]) if counted else []
+
+
+def _ip_order(value: object) -> tuple[int, int, str]:
+    """Sort key: addresses numerically, anything unparsable after them."""
+    text = _text(value, "")
+    try:
+        return (0, int(ipaddress.IPv4Address(text)), text)
+    except ValueError:
+        return (1, 0, text)
+
+
+def _rtt(value: object) -> str:
+    rtt = snapshot_number(value)
+    if rtt is None:
+        return "-"
+    return f"{rtt:.1f} ms" if rtt < 100 else f"{rtt:.0f} ms"
+
+
+def _peer_lines(snapshot: Snapshot) -> list[str]:
+    peers = sorted(_records(snapshot.get("peers")), key=lambda peer: _ip_order(peer.get("tun_ip")))
+    if not peers:
+        return ["no peers yet"]
+    rows = [["PEER", "STATE", "PATH", "RTT", "OUT", "IN", "IN STATE", "RETRY"]]
+    for peer in peers:
+        rows.append(
+            [
+                _text(peer.get("tun_ip")),
+                _text(peer.get("state")),
+                _text(peer.get("path")),
+                _rtt(peer.get("rtt_ms")),
+                _size_or_dash(peer.get("bytes_out")),
+                _size_or_dash(peer.get("bytes_in")),
+                _duration_or_dash(peer.get("state_seconds")),
+                _duration_or_dash(peer.get("retry_seconds")),
+            ]
+        )
+    return _aligned(rows)
+
+
+def _route_lines(snapshot: Snapshot) -> list[str]:
+    routes = sorted(
+        _records(snapshot.get("routes")), key=lambda route: _ip_order(route.get("destination"))
+    )
+    if not routes:
+        return []
+    rows = [["ROUTE", "NEXT HOP", "DELAY"]]
+    for route in routes:
+        delay = _integer(route.get("delay_ms"))
+        rows.append(
+            [
+                _text(route.get("destination")),
+                _text(route.get("next_hop")),
+                "-" if delay is None else f"{delay} ms",
+            ]
+        )
+    return ["", *_aligned(rows)]
+
+
+def _sysroute_lines(snapshot: Snapshot) -> list[str]:
+    sysroutes = _records(snapshot.get("sysroutes"))
+    if not sysroutes:
+        return []
+    rows = [["SYSROUTE", "NEXT HOP"]]
+    rows.extend([_text(item.get("network")), _text(item.get("nexthop"))] for item in sysroutes)
+    return ["", *_aligned(rows)]
