@@ -29,6 +29,10 @@ apt-get install -y -qq --no-install-recommends \
 echo "== python environment (.venv) with p2pvpn and its test tools"
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
+# The build requirements in the venv too (setuptools>=77 reads the SPDX
+# license), so that `setup.py build_ext --inplace` works in the checkout.
+.venv/bin/python -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"]))' \
+    | xargs .venv/bin/python -m pip install -q --upgrade
 .venv/bin/python -m pip install -q -e '.[test]'
 .venv/bin/p2pvpn --version
 

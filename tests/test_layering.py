@@ -29,6 +29,7 @@ FLOORS: dict[str, int] = {
     "wire": 0,
     "_format": 0,
     "_files": 0,
+    "_stats": 0,
     "logs": 0,
     "dataplane": 1,
     "config": 1,
