@@ -51,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import atheris  # type: ignore[import-untyped]
 
 with atheris.instrument_imports():
-    from p2pvpn.client.peers import PeerManager
+    from p2pvpn.client.peer_manager import PeerManager
     from p2pvpn.config import ClientConfig, StunServer
     from p2pvpn.dataplane.base import DataPlane, DataPlaneStats, DropReason, UdpAddress
     from p2pvpn.dataplane.pure import PureDataPlane

@@ -30,7 +30,7 @@ from websockets.http11 import Request
 from websockets.server import ServerProtocol
 
 from p2pvpn.client.signaling import SignalingError, SignalingSession
-from p2pvpn.client.state import StateStore
+from p2pvpn.client.store import StateStore
 from p2pvpn.wire.close_codes import CloseCode
 from p2pvpn.wire.ws import (
     Auth,

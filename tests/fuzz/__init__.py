@@ -27,7 +27,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
-from p2pvpn.client.peers import PeerManager
+from p2pvpn.client.peer_manager import PeerManager
 from p2pvpn.config import ClientConfig, StunServer
 from p2pvpn.dataplane.base import DataPlane, DataPlaneStats, UdpAddress
 from p2pvpn.wire.peer import Delay, Heartbeat, RouteAdvert, decode_peer_message

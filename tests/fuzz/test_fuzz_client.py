@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 from websockets.asyncio.server import ServerConnection, serve
 
 from p2pvpn.client.signaling import SignalingSession
-from p2pvpn.client.state import StateStore
+from p2pvpn.client.store import StateStore
 from p2pvpn.dataplane.base import UdpAddress
 from p2pvpn.wire.errors import DecodeError
 from p2pvpn.wire.peer import Delay, Heartbeat

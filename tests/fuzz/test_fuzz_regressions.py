@@ -122,7 +122,7 @@ def test_a_flooding_connection_lets_the_other_connections_run() -> None:
     asyncio.run(asyncio.wait_for(scenario(), 10))
 
 
-# -- found in client code by the fuzzer, fixed in client/peers.py ---------------------------
+# -- found in client code by the fuzzer, fixed in client/peer_manager.py ---------------------------
 
 _UNUSABLE_SOURCES = ["192.168.202.1", "255.255.255.255", "0.0.0.0", "224.0.0.1", "127.0.0.1"]
 

@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Any
 
 from p2pvpn import __version__
 from p2pvpn.client.control import ControlServer, control_socket_path
-from p2pvpn.client.peers import PeerManager
+from p2pvpn.client.peer_manager import PeerManager
 from p2pvpn.client.signaling import SignalingError, SignalingSession
-from p2pvpn.client.state import StateStore
+from p2pvpn.client.store import StateStore
 from p2pvpn.client.tun import TunDevice, TunError
 from p2pvpn.config import ClientConfig
 from p2pvpn.dataplane import create_data_plane
@@ -48,7 +48,7 @@ class ClientNode:
     def __init__(self, config: ClientConfig) -> None:
         self.config = config
         self.started = time.time()
-        self.state = StateStore(config.state_dir)
+        self.store = StateStore(config.state_dir)
         self.tun: TunDevice | None = None
         self.address: IPv4Interface | None = None
         self.data_plane: DataPlane | None = None
@@ -59,7 +59,7 @@ class ClientNode:
             config.websocket,
             config.password,
             config.tun,
-            self.state,
+            self.store,
             self,
             tls_verify=config.tls_verify,
         )

@@ -31,7 +31,7 @@ from websockets.frames import CloseCode as WsCloseCode
 from websockets.uri import parse_uri
 
 from p2pvpn import __version__
-from p2pvpn.client.state import StateStore
+from p2pvpn.client.store import StateStore
 from p2pvpn.wire.close_codes import CLOSE_REASONS, FATAL_CLOSE_CODES, CloseCode
 from p2pvpn.wire.errors import DecodeError
 from p2pvpn.wire.ws import Auth, ExptTun, Forward, Vmac, WsMessage, WsType, decode_ws_message
@@ -138,7 +138,7 @@ class SignalingSession:
         url: str,
         password: str,
         static_address: IPv4Interface | None,
-        state: StateStore,
+        store: StateStore,
         handler: SignalingHandler,
         *,
         tls_verify: bool = True,
@@ -161,7 +161,7 @@ class SignalingSession:
         self._ssl = _ssl_context(tls_verify) if secure else None
         self._password = password
         self._static_address = static_address
-        self._store = state
+        self._store = store
         self._handler = handler
         self._clock = clock
         self._idle_timeout = idle_timeout

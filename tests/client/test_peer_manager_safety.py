@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from p2pvpn.client import peers as peers_module
+from p2pvpn.client import peer_manager
 from p2pvpn.client.peer import PeerState
-from p2pvpn.client.peers import STUN_ANSWER_SECONDS, PeerManager
+from p2pvpn.client.peer_manager import STUN_ANSWER_SECONDS, PeerManager
 from p2pvpn.client.routing import MAX_ROUTES
 from p2pvpn.config import ClientConfig, StunServer
 from p2pvpn.dataplane.base import DataPlaneStats, UdpAddress
@@ -345,7 +345,7 @@ def test_route_table_cap_is_counted() -> None:
 
 
 def test_peer_table_is_capped_and_evicts_idle_peers(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(peers_module, "MAX_PEERS", 3)
+    monkeypatch.setattr(peer_manager, "MAX_PEERS", 3)
     r = rig()
     r.connect(A, PATH_A)
     sources = [IPv4Address(f"10.77.0.{n}") for n in range(10, 20)]
@@ -364,7 +364,7 @@ def test_peer_table_is_capped_and_evicts_idle_peers(monkeypatch: pytest.MonkeyPa
 
 
 def test_full_peer_table_is_scanned_once_per_tick(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(peers_module, "MAX_PEERS", 2)
+    monkeypatch.setattr(peer_manager, "MAX_PEERS", 2)
     r = rig()
     r.connect(A, PATH_A)
     r.connect(B, PATH_B)
@@ -384,7 +384,7 @@ def test_full_peer_table_is_scanned_once_per_tick(monkeypatch: pytest.MonkeyPatc
 
 
 def test_key_cache_is_capped(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(peers_module, "MAX_KEYS", 4)
+    monkeypatch.setattr(peer_manager, "MAX_KEYS", 4)
     r = rig()
     for n in range(10, 30):  # probes "from" many members, each echoed with its key
         r.receive(Delay(IPv4Address(f"10.77.0.{n}"), OWN.ip, 1), THIRD)
@@ -394,7 +394,7 @@ def test_key_cache_is_capped(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_relay_counters_are_capped(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(peers_module, "MAX_RELAY_COUNTERS", 2)
+    monkeypatch.setattr(peer_manager, "MAX_RELAY_COUNTERS", 2)
     r = rig()
     destinations = [IPv4Address(f"10.77.0.{n}") for n in range(10, 15)]
     r.manager.on_relay_out([packet(OWN.ip, d) for d in destinations])
@@ -406,9 +406,9 @@ def test_relay_counters_are_capped(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_default_caps() -> None:
-    assert peers_module.MAX_PEERS == peers_module.MAX_KEYS == 4096
-    assert peers_module.MAX_RELAY_COUNTERS == 4096
-    assert IPv4Network("10.0.0.0/8").num_addresses > peers_module.MAX_PEERS
+    assert peer_manager.MAX_PEERS == peer_manager.MAX_KEYS == 4096
+    assert peer_manager.MAX_RELAY_COUNTERS == 4096
+    assert IPv4Network("10.0.0.0/8").num_addresses > peer_manager.MAX_PEERS
 
 
 # ------------------------------------------------------------------------ STUN
