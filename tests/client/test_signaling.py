@@ -615,6 +615,7 @@ def test_messages_after_login_reach_the_handler(tmp_path: Path) -> None:
     peer = IPv4Address("10.0.0.8")
     packet = ipv4_packet("10.0.0.8", "10.0.0.5")
     sent: list[WsMessage] = [
+        ExptTun.create(PASSWORD, GRANT, 1),  # unsolicited: handed on, the node ignores it
         Discovery(peer, IPv4Address("255.255.255.255")),
         SystemRoutes(
             (SystemRoute(IPv4Address("192.168.1.0"), IPv4Address("255.255.255.0"), peer),)
@@ -627,7 +628,6 @@ def test_messages_after_login_reach_the_handler(tmp_path: Path) -> None:
         async def chatty(connection: FakeConnection) -> None:
             await connection.login()
             await connection.ws.send(b"\x03\x01")  # truncated UDP4CONN: dropped, counted
-            await connection.ws.send(ExptTun.create(PASSWORD, GRANT, 1).encode())  # unsolicited
             for message in sent:
                 await connection.ws.send(message.encode())
             await connection.drain()
