@@ -51,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import atheris  # type: ignore[import-untyped]
 
 with atheris.instrument_imports():
-    from p2pvpn.client.peers import PeerManager
+    from p2pvpn.client.peer_manager import PeerManager
     from p2pvpn.config import ClientConfig, StunServer
     from p2pvpn.dataplane.base import DataPlane, DataPlaneStats, DropReason, UdpAddress
     from p2pvpn.dataplane.pure import PureDataPlane
@@ -149,16 +149,14 @@ class Node:
             localhost=IPv4Address("127.0.0.1"),
             state_dir=Path("/nonexistent"),
         )
-        self.manager = PeerManager(
-            config, OWN, self.tracking, Signaling(), local_port=40001, clock=lambda: self.now
-        )
+        self.manager = PeerManager(config, OWN, self.tracking, Signaling(), local_port=40001)
         self.loop.run_until_complete(self._start())
         # A peer with a direct path: hint, then a heartbeat with ack from its address.
-        self.manager.on_ws_message(Discovery(PEER, OWN.ip))
+        self.manager.on_discovery(Discovery(PEER, OWN.ip), self.now)
         self.receive(self.seal(Heartbeat(PEER, OWN.ip, 0, True).encode()), self.peer_path)
         assert self.tracking.peers == {PEER: self.peer_path}
         # And one that wants STUN answers (it asks on the next ticks).
-        self.manager.on_ws_message(Discovery(PREPARING_PEER, OWN.ip))
+        self.manager.on_discovery(Discovery(PREPARING_PEER, OWN.ip), self.now)
 
     @staticmethod
     def _sender(host: str) -> socket.socket:
@@ -188,10 +186,7 @@ class Node:
             self.plane.start()
 
     def _stun_resolved(self) -> UdpAddress | None:
-        # A PeerManager that names the server to the data plane only while a
-        # request is outstanding has it as stun_server.
-        resolved: UdpAddress | None = getattr(self.manager, "stun_server", None)
-        return resolved if resolved is not None else self.tracking.stun_server
+        return self.manager.stun_server
 
     def close(self) -> None:
         self.plane.close()
@@ -211,10 +206,10 @@ class Node:
 
     def on_control_datagrams(self, datagrams: list[tuple[bytes, UdpAddress]]) -> None:
         self.controls += len(datagrams)
-        self.manager.on_control_datagrams(datagrams)
+        self.manager.on_control_datagrams(datagrams, self.now)
 
     def on_stun_datagrams(self, datagrams: list[tuple[bytes, UdpAddress]]) -> None:
-        self.manager.on_stun_datagrams(datagrams)
+        self.manager.on_stun_datagrams(datagrams, self.now)
 
     def receive(self, datagram: bytes, source: UdpAddress) -> tuple[int, int, DataPlaneStats]:
         """One datagram as the UDP reader handles it: (#relayed, #control, stats).
@@ -265,7 +260,7 @@ class Node:
             count += 1
 
     def check_tables(self) -> None:
-        rows = self.manager.snapshot(None)
+        rows = self.manager.snapshot(None, self.now)
         connected = {IPv4Address(row["tun_ip"]) for row in rows if row["state"] == "CONNECTED"}
         assert set(self.tracking.peers) == connected, (self.tracking.peers, rows)
         relayed = {
@@ -331,13 +326,19 @@ def test_one_input(data: bytes) -> None:
         sealed = bytearray(current.seal(payload))
         index = int.from_bytes(payload[:2] or b"\0", "big") % len(sealed)
         sealed[index] ^= payload[-1] if payload and payload[-1] else 0x01
-        state = (dataclasses.replace(before, drops={}), current.manager.snapshot(before))
+        state = (
+            dataclasses.replace(before, drops={}),
+            current.manager.snapshot(before, current.now),
+        )
         relayed, control, after = current.receive(bytes(sealed), source)
         assert (relayed, control) == (0, 0)
         assert after.drops[DropReason.AUTHENTICATION] == (
             before.drops.get(DropReason.AUTHENTICATION, 0) + 1
         )
-        assert (dataclasses.replace(after, drops={}), current.manager.snapshot(after)) == state
+        assert (
+            dataclasses.replace(after, drops={}),
+            current.manager.snapshot(after, current.now),
+        ) == state
     else:
         if selector & 0x40 and len(payload) >= 20:
             # Answer the last request: the fuzzer cannot guess a random transaction id.

@@ -21,7 +21,7 @@ import concurrent.futures
 import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -151,6 +151,85 @@ def _read(stats_fn: Callable[[], Mapping[str, Any]], what: str) -> Mapping[str, 
         raise
 
 
+# The relay server's scalar counters in exposition order: (kind, name,
+# documentation, key in the stats). "by_reason" is a mapping of reason -> count.
+_SERVER_METRICS: tuple[tuple[Literal["gauge", "counter", "by_reason"], str, str, str], ...] = (
+    ("gauge", "p2pvpn_server_connections", "Open WebSocket connections.", "connections_open"),
+    (
+        "counter",
+        "p2pvpn_server_connections_accepted_total",
+        "WebSocket connections accepted.",
+        "connections_total",
+    ),
+    (
+        "gauge",
+        "p2pvpn_server_authenticated_sessions",
+        "Logged-in clients (sessions mapped to a tun address).",
+        "sessions_authenticated",
+    ),
+    ("counter", "p2pvpn_server_logins_total", "Accepted AUTH logins.", "logins"),
+    (
+        "counter",
+        "p2pvpn_server_frames_received_total",
+        "WebSocket frames received from clients.",
+        "frames_received",
+    ),
+    (
+        "counter",
+        "p2pvpn_server_bytes_received_total",
+        "Bytes of WebSocket frames received from clients.",
+        "bytes_received",
+    ),
+    (
+        "counter",
+        "p2pvpn_server_frames_relayed_total",
+        "Frames relayed to clients (a broadcast counts once per receiver).",
+        "frames_relayed",
+    ),
+    (
+        "counter",
+        "p2pvpn_server_bytes_relayed_total",
+        "Bytes of frames relayed to clients.",
+        "bytes_relayed",
+    ),
+    (
+        "by_reason",
+        "p2pvpn_server_drops_total",
+        "Frames dropped without closing their sender, by reason.",
+        "drops",
+    ),
+    (
+        "by_reason",
+        "p2pvpn_server_rejections_total",
+        "Connections closed for a protocol or security violation, by reason.",
+        "rejections",
+    ),
+    ("gauge", "p2pvpn_server_dhcp_leases", "Addresses leased from the pool.", "dhcp_leases"),
+    (
+        "gauge",
+        "p2pvpn_server_replay_cache_entries",
+        "Login hashes remembered against replays.",
+        "replay_cache_entries",
+    ),
+    (
+        "counter",
+        "p2pvpn_server_internal_errors_total",
+        "Frames that hit a bug in the server (the sender was closed).",
+        "internal_errors",
+    ),
+)
+# The STUN responder's counters, present only when it runs: (name, documentation, key).
+_SERVER_STUN_COUNTERS = (
+    ("p2pvpn_server_stun_requests_total", "STUN binding requests received.", "requests"),
+    ("p2pvpn_server_stun_responses_total", "STUN binding responses sent.", "responses"),
+    (
+        "p2pvpn_server_stun_ignored_total",
+        "Datagrams on the STUN port that were not binding requests (or not IPv4).",
+        "ignored",
+    ),
+)
+
+
 class ServerCollector(Collector):
     """The relay server's counters (``ServerRuntime.stats()`` / ``Relay.stats()``)."""
 
@@ -162,84 +241,17 @@ class ServerCollector(Collector):
         return list(self._families(stats))
 
     def _families(self, stats: Mapping[str, Any]) -> Iterator[Metric]:
-        def gauge(name: str, documentation: str, key: str) -> GaugeMetricFamily:
-            return GaugeMetricFamily(name, documentation, value=_number(stats.get(key)))
-
-        def counter(name: str, documentation: str, key: str) -> CounterMetricFamily:
-            return CounterMetricFamily(name, documentation, value=_number(stats.get(key)))
-
-        yield gauge("p2pvpn_server_connections", "Open WebSocket connections.", "connections_open")
-        yield counter(
-            "p2pvpn_server_connections_accepted_total",
-            "WebSocket connections accepted.",
-            "connections_total",
-        )
-        yield gauge(
-            "p2pvpn_server_authenticated_sessions",
-            "Logged-in clients (sessions mapped to a tun address).",
-            "sessions_authenticated",
-        )
-        yield counter("p2pvpn_server_logins_total", "Accepted AUTH logins.", "logins")
-        yield counter(
-            "p2pvpn_server_frames_received_total",
-            "WebSocket frames received from clients.",
-            "frames_received",
-        )
-        yield counter(
-            "p2pvpn_server_bytes_received_total",
-            "Bytes of WebSocket frames received from clients.",
-            "bytes_received",
-        )
-        yield counter(
-            "p2pvpn_server_frames_relayed_total",
-            "Frames relayed to clients (a broadcast counts once per receiver).",
-            "frames_relayed",
-        )
-        yield counter(
-            "p2pvpn_server_bytes_relayed_total",
-            "Bytes of frames relayed to clients.",
-            "bytes_relayed",
-        )
-        yield _labelled_counter(
-            "p2pvpn_server_drops_total",
-            "Frames dropped without closing their sender, by reason.",
-            "reason",
-            stats.get("drops"),
-        )
-        yield _labelled_counter(
-            "p2pvpn_server_rejections_total",
-            "Connections closed for a protocol or security violation, by reason.",
-            "reason",
-            stats.get("rejections"),
-        )
-        yield gauge("p2pvpn_server_dhcp_leases", "Addresses leased from the pool.", "dhcp_leases")
-        yield gauge(
-            "p2pvpn_server_replay_cache_entries",
-            "Login hashes remembered against replays.",
-            "replay_cache_entries",
-        )
-        yield counter(
-            "p2pvpn_server_internal_errors_total",
-            "Frames that hit a bug in the server (the sender was closed).",
-            "internal_errors",
-        )
+        for kind, name, documentation, key in _SERVER_METRICS:
+            if kind == "by_reason":
+                yield _labelled_counter(name, documentation, "reason", stats.get(key))
+            elif kind == "gauge":
+                yield GaugeMetricFamily(name, documentation, value=_number(stats.get(key)))
+            else:
+                yield CounterMetricFamily(name, documentation, value=_number(stats.get(key)))
         stun = stats.get("stun")
         if isinstance(stun, Mapping):
-            yield CounterMetricFamily(
-                "p2pvpn_server_stun_requests_total",
-                "STUN binding requests received.",
-                value=_number(stun.get("requests")),
-            )
-            yield CounterMetricFamily(
-                "p2pvpn_server_stun_responses_total",
-                "STUN binding responses sent.",
-                value=_number(stun.get("responses")),
-            )
-            yield CounterMetricFamily(
-                "p2pvpn_server_stun_ignored_total",
-                "Datagrams on the STUN port that were not binding requests (or not IPv4).",
-                value=_number(stun.get("ignored")),
-            )
+            for name, documentation, key in _SERVER_STUN_COUNTERS:
+                yield CounterMetricFamily(name, documentation, value=_number(stun.get(key)))
 
 
 class ClientCollector(Collector):
@@ -253,96 +265,108 @@ class ClientCollector(Collector):
         return list(self._families(snapshot))
 
     def _families(self, snapshot: Mapping[str, Any]) -> Iterator[Metric]:
-        info = InfoMetricFamily("p2pvpn_client", "This client.")
-        info.add_metric(
-            [],
-            {
-                "version": str(snapshot.get("version") or ""),
-                "name": str(snapshot.get("name") or ""),
-                "interface": str(snapshot.get("interface") or ""),
-                "address": str(snapshot.get("address") or ""),
-                "dataplane": str(snapshot.get("dataplane") or ""),
-            },
-        )
-        yield info
-        if isinstance(snapshot.get("started"), int | float):
-            yield GaugeMetricFamily(
-                "p2pvpn_start_time_seconds",
-                "When the client started, in seconds since the Unix epoch.",
-                value=_number(snapshot["started"]),
-            )
-
+        yield from _client_identity(snapshot)
         peers = [row for row in snapshot.get("peers") or () if isinstance(row, Mapping)]
-        states = dict.fromkeys(PEER_STATES, 0)
-        for row in peers:
-            state = str(row.get("state") or "INIT")
-            states[state] = states.get(state, 0) + 1
-        peer_states = GaugeMetricFamily("p2pvpn_peers", "Known peers, by state.", labels=["state"])
-        for state, count in states.items():
-            peer_states.add_metric([state], count)
-        yield peer_states
+        yield _peer_states(peers)
+        yield _peer_rtts(peers)
+        relay = _mapping(snapshot.get("relay"))
+        yield from _traffic({"relay": relay, "direct": _mapping(snapshot.get("direct"))})
+        yield _drops(_mapping(snapshot.get("drops")), _number(relay.get("dropped")))
+        yield from _client_links(snapshot)
 
-        rtt = GaugeMetricFamily(
-            "p2pvpn_peer_rtt_seconds",
-            "Round-trip time to a directly connected peer.",
-            labels=["peer"],
+
+def _client_identity(snapshot: Mapping[str, Any]) -> Iterator[Metric]:
+    info = InfoMetricFamily("p2pvpn_client", "This client.")
+    info.add_metric(
+        [],
+        {
+            "version": str(snapshot.get("version") or ""),
+            "name": str(snapshot.get("name") or ""),
+            "interface": str(snapshot.get("interface") or ""),
+            "address": str(snapshot.get("address") or ""),
+            "dataplane": str(snapshot.get("dataplane") or ""),
+        },
+    )
+    yield info
+    if isinstance(snapshot.get("started"), int | float):
+        yield GaugeMetricFamily(
+            "p2pvpn_start_time_seconds",
+            "When the client started, in seconds since the Unix epoch.",
+            value=_number(snapshot["started"]),
         )
-        for row in peers:
-            if isinstance(row.get("rtt_ms"), int | float):
-                rtt.add_metric([str(row.get("tun_ip"))], _number(row["rtt_ms"]) / 1000)
-        yield rtt
 
-        traffic = {
-            "relay": _mapping(snapshot.get("relay")),
-            "direct": _mapping(snapshot.get("direct")),
-        }
-        for unit, documentation in (
-            ("bytes", "Bytes of tunnelled packets, by path (relay server or direct UDP)."),
-            ("packets", "Tunnelled packets, by path (relay server or direct UDP)."),
-        ):
-            family = CounterMetricFamily(
-                f"p2pvpn_{unit}", documentation, labels=["path", "direction"]
-            )
-            for path in _PATHS:
-                for direction in _DIRECTIONS:
-                    family.add_metric(
-                        [path, direction], _number(traffic[path].get(f"{unit}_{direction}"))
-                    )
-            yield family
 
-        drops: dict[str, float] = {
-            str(reason): _number(count) for reason, count in _mapping(snapshot.get("drops")).items()
-        }
-        relay_dropped = _number(traffic["relay"].get("dropped"))
-        drops["relay_not_sent"] = drops.get("relay_not_sent", 0.0) + relay_dropped
-        family = CounterMetricFamily(
-            "p2pvpn_drops", "Packets and datagrams dropped, by reason.", labels=["reason"]
-        )
-        for reason, dropped in sorted(drops.items()):
-            family.add_metric([reason], dropped)
+def _peer_states(peers: list[Mapping[str, Any]]) -> GaugeMetricFamily:
+    states = dict.fromkeys(PEER_STATES, 0)
+    for row in peers:
+        state = str(row.get("state") or "INIT")
+        states[state] = states.get(state, 0) + 1
+    family = GaugeMetricFamily("p2pvpn_peers", "Known peers, by state.", labels=["state"])
+    for state, count in states.items():
+        family.add_metric([state], count)
+    return family
+
+
+def _peer_rtts(peers: list[Mapping[str, Any]]) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(
+        "p2pvpn_peer_rtt_seconds",
+        "Round-trip time to a directly connected peer.",
+        labels=["peer"],
+    )
+    for row in peers:
+        if isinstance(row.get("rtt_ms"), int | float):
+            family.add_metric([str(row.get("tun_ip"))], _number(row["rtt_ms"]) / 1000)
+    return family
+
+
+def _traffic(traffic: Mapping[str, Mapping[str, Any]]) -> Iterator[Metric]:
+    for unit, documentation in (
+        ("bytes", "Bytes of tunnelled packets, by path (relay server or direct UDP)."),
+        ("packets", "Tunnelled packets, by path (relay server or direct UDP)."),
+    ):
+        family = CounterMetricFamily(f"p2pvpn_{unit}", documentation, labels=["path", "direction"])
+        for path in _PATHS:
+            for direction in _DIRECTIONS:
+                family.add_metric(
+                    [path, direction], _number(traffic[path].get(f"{unit}_{direction}"))
+                )
         yield family
 
-        server = _mapping(snapshot.get("server"))
-        yield GaugeMetricFamily(
-            "p2pvpn_server_connected",
-            "1 while logged in to the signaling/relay server, else 0.",
-            value=1.0 if server.get("state") == "connected" else 0.0,
-        )
-        yield CounterMetricFamily(
-            "p2pvpn_reconnects",
-            "Reconnections to the signaling/relay server.",
-            value=_number(server.get("reconnects")),
-        )
-        yield CounterMetricFamily(
-            "p2pvpn_stun_failures",
-            "STUN requests that got no usable answer.",
-            value=_number(snapshot.get("stun_failures")),
-        )
-        yield GaugeMetricFamily(
-            "p2pvpn_routes",
-            "Client-relay routes in use.",
-            value=float(len(snapshot.get("routes") or ())),
-        )
+
+def _drops(reported: Mapping[str, Any], relay_dropped: float) -> CounterMetricFamily:
+    drops: dict[str, float] = {str(reason): _number(count) for reason, count in reported.items()}
+    drops["relay_not_sent"] = drops.get("relay_not_sent", 0.0) + relay_dropped
+    family = CounterMetricFamily(
+        "p2pvpn_drops", "Packets and datagrams dropped, by reason.", labels=["reason"]
+    )
+    for reason, dropped in sorted(drops.items()):
+        family.add_metric([reason], dropped)
+    return family
+
+
+def _client_links(snapshot: Mapping[str, Any]) -> Iterator[Metric]:
+    """The client's link to the server, its STUN record and its client-relay routes."""
+    server = _mapping(snapshot.get("server"))
+    yield GaugeMetricFamily(
+        "p2pvpn_server_connected",
+        "1 while logged in to the signaling/relay server, else 0.",
+        value=1.0 if server.get("state") == "connected" else 0.0,
+    )
+    yield CounterMetricFamily(
+        "p2pvpn_reconnects",
+        "Reconnections to the signaling/relay server.",
+        value=_number(server.get("reconnects")),
+    )
+    yield CounterMetricFamily(
+        "p2pvpn_stun_failures",
+        "STUN requests that got no usable answer.",
+        value=_number(snapshot.get("stun_failures")),
+    )
+    yield GaugeMetricFamily(
+        "p2pvpn_routes",
+        "Client-relay routes in use.",
+        value=float(len(snapshot.get("routes") or ())),
+    )
 
 
 # -- HTTP endpoint -----------------------------------------------------------------

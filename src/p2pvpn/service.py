@@ -159,13 +159,17 @@ def install_service(
             f"(check it with `p2pvpn check-config {config}`)",
             file=err,
         )
+    _print_next_steps(instance, name, out)
+    return 0
+
+
+def _print_next_steps(instance: str, name: str | None, out: TextIO) -> None:
     print("next:", file=out)
     print("  systemctl daemon-reload", file=out)
     print(f"  systemctl enable --now {instance}", file=out)
-    if not server:
+    if name is not None:
         print(f"  p2pvpn status -n {name}", file=out)
     print(f"  journalctl -u {instance} -f", file=out)
-    return 0
 
 
 def _read_existing(path: Path) -> str | None:

@@ -30,7 +30,7 @@ from websockets.http11 import Request
 from websockets.server import ServerProtocol
 
 from p2pvpn.client.signaling import SignalingError, SignalingSession
-from p2pvpn.client.state import StateStore
+from p2pvpn.client.store import StateStore
 from p2pvpn.wire.close_codes import CloseCode
 from p2pvpn.wire.ws import (
     Auth,
@@ -636,6 +636,7 @@ def test_messages_after_login_reach_the_handler(tmp_path: Path) -> None:
     peer = IPv4Address("10.0.0.8")
     packet = ipv4_packet("10.0.0.8", "10.0.0.5")
     sent: list[WsMessage] = [
+        ExptTun.create(PASSWORD, GRANT, 1),  # unsolicited: handed on, the node ignores it
         Discovery(peer, IPv4Address("255.255.255.255")),
         SystemRoutes(
             (SystemRoute(IPv4Address("192.168.1.0"), IPv4Address("255.255.255.0"), peer),)
@@ -648,7 +649,6 @@ def test_messages_after_login_reach_the_handler(tmp_path: Path) -> None:
         async def chatty(connection: FakeConnection) -> None:
             await connection.login()
             await connection.ws.send(b"\x03\x01")  # truncated UDP4CONN: dropped, counted
-            await connection.ws.send(ExptTun.create(PASSWORD, GRANT, 1).encode())  # unsolicited
             for message in sent:
                 await connection.ws.send(message.encode())
             await connection.drain()

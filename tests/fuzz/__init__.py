@@ -27,7 +27,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
-from p2pvpn.client.peers import PeerManager
+from p2pvpn.client.peer_manager import PeerManager
 from p2pvpn.config import ClientConfig, StunServer
 from p2pvpn.dataplane.base import DataPlane, DataPlaneStats, UdpAddress
 from p2pvpn.wire.peer import Delay, Heartbeat, RouteAdvert, decode_peer_message
@@ -340,13 +340,6 @@ class CheckingSignaling:
         return True
 
 
-def _resolved_stun(manager: PeerManager, data_plane: CheckingDataPlane) -> UdpAddress | None:
-    """The STUN server's address once resolved: a PeerManager that tells the data
-    plane about it only while a request is outstanding has it as ``stun_server``."""
-    resolved: UdpAddress | None = getattr(manager, "stun_server", None)
-    return resolved if resolved is not None else data_plane.stun_server
-
-
 @dataclass
 class Client:
     """A PeerManager wired to the checking doubles, as ClientNode wires it."""
@@ -383,35 +376,40 @@ class Client:
         data_plane = CheckingDataPlane(OWN.ip, inner)
         signaling = CheckingSignaling(OWN.ip)
         clock = Clock()
-        manager = PeerManager(config, OWN, data_plane, signaling, local_port=40001, clock=clock)
+        manager = PeerManager(config, OWN, data_plane, signaling, local_port=40001)
         # start() resolves the STUN server in a task; 127.0.0.1 resolves at once.
         manager.start()
         deadline = asyncio.get_running_loop().time() + 5.0
-        while _resolved_stun(manager, data_plane) is None:
+        while manager.stun_server is None:
             assert asyncio.get_running_loop().time() < deadline, "STUN server not resolved"
             await asyncio.sleep(0.0005)
-        assert _resolved_stun(manager, data_plane) == stun
+        assert manager.stun_server == stun
         manager.close()
         return cls(manager, data_plane, signaling, clock)
 
     # -- what ClientNode does with a message from the server --------------------------
 
     def on_message(self, message: WsMessage) -> None:
+        now = self.clock.now
         if isinstance(message, Forward):
             self.data_plane.write_tun(message.packet)
-            self.manager.on_relay_in(message.packet)
+            self.manager.on_relay_in(message.packet, now)
         elif isinstance(message, SystemRoutes):
             routes = [(route.network, route.nexthop) for route in message.routes]
             self.data_plane.set_sysroutes(routes)
             self.manager.disable_lan()
-        else:
-            self.manager.on_ws_message(message)
+        elif isinstance(message, Udp4Conn):
+            self.manager.on_udp4conn(message, now)
+        elif isinstance(message, LanAddress):
+            self.manager.on_lan_address(message, now)
+        elif isinstance(message, Discovery):
+            self.manager.on_discovery(message, now)
 
     # -- invariants -------------------------------------------------------------------
 
     def check_tables(self) -> None:
         """The data plane's tables are exactly what the peer states and routes imply."""
-        rows = self.manager.snapshot(self.data_plane.stats())
+        rows = self.manager.snapshot(self.data_plane.stats(), self.clock.now)
         connected = {IPv4Address(row["tun_ip"]) for row in rows if row["state"] == "CONNECTED"}
         # Known bug (test_fuzz_regressions.py, expected failures): the manager keeps a peer
         # for its own address, which can go CONNECTED; status hides it, the data plane not.

@@ -1,9 +1,9 @@
 """Fuzzing the client's WebSocket handling and its control-datagram handler.
 
-* SignalingSession's receive path (``_decode`` then ``_dispatch``, exactly
-  what its receive loop does per frame) with arbitrary, mutated and
-  valid-looking server frames, dispatched the way ClientNode does into a
-  real PeerManager; and once end to end through a real WebSocket.
+* SignalingSession's receive path (``_receive``, exactly what its receive
+  loop does per frame) with arbitrary, mutated and valid-looking server
+  frames, dispatched the way ClientNode does into a real PeerManager; and
+  once end to end through a real WebSocket.
 * PeerManager with any interleaving of server messages, relayed packets,
   decrypted control datagrams from any source, STUN answers and ticks.
 
@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 from websockets.asyncio.server import ServerConnection, serve
 
 from p2pvpn.client.signaling import SignalingSession
-from p2pvpn.client.state import StateStore
+from p2pvpn.client.store import StateStore
 from p2pvpn.dataplane.base import UdpAddress
 from p2pvpn.wire.errors import DecodeError
 from p2pvpn.wire.peer import Delay, Heartbeat
@@ -168,14 +168,13 @@ def _frame_lists(captured: tuple[bytes, ...]) -> st.SearchStrategy[list[bytes | 
 
 
 def _expected_dispatch(frame: bytes | str) -> WsMessage | None:
-    """What SignalingSession must hand on for ``frame`` (None: dropped or login-only)."""
+    """What SignalingSession must hand on for ``frame`` (None: dropped)."""
     if isinstance(frame, str):
         return None
     try:
-        message = decode_ws_message(frame)
+        return decode_ws_message(frame)
     except DecodeError:
         return None
-    return None if isinstance(message, ExptTun | Auth | Vmac) else message
 
 
 def _run(max_examples: int, body: Callable[[st.DataObject], None]) -> None:
@@ -204,9 +203,7 @@ def test_signaling_receive_path_never_raises_and_counts_drops(
         frames = data.draw(_frame_lists(captured), label="frames")
         for frame in frames:
             # What SignalingSession._receive_loop does with every frame it receives.
-            message = session._decode(frame)
-            if message is not None:
-                session._dispatch(message)
+            session._receive(frame)
         assert handler.errors == []
         assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
         expected = [_expected_dispatch(frame) for frame in frames]
@@ -275,14 +272,16 @@ def _apply_event(data: st.DataObject, client: Client, captured: tuple[bytes, ...
     if kind == "ws":
         client.on_message(data.draw(_ws_messages(), label="message"))
     elif kind == "control":
-        manager.on_control_datagrams(data.draw(_datagram_lists(captured), label="datagrams"))
+        manager.on_control_datagrams(
+            data.draw(_datagram_lists(captured), label="datagrams"), clock.now
+        )
     elif kind == "relay":
         packets = data.draw(_PACKET_LISTS, label="packets")
         for packet in packets:
-            manager.on_relay_in(packet)
+            manager.on_relay_in(packet, clock.now)
         manager.on_relay_out(packets)
     elif kind == "stun":
-        manager.on_stun_datagrams(data.draw(_stun_answer(client), label="stun"))
+        manager.on_stun_datagrams(data.draw(_stun_answer(client), label="stun"), clock.now)
     elif kind == "tick":
         clock.now += data.draw(_TICKS)
         manager.tick(clock.now)
@@ -301,7 +300,7 @@ def test_peer_manager_survives_any_sequence_of_events(
         for _ in range(data.draw(st.integers(1, 30), label="events")):
             _apply_event(data, client, captured)
             client.check_tables()
-        assert client.manager.snapshot(client.data_plane.stats()) is not None
+        assert client.manager.snapshot(client.data_plane.stats(), client.clock.now) is not None
 
     _run(max_examples, body)
 
@@ -325,19 +324,21 @@ def test_peer_manager_ws_messages_from_a_connected_peer(
 def connected_client() -> Client:
     """A client whose peer PEER_A is CONNECTED over ("203.0.113.9", 50000), with an rtt."""
     client = Client.create()
-    manager = client.manager
-    manager.on_ws_message(Discovery(PEER_A, OWN.ip))  # hint: PREPARING
-    manager.on_control_datagrams([(Heartbeat(PEER_A, OWN.ip, 0, True).encode(), UDP_SOURCES[1])])
+    manager, clock = client.manager, client.clock
+    manager.on_discovery(Discovery(PEER_A, OWN.ip), clock.now)  # hint: PREPARING
+    manager.on_control_datagrams(
+        [(Heartbeat(PEER_A, OWN.ip, 0, True).encode(), UDP_SOURCES[1])], clock.now
+    )
     assert client.data_plane.peers == {PEER_A: UDP_SOURCES[1]}
     probe = Delay(OWN.ip, PEER_A, int(client.clock.now * 1000) - 20)
-    manager.on_control_datagrams([(probe.encode(), UDP_SOURCES[1])])
+    manager.on_control_datagrams([(probe.encode(), UDP_SOURCES[1])], clock.now)
     client.check_tables()
     return client
 
 
 def test_connected_client_helper_reaches_connected() -> None:
     client = connected_client()
-    (row,) = client.manager.snapshot(client.data_plane.stats())
+    (row,) = client.manager.snapshot(client.data_plane.stats(), client.clock.now)
     assert row["state"] == "CONNECTED"
     assert row["rtt_ms"] is not None
 

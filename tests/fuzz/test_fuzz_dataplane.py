@@ -185,11 +185,11 @@ class Events:
     def on_control_datagrams(self, datagrams: list[tuple[bytes, UdpAddress]]) -> None:
         assert self.client is not None
         self.control.extend(datagrams)
-        self.client.manager.on_control_datagrams(datagrams)
+        self.client.manager.on_control_datagrams(datagrams, self.client.clock.now)
 
     def on_stun_datagrams(self, datagrams: list[tuple[bytes, UdpAddress]]) -> None:
         assert self.client is not None
-        self.client.manager.on_stun_datagrams(datagrams)
+        self.client.manager.on_stun_datagrams(datagrams, self.client.clock.now)
 
 
 class Node:
@@ -228,7 +228,7 @@ class Node:
 
     async def connect_peer_a(self) -> None:
         """PEER_A: hint, then a sealed heartbeat with ack from its path -> CONNECTED."""
-        self.client.manager.on_ws_message(Discovery(PEER_A, OWN.ip))
+        self.client.manager.on_discovery(Discovery(PEER_A, OWN.ip), self.client.clock.now)
         heartbeat = Heartbeat(PEER_A, OWN.ip, 0, True).encode()
         await self.receive(self.own_cipher.seal(heartbeat), self.peer_a_path)
         assert self.client.data_plane.peers == {PEER_A: self.peer_a_path}
@@ -278,7 +278,7 @@ class Node:
         stats = self.plane.stats()
         return (
             dataclasses.replace(stats, drops={}),
-            self.client.manager.snapshot(stats),
+            self.client.manager.snapshot(stats, self.client.clock.now),
             self.client.manager.route_snapshot(),
             dict(self.client.data_plane.peers),
             dict(self.client.data_plane.routes),

@@ -124,7 +124,7 @@ def test_a_flooding_connection_lets_the_other_connections_run() -> None:
     asyncio.run(asyncio.wait_for(scenario(), 10))
 
 
-# -- found in client code by the fuzzer, fixed in client/peers.py ---------------------------
+# -- found in client code by the fuzzer, fixed in client/peer_manager.py ---------------------------
 
 _UNUSABLE_SOURCES = ["192.168.202.1", "255.255.255.255", "0.0.0.0", "224.0.0.1", "127.0.0.1"]
 
@@ -138,10 +138,14 @@ def test_no_peer_for_our_own_or_an_unusable_address(source: str) -> None:
     """
     client = Client.create()
     src = IPv4Address(source)
-    client.manager.on_ws_message(Udp4Conn(src, OWN.ip, IPv4Address("203.0.113.5"), 4000))
-    client.manager.on_ws_message(LanAddress(src, OWN.ip, IPv4Address("192.168.1.9"), 4000))
-    client.manager.on_ws_message(Discovery(src, BROADCAST))
-    assert client.manager.snapshot(client.data_plane.stats()) == []
+    client.manager.on_udp4conn(
+        Udp4Conn(src, OWN.ip, IPv4Address("203.0.113.5"), 4000), client.clock.now
+    )
+    client.manager.on_lan_address(
+        LanAddress(src, OWN.ip, IPv4Address("192.168.1.9"), 4000), client.clock.now
+    )
+    client.manager.on_discovery(Discovery(src, BROADCAST), client.clock.now)
+    assert client.manager.snapshot(client.data_plane.stats(), client.clock.now) == []
     assert client.signaling.sent == []
 
 
@@ -149,7 +153,9 @@ def test_no_direct_path_to_ourselves() -> None:
     """The fuzzer's shortest way there: a UDP4CONN about ourselves, then any heartbeat
     that names our own address (our own, reflected, would do) with ack=1."""
     client = Client.create()
-    client.manager.on_ws_message(Udp4Conn(OWN.ip, OWN.ip, IPv4Address("0.0.0.0"), 0))
+    client.manager.on_udp4conn(
+        Udp4Conn(OWN.ip, OWN.ip, IPv4Address("0.0.0.0"), 0), client.clock.now
+    )
     heartbeat = Heartbeat(OWN.ip, IPv4Address("0.0.0.0"), 0, True).encode()
-    client.manager.on_control_datagrams([(heartbeat, ("192.168.1.9", 40000))])
+    client.manager.on_control_datagrams([(heartbeat, ("192.168.1.9", 40000))], client.clock.now)
     assert OWN.ip not in client.data_plane.peers

@@ -15,20 +15,21 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Callable
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from typing import TYPE_CHECKING, Any
 
 from p2pvpn import __version__
 from p2pvpn.client.control import ControlServer, control_socket_path
-from p2pvpn.client.peers import PeerManager
+from p2pvpn.client.peer_manager import PeerManager
 from p2pvpn.client.signaling import SignalingError, SignalingSession
-from p2pvpn.client.state import StateStore
+from p2pvpn.client.store import StateStore
 from p2pvpn.client.tun import TunDevice, TunError
 from p2pvpn.config import ClientConfig
 from p2pvpn.dataplane import create_data_plane
 from p2pvpn.dataplane.base import DataPlane, DataPlaneStats, UdpAddress
 from p2pvpn.wire.crypto import peer_key
-from p2pvpn.wire.ws import Forward, SystemRoutes, WsMessage
+from p2pvpn.wire.ws import Discovery, Forward, LanAddress, SystemRoutes, Udp4Conn, WsMessage
 
 if TYPE_CHECKING:
     from p2pvpn.metrics import MetricsServer
@@ -39,16 +40,24 @@ logger = logging.getLogger(__name__)
 # kernel caps them at net.core.[rw]mem_max unless we are root (the FORCE
 # variants), which a VPN client is.
 UDP_BUFFER_BYTES = 4 * 1024 * 1024
+# Linux's values; Python's socket module does not export these two.
+SO_SNDBUFFORCE = 32
+SO_RCVBUFFORCE = 33
 TICK_SECONDS = 1.0
 
 
 class ClientNode:
-    """One running `p2pvpn run`: the SignalingHandler and DataPlaneEvents sink."""
+    """One running `p2pvpn run`: the SignalingHandler and DataPlaneEvents sink.
+
+    The I/O edge of the sans-clock peer manager: every event from the
+    server, the data plane or the ticker reads the clock once, here, and
+    hands that ``now`` down.
+    """
 
     def __init__(self, config: ClientConfig) -> None:
         self.config = config
         self.started = time.time()
-        self.state = StateStore(config.state_dir)
+        self.store = StateStore(config.state_dir)
         self.tun: TunDevice | None = None
         self.address: IPv4Interface | None = None
         self.data_plane: DataPlane | None = None
@@ -59,13 +68,23 @@ class ClientNode:
             config.websocket,
             config.password,
             config.tun,
-            self.state,
+            self.store,
             self,
             tls_verify=config.tls_verify,
         )
         self.control = ControlServer(control_socket_path(config.state_dir), self.snapshot)
         self.metrics: MetricsServer | None = None  # set when metrics are served
         self._stopping = asyncio.Event()
+        # What the node does with each message from the server; a type not
+        # here is ignored (the login messages, GENERAL subtypes we do not use,
+        # types from the future).
+        self._message_handlers: dict[type, Callable[[Any], None]] = {
+            Forward: self._on_forward,
+            SystemRoutes: self._on_system_routes,
+            Udp4Conn: self._on_udp4conn,
+            LanAddress: self._on_lan_address,
+            Discovery: self._on_discovery,
+        }
 
     # -- lifecycle --------------------------------------------------------
 
@@ -154,13 +173,11 @@ class ClientNode:
             self._apply_sysroutes(self.sysroutes)
 
     def on_message(self, message: WsMessage) -> None:
-        if isinstance(message, Forward):
-            self._on_relayed_packet(message.packet)
-        elif isinstance(message, SystemRoutes):
-            routes = [(route.network, route.nexthop) for route in message.routes]
-            self._apply_sysroutes(self.sysroutes + routes)
-        elif self.peers is not None:
-            self.peers.on_ws_message(message)
+        handler = self._message_handlers.get(type(message))
+        if handler is None:
+            logger.debug("ignoring %s from the server", type(message).__name__)
+            return
+        handler(message)
 
     def on_disconnected(self) -> None:
         if self.peers is not None:
@@ -175,11 +192,11 @@ class ClientNode:
 
     def on_control_datagrams(self, datagrams: list[tuple[bytes, UdpAddress]]) -> None:
         if self.peers is not None:
-            self.peers.on_control_datagrams(datagrams)
+            self.peers.on_control_datagrams(datagrams, time.monotonic())
 
     def on_stun_datagrams(self, datagrams: list[tuple[bytes, UdpAddress]]) -> None:
         if self.peers is not None:
-            self.peers.on_stun_datagrams(datagrams)
+            self.peers.on_stun_datagrams(datagrams, time.monotonic())
 
     # -- internals ----------------------------------------------------------
 
@@ -219,12 +236,30 @@ class ClientNode:
             self.data_plane.close()
             self.data_plane = None
 
-    def _on_relayed_packet(self, packet: bytes) -> None:
+    # -- messages from the server ------------------------------------------------
+
+    def _on_forward(self, message: Forward) -> None:
         if self.data_plane is None:
             return
-        self.data_plane.write_tun(packet)
+        self.data_plane.write_tun(message.packet)
         if self.peers is not None:
-            self.peers.on_relay_in(packet)
+            self.peers.on_relay_in(message.packet, time.monotonic())
+
+    def _on_system_routes(self, message: SystemRoutes) -> None:
+        routes = [(route.network, route.nexthop) for route in message.routes]
+        self._apply_sysroutes(self.sysroutes + routes)
+
+    def _on_udp4conn(self, message: Udp4Conn) -> None:
+        if self.peers is not None:
+            self.peers.on_udp4conn(message, time.monotonic())
+
+    def _on_lan_address(self, message: LanAddress) -> None:
+        if self.peers is not None:
+            self.peers.on_lan_address(message, time.monotonic())
+
+    def _on_discovery(self, message: Discovery) -> None:
+        if self.peers is not None:
+            self.peers.on_discovery(message, time.monotonic())
 
     def _apply_sysroutes(self, routes: list[tuple[IPv4Network, IPv4Address]]) -> None:
         """Install sdwan routes (PROTOCOL 2.6): kernel routes via TUN plus IPIP table."""
@@ -273,7 +308,7 @@ class ClientNode:
                 "dropped": signaling.frames_dropped,
             },
             "direct": _direct_totals(stats),
-            "peers": self.peers.snapshot(stats) if self.peers is not None else [],
+            "peers": self.peers.snapshot(stats, time.monotonic()) if self.peers is not None else [],
             "routes": self.peers.route_snapshot() if self.peers is not None else [],
             "sysroutes": [
                 {"network": str(network), "nexthop": str(nexthop)}
@@ -312,8 +347,8 @@ def _direct_totals(stats: DataPlaneStats | None) -> dict[str, int]:
 def _open_udp_socket(port: int) -> socket.socket:
     udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     for force, plain in (
-        (getattr(socket, "SO_RCVBUFFORCE", 33), socket.SO_RCVBUF),
-        (getattr(socket, "SO_SNDBUFFORCE", 32), socket.SO_SNDBUF),
+        (SO_RCVBUFFORCE, socket.SO_RCVBUF),
+        (SO_SNDBUFFORCE, socket.SO_SNDBUF),
     ):
         try:
             udp.setsockopt(socket.SOL_SOCKET, force, UDP_BUFFER_BYTES)

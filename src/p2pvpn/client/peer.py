@@ -562,7 +562,6 @@ class Peer:
         if new is PeerState.CONNECTED and self._current is not None:
             self._connected_ticks = 0
             actions.append(PathUp(self._current))
-        logger.debug("peer %s: %s -> %s (%s)", self._tun_ip, old.name, new.name, reason)
         return actions
 
     def _forget(self) -> None:

@@ -31,10 +31,10 @@ from websockets.frames import CloseCode as WsCloseCode
 from websockets.uri import parse_uri
 
 from p2pvpn import __version__
-from p2pvpn.client.state import StateStore
+from p2pvpn.client.store import StateStore
 from p2pvpn.wire.close_codes import CLOSE_REASONS, FATAL_CLOSE_CODES, CloseCode
 from p2pvpn.wire.errors import DecodeError
-from p2pvpn.wire.ws import Auth, ExptTun, Forward, Vmac, WsMessage, WsType, decode_ws_message
+from p2pvpn.wire.ws import Auth, ExptTun, Vmac, WsMessage, WsType, decode_ws_message
 
 __all__ = [
     "SessionState",
@@ -77,7 +77,7 @@ class SignalingHandler(Protocol):
         """AUTH was sent with ``address`` (first login and every re-login)."""
 
     def on_message(self, message: WsMessage) -> None:
-        """A decoded frame from the server after login (EXPTTUN replies excluded)."""
+        """A decoded frame from the server after login, of any type."""
 
     def on_disconnected(self) -> None:
         """The connection that on_login() announced is gone."""
@@ -138,7 +138,7 @@ class SignalingSession:
         url: str,
         password: str,
         static_address: IPv4Interface | None,
-        state: StateStore,
+        store: StateStore,
         handler: SignalingHandler,
         *,
         tls_verify: bool = True,
@@ -161,7 +161,7 @@ class SignalingSession:
         self._ssl = _ssl_context(tls_verify) if secure else None
         self._password = password
         self._static_address = static_address
-        self._store = state
+        self._store = store
         self._handler = handler
         self._clock = clock
         self._idle_timeout = idle_timeout
@@ -462,21 +462,20 @@ class SignalingSession:
     async def _receive_loop(self, ws: _TrackedConnection, attempt: _Attempt) -> None:
         try:
             while True:
-                message = self._decode(await ws.recv())
+                frame = await ws.recv()
                 attempt.frames_after_auth += 1
-                if message is not None:
-                    self._dispatch(message)
+                self._receive(frame)
         except ConnectionClosed as exc:
             _record_close(attempt, exc)
 
-    def _dispatch(self, message: WsMessage) -> None:
-        if isinstance(message, ExptTun | Auth | Vmac):
-            # EXPTTUN only answers our request; AUTH and VMAC only go to the server.
-            logger.debug("ignoring %s from the server after login", type(message).__name__)
+    def _receive(self, frame: str | bytes) -> None:
+        """Decode one frame that arrived after login and hand it to the handler."""
+        message = self._decode(frame)
+        if message is None:
             return
-        if isinstance(message, Forward):
+        if frame[:1] == FORWARD_TYPE:
             self.stats.relay_packets_in += 1
-            self.stats.relay_bytes_in += len(message.packet)
+            self.stats.relay_bytes_in += len(frame) - 1
         try:
             self._handler.on_message(message)
         except Exception:

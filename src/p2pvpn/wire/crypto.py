@@ -6,7 +6,6 @@ favours clarity over speed.
 """
 
 import hashlib
-import logging
 import os
 import struct
 from ipaddress import IPv4Address
@@ -25,8 +24,6 @@ __all__ = [
     "peer_key",
     "vmac_hash",
 ]
-
-logger = logging.getLogger(__name__)
 
 IV_SIZE = 12
 TAG_SIZE = 16

@@ -5,7 +5,6 @@ Parsers never verify the header checksum: relays pass packets on unchanged
 server has a zero checksum), and the receiving kernel is the one to judge.
 """
 
-import logging
 import struct
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
@@ -25,8 +24,6 @@ __all__ = [
     "is_broadcast_or_multicast",
     "parse_ipv4_header",
 ]
-
-logger = logging.getLogger(__name__)
 
 IPPROTO_IPIP = 4
 MIN_HEADER_LENGTH = 20

@@ -4,7 +4,6 @@ Decoders accept input longer than the layout and raise only DecodeError.
 Encoders raise ValueError for fields the layout cannot carry.
 """
 
-import logging
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,8 +25,6 @@ __all__ = [
     "UnknownPeerMessage",
     "decode_peer_message",
 ]
-
-logger = logging.getLogger(__name__)
 
 INT32_MIN = -(2**31)
 INT32_MAX = 2**31 - 1

@@ -4,7 +4,6 @@ Only what a Candy client needs to learn its public UDP mapping and what the
 p2pvpn server needs to answer it. Decoders raise only DecodeError.
 """
 
-import logging
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,8 +22,6 @@ __all__ = [
     "looks_like_binding_response",
     "looks_like_stun",
 ]
-
-logger = logging.getLogger(__name__)
 
 MAGIC_COOKIE = 0x2112A442
 TRANSACTION_ID_SIZE = 12

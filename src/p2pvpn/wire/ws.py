@@ -6,7 +6,6 @@ Encoders raise ValueError for fields the layout cannot carry.
 """
 
 import hmac
-import logging
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,7 +14,7 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from typing import Self, TypeAlias
 
 from p2pvpn.wire._layout import TYPE_BYTE, pack, unpack
-from p2pvpn.wire.crypto import auth_hash, expttun_hash, vmac_hash
+from p2pvpn.wire.crypto import VMAC_SIZE, auth_hash, expttun_hash, vmac_hash
 from p2pvpn.wire.errors import DecodeError
 
 __all__ = [
@@ -37,13 +36,9 @@ __all__ = [
     "decode_ws_message",
 ]
 
-logger = logging.getLogger(__name__)
-
 BROADCAST = IPv4Address("255.255.255.255")
 
 HASH_SIZE = 32
-CIDR_SIZE = 32
-VMAC_SIZE = 16
 MIN_PACKET_SIZE = 20
 MAX_ROUTES_PER_MESSAGE = 255
 GENERAL_SUBTYPE_LAN_ADDRESS = 0

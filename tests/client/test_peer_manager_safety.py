@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from p2pvpn.client import peers as peers_module
+from p2pvpn.client import peer_manager
 from p2pvpn.client.peer import PeerState
-from p2pvpn.client.peers import STUN_ANSWER_SECONDS, PeerManager
+from p2pvpn.client.peer_manager import STUN_ANSWER_SECONDS, PeerManager
 from p2pvpn.client.routing import MAX_ROUTES
 from p2pvpn.config import ClientConfig, StunServer
 from p2pvpn.dataplane.base import DataPlaneStats, UdpAddress
@@ -104,7 +104,7 @@ class Rig:
     clock: Clock
 
     def receive(self, message: PeerMessage, source: UdpAddress) -> None:
-        self.manager.on_control_datagrams([(message.encode(), source)])
+        self.manager.on_control_datagrams([(message.encode(), source)], self.clock.now)
 
     def tick(self, seconds: float = 1.0) -> None:
         self.clock.now += seconds
@@ -112,14 +112,14 @@ class Rig:
 
     def connect(self, peer: IPv4Address, path: UdpAddress, rtt_ms: int = 20) -> None:
         """``peer`` CONNECTED over ``path``, with a measured rtt (so a direct route)."""
-        self.manager.on_ws_message(Discovery(peer, OWN.ip))
+        self.manager.on_discovery(Discovery(peer, OWN.ip), self.clock.now)
         self.receive(Heartbeat(peer, OWN.ip, 0, True), path)
         assert self.plane.peers[peer] == path
         self.receive(Delay(OWN.ip, peer, int(self.clock.now * 1000) - rtt_ms), path)
         assert self.state(peer) is PeerState.CONNECTED
 
     def state(self, peer: IPv4Address) -> PeerState | None:
-        rows = {row["tun_ip"]: row for row in self.manager.snapshot(None)}
+        rows = {row["tun_ip"]: row for row in self.manager.snapshot(None, self.clock.now)}
         row = rows.get(str(peer))
         return PeerState[row["state"]] if row else None
 
@@ -137,9 +137,7 @@ def config(*, route: int = 5, stun: bool = True) -> ClientConfig:
 
 def rig(*, route: int = 5) -> Rig:
     plane, clock = FakeDataPlane(), Clock()
-    manager = PeerManager(
-        config(route=route), OWN, plane, FakeSignaling(), local_port=40001, clock=clock
-    )
+    manager = PeerManager(config(route=route), OWN, plane, FakeSignaling(), local_port=40001)
     return Rig(manager, plane, clock)
 
 
@@ -186,7 +184,7 @@ def test_nat_rebinding_moves_the_path_within_two_ticks() -> None:
     assert tick == 1
     assert r.plane.set_peer_calls[-1] == (A, rebound)
     assert r.state(A) is PeerState.CONNECTED
-    (row,) = r.manager.snapshot(None)
+    (row,) = r.manager.snapshot(None, r.clock.now)
     assert row["path"] == f"direct {rebound[0]}:{rebound[1]}"
     # Heartbeats now go to the new mapping.
     r.tick()
@@ -292,7 +290,7 @@ def test_forged_deletion_is_dropped() -> None:
 
 def test_advert_from_a_peer_that_is_not_connected_is_dropped() -> None:
     r = rig()
-    r.manager.on_ws_message(Discovery(A, OWN.ip))  # PREPARING, no path
+    r.manager.on_discovery(Discovery(A, OWN.ip), r.clock.now)  # PREPARING, no path
     r.receive(RouteAdvert(C, A, 10), PATH_A)
     assert r.manager.drops == {"route_advert_sender": 1}
 
@@ -327,7 +325,7 @@ def test_adverts_ignored_when_relaying_is_off() -> None:
 def test_route_table_cap_is_counted() -> None:
     wide = IPv4Interface(f"{OWN.ip}/8")
     plane, clock = FakeDataPlane(), Clock()
-    manager = PeerManager(config(), wide, plane, FakeSignaling(), local_port=1, clock=clock)
+    manager = PeerManager(config(), wide, plane, FakeSignaling(), local_port=1)
     r = Rig(manager, plane, clock)
     peer = A
     r.connect(peer, PATH_A)
@@ -336,7 +334,7 @@ def test_route_table_cap_is_counted() -> None:
         (RouteAdvert(IPv4Address(first + n), peer, 10).encode(), PATH_A)
         for n in range(MAX_ROUTES + 10)
     ]
-    manager.on_control_datagrams(adverts)
+    manager.on_control_datagrams(adverts, clock.now)
     assert len(plane.routes) == MAX_ROUTES - 1  # the direct entry holds one
     assert manager.drops == {"route_table_full": 11}
 
@@ -345,26 +343,26 @@ def test_route_table_cap_is_counted() -> None:
 
 
 def test_peer_table_is_capped_and_evicts_idle_peers(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(peers_module, "MAX_PEERS", 3)
+    monkeypatch.setattr(peer_manager, "MAX_PEERS", 3)
     r = rig()
     r.connect(A, PATH_A)
     sources = [IPv4Address(f"10.77.0.{n}") for n in range(10, 20)]
     for source in sources:  # relayed packets with made-up sources
-        r.manager.on_relay_in(packet(source, OWN.ip))
+        r.manager.on_relay_in(packet(source, OWN.ip), r.clock.now)
     assert len(r.manager._peers) == 3
     assert r.manager.drops["peer_table_full"] == 8
     # Without a STUN answer they fail within 10 s: idle, so they make room.
     for _ in range(12):
         r.receive(Heartbeat(A, OWN.ip, 0, True), PATH_A)
         r.tick()
-    r.manager.on_relay_in(packet(C, OWN.ip))
+    r.manager.on_relay_in(packet(C, OWN.ip), r.clock.now)
     assert C in r.manager._peers
     assert r.manager.drops["peer_evicted"] == 1
     assert r.state(A) is PeerState.CONNECTED  # never evicted
 
 
 def test_full_peer_table_is_scanned_once_per_tick(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(peers_module, "MAX_PEERS", 2)
+    monkeypatch.setattr(peer_manager, "MAX_PEERS", 2)
     r = rig()
     r.connect(A, PATH_A)
     r.connect(B, PATH_B)
@@ -378,13 +376,13 @@ def test_full_peer_table_is_scanned_once_per_tick(monkeypatch: pytest.MonkeyPatc
 
     monkeypatch.setattr(PeerManager, "_evict_idle_peer", counting)
     for n in range(100):
-        r.manager.on_relay_in(packet(IPv4Address(f"10.77.0.{n + 10}"), OWN.ip))
+        r.manager.on_relay_in(packet(IPv4Address(f"10.77.0.{n + 10}"), OWN.ip), r.clock.now)
     assert scans == 1
     assert r.manager.drops["peer_table_full"] == 100
 
 
 def test_key_cache_is_capped(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(peers_module, "MAX_KEYS", 4)
+    monkeypatch.setattr(peer_manager, "MAX_KEYS", 4)
     r = rig()
     for n in range(10, 30):  # probes "from" many members, each echoed with its key
         r.receive(Delay(IPv4Address(f"10.77.0.{n}"), OWN.ip, 1), THIRD)
@@ -394,21 +392,21 @@ def test_key_cache_is_capped(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_relay_counters_are_capped(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(peers_module, "MAX_RELAY_COUNTERS", 2)
+    monkeypatch.setattr(peer_manager, "MAX_RELAY_COUNTERS", 2)
     r = rig()
     destinations = [IPv4Address(f"10.77.0.{n}") for n in range(10, 15)]
     r.manager.on_relay_out([packet(OWN.ip, d) for d in destinations])
     r.manager.on_relay_out([packet(OWN.ip, destinations[0])])
     assert len(r.manager._relay_counters) == 2
     assert r.manager.drops["relay_counters_full"] == 3
-    (first, _) = r.manager.snapshot(None)
+    (first, _) = r.manager.snapshot(None, r.clock.now)
     assert first["packets_out"] == 2
 
 
 def test_default_caps() -> None:
-    assert peers_module.MAX_PEERS == peers_module.MAX_KEYS == 4096
-    assert peers_module.MAX_RELAY_COUNTERS == 4096
-    assert IPv4Network("10.0.0.0/8").num_addresses > peers_module.MAX_PEERS
+    assert peer_manager.MAX_PEERS == peer_manager.MAX_KEYS == 4096
+    assert peer_manager.MAX_RELAY_COUNTERS == 4096
+    assert IPv4Network("10.0.0.0/8").num_addresses > peer_manager.MAX_PEERS
 
 
 # ------------------------------------------------------------------------ STUN
@@ -417,27 +415,27 @@ def test_default_caps() -> None:
 def test_stun_server_is_told_only_while_a_request_is_outstanding() -> None:
     r = started_rig()
     assert r.plane.stun_server_calls == []  # resolved, not yet asked
-    r.manager.on_ws_message(Discovery(A, OWN.ip))
+    r.manager.on_discovery(Discovery(A, OWN.ip), r.clock.now)
     r.tick()
     r.tick()
     assert len(r.plane.stun_requests) == 2
     assert r.plane.stun_server_calls == [STUN]  # once, not per request
     wrong = encode_binding_response(bytes(12), (IPv4Address("198.51.100.1"), 1))
-    r.manager.on_stun_datagrams([(wrong, STUN)])
+    r.manager.on_stun_datagrams([(wrong, STUN)], r.clock.now)
     assert r.plane.stun_server == STUN
     assert r.manager.drops["stun_unexpected"] == 1
     answer = encode_binding_response(r.plane.stun_requests[0], (IPv4Address("198.51.100.1"), 1))
-    r.manager.on_stun_datagrams([(answer, STUN)])
+    r.manager.on_stun_datagrams([(answer, STUN)], r.clock.now)
     assert r.plane.stun_server_calls == [STUN, None]
     assert r.state(A) is PeerState.SYNCHRONIZING
     # The same answer again (a replay) is no answer any more.
-    r.manager.on_stun_datagrams([(answer, STUN)])
+    r.manager.on_stun_datagrams([(answer, STUN)], r.clock.now)
     assert r.manager.drops["stun_unexpected"] == 2
 
 
 def test_stun_server_forgotten_a_while_after_the_last_request() -> None:
     r = started_rig()
-    r.manager.on_ws_message(Discovery(A, OWN.ip))
+    r.manager.on_discovery(Discovery(A, OWN.ip), r.clock.now)
     last_request = None
     for _ in range(30):
         before = len(r.plane.stun_requests)
@@ -452,6 +450,6 @@ def test_stun_server_forgotten_a_while_after_the_last_request() -> None:
     assert r.plane.stun_server_calls == [STUN, None]
     # A late answer finds no transaction.
     r.manager.on_stun_datagrams(
-        [(encode_binding_response(r.plane.stun_requests[-1], (A, 1)), STUN)]
+        [(encode_binding_response(r.plane.stun_requests[-1], (A, 1)), STUN)], r.clock.now
     )
     assert r.manager.drops["stun_unexpected"] == 1

@@ -16,11 +16,10 @@ import contextlib
 import logging
 import os
 import socket
-import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeAlias
 from urllib.parse import urlparse
 
 from p2pvpn.client.peer import (
@@ -51,7 +50,7 @@ from p2pvpn.wire.crypto import peer_key
 from p2pvpn.wire.errors import DecodeError
 from p2pvpn.wire.peer import Delay, Heartbeat, RouteAdvert, decode_peer_message
 from p2pvpn.wire.stun import decode_binding_response, encode_binding_request
-from p2pvpn.wire.ws import BROADCAST, Discovery, LanAddress, Udp4Conn, WsMessage
+from p2pvpn.wire.ws import BROADCAST, Discovery, LanAddress, Udp4Conn
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +61,6 @@ STUN_RESOLVE_RETRY_SECONDS = 30.0
 # (seconds) after our last request: at other times they are decrypted like
 # anything else, so a spoofed "STUN server" cannot feed us answers.
 STUN_ANSWER_SECONDS = 5.0
-DELAY_PROBE_TICKS = 60
 # Caps of the tables other hosts can fill. A /8 VPN network has 16M addresses
 # that relayed packets or a member's messages could name.
 MAX_PEERS = 4096
@@ -84,8 +82,18 @@ class _RelayCounters:
     bytes_in: int = 0
 
 
+# A handler of one decoded control datagram: (message, source address, now).
+_ControlHandler: TypeAlias = Callable[[Any, UdpAddress, float], None]
+# A performer of one PeerAction for a peer: (peer, action, now).
+_ActionPerformer: TypeAlias = Callable[[Peer, Any, float], None]
+
+
 class PeerManager:
-    """Owns the peer table of one client (PROTOCOL 3, 4 and 5)."""
+    """Owns the peer table of one client (PROTOCOL 3, 4 and 5).
+
+    Sans clock: every event carries ``now`` (seconds, monotonic), read once
+    by the node where the event entered the process.
+    """
 
     def __init__(
         self,
@@ -95,7 +103,6 @@ class PeerManager:
         signaling: SignalingSender,
         *,
         local_port: int,
-        clock: Any = time.monotonic,
     ) -> None:
         self._config = config
         self._own_ip = address.ip
@@ -104,7 +111,6 @@ class PeerManager:
         self._data_plane = data_plane
         self._signaling = signaling
         self._local_port = local_port
-        self._clock = clock
         self._peers: dict[IPv4Address, Peer] = {}
         self._keys: dict[IPv4Address, bytes] = {}
         self._relay_counters: dict[IPv4Address, _RelayCounters] = {}
@@ -122,6 +128,22 @@ class PeerManager:
         self._next_discovery = 0.0
         self._tasks: set[asyncio.Task[None]] = set()
         self.stun_failures = 0
+        self._control_handlers: dict[type, _ControlHandler] = {
+            Heartbeat: self._on_heartbeat,
+            Delay: self._on_delay,
+            RouteAdvert: self._on_route_advert,
+        }
+        # RequestStun is not here: _perform collects it (one request serves all peers).
+        self._action_performers: dict[type, _ActionPerformer] = {
+            SendHeartbeat: self._send_heartbeat,
+            SendDelayProbe: self._send_delay_probe,
+            SendPathChallenge: self._send_path_challenge,
+            SendPublicAddress: self._send_public_address,
+            SendLanAddress: self._send_lan_address,
+            StateChanged: self._state_changed,
+            PathUp: self._path_up,
+            PathDown: self._path_down,
+        }
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -161,40 +183,44 @@ class PeerManager:
             self._stop_stun()
         want_stun = False
         for peer in list(self._peers.values()):
-            for action in peer.tick(now):
-                want_stun |= isinstance(action, RequestStun)
-                self._perform(peer, action)
+            want_stun |= self._perform(peer, peer.tick(now), now)
         if want_stun:
-            self._send_stun_request()
+            self._send_stun_request(now)
         if self._config.discovery and now >= self._next_discovery:
             self._next_discovery = now + self._config.discovery
             self._signaling.send(Discovery(self._own_ip, BROADCAST))
 
-    def on_ws_message(self, message: WsMessage) -> None:
-        now = self._clock()
-        if isinstance(message, Udp4Conn | LanAddress | Discovery) and not self._is_peer_address(
-            message.src
-        ):
-            # A Candy server relays these without checking src: never start a
-            # connection with ourselves, a broadcast or an address outside the VPN.
-            self._count_drop("bad_peer_address")
+    def on_udp4conn(self, message: Udp4Conn, now: float) -> None:
+        """A peer's public address, relayed by the server."""
+        if not self._from_peer(message.src) or message.dst != self._own_ip:
             return
-        if isinstance(message, Udp4Conn):
-            if message.dst != self._own_ip:
-                return
+        peer = self._peer(message.src, now)
+        if peer is not None:
             address = (str(message.public_ip), message.public_port)
-            self._run_new(message.src, "on_public_address", address, now)
-        elif isinstance(message, LanAddress):
-            if message.dst != self._own_ip or not self._lan_enabled:
-                return
-            address = (str(message.lan_ip), message.lan_port)
-            self._run_new(message.src, "on_lan_address", address, now)
-        elif isinstance(message, Discovery):
-            if message.dst == BROADCAST:
-                self._signaling.send(Discovery(self._own_ip, message.src))
-            self._run_new(message.src, "on_hint", now)
+            self._handle(peer, peer.on_public_address(address, now), now)
 
-    def on_relay_in(self, packet: bytes) -> None:
+    def on_lan_address(self, message: LanAddress, now: float) -> None:
+        """A peer's LAN address, relayed by the server."""
+        if not self._from_peer(message.src) or message.dst != self._own_ip:
+            return
+        if not self._lan_enabled:
+            return
+        peer = self._peer(message.src, now)
+        if peer is not None:
+            address = (str(message.lan_ip), message.lan_port)
+            self._handle(peer, peer.on_lan_address(address, now), now)
+
+    def on_discovery(self, message: Discovery, now: float) -> None:
+        """A peer announcing itself, to us or to everyone."""
+        if not self._from_peer(message.src):
+            return
+        if message.dst == BROADCAST:
+            self._signaling.send(Discovery(self._own_ip, message.src))
+        peer = self._peer(message.src, now)
+        if peer is not None:
+            self._handle(peer, peer.on_hint(now), now)
+
+    def on_relay_in(self, packet: bytes, now: float) -> None:
         """A packet relayed by the server: count it and take it as a hint (PROTOCOL 2.5)."""
         if len(packet) < 20:
             return
@@ -206,7 +232,9 @@ class PeerManager:
         if counters is not None:
             counters.packets_in += 1
             counters.bytes_in += len(packet)
-        self._run_new(source, "on_hint", self._clock())
+        peer = self._peer(source, now)
+        if peer is not None:
+            self._handle(peer, peer.on_hint(now), now)
 
     def on_relay_out(self, packets: Iterable[bytes]) -> None:
         for packet in packets:
@@ -217,8 +245,7 @@ class PeerManager:
                 counters.packets_out += 1
                 counters.bytes_out += len(packet)
 
-    def on_control_datagrams(self, datagrams: list[tuple[bytes, UdpAddress]]) -> None:
-        now = self._clock()
+    def on_control_datagrams(self, datagrams: list[tuple[bytes, UdpAddress]], now: float) -> None:
         for plaintext, source in datagrams:
             try:
                 message = decode_peer_message(plaintext)
@@ -226,20 +253,13 @@ class PeerManager:
                 logger.debug("malformed control datagram from %s:%d", *source)
                 self._count_drop("control_malformed")
                 continue
-            if isinstance(message, Heartbeat):
-                peer = self._peers.get(message.tun_ip)
-                if peer is None:
-                    self._count_drop("heartbeat_unknown_peer")
-                else:
-                    self._run(peer, "on_heartbeat", source, message.ack, now)
-            elif isinstance(message, Delay):
-                self._on_delay(message, source, now)
-            elif isinstance(message, RouteAdvert):
-                self._on_route_advert(message, source)
-            else:
+            handler = self._control_handlers.get(type(message))
+            if handler is None:
                 self._count_drop("unknown_type")
+            else:
+                handler(message, source, now)
 
-    def on_stun_datagrams(self, datagrams: list[tuple[bytes, UdpAddress]]) -> None:
+    def on_stun_datagrams(self, datagrams: list[tuple[bytes, UdpAddress]], now: float) -> None:
         for data, _source in datagrams:
             try:
                 response = decode_binding_response(data)
@@ -253,12 +273,11 @@ class PeerManager:
             ip, port = response.address
             self._public_address = (str(ip), port)
             logger.debug("STUN: our public address is %s:%d", *self._public_address)
-            now = self._clock()
             for peer in list(self._peers.values()):
                 if peer.state is PeerState.PREPARING:
-                    self._run(peer, "on_own_public_address", now)
+                    self._handle(peer, peer.on_own_public_address(now), now)
 
-    # -- actions ----------------------------------------------------------------
+    # -- peers and tables -------------------------------------------------------
 
     def _is_peer_address(self, tun_ip: IPv4Address) -> bool:
         """A unicast address of our virtual network other than our own."""
@@ -272,10 +291,21 @@ class PeerManager:
             )
         )
 
+    def _from_peer(self, src: IPv4Address) -> bool:
+        """Whether a relayed address exchange may name ``src`` as a peer; counts a drop if not.
+
+        A Candy server relays these without checking src: never start a
+        connection with ourselves, a broadcast or an address outside the VPN.
+        """
+        if self._is_peer_address(src):
+            return True
+        self._count_drop("bad_peer_address")
+        return False
+
     def _count_drop(self, reason: str) -> None:
         self.drops[reason] = self.drops.get(reason, 0) + 1
 
-    def _peer(self, tun_ip: IPv4Address) -> Peer | None:
+    def _peer(self, tun_ip: IPv4Address, now: float) -> Peer | None:
         """The peer for ``tun_ip``, created if need be; None when the table is full."""
         peer = self._peers.get(tun_ip)
         if peer is not None:
@@ -285,7 +315,7 @@ class PeerManager:
             return None
         peer = self._peers[tun_ip] = Peer(
             tun_ip,
-            self._clock(),
+            now,
             stun_enabled=self._config.stun is not None,
             lan_enabled=self._lan_enabled,
             delay_probes=self._config.route > 0,
@@ -329,70 +359,74 @@ class PeerManager:
             key = self._keys[tun_ip] = peer_key(self._config.password, tun_ip)
         return key
 
-    def _run_new(self, tun_ip: IPv4Address, event: str, *args: Any) -> None:
-        """Like _run, creating the peer first; nothing happens when the table is full."""
-        peer = self._peer(tun_ip)
-        if peer is not None:
-            self._run(peer, event, *args)
+    # -- actions ----------------------------------------------------------------
 
-    def _run(self, peer: Peer, event: str, *args: Any) -> None:
-        actions: list[PeerAction] = getattr(peer, event)(*args)
+    def _handle(self, peer: Peer, actions: list[PeerAction], now: float) -> None:
+        """Perform what one event of ``peer`` asked for, STUN request included."""
+        if self._perform(peer, actions, now):
+            self._send_stun_request(now)
+
+    def _perform(self, peer: Peer, actions: list[PeerAction], now: float) -> bool:
+        """Perform ``actions`` except RequestStun; True if one of them was a RequestStun."""
+        want_stun = False
         for action in actions:
             if isinstance(action, RequestStun):
-                self._send_stun_request()
+                want_stun = True
             else:
-                self._perform(peer, action)
+                self._action_performers[type(action)](peer, action, now)
+        return want_stun
 
-    def _perform(self, peer: Peer, action: PeerAction) -> None:
-        tun_ip = peer.tun_ip
-        if isinstance(action, SendHeartbeat):
-            heartbeat = Heartbeat(
-                self._own_ip, IPv4Address(action.address[0]), action.address[1], action.ack
-            )
-            self._data_plane.send_control(action.address, self._key(tun_ip), heartbeat.encode())
-        elif isinstance(action, SendDelayProbe):
-            probe = Delay(self._own_ip, tun_ip, int(self._clock() * 1000))
-            self._data_plane.send_control(action.address, self._key(tun_ip), probe.encode())
-        elif isinstance(action, SendPathChallenge):
-            probe = Delay(self._own_ip, tun_ip, action.timestamp_ms)
-            self._data_plane.send_control(action.address, self._key(tun_ip), probe.encode())
-        elif isinstance(action, SendPublicAddress):
-            self._send_public_address(tun_ip)
-        elif isinstance(action, SendLanAddress):
-            self._send_lan_address(tun_ip)
-        elif isinstance(action, StateChanged):
-            if action.old is PeerState.PREPARING and action.new is PeerState.FAILED:
-                # PREPARING only fails when STUN never answered within 10 s.
-                self.stun_failures += self._config.stun is not None
-            logger.info(
-                "peer %s: %s -> %s (%s)", tun_ip, action.old.name, action.new.name, action.reason
-            )
-        elif isinstance(action, PathUp):
-            logger.info("peer %s: direct path %s:%d", tun_ip, *action.address)
-            self._data_plane.set_peer(tun_ip, action.address, self._key(tun_ip))
-        elif isinstance(action, PathDown):
-            self._data_plane.drop_peer(tun_ip)
-            self._apply_routes(self._routes.on_peer_lost(tun_ip))
+    def _send_heartbeat(self, peer: Peer, action: SendHeartbeat, now: float) -> None:
+        ip, port = action.address
+        heartbeat = Heartbeat(self._own_ip, IPv4Address(ip), port, action.ack)
+        self._send_control(peer, action.address, heartbeat.encode())
 
-    def _send_public_address(self, tun_ip: IPv4Address) -> None:
+    def _send_delay_probe(self, peer: Peer, action: SendDelayProbe, now: float) -> None:
+        probe = Delay(self._own_ip, peer.tun_ip, int(now * 1000))
+        self._send_control(peer, action.address, probe.encode())
+
+    def _send_path_challenge(self, peer: Peer, action: SendPathChallenge, now: float) -> None:
+        probe = Delay(self._own_ip, peer.tun_ip, action.timestamp_ms)
+        self._send_control(peer, action.address, probe.encode())
+
+    def _send_control(self, peer: Peer, address: UdpAddress, plaintext: bytes) -> None:
+        self._data_plane.send_control(address, self._key(peer.tun_ip), plaintext)
+
+    def _state_changed(self, peer: Peer, action: StateChanged, now: float) -> None:
+        if action.old is PeerState.PREPARING and action.new is PeerState.FAILED:
+            # PREPARING only fails when STUN never answered within 10 s.
+            self.stun_failures += self._config.stun is not None
+        logger.info(
+            "peer %s: %s -> %s (%s)", peer.tun_ip, action.old.name, action.new.name, action.reason
+        )
+
+    def _path_up(self, peer: Peer, action: PathUp, now: float) -> None:
+        logger.info("peer %s: direct path %s:%d", peer.tun_ip, *action.address)
+        self._data_plane.set_peer(peer.tun_ip, action.address, self._key(peer.tun_ip))
+
+    def _path_down(self, peer: Peer, action: PathDown, now: float) -> None:
+        self._data_plane.drop_peer(peer.tun_ip)
+        self._apply_routes(self._routes.on_peer_lost(peer.tun_ip))
+
+    def _send_public_address(self, peer: Peer, action: SendPublicAddress, now: float) -> None:
         if self._public_address is None:
             return
         ip, port = self._public_address
-        self._signaling.send(Udp4Conn(self._own_ip, tun_ip, IPv4Address(ip), port))
+        self._signaling.send(Udp4Conn(self._own_ip, peer.tun_ip, IPv4Address(ip), port))
 
-    def _send_lan_address(self, tun_ip: IPv4Address) -> None:
+    def _send_lan_address(self, peer: Peer, action: SendLanAddress, now: float) -> None:
         if self._lan_address is None or not self._lan_enabled:
             return
         ip, port = self._lan_address
-        self._signaling.send(LanAddress(self._own_ip, tun_ip, IPv4Address(ip), port))
+        self._signaling.send(LanAddress(self._own_ip, peer.tun_ip, IPv4Address(ip), port))
 
-    def _send_stun_request(self) -> None:
+    def _send_stun_request(self, now: float) -> None:
         if self._stun_address is None:
             self.stun_failures += 1
             return
         if self._stun_requested_at is None:
             self._data_plane.set_stun_server(self._stun_address)
-        self._stun_requested_at = self._clock()
+        self._stun_requested_at = now
         transaction_id = os.urandom(12)
         self._stun_transactions = [
             *self._stun_transactions[-(STUN_OUTSTANDING - 1) :],
@@ -406,6 +440,13 @@ class PeerManager:
         if self._stun_requested_at is not None:
             self._stun_requested_at = None
             self._data_plane.set_stun_server(None)
+
+    def _on_heartbeat(self, heartbeat: Heartbeat, source: UdpAddress, now: float) -> None:
+        peer = self._peers.get(heartbeat.tun_ip)
+        if peer is None:
+            self._count_drop("heartbeat_unknown_peer")
+        else:
+            self._handle(peer, peer.on_heartbeat(source, heartbeat.ack, now), now)
 
     def _on_delay(self, probe: Delay, source: UdpAddress, now: float) -> None:
         if probe.dst == self._own_ip and probe.src != self._own_ip:
@@ -439,7 +480,7 @@ class PeerManager:
             return
         # An echo of a path challenge moves the path first, so that it then
         # counts as a measurement on the new path.
-        self._run(peer, "on_path_echo", source, probe.timestamp_ms, now)
+        self._handle(peer, peer.on_path_echo(source, probe.timestamp_ms, now), now)
         if peer.state is not PeerState.CONNECTED:
             return  # a late answer must not resurrect an rtt
         if peer.current_address != source:
@@ -449,7 +490,7 @@ class PeerManager:
             return
         rtt_ms = max(0.0, now * 1000 - probe.timestamp_ms)
         first_measurement = peer.rtt_ms is None
-        self._run(peer, "on_rtt", rtt_ms, now)
+        self._handle(peer, peer.on_rtt(rtt_ms, now), now)
         self._apply_routes(self._routes.on_direct_rtt(probe.dst, round(rtt_ms)))
         if first_measurement:
             # The peer accepts our adverts only once it has measured us too,
@@ -458,7 +499,7 @@ class PeerManager:
             for advert in self._routes.advertisements():
                 self._data_plane.send_control(source, key, advert.encode())
 
-    def _on_route_advert(self, advert: RouteAdvert, source: UdpAddress) -> None:
+    def _on_route_advert(self, advert: RouteAdvert, source: UdpAddress, now: float) -> None:
         if not self._routes.enabled or advert.dst == self._own_ip:
             # Peers advertise their route to us as to everyone: not a drop.
             return
@@ -542,8 +583,7 @@ class PeerManager:
 
     # -- status -------------------------------------------------------------------
 
-    def snapshot(self, stats: DataPlaneStats | None) -> list[dict[str, Any]]:
-        now = self._clock()
+    def snapshot(self, stats: DataPlaneStats | None, now: float) -> list[dict[str, Any]]:
         rows = []
         # Peers reached only through another client never show up as relayed
         # packets or state machines, so routes and counters name them too.

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from p2pvpn.client.state import StateStore
+from p2pvpn.client.store import StateStore
 
 
 def test_vmac_is_created_persisted_and_reloaded(tmp_path: Path) -> None:
