@@ -195,7 +195,7 @@ def fake_back_end(monkeypatch: pytest.MonkeyPatch, module: str, attribute: str) 
     """Replace ``module.attribute`` by a function that logs the password and records its call."""
     calls: list[Any] = []
 
-    def back_end(config: Any, *, debug: bool) -> int:
+    def back_end(config: Any) -> int:
         calls.append(config)
         logging.getLogger("p2pvpn.fake").warning(
             "oops %s", config.password, extra={"peer": "10.0.0.2"}

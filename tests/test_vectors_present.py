@@ -42,5 +42,5 @@ def test_copy_matches_the_shared_folder_where_there_is_one(name: str) -> None:
 def test_a_missing_vector_fails_instead_of_skipping() -> None:
     from tests.conftest import _load_vectors
 
-    with pytest.raises(pytest.fail.Exception, match="absent.json is missing"):
+    with pytest.raises(pytest.fail.Exception, match=r"absent\.json is missing"):
         _load_vectors("absent.json")

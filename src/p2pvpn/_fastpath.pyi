@@ -37,6 +37,10 @@ class FastDataPlane:
     def udp_receive_offload(self) -> bool:
         """Whether the socket hands runs of datagrams up coalesced (UDP_GRO)."""
 
+    @property
+    def udp_offloads(self) -> tuple[str, ...]:
+        """The kernel UDP offloads in use now: ``"gso"``, ``"gro"``."""
+
     def start(self) -> None:
         """Start the workers; call on the event loop thread."""
 

@@ -347,6 +347,16 @@ cdef class FastDataPlane:
         """Whether the socket hands runs of datagrams up coalesced (UDP_GRO)."""
         return self._receive_offload
 
+    @property
+    def udp_offloads(self):
+        """The kernel UDP offloads in use now, for status and metrics."""
+        offloads = []
+        if self.udp_segmentation:
+            offloads.append("gso")
+        if self.udp_receive_offload:
+            offloads.append("gro")
+        return tuple(offloads)
+
     # -- lifecycle --------------------------------------------------------
 
     def start(self):

@@ -260,7 +260,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     _apply_logging(config)
     from p2pvpn.client.node import run_client
 
-    return run_client(config, debug=config.debug)
+    return run_client(config)
 
 
 def _cmd_server(args: argparse.Namespace) -> int:
@@ -269,7 +269,7 @@ def _cmd_server(args: argparse.Namespace) -> int:
     _apply_logging(config)
     from p2pvpn.server.runtime import run_server
 
-    return run_server(config, debug=config.debug)
+    return run_server(config)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:

@@ -72,6 +72,14 @@ def test_batch_boundaries(make_node: NodeFactory, count: int) -> None:
     run(body())
 
 
+def test_udp_offloads_names_only_what_the_plane_uses(make_node: NodeFactory) -> None:
+    node = make_node("10.0.0.1")
+    offloads = node.plane.udp_offloads
+    assert set(offloads) <= {"gso", "gro"}
+    if node.plane.implementation == "pure":
+        assert offloads == ()  # one datagram per system call
+
+
 def test_packet_without_direct_path_goes_up_for_the_relay(make_node: NodeFactory) -> None:
     async def body() -> None:
         a = make_node(A)

@@ -178,6 +178,7 @@ def test_coalesced_runs_are_taken_apart_into_the_same_packets() -> None:
             b.plane.start()
             a.plane.start()
             assert b.plane.udp_receive_offload  # type: ignore[attr-defined]
+            assert "gro" in b.plane.udp_offloads
             received, all_arrived = _collector(b, len(packets))
             await eventually(all_arrived, timeout=10)
             assert received == packets

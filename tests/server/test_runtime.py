@@ -37,7 +37,7 @@ def test_listen_address() -> None:
 def test_run_server_refuses_wss(caplog: pytest.LogCaptureFixture) -> None:
     config = ServerConfig(websocket="wss://127.0.0.1:8443/", password=PASSWORD, stun_port=0)
     with caplog.at_level(logging.ERROR):
-        assert run_server(config, debug=False) == 1
+        assert run_server(config) == 1
     assert "reverse proxy" in caplog.text
     assert PASSWORD not in caplog.text
 
@@ -49,7 +49,7 @@ def test_run_server_reports_a_port_in_use(caplog: pytest.LogCaptureFixture) -> N
         port = busy.getsockname()[1]
         config = ServerConfig(websocket=f"ws://127.0.0.1:{port}/", password=PASSWORD, stun_port=0)
         with caplog.at_level(logging.ERROR):
-            assert run_server(config, debug=False) == 1
+            assert run_server(config) == 1
     assert f"ws://127.0.0.1:{port}" in caplog.text
 
 
@@ -86,9 +86,9 @@ def test_run_server_stops_cleanly_on_sigterm(
         tasks.append(asyncio.get_running_loop().create_task(client_then_sigterm(self)))
 
     monkeypatch.setattr(ServerRuntime, "start", start_then_signal)
-    config = ServerConfig(websocket="ws://127.0.0.1:0/", password=PASSWORD, stun_port=0)
+    config = ServerConfig(websocket="ws://127.0.0.1:0/", password=PASSWORD, stun_port=0, debug=True)
     with caplog.at_level(logging.INFO, logger="p2pvpn.server"):
-        assert run_server(config, debug=True) == 0
+        assert run_server(config) == 0
     assert "listening on ws://127.0.0.1:" in caplog.text
     assert "shutting down" in caplog.text
     assert "close code 1001" in caplog.text

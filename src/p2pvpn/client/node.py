@@ -289,7 +289,7 @@ class ClientNode:
             "address": str(self.address) if self.address else None,
             "version": __version__,
             "dataplane": stats.implementation if stats else None,
-            "udp_offloads": _udp_offloads(self.data_plane),
+            "udp_offloads": list(self.data_plane.udp_offloads) if self.data_plane else [],
             "pid": os.getpid(),
             "started": self.started,
             "server": {
@@ -320,16 +320,6 @@ class ClientNode:
             },
             "stun_failures": self.peers.stun_failures if self.peers is not None else 0,
         }
-
-
-def _udp_offloads(plane: DataPlane | None) -> list[str]:
-    """Kernel UDP offloads in use now; only the compiled data plane has any."""
-    offloads = []
-    if getattr(plane, "udp_segmentation", False):
-        offloads.append("gso")
-    if getattr(plane, "udp_receive_offload", False):
-        offloads.append("gro")
-    return offloads
 
 
 def _direct_totals(stats: DataPlaneStats | None) -> dict[str, int]:
@@ -363,9 +353,8 @@ def _open_udp_socket(port: int) -> socket.socket:
     return udp
 
 
-def run_client(config: ClientConfig, *, debug: bool) -> int:
-    """Entry point of `p2pvpn run`: returns the process exit code."""
-    del debug  # logging is configured by the CLI
+def run_client(config: ClientConfig) -> int:
+    """Entry point of `p2pvpn run` (the CLI configures logging): the exit code."""
     try:
         return asyncio.run(ClientNode(config).run())
     except OSError as error:

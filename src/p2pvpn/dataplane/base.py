@@ -136,6 +136,10 @@ class DataPlane(Protocol):
     def implementation(self) -> str:
         """`"pure"` or `"fast"`."""
 
+    @property
+    def udp_offloads(self) -> tuple[str, ...]:
+        """Kernel UDP offloads in use now (`"gso"`, `"gro"`); empty when none."""
+
     def start(self) -> None:
         """Start moving packets (call on the event loop thread)."""
 

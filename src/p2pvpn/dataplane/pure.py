@@ -77,6 +77,10 @@ class PureDataPlane:
     def implementation(self) -> str:
         return "pure"
 
+    @property
+    def udp_offloads(self) -> tuple[str, ...]:
+        return ()  # one datagram per system call
+
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._udp.setblocking(False)

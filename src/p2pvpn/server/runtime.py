@@ -159,14 +159,14 @@ async def serve(
         await runtime.close()
 
 
-def run_server(config: ServerConfig, *, debug: bool) -> int:
+def run_server(config: ServerConfig) -> int:
     """Entry point of ``p2pvpn server``: 0 after SIGINT/SIGTERM, 1 if it cannot start."""
     try:
         listen_address(config.websocket)
     except ValueError as exc:
         logger.error("%s", exc)
         return 1
-    if not debug:
+    if not config.debug:
         # websockets logs every connection at INFO, duplicating our own lines.
         logging.getLogger("websockets.server").setLevel(logging.WARNING)
     else:
