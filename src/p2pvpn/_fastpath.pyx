@@ -116,6 +116,7 @@ from p2pvpn.dataplane.base import (
     DataPlaneStats,
     DropReason,
     PeerCounters,
+    hand_up_udp_batch,
 )
 from p2pvpn.wire import ipv4 as _ipv4
 from p2pvpn.wire import stun as _stun
@@ -563,13 +564,7 @@ cdef class FastDataPlane:
             stun, control, relay = _unpack_arena(arena)
         finally:
             arena.used = 0
-        # pure.py's order for one UDP batch.
-        if stun:
-            self._events.on_stun_datagrams(stun)
-        if control:
-            self._events.on_control_datagrams(control)
-        if relay:
-            self._events.on_relay_packets(relay)
+        hand_up_udp_batch(self._events, stun, control, relay)
 
     cdef void _log_failed_workers(self):
         cdef Shared* s = self._core.s

@@ -129,6 +129,21 @@ class DataPlaneEvents(Protocol):
         """Raw datagrams from the STUN server's address."""
 
 
+def hand_up_udp_batch(
+    events: DataPlaneEvents,
+    stun: list[tuple[bytes, UdpAddress]],
+    control: list[tuple[bytes, UdpAddress]],
+    relay: list[bytes],
+) -> None:
+    """One UDP batch's upward events, in the order both planes keep (tests rely on it)."""
+    if stun:
+        events.on_stun_datagrams(stun)
+    if control:
+        events.on_control_datagrams(control)
+    if relay:
+        events.on_relay_packets(relay)
+
+
 class DataPlane(Protocol):
     """The packet path between TUN and UDP; see ARCHITECTURE.md."""
 

@@ -27,6 +27,7 @@ from p2pvpn.dataplane.base import (
     DropReason,
     PeerCounters,
     UdpAddress,
+    hand_up_udp_batch,
 )
 from p2pvpn.dataplane.replay import ReplayWindow
 from p2pvpn.wire.crypto import IV_SIZE, AuthenticationFailed, DatagramCipher
@@ -195,12 +196,7 @@ class PureDataPlane:
                 stun.append((datagram, source))
                 continue
             self._on_datagram(datagram, source, relay, control)
-        if stun:
-            self._events.on_stun_datagrams(stun)
-        if control:
-            self._events.on_control_datagrams(control)
-        if relay:
-            self._events.on_relay_packets(relay)
+        hand_up_udp_batch(self._events, stun, control, relay)
 
     def _on_datagram(
         self,
