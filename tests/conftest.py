@@ -1,10 +1,24 @@
 """Fixtures shared by the whole test suite."""
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests import REPO_ROOT
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Processes the tests start (in namespaces, too) import ``tests`` like pytest does.
+
+    `p2pvpn.netns.process_env` puts this p2pvpn (the checkout's src) first on
+    their PYTHONPATH; the checkout itself comes from here.
+    """
+    paths = [str(REPO_ROOT), *os.environ.get("PYTHONPATH", "").split(os.pathsep)]
+    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(path for path in paths if path))
+
 
 # The vectors live next to the repository (../shared/vectors), not inside it.
 VECTORS_DIR = Path(__file__).resolve().parents[2] / "shared" / "vectors"

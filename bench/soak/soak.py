@@ -2,7 +2,7 @@
 """Soak test: a flapping p2pvpn network under traffic, watched for resource growth.
 
 Builds a server and two clients behind NAT routers in network namespaces (the
-test bed of tests/netns.py), pushes ping and iperf3 (or a Python TCP sender
+test bed of `p2pvpn.netns`), pushes ping and iperf3 (or a Python TCP sender
 when iperf3 is missing) through the tunnel for ``--duration`` seconds, and
 flaps the peer-to-peer path every ``--flap-interval`` seconds:
 
@@ -37,6 +37,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from p2pvpn.netns import RUN_PREFIX, Process, TestBed, missing_requirements, python_argv
+
+# The soak drives the integration tests' p2pvpn network and fault helpers
+# (tests/integration), which are not part of the installed package.
 REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
@@ -56,13 +60,6 @@ from tests.integration.faults_support import (  # noqa: E402
     wait_connected,
 )
 from tests.integration.vpn import Client, VpnNetwork  # noqa: E402
-from tests.netns import (  # noqa: E402
-    RUN_PREFIX,
-    Process,
-    TestBed,
-    missing_requirements,
-    python_argv,
-)
 
 IPERF_PORT = 5201
 BULK_PORT = 7001

@@ -29,21 +29,21 @@ import socket
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from ipaddress import IPv4Interface, IPv4Network
 from pathlib import Path
 from typing import Any
 
-from tests.integration.vpn import Client, VpnNetwork
-from tests.netns import (
-    RUN_PREFIX,
+from p2pvpn.netns import (
+    NAT_TABLE,
+    SEGMENT_BRIDGE,
     Namespace,
     NatMode,
     NatSite,
     Process,
     Segment,
     TestBed,
-    list_namespaces,
+    nat_site,
 )
+from tests.integration.vpn import Client, VpnNetwork
 
 # What the `measured` fixture (conftest.py) gives a test: measured(key, value).
 Record = Callable[[str, object], None]
@@ -396,7 +396,7 @@ def rebind_udp(site: NatSite, new_port: int) -> int:
             "insert",
             "rule",
             "ip",
-            "p2t_nat",
+            NAT_TABLE,
             "postrouting",
             "oifname",
             wan,
@@ -491,17 +491,12 @@ def delayed_nat_site(
     ``tc netem`` would be the usual tool; this works on kernels without
     CONFIG_NET_SCH_NETEM. Returns the site and the wire's process.
     """
-    lan_net = IPv4Network(lan_cidr)
     router = bed.namespace(f"{name}-nat")
     host = bed.namespace(name)
     wire = bed.namespace(f"{name}-dly")
     wire_wan = wire.next_ifname()
     hub_port = f"w-{name}"[:15]
-    wan.hub.ip(
-        *f"link add name {hub_port} type veth peer name {wire_wan} netns {wire.name}".split()
-    )
-    wan.hub.ip("link", "set", "dev", hub_port, "master", "br0", "up")
-    wire.set_up(wire_wan)
+    wan.hub.add_veth(hub_port, wire, wire_wan, master=SEGMENT_BRIDGE)
     cable = bed.link(router, wire, f"{wan_address}/{wan.network.prefixlen}")
     wire_nat = cable.ifname(wire)
     for ifname in (wire_wan, wire_nat):
@@ -510,13 +505,7 @@ def delayed_nat_site(
         wire, ["-c", DELAY_WIRE, wire_wan, wire_nat, str(one_way_ms)], f"{name}-delay-wire"
     )
     process.wait_for_log("delay wire")
-    router_lan = IPv4Interface(f"{lan_net.network_address + 1}/{lan_net.prefixlen}")
-    host_lan = IPv4Interface(f"{lan_net.network_address + 2}/{lan_net.prefixlen}")
-    lan = bed.link(router, host, router_lan, host_lan)
-    host.default_route(router_lan)
-    wan_ifname = cable.ifname(router)
-    ruleset = bed.nat_router(router, wan_ifname, mode)
-    site = NatSite(router, host, wan_ifname, cable.address(router), lan, ruleset)
+    site = nat_site(router, host, cable.ifname(router), cable.address(router), lan_cidr, mode=mode)
     return site, process
 
 
@@ -541,10 +530,6 @@ def process_resources(pid: int) -> Resources | None:
     fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
     rss = int(fields.get("VmRSS", "0 kB").split()[0])
     return Resources(rss_kib=rss, fds=fds, threads=int(fields["Threads"]))
-
-
-def leftover_namespaces(prefix: str = RUN_PREFIX) -> list[str]:
-    return [name for name in list_namespaces() if name.startswith(prefix)]
 
 
 def tun_links(ns: Namespace) -> list[str]:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from p2pvpn.netns import TestBed
 from tests.integration.vpn import DHCP, VpnNetwork
-from tests.netns import TestBed
 
 pytestmark = pytest.mark.netns
 

@@ -14,7 +14,7 @@ from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
 from typing import Any
 
-from tests.netns import Namespace, Process, Segment, TestBed, p2pvpn_argv
+from p2pvpn.netns import Namespace, Process, Segment, TestBed, p2pvpn_argv
 
 PASSWORD = "integration-password"
 WS_PORT = 8080
@@ -99,11 +99,11 @@ class VpnNetwork:
         return self.server_process
 
     def wait_for_server(self) -> None:
-        def listening() -> bool:
-            command = f"ss -ltn | grep -q ':{WS_PORT} '"
-            return self.server_ns.run(["sh", "-c", command], check=False).returncode == 0
-
-        self.bed.wait_until(listening, timeout=30, message="server never listened")
+        self.bed.wait_until(
+            lambda: self.server_ns.listening("tcp", WS_PORT),
+            timeout=30,
+            message="server never listened",
+        )
 
     def client_namespace(self, name: str) -> Namespace:
         ns = self.bed.namespace(name)
