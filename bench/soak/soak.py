@@ -37,30 +37,28 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from p2pvpn.netns import RUN_PREFIX, Process, TestBed, missing_requirements, python_argv
-
-# The soak drives the integration tests' p2pvpn network and fault helpers
-# (tests/integration), which are not part of the installed package.
-REPO_ROOT = Path(__file__).resolve().parents[2]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-from tests.integration.faults_support import (  # noqa: E402
-    A_IP,
-    B_IP,
+from p2pvpn.netns import (
     BULK_RECEIVER,
-    WAN,
+    RUN_PREFIX,
+    Client,
     PingLog,
+    Process,
     Resources,
+    TestBed,
+    VpnNetwork,
     block_udp_between,
     first_change,
+    missing_requirements,
     nat_client,
     process_resources,
+    python_argv,
     unblock,
     wait_connected,
 )
-from tests.integration.vpn import Client, VpnNetwork  # noqa: E402
 
+WAN = "198.51.100.0/24"
+"""The "internet": a documentation range that exists only inside the namespaces."""
+A_IP, B_IP = "10.77.0.11", "10.77.0.12"
 IPERF_PORT = 5201
 BULK_PORT = 7001
 TRAFFIC_CHUNK_SECONDS = 20.0

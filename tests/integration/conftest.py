@@ -24,13 +24,13 @@ import pytest
 from p2pvpn.netns import (
     RUN_PREFIX,
     TestBed,
+    VpnNetwork,
     cleanup_run,
     list_namespaces,
     missing_requirements,
     sweep_stale_namespaces,
 )
 from tests.integration.faults_support import WAN, Record
-from tests.integration.vpn import VpnNetwork
 
 BED_KEY = pytest.StashKey[TestBed]()
 REPORTS_KEY = pytest.StashKey[dict[str, pytest.TestReport]]()

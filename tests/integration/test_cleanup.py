@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from p2pvpn.netns import TestBed, list_namespaces, p2pvpn_argv
+from p2pvpn.netns import Client, TestBed, VpnNetwork, list_namespaces, p2pvpn_argv
 from tests.integration.faults_support import (
     A_IP,
     B_IP,
@@ -30,7 +30,6 @@ from tests.integration.faults_support import (
     routes_via,
     tun_links,
 )
-from tests.integration.vpn import Client, VpnNetwork
 
 pytestmark = [pytest.mark.netns, pytest.mark.usefixtures("no_namespace_left_behind")]
 

@@ -13,17 +13,18 @@ from pathlib import Path
 
 import pytest
 
-from p2pvpn.netns import Namespace, TestBed, make_nat_router
-from tests.integration.faults_support import (
-    WAN,
+from p2pvpn.netns import (
+    Namespace,
+    TestBed,
+    VpnNetwork,
     block_udp_between,
-    bulk_transfer,
+    make_nat_router,
     nat_client,
     peer_state,
     unblock,
     wait_state,
 )
-from tests.integration.vpn import VpnNetwork
+from tests.integration.faults_support import WAN, bulk_transfer
 
 pytestmark = pytest.mark.netns
 

@@ -20,26 +20,21 @@ import time
 
 import pytest
 
+from p2pvpn.netns import PingLog, VpnNetwork, first_change, nat_client, wait_connected, wait_state
 from tests.integration.faults_support import (
     A_IP,
     B_IP,
     BulkTransfer,
-    PingLog,
     Record,
     add_udp_loss,
     connected_pair,
     delayed_nat_site,
     direct_endpoint,
-    first_change,
     flap_episodes,
     flaps,
-    nat_client,
     other_port,
     rebind_udp,
-    wait_connected,
-    wait_state,
 )
-from tests.integration.vpn import VpnNetwork
 
 pytestmark = [pytest.mark.netns, pytest.mark.usefixtures("no_namespace_left_behind")]
 

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from p2pvpn.netns import TestBed
-from tests.integration.vpn import DHCP, VpnNetwork
+from p2pvpn.netns import DHCP, TestBed, VpnNetwork
 
 pytestmark = pytest.mark.netns
 

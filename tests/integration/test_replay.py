@@ -28,18 +28,15 @@ from dataclasses import dataclass
 
 import pytest
 
-from p2pvpn.netns import Namespace, NatSite
+from p2pvpn.netns import Client, Namespace, NatSite, PingLog, VpnNetwork, nat_client, wait_connected
 from tests.integration.faults_support import (
     A_IP,
     B_IP,
-    PingLog,
     Record,
     direct_endpoint,
     flaps,
-    nat_client,
     other_port,
     rebind_udp,
-    wait_connected,
 )
 from tests.integration.replay_support import (
     DELAY_DATAGRAMS,
@@ -48,7 +45,6 @@ from tests.integration.replay_support import (
     Replayer,
     Want,
 )
-from tests.integration.vpn import Client, VpnNetwork
 
 pytestmark = [pytest.mark.netns, pytest.mark.usefixtures("no_namespace_left_behind")]
 

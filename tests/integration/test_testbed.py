@@ -363,7 +363,7 @@ def test_namespace_standalone_context_manager() -> None:
     require_netns()
     with run_namespace("solo") as ns:
         assert ns.exists()
-        code = "import p2pvpn.netns, tests.integration.vpn; print('ok')"
+        code = "import p2pvpn.netns, tests.integration.faults_support; print('ok')"
         assert ns.python(code).stdout == "ok\n"
         assert ns.run(["true"]).returncode == 0
         with pytest.raises(CommandError, match="exit status 3"):

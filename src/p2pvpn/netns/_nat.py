@@ -1,4 +1,5 @@
-"""NAT routers: THE nftables rule set of every NAT in the test bed, the demo and the benchmarks."""
+"""NAT routers: THE nftables rule set of every NAT in the test bed, the demo and the benchmarks,
+and cutting the direct UDP path between two NAT sites."""
 
 from __future__ import annotations
 
@@ -10,7 +11,17 @@ from typing import Literal
 from p2pvpn.netns._links import Link, make_link
 from p2pvpn.netns._namespace import Namespace
 
-__all__ = ["NAT_TABLE", "NatMode", "NatSite", "make_nat_router", "nat_ruleset", "nat_site"]
+__all__ = [
+    "CUT_TABLE",
+    "NAT_TABLE",
+    "NatMode",
+    "NatSite",
+    "block_udp_between",
+    "make_nat_router",
+    "nat_ruleset",
+    "nat_site",
+    "unblock",
+]
 
 NAT_TABLE = "p2t_nat"
 """The nftables table of `nat_ruleset` (rules can be added to it, e.g. to rebind ports)."""
@@ -112,3 +123,25 @@ def nat_site(
     host.default_route(router_lan)
     ruleset = make_nat_router(router, wan_ifname, mode)
     return NatSite(router, host, wan_ifname, wan_address, lan, ruleset)
+
+
+CUT_TABLE = "p2t_cut"
+
+
+def block_udp_between(router: Namespace, other_public_ip: str) -> None:
+    """Cut the direct UDP path between ``router``'s site and ``other_public_ip`` (another
+    site's NAT); STUN to the server stays open. `unblock` restores it."""
+    router.nft(f"""
+table ip {CUT_TABLE} {{
+    chain forward {{
+        type filter hook forward priority -10; policy accept;
+        ip daddr {other_public_ip} udp dport != 3478 drop
+        ip saddr {other_public_ip} meta l4proto udp drop
+    }}
+}}
+""")
+
+
+def unblock(router: Namespace) -> None:
+    """Undo `block_udp_between`."""
+    router.run(["nft", "delete", "table", "ip", CUT_TABLE])
