@@ -7,6 +7,8 @@ from typing import Any
 
 import pytest
 
+from tests import REPO_ROOT
+
 # The evidence of wire compatibility travels with the code (tests/vectors/README.md).
 VECTORS_DIR = Path(__file__).resolve().parent / "vectors"
 
@@ -21,6 +23,13 @@ def _fast_plane_missing() -> str | None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    """The fastpath mark; and processes the tests start import ``tests`` as pytest does.
+
+    `p2pvpn.netns.process_env` puts this p2pvpn (the checkout's src) first on
+    their PYTHONPATH (in namespaces, too); the checkout itself comes from here.
+    """
+    paths = [str(REPO_ROOT), *os.environ.get("PYTHONPATH", "").split(os.pathsep)]
+    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(path for path in paths if path))
     config.addinivalue_line(
         "markers",
         "fastpath: tests the compiled data plane; skipped without it, failed under CI=true",

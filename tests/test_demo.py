@@ -40,10 +40,9 @@ from p2pvpn.demo.topology import (
     ROUTERS,
     SERVER,
     block_ruleset,
-    nat_ruleset,
     pairs,
 )
-from p2pvpn.demo.wait import wait_for
+from p2pvpn.netns import nat_ruleset, process_env, wait_for
 
 NAMES = {"10.77.0.1": "alice", "10.77.0.2": "bob", "10.77.0.3": "carol"}
 
@@ -553,7 +552,7 @@ def _wait_until_no_demo_runs() -> None:
 @pytest.fixture
 def demo_env() -> Iterator[dict[str, str]]:
     """Requirements checked; no other demo running; everything gone afterwards, whatever happens."""
-    from tests.netns import process_env, require_netns, require_tool
+    from tests.integration.conftest import require_netns, require_tool
 
     require_netns()
     require_tool("nft", "nftables")

@@ -48,12 +48,8 @@ from typing import Any
 
 from p2pvpn._format import format_table
 from p2pvpn._stats import percentile
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-from tests.netns import (  # noqa: E402  (needs the repository root on sys.path)
+from p2pvpn.netns import (
+    CommandError,
     Namespace,
     Process,
     TestBed,
@@ -63,6 +59,7 @@ from tests.netns import (  # noqa: E402  (needs the repository root on sys.path)
     wait_until,
 )
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
 VARIANTS = ("raw", "pure", "fast", "fast-base", "relay")
 # Run by default; fast-base only with --baseline-src.
 DEFAULT_VARIANTS = ("raw", "pure", "fast", "relay")
@@ -427,7 +424,7 @@ class Bench:
         """Server and clients; from the `source` tree (a ``src`` folder with its
         extension built in place) instead of this one, for a same-run A/B."""
         self.stop_vpn()
-        env = {"PYTHONPATH": f"{source}{os.pathsep}{REPO_ROOT}"} if source else None
+        env = {"PYTHONPATH": str(source)} if source else None
         server_argv = ["server", "-w", f"ws://0.0.0.0:{WS_PORT}/", "-p", PASSWORD]
         server_argv += ["--stun-port", str(STUN_PORT), "--dhcp", POOL]
         self.server.process = self.bed.start(
@@ -916,7 +913,7 @@ def run_all(options: Options, work: Path) -> dict[str, dict[str, Any]]:
             except UnavailableError as exc:
                 log(f"  unavailable: {exc}")
                 results[name] = {"label": spec.label, "status": "unavailable", "error": str(exc)}
-            except (BenchError, AssertionError, subprocess.SubprocessError) as exc:
+            except (BenchError, AssertionError, CommandError, subprocess.SubprocessError) as exc:
                 log(f"  FAILED: {exc}")
                 results[name] = {"label": spec.label, "status": "failed", "error": str(exc)}
             finally:

@@ -59,16 +59,14 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
 
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, WebSocketException
+
 from p2pvpn._format import format_table
 from p2pvpn._stats import percentile
+from p2pvpn.wire.crypto import auth_hash, vmac_hash
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "src"))
-
-from websockets.asyncio.client import ClientConnection, connect  # noqa: E402
-from websockets.exceptions import ConnectionClosed, WebSocketException  # noqa: E402
-
-from p2pvpn.wire.crypto import auth_hash, vmac_hash  # noqa: E402
 
 PASSWORD = "relay-load-benchmark"
 NETWORK = IPv4Network("10.66.0.0/16")

@@ -2,7 +2,7 @@
 """Soak test: a flapping p2pvpn network under traffic, watched for resource growth.
 
 Builds a server and two clients behind NAT routers in network namespaces (the
-test bed of tests/netns.py), pushes ping and iperf3 (or a Python TCP sender
+test bed of `p2pvpn.netns`), pushes ping and iperf3 (or a Python TCP sender
 when iperf3 is missing) through the tunnel for ``--duration`` seconds, and
 flaps the peer-to-peer path every ``--flap-interval`` seconds:
 
@@ -38,34 +38,28 @@ from pathlib import Path
 from typing import Any
 
 from p2pvpn._format import format_table
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-from tests.integration.faults_support import (  # noqa: E402
-    A_IP,
-    B_IP,
+from p2pvpn.netns import (
     BULK_RECEIVER,
-    WAN,
+    RUN_PREFIX,
+    Client,
     PingLog,
+    Process,
     Resources,
+    TestBed,
+    VpnNetwork,
     block_udp_between,
     first_change,
+    missing_requirements,
     nat_client,
     process_resources,
+    python_argv,
     unblock,
     wait_connected,
 )
-from tests.integration.vpn import Client, VpnNetwork  # noqa: E402
-from tests.netns import (  # noqa: E402
-    RUN_PREFIX,
-    Process,
-    TestBed,
-    missing_requirements,
-    python_argv,
-)
 
+WAN = "198.51.100.0/24"
+"""The "internet": a documentation range that exists only inside the namespaces."""
+A_IP, B_IP = "10.77.0.11", "10.77.0.12"
 IPERF_PORT = 5201
 BULK_PORT = 7001
 TRAFFIC_CHUNK_SECONDS = 20.0

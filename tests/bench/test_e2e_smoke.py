@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.netns import REPO_ROOT, process_env, require_netns, require_tool
+from p2pvpn.netns import process_env
+from tests import REPO_ROOT
+from tests.integration.conftest import require_netns, require_tool
 
 pytestmark = [pytest.mark.slow, pytest.mark.netns]
 

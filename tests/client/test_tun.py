@@ -15,7 +15,8 @@ import pytest
 
 from p2pvpn.client import tun
 from p2pvpn.client.tun import MAX_NAME_LENGTH, TunDevice, TunError, validate_name
-from tests.netns import Namespace, require_netns
+from p2pvpn.netns import Namespace, run_namespace
+from tests.integration.conftest import require_netns
 
 # -- no root needed ------------------------------------------------------------
 
@@ -78,7 +79,7 @@ result = {}
 @pytest.fixture
 def ns() -> Iterator[Namespace]:
     require_netns()
-    with Namespace.create("tun") as namespace:
+    with run_namespace("tun") as namespace:
         yield namespace
 
 

@@ -1,1 +1,1 @@
-"""Integration tests: real processes in network namespaces (root; see tests/netns.py)."""
+"""Integration tests: real processes in network namespaces (root; see `p2pvpn.netns`)."""

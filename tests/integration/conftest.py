@@ -1,5 +1,7 @@
-"""Fixtures and hooks of the namespace test bed (library: tests/netns.py).
+"""Fixtures, hooks and the CI rule of the namespace test bed (library: `p2pvpn.netns`).
 
+* `require_netns` / `require_tool`: skip a test without root, /dev/net/tun,
+  ip (or the tool), but fail it when CI=true: namespace tests must run in CI.
 * ``testbed``: a `TestBed` per test; every process is stopped and every
   namespace deleted at teardown, also when the test fails.
 * A failing test's report gets a "test bed logs" section with the last 80
@@ -7,27 +9,69 @@
 * Tests using ``testbed`` are marked ``netns`` (deselect with ``-m "not netns"``);
   tests marked ``netns`` skip (fail when CI=true) without root, /dev/net/tun or ip.
 * Session start deletes namespaces of dead earlier runs; session end deletes
-  whatever of this run is left.
+  whatever of this run is left. Modules that ask for ``no_namespace_left_behind``
+  fail when one of their tests left a namespace.
 """
 
+import contextlib
+import os
+import shutil
 from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.integration.faults_support import Record
-from tests.netns import (
+from p2pvpn.netns import (
+    RUN_PREFIX,
     TestBed,
+    VpnNetwork,
     cleanup_run,
+    list_namespaces,
     missing_requirements,
-    open_testbed,
-    require_netns,
     sweep_stale_namespaces,
 )
+from tests.integration.faults_support import WAN, Record
 
 BED_KEY = pytest.StashKey[TestBed]()
 REPORTS_KEY = pytest.StashKey[dict[str, pytest.TestReport]]()
 LOG_LINES = 80
+
+
+# -- skipping and failing -------------------------------------------------------------
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def _unavailable(reason: str) -> None:
+    if _in_ci():
+        pytest.fail(f"{reason} (CI=true: namespace tests must run in CI)", pytrace=False)
+    pytest.skip(reason)
+
+
+def require_netns() -> None:
+    """Skip the test (fail it when CI=true) unless namespace tests can run here."""
+    missing = missing_requirements()
+    if missing:
+        _unavailable("network-namespace test needs " + ", ".join(missing))
+
+
+def require_tool(tool: str, package: str | None = None) -> None:
+    """Skip the test (fail it when CI=true) unless ``tool`` is on PATH."""
+    if shutil.which(tool) is None:
+        _unavailable(f"test needs the {tool} command (apt-get install {package or tool})")
+
+
+@contextlib.contextmanager
+def open_testbed(log_dir: Path | str) -> Iterator[TestBed]:
+    """What the ``testbed`` fixture does: check requirements, build, always clean up."""
+    require_netns()
+    with TestBed(log_dir) as bed:
+        yield bed
+
+
+# -- hooks --------------------------------------------------------------------------
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -53,6 +97,9 @@ def pytest_runtest_makereport(
     return report
 
 
+# -- fixtures -----------------------------------------------------------------------
+
+
 @pytest.fixture
 def testbed(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[TestBed]:
     """A fresh `TestBed`; process logs go to ``<tmp_path>/logs``."""
@@ -68,6 +115,20 @@ def _netns_session_cleanup() -> Iterator[None]:
     yield
     if not missing_requirements():
         cleanup_run()
+
+
+@pytest.fixture(scope="module")
+def no_namespace_left_behind(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fails the module's last test when a namespace of this run is still there after it."""
+    yield
+    left = list_namespaces(RUN_PREFIX)
+    assert not left, f"namespaces left behind by {request.module.__name__}: {left}"
+
+
+@pytest.fixture
+def vpn(testbed: TestBed, tmp_path: Path) -> VpnNetwork:
+    """A p2pvpn network whose "internet" is `WAN`; no server started yet."""
+    return VpnNetwork(testbed, tmp_path, wan=WAN)
 
 
 @pytest.fixture

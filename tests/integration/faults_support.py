@@ -1,11 +1,10 @@
-"""Helpers for the fault, soak and cleanup tests (issue 7).
+"""Helpers for the fault, replay and cleanup tests (issue 7).
 
-Copies of the NAT helpers of ``test_direct_vpn.py`` (that module is not a
-library and belongs to other tests), plus what fault injection needs:
+The p2pvpn network, its NAT clients, `PingLog` and the peer state changes
+of client logs are in `p2pvpn.netns` (the soak benchmark uses them too);
+here is what only the tests need:
 
-* `PingLog`: a long-running ``ping -D -O`` whose log gives, per reply, the
-  wall-clock time, so outages and recovery times are measured, not guessed;
-* `state_changes`: the peer state transitions a client logged, with times;
+* `flaps`, `flap_episodes`: when a client left CONNECTED, grouped by cause;
 * `rebind_udp`: make a NAT router hand out a new public UDP port (a NAT
   mapping change, "rebinding") by re-mapping UDP and flushing its conntrack;
 * `add_udp_loss`: random loss with nftables ``numgen`` (``tc netem`` is not
@@ -13,36 +12,38 @@ library and belongs to other tests), plus what fault injection needs:
 * `delayed_nat_site`: a NAT site whose WAN cable is a userspace L2 delay line
   (two AF_PACKET sockets in a namespace of their own), for latency without
   ``netem``;
-* `process_resources`: RSS, open fds and threads of a process from /proc.
-
 Everything runs inside namespaces the test bed creates.
 """
 
 from __future__ import annotations
 
-import datetime
-import itertools
 import os
 import re
-import signal
 import socket
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from ipaddress import IPv4Interface, IPv4Network
 from pathlib import Path
 from typing import Any
 
-from tests.integration.vpn import Client, VpnNetwork
-from tests.netns import (
-    RUN_PREFIX,
+from p2pvpn.netns import (
+    BULK_PORT,
+    BULK_RECEIVER,
+    BULK_SENDER,
+    NAT_TABLE,
+    SEGMENT_BRIDGE,
+    Client,
     Namespace,
     NatMode,
     NatSite,
     Process,
     Segment,
     TestBed,
-    list_namespaces,
+    Transition,
+    VpnNetwork,
+    nat_client,
+    nat_site,
+    state_changes,
+    wait_connected,
 )
 
 # What the `measured` fixture (conftest.py) gives a test: measured(key, value).
@@ -52,92 +53,9 @@ WAN = "198.51.100.0/24"
 """The "internet": a documentation range that exists only inside the namespaces."""
 A_IP, B_IP, C_IP = "10.77.0.11", "10.77.0.12", "10.77.0.13"
 
-# A TCP bulk sender/receiver in plain Python, so nothing needs iperf3.
-BULK_RECEIVER = """
-import socket, sys
-server = socket.create_server(("0.0.0.0", int(sys.argv[1])))
-print("ready", flush=True)
-while True:
-    conn, _ = server.accept()
-    total = 0
-    while chunk := conn.recv(65536):
-        total += len(chunk)
-    print("received", total, flush=True)
-    conn.close()
-"""
-BULK_SENDER = """
-import socket, sys, time
-total = int(sys.argv[3])
-started = time.monotonic()
-with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=60) as conn:
-    block = b"x" * 65536
-    sent = 0
-    while sent < total:
-        conn.sendall(block[: total - sent])
-        sent += min(len(block), total - sent)
-print("sent", sent, "in", round(time.monotonic() - started, 3), flush=True)
-"""
-BULK_PORT = 7000
-
-_TRANSITION = re.compile(
-    r"^(?P<when>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) INFO \S+: peer (?P<peer>[\d.]+): "
-    r"(?P<old>[A-Z]+) -> (?P<new>[A-Z]+) \((?P<reason>.*)\)$",
-    re.MULTILINE,
-)
-_PING_REPLY = re.compile(
-    r"^\[(?P<when>\d+\.\d+)\] \d+ bytes from .*icmp_seq=(?P<seq>\d+).* time=(?P<rtt>[\d.]+) ms"
-)
-_PING_SEQ = re.compile(r"icmp_seq=(?P<seq>\d+)")
-
 
 # --------------------------------------------------------------------------
 # clients behind NATs
-
-
-def nat_client(
-    vpn: VpnNetwork,
-    name: str,
-    tun_ip: str,
-    mode: NatMode = "port-preserving",
-    *extra: str,
-    site: NatSite | None = None,
-) -> tuple[Client, NatSite]:
-    """A client behind its own NAT router (or behind ``site`` when given)."""
-    if site is None:
-        index = len(vpn.clients) + 1
-        site = vpn.bed.nat_site(name, vpn.wan, f"192.168.{index}.0/24", mode)
-    client = vpn.add_client(name, *extra, tun=f"{tun_ip}/24", ns=site.host, stun=True)
-    return client, site
-
-
-def peer_state(client: Client, tun_ip: str) -> str | None:
-    row = client.peer(tun_ip)
-    return row["state"] if row else None
-
-
-def wait_state(
-    vpn: VpnNetwork, client: Client, tun_ip: str, states: set[str], timeout: float
-) -> dict[str, Any]:
-    def reached() -> dict[str, Any] | None:
-        row = client.peer(tun_ip)
-        return row if row is not None and row["state"] in states else None
-
-    row = vpn.bed.wait_until(
-        reached,
-        timeout=timeout,
-        interval=0.2,
-        message=f"{client.name}: peer {tun_ip} never reached {sorted(states)}",
-    )
-    assert row is not None
-    return row
-
-
-def wait_connected(vpn: VpnNetwork, a: Client, b: Client, timeout: float = 30) -> None:
-    """Both sides CONNECTED to each other (a's pings provide the hints)."""
-    a_ip, b_ip = _tun_ip(a), _tun_ip(b)
-    vpn.wait_ping(a, b_ip, timeout=timeout)
-    wait_state(vpn, a, b_ip, {"CONNECTED"}, timeout=timeout)
-    wait_state(vpn, b, a_ip, {"CONNECTED"}, timeout=timeout)
 
 
 def connected_pair(vpn: VpnNetwork) -> tuple[Client, NatSite, Client, NatSite]:
@@ -151,12 +69,6 @@ def connected_pair(vpn: VpnNetwork) -> tuple[Client, NatSite, Client, NatSite]:
     return a, site_a, b, site_b
 
 
-def _tun_ip(client: Client) -> str:
-    address = client.tun_address()
-    assert address is not None, f"{client.name} has no TUN address"
-    return str(address.ip)
-
-
 def direct_endpoint(row: dict[str, Any] | None) -> tuple[str, int] | None:
     """``("198.51.100.3", 40000)`` from a status row whose path is ``direct ip:port``."""
     if row is None:
@@ -165,66 +77,8 @@ def direct_endpoint(row: dict[str, Any] | None) -> tuple[str, int] | None:
     return (match.group(1), int(match.group(2))) if match else None
 
 
-def block_udp_between(router: Namespace, other_public_ip: str) -> None:
-    """Cut the direct UDP path (STUN to the server stays open)."""
-    router.nft(f"""
-table ip p2t_cut {{
-    chain forward {{
-        type filter hook forward priority -10; policy accept;
-        ip daddr {other_public_ip} udp dport != 3478 drop
-        ip saddr {other_public_ip} meta l4proto udp drop
-    }}
-}}
-""")
-
-
-def unblock(router: Namespace) -> None:
-    router.run(["nft", "delete", "table", "ip", "p2t_cut"])
-
-
 # --------------------------------------------------------------------------
 # what the clients logged
-
-
-@dataclass(frozen=True)
-class Transition:
-    when: float  # wall clock, seconds
-    peer: str
-    old: str
-    new: str
-    reason: str
-
-
-def _log_time(text: str) -> float:
-    parsed = datetime.datetime.strptime(text, "%Y-%m-%d %H:%M:%S,%f")
-    return parsed.timestamp()  # the clients log local time, as this process sees it
-
-
-def state_changes(process: Process | None, peer: str | None = None) -> list[Transition]:
-    """The ``peer X: OLD -> NEW (reason)`` lines of a client's log, oldest first."""
-    if process is None:
-        return []
-    changes = [
-        Transition(_log_time(m["when"]), m["peer"], m["old"], m["new"], m["reason"])
-        for m in _TRANSITION.finditer(process.log_text())
-    ]
-    return [c for c in changes if peer is None or c.peer == peer]
-
-
-def first_change(
-    process: Process | None,
-    peer: str,
-    *,
-    after: float,
-    old: str | None = None,
-    new: str | None = None,
-) -> Transition | None:
-    for change in state_changes(process, peer):
-        if change.when < after:
-            continue
-        if (old is None or change.old == old) and (new is None or change.new == new):
-            return change
-    return None
 
 
 def flaps(process: Process | None, peer: str, *, after: float = 0.0) -> list[Transition]:
@@ -246,80 +100,6 @@ def flap_episodes(transitions: list[Transition]) -> list[list[Transition]]:
         else:
             episodes.append([flap])
     return episodes
-
-
-# --------------------------------------------------------------------------
-# continuous ping with timestamps
-
-
-class PingLog:
-    """``ping -D -O -i interval`` running in a namespace; its log is parsed on demand.
-
-    Every reply has a wall-clock timestamp (``-D``), and ``-O`` reports the
-    sequence numbers that got no answer, so `sent` counts those too.
-    """
-
-    def __init__(
-        self, bed: TestBed, ns: Namespace, address: str, interval: float = 0.2, name: str = "ping"
-    ) -> None:
-        self.started = time.time()
-        argv = ["ping", "-D", "-O", "-n", "-i", f"{interval:g}", "-W", "1", address]
-        self.process = bed.start(ns, argv, name)
-
-    def stop(self) -> None:
-        if self.process.alive():
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(5)
-            except Exception:
-                self.process.terminate()
-
-    def replies(self, since: float = 0.0, until: float = float("inf")) -> list[float]:
-        """Wall-clock times of the replies received in [since, until)."""
-        times = []
-        for line in self.process.log_text().splitlines():
-            match = _PING_REPLY.match(line)
-            if match:
-                when = float(match["when"])
-                if since <= when < until:
-                    times.append(when)
-        return times
-
-    def rtts_ms(self, since: float = 0.0) -> list[float]:
-        """Round-trip times of the replies received since ``since``."""
-        rtts = []
-        for line in self.process.log_text().splitlines():
-            match = _PING_REPLY.match(line)
-            if match and float(match["when"]) >= since:
-                rtts.append(float(match["rtt"]))
-        return rtts
-
-    @property
-    def sent(self) -> int:
-        seqs = [int(m["seq"]) for m in _PING_SEQ.finditer(self.process.log_text())]
-        return max(seqs, default=0)
-
-    @property
-    def received(self) -> int:
-        return len(self.replies())
-
-    def replies_after(self, moment: float, count: int = 1) -> bool:
-        return len(self.replies(moment)) >= count
-
-    def resumed_at(self, moment: float, streak: int = 5) -> float | None:
-        """When replies resumed after ``moment``: the first reply of the first run of
-        ``streak`` replies in a row spaced at most 1.5 s apart."""
-        times = self.replies(moment)
-        for i in range(len(times) - streak + 1):
-            window = times[i : i + streak]
-            if all(b - a <= 1.5 for a, b in itertools.pairwise(window)):
-                return window[0]
-        return None
-
-    def max_gap(self, since: float, until: float) -> float:
-        """The longest time without a reply in [since, until] (edges count)."""
-        points = [since, *self.replies(since, until), until]
-        return max(b - a for a, b in itertools.pairwise(points))
 
 
 # --------------------------------------------------------------------------
@@ -396,7 +176,7 @@ def rebind_udp(site: NatSite, new_port: int) -> int:
             "insert",
             "rule",
             "ip",
-            "p2t_nat",
+            NAT_TABLE,
             "postrouting",
             "oifname",
             wan,
@@ -491,17 +271,12 @@ def delayed_nat_site(
     ``tc netem`` would be the usual tool; this works on kernels without
     CONFIG_NET_SCH_NETEM. Returns the site and the wire's process.
     """
-    lan_net = IPv4Network(lan_cidr)
     router = bed.namespace(f"{name}-nat")
     host = bed.namespace(name)
     wire = bed.namespace(f"{name}-dly")
     wire_wan = wire.next_ifname()
     hub_port = f"w-{name}"[:15]
-    wan.hub.ip(
-        *f"link add name {hub_port} type veth peer name {wire_wan} netns {wire.name}".split()
-    )
-    wan.hub.ip("link", "set", "dev", hub_port, "master", "br0", "up")
-    wire.set_up(wire_wan)
+    wan.hub.add_veth(hub_port, wire, wire_wan, master=SEGMENT_BRIDGE)
     cable = bed.link(router, wire, f"{wan_address}/{wan.network.prefixlen}")
     wire_nat = cable.ifname(wire)
     for ifname in (wire_wan, wire_nat):
@@ -510,41 +285,12 @@ def delayed_nat_site(
         wire, ["-c", DELAY_WIRE, wire_wan, wire_nat, str(one_way_ms)], f"{name}-delay-wire"
     )
     process.wait_for_log("delay wire")
-    router_lan = IPv4Interface(f"{lan_net.network_address + 1}/{lan_net.prefixlen}")
-    host_lan = IPv4Interface(f"{lan_net.network_address + 2}/{lan_net.prefixlen}")
-    lan = bed.link(router, host, router_lan, host_lan)
-    host.default_route(router_lan)
-    wan_ifname = cable.ifname(router)
-    ruleset = bed.nat_router(router, wan_ifname, mode)
-    site = NatSite(router, host, wan_ifname, cable.address(router), lan, ruleset)
+    site = nat_site(router, host, cable.ifname(router), cable.address(router), lan_cidr, mode=mode)
     return site, process
 
 
 # --------------------------------------------------------------------------
 # processes and leftovers
-
-
-@dataclass(frozen=True)
-class Resources:
-    rss_kib: int
-    fds: int
-    threads: int
-
-
-def process_resources(pid: int) -> Resources | None:
-    """RSS, open fd count and thread count of ``pid`` from /proc (None once it is gone)."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-        fds = len(os.listdir(f"/proc/{pid}/fd"))
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-    rss = int(fields.get("VmRSS", "0 kB").split()[0])
-    return Resources(rss_kib=rss, fds=fds, threads=int(fields["Threads"]))
-
-
-def leftover_namespaces(prefix: str = RUN_PREFIX) -> list[str]:
-    return [name for name in list_namespaces() if name.startswith(prefix)]
 
 
 def tun_links(ns: Namespace) -> list[str]:

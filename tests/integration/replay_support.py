@@ -26,7 +26,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from tests.netns import Namespace, Process, TestBed
+from p2pvpn.netns import Namespace, Process, TestBed
 
 HEARTBEAT_DATAGRAM = 12 + 28
 """UDP payload of a heartbeat: 12-byte plaintext, IV and GCM tag."""

@@ -18,33 +18,23 @@ from __future__ import annotations
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from p2pvpn.netns import Client, TestBed, VpnNetwork, list_namespaces, p2pvpn_argv
 from tests.integration.faults_support import (
     A_IP,
     B_IP,
-    leftover_namespaces,
     make_stale_socket,
     routes_via,
     tun_links,
 )
-from tests.integration.vpn import Client, VpnNetwork
-from tests.netns import RUN_PREFIX, TestBed, list_namespaces, p2pvpn_argv
 
-pytestmark = pytest.mark.netns
+pytestmark = [pytest.mark.netns, pytest.mark.usefixtures("no_namespace_left_behind")]
 
 SDWAN_NET = "10.99.0.0/24"
 SDWAN = f"10.77.0.0/24,{SDWAN_NET},{B_IP}"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _no_namespace_left_behind() -> Iterator[None]:
-    yield
-    left = leftover_namespaces(RUN_PREFIX)
-    assert not left, f"namespaces left behind by {__name__}: {left}"
 
 
 @pytest.fixture

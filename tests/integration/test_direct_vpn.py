@@ -13,17 +13,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.faults_support import (
-    WAN,
+from p2pvpn.netns import (
+    Namespace,
+    TestBed,
+    VpnNetwork,
     block_udp_between,
-    bulk_transfer,
+    make_nat_router,
     nat_client,
     peer_state,
     unblock,
     wait_state,
 )
-from tests.integration.vpn import VpnNetwork
-from tests.netns import Namespace, TestBed
+from tests.integration.faults_support import WAN, bulk_transfer
 
 pytestmark = pytest.mark.netns
 
@@ -90,7 +91,7 @@ def test_two_clients_on_one_lan_connect_over_the_lan(vpn: VpnNetwork) -> None:
     lan = vpn.bed.segment("lan", "192.168.50.0/24", [router, *hosts])
     for host in hosts:
         host.default_route(lan.ip(router))
-    vpn.bed.nat_router(router, vpn.wan.ifname(router))
+    make_nat_router(router, vpn.wan.ifname(router))
     a = vpn.add_client("a", tun=f"{A_IP}/24", ns=hosts[0], stun=True)
     b = vpn.add_client("b", tun=f"{B_IP}/24", ns=hosts[1], stun=True)
     vpn.wait_for_tun(a)

@@ -17,48 +17,26 @@ from __future__ import annotations
 import signal
 import statistics
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
+from p2pvpn.netns import PingLog, VpnNetwork, first_change, nat_client, wait_connected, wait_state
 from tests.integration.faults_support import (
     A_IP,
     B_IP,
-    WAN,
     BulkTransfer,
-    PingLog,
     Record,
     add_udp_loss,
     connected_pair,
     delayed_nat_site,
     direct_endpoint,
-    first_change,
     flap_episodes,
     flaps,
-    leftover_namespaces,
-    nat_client,
     other_port,
     rebind_udp,
-    wait_connected,
-    wait_state,
 )
-from tests.integration.vpn import VpnNetwork
-from tests.netns import RUN_PREFIX, TestBed
 
-pytestmark = pytest.mark.netns
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _no_namespace_left_behind() -> Iterator[None]:
-    yield
-    left = leftover_namespaces(RUN_PREFIX)
-    assert not left, f"namespaces left behind by {__name__}: {left}"
-
-
-@pytest.fixture
-def vpn(testbed: TestBed, tmp_path: Path) -> VpnNetwork:
-    return VpnNetwork(testbed, tmp_path, wan=WAN)
+pytestmark = [pytest.mark.netns, pytest.mark.usefixtures("no_namespace_left_behind")]
 
 
 def _server_connected(client_status: dict[str, object]) -> bool:

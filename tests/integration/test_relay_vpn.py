@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.vpn import DHCP, VpnNetwork
-from tests.netns import TestBed
+from p2pvpn.netns import DHCP, TestBed, VpnNetwork
 
 pytestmark = pytest.mark.netns
 

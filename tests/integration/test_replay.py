@@ -23,25 +23,20 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
+from p2pvpn.netns import Client, Namespace, NatSite, PingLog, VpnNetwork, nat_client, wait_connected
 from tests.integration.faults_support import (
     A_IP,
     B_IP,
-    WAN,
-    PingLog,
     Record,
     direct_endpoint,
     flaps,
-    leftover_namespaces,
-    nat_client,
     other_port,
     rebind_udp,
-    wait_connected,
 )
 from tests.integration.replay_support import (
     DELAY_DATAGRAMS,
@@ -50,10 +45,8 @@ from tests.integration.replay_support import (
     Replayer,
     Want,
 )
-from tests.integration.vpn import Client, VpnNetwork
-from tests.netns import RUN_PREFIX, Namespace, NatSite, TestBed
 
-pytestmark = pytest.mark.netns
+pytestmark = [pytest.mark.netns, pytest.mark.usefixtures("no_namespace_left_behind")]
 
 
 REPLAYS = 5
@@ -63,21 +56,9 @@ OLD_HEARTBEAT_AGE = 6.0
 """Replay window 2 s, IVs remembered up to 3 s: 6 s is well outside."""
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _no_namespace_left_behind() -> Iterator[None]:
-    yield
-    left = leftover_namespaces(RUN_PREFIX)
-    assert not left, f"namespaces left behind by {__name__}: {left}"
-
-
 @pytest.fixture(params=["fast", "pure"])
 def dataplane(request: pytest.FixtureRequest) -> str:
     return str(request.param)
-
-
-@pytest.fixture
-def vpn(testbed: TestBed, tmp_path: Path) -> VpnNetwork:
-    return VpnNetwork(testbed, tmp_path, wan=WAN)
 
 
 @dataclass

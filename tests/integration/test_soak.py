@@ -10,34 +10,24 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.integration.faults_support import leftover_namespaces
-from tests.netns import (
-    REPO_ROOT,
-    RUN_PREFIX,
-    cleanup_run,
-    process_env,
-    python_argv,
-    require_tool,
-)
+from p2pvpn.netns import cleanup_run, list_namespaces, process_env, python_argv
+from tests import REPO_ROOT
+from tests.integration.conftest import require_tool
 
-pytestmark = [pytest.mark.netns, pytest.mark.slow]
+pytestmark = [
+    pytest.mark.netns,
+    pytest.mark.slow,
+    pytest.mark.usefixtures("no_namespace_left_behind"),
+]
 
 SOAK = REPO_ROOT / "bench" / "soak" / "soak.py"
 DURATION = 120
 FLAP_INTERVAL = 30
 MAX_RSS_MB, MAX_FDS, MAX_THREADS = 20, 20, 4
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _no_namespace_left_behind() -> Iterator[None]:
-    yield
-    left = leftover_namespaces(RUN_PREFIX)
-    assert not left, f"namespaces left behind by {__name__}: {left}"
 
 
 def test_two_minute_soak_with_flaps(tmp_path: Path, request: pytest.FixtureRequest) -> None:
@@ -65,7 +55,7 @@ def test_two_minute_soak_with_flaps(tmp_path: Path, request: pytest.FixtureReque
         output, _ = soak.communicate(timeout=60)
         pytest.fail(f"the soak did not finish in time:\n{output}")
     finally:
-        left = leftover_namespaces(prefix)
+        left = list_namespaces(prefix)
         cleanup_run(prefix)
     print(output)
     assert not left, f"the soak left namespaces behind: {left}"

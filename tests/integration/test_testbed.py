@@ -1,4 +1,4 @@
-"""Self-tests of the namespace test bed (tests/netns.py and the ``testbed`` fixture)."""
+"""Self-tests of the namespace test bed (`p2pvpn.netns` and the ``testbed`` fixture)."""
 
 import json
 import subprocess
@@ -9,21 +9,75 @@ from pathlib import Path
 
 import pytest
 
-import tests.netns as netns_module
-from tests.netns import (
-    REPO_ROOT,
+import tests.integration.conftest as bed_conftest
+from p2pvpn.netns import (
+    NAT_TABLE,
     RUN_PREFIX,
+    CommandError,
     Namespace,
     NatMode,
+    Process,
     TestBed,
     list_namespaces,
-    open_testbed,
+    nat_ruleset,
     process_env,
-    require_netns,
-    require_tool,
+    run_namespace,
     sweep_stale_namespaces,
     wait_until,
 )
+from tests import REPO_ROOT
+from tests.integration.conftest import open_testbed, require_netns, require_tool
+
+UDP_ECHO_SERVER = """\
+import socket, sys
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.bind(("0.0.0.0", int(sys.argv[1])))
+print("udp echo listening on", sock.getsockname(), flush=True)
+while True:
+    data, peer = sock.recvfrom(65535)
+    print("from", peer, flush=True)
+    sock.sendto(f"{peer[0]}:{peer[1]}".encode(), peer)
+"""
+"""Python source of a UDP server that answers every datagram with "ip:port" of its sender."""
+
+UDP_PROBE = """\
+import json, socket, sys
+server = (sys.argv[1], int(sys.argv[2]))
+result = []
+for port in json.loads(sys.argv[3]):
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("0.0.0.0", port))
+    sock.settimeout(0.5)
+    for _ in range(20):
+        sock.sendto(b"probe", server)
+        try:
+            data = sock.recv(2048)
+        except TimeoutError:
+            continue
+        ip, observed = data.decode().rsplit(":", 1)
+        result.append([sock.getsockname()[1], ip, int(observed)])
+        break
+    else:
+        sys.exit(f"no answer from {server} to local port {port}")
+    sock.close()
+print(json.dumps(result))
+"""
+
+
+def start_udp_echo(bed: TestBed, ns: Namespace, port: int) -> Process:
+    """Start `UDP_ECHO_SERVER` on ``port`` and wait until it listens."""
+    process = bed.start_python(ns, ["-c", UDP_ECHO_SERVER, str(port)], "udp-echo")
+    process.wait_for_log("listening")
+    return process
+
+
+def udp_observed_sources(
+    ns: Namespace, server: IPv4Address | str, port: int, local_ports: list[int]
+) -> list[tuple[int, IPv4Address, int]]:
+    """From ``ns``, ask a `start_udp_echo` server which source it sees, one socket per
+    entry of ``local_ports``: ``(local port, observed ip, observed port)`` each."""
+    result = ns.python(UDP_PROBE, str(server), str(port), json.dumps(local_ports))
+    return [(local, IPv4Address(ip), seen) for local, ip, seen in json.loads(result.stdout)]
 
 
 def _pid_alive(pid: int) -> bool:
@@ -73,7 +127,7 @@ def test_wait_until_ignores_listed_exceptions_and_reports_the_last() -> None:
 
 
 def test_require_netns_fails_in_ci_and_skips_elsewhere(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(netns_module, "missing_requirements", lambda: ["root (run as root)"])
+    monkeypatch.setattr(bed_conftest, "missing_requirements", lambda: ["root (run as root)"])
     monkeypatch.setenv("CI", "true")
     with pytest.raises(pytest.fail.Exception, match="root"):
         require_netns()
@@ -92,12 +146,12 @@ def test_require_tool_fails_in_ci_and_skips_elsewhere(monkeypatch: pytest.Monkey
 
 
 def test_nat_ruleset_variants() -> None:
-    plain = netns_module.nat_ruleset("eth1", "port-preserving")
+    plain = nat_ruleset("eth1", "port-preserving")
     assert 'oifname "eth1" masquerade\n' in plain
     assert 'iifname "eth1" ct state new drop' in plain
-    assert "masquerade random,fully-random" in netns_module.nat_ruleset("eth1", "random")
+    assert "masquerade random,fully-random" in nat_ruleset("eth1", "random")
     with pytest.raises(ValueError):
-        netns_module.nat_ruleset("eth1", "cone")  # type: ignore[arg-type]
+        nat_ruleset("eth1", "cone")  # type: ignore[arg-type]
 
 
 # -- namespaces and cleanup (root) ---------------------------------------------
@@ -258,10 +312,10 @@ def test_routing_through_a_router(testbed: TestBed) -> None:
     left, router, right = (testbed.namespace(n) for n in ("left", "router", "right"))
     l_link = testbed.link(left, router, "10.1.0.2/24", "10.1.0.1/24")
     r_link = testbed.link(router, right, "10.2.0.1/24", "10.2.0.2/24")
-    testbed.default_route(left, l_link.ip(router))
-    testbed.default_route(right, r_link.ip(router))
+    left.default_route(l_link.ip(router))
+    right.default_route(r_link.ip(router))
     assert not testbed.ping(left, "10.2.0.2", timeout=1)  # forwarding is off by default
-    testbed.enable_forwarding(router)
+    router.enable_forwarding()
     assert testbed.ping(left, "10.2.0.2")
     assert left.routes()[0]["dst"] == "default"
 
@@ -269,8 +323,8 @@ def test_routing_through_a_router(testbed: TestBed) -> None:
 def test_processes_in_two_namespaces_talk_over_a_segment(testbed: TestBed) -> None:
     server, client = testbed.namespace("srv"), testbed.namespace("cli")
     seg = testbed.segment("wan", "10.7.0.0/24", [server, client])
-    echo = testbed.start_udp_echo(server, 3478)
-    seen = testbed.udp_observed_sources(client, seg.ip(server), 3478, [40000])
+    echo = start_udp_echo(testbed, server, 3478)
+    seen = udp_observed_sources(client, seg.ip(server), 3478, [40000])
     assert seen == [(40000, seg.ip(client), 40000)]
     assert "from ('10.7.0.2', 40000)" in echo.log_text()
     out = client.run("echo $((6 * 7)) from $(hostname -I 2>/dev/null || echo ns)").stdout
@@ -287,9 +341,9 @@ def test_nat_router_masquerades(testbed: TestBed, mode: NatMode) -> None:
     # The server has no route to 10.1.0.0/24: replies only arrive thanks to masquerade.
     assert testbed.ping(site.host, wan.ip(server))
 
-    testbed.start_udp_echo(server, 3478)
+    start_udp_echo(testbed, server, 3478)
     local_ports = [40001, 40002, 40003, 40004]
-    seen = testbed.udp_observed_sources(site.host, wan.ip(server), 3478, local_ports)
+    seen = udp_observed_sources(site.host, wan.ip(server), 3478, local_ports)
     assert {ip for _, ip, _ in seen} == {site.public_ip}
     if mode == "port-preserving":
         assert [(local, port) for local, _, port in seen] == [(p, p) for p in local_ports]
@@ -300,18 +354,19 @@ def test_nat_router_masquerades(testbed: TestBed, mode: NatMode) -> None:
     testbed.route(server, "10.1.0.0/24", site.public_ip)
     assert not testbed.ping(server, site.public_ip, timeout=1)
     assert not testbed.ping(server, site.host_ip, timeout=1)
-    site.router.run(["nft", "delete", "table", "ip", "p2t_nat"])
+    site.router.run(["nft", "delete", "table", "ip", NAT_TABLE])
     assert testbed.ping(server, site.public_ip)  # control: the ruleset was the reason
 
 
 @pytest.mark.netns
 def test_namespace_standalone_context_manager() -> None:
     require_netns()
-    with Namespace.create("solo") as ns:
+    with run_namespace("solo") as ns:
         assert ns.exists()
-        assert ns.python("import p2pvpn, tests.netns; print('ok')").stdout == "ok\n"
+        code = "import p2pvpn.netns, tests.integration.faults_support; print('ok')"
+        assert ns.python(code).stdout == "ok\n"
         assert ns.run(["true"]).returncode == 0
-        with pytest.raises(netns_module.CommandFailed, match="exit status 3"):
+        with pytest.raises(CommandError, match="exit status 3"):
             ns.run("exit 3")
     assert not ns.exists()
 

@@ -12,8 +12,9 @@ import textwrap
 
 import pytest
 
+from p2pvpn.netns import run_namespace
 from tests.dataplane.test_fast_udp_offload import assert_every_packet_arrived_alone
-from tests.netns import Namespace, require_netns
+from tests.integration.conftest import require_netns
 
 pytestmark = [pytest.mark.netns, pytest.mark.fastpath]
 
@@ -31,7 +32,7 @@ def test_a_path_mtu_below_the_datagrams_turns_segmentation_off_and_loses_nothing
         print(json.dumps(send_through_a_fast_plane(udp_offload=True)))
         """
     )
-    with Namespace.create("gso") as namespace:
+    with run_namespace("gso") as namespace:
         completed = namespace.python(code, timeout=60)
     result = json.loads(completed.stdout.splitlines()[-1])
     assert_every_packet_arrived_alone(result)

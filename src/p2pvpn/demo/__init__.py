@@ -11,10 +11,10 @@ import sys
 from typing import TextIO
 
 from p2pvpn.demo.checks import missing_requirements
-from p2pvpn.demo.netns import list_namespaces
 from p2pvpn.demo.output import Console, use_color
 from p2pvpn.demo.runner import Demo, DemoOptions
 from p2pvpn.demo.state import DemoLock, StateFile, find_leftovers, remove_leftovers
+from p2pvpn.netns import list_namespaces
 
 __all__ = ["DemoOptions", "cleanup_demo", "run_demo"]
 

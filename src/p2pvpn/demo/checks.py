@@ -3,9 +3,9 @@
 import os
 import shutil
 
-__all__ = ["TOOLS", "missing_requirements"]
+from p2pvpn.netns import TUN_DEVICE
 
-TUN_DEVICE = "/dev/net/tun"
+__all__ = ["TOOLS", "missing_requirements"]
 
 TOOLS: tuple[tuple[str, str], ...] = (
     ("ip", "iproute2"),

@@ -4,14 +4,13 @@ import json
 import re
 import subprocess
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
 
-from p2pvpn.demo.netns import CommandError, Namespace, Process, terminate_all
 from p2pvpn.demo.output import DemoError
-from p2pvpn.demo.wait import Tick, wait_for
+from p2pvpn.netns import CommandError, Namespace, Process, Tick, ping_argv, terminate_all, wait_for
 
 __all__ = [
     "THROUGHPUT_PORT",
@@ -22,7 +21,6 @@ __all__ = [
     "parse_iperf3",
     "parse_ping",
     "ping",
-    "ping_argv",
     "ping_many",
 ]
 
@@ -56,15 +54,6 @@ def parse_ping(output: str) -> PingResult | None:
     rtt = _RTT_RE.search(output)
     low, avg, high = (float(rtt.group(i)) for i in (1, 2, 3)) if rtt else (None, None, None)
     return PingResult(int(summary.group(1)), int(summary.group(2)), low, avg, high)
-
-
-def ping_argv(
-    address: IPv4Address, count: int, *, interval: float = 0.2, wait: int = 1
-) -> list[str]:
-    """``ping`` numeric and quiet: ``count`` echo requests, ``wait`` s for each reply."""
-    return [
-        "ping", "-n", "-q", "-c", str(count), "-i", f"{interval:g}", "-W", str(wait), str(address),
-    ]  # fmt: skip
 
 
 def _ping_timeout(count: int, interval: float, wait: int) -> float:
@@ -161,12 +150,10 @@ class ThroughputMeter:
         *,
         iperf3: bool,
         log_dir: Path,
-        env: Mapping[str, str],
         on_start: Callable[[Process], None] | None = None,
     ) -> None:
         self.iperf3 = iperf3
         self.log_dir = log_dir
-        self.env = dict(env)
         self._on_start = on_start
 
     @property
@@ -200,9 +187,7 @@ class ThroughputMeter:
     ) -> Throughput:
         """Send from ``sender`` to ``address`` (``receiver``'s VPN address) for ``duration`` s."""
         name = f"throughput-{label}"
-        server = receiver.start(
-            name, self._server_argv(), self.log_dir / f"{name}.log", env=self.env
-        )
+        server = receiver.start(self._server_argv(), self.log_dir / f"{name}.log", name=name)
         if self._on_start is not None:
             self._on_start(server)
         try:
@@ -215,7 +200,7 @@ class ThroughputMeter:
             timeout = duration + RUN_SLACK
             try:
                 result = sender.run(
-                    self._client_argv(address, duration), timeout=timeout, check=False, env=self.env
+                    self._client_argv(address, duration), timeout=timeout, check=False
                 )
             except CommandError:
                 raise DemoError(f"{self.tool} did not finish within {timeout:g} s") from None

@@ -2,12 +2,13 @@
 
 from collections.abc import Callable
 
-from p2pvpn.demo.netns import Namespace
 from p2pvpn.demo.topology import (
     BLOCK_TABLE,
     CLIENTS,
+    INTERNET,
     INTERNET_HUB,
     LAN_BRIDGE,
+    NAT_TABLE,
     ROUTERS,
     SERVER,
     WAN_IFNAME,
@@ -15,12 +16,11 @@ from p2pvpn.demo.topology import (
     RouterSite,
     block_ruleset,
     namespace_name,
-    nat_ruleset,
 )
+from p2pvpn.netns import Namespace, Segment, make_nat_router
 
 __all__ = ["DemoNetwork"]
 
-HUB_BRIDGE = "br0"
 HOST_IFNAME = "eth0"
 
 
@@ -37,23 +37,20 @@ class DemoNetwork:
         return self.namespaces[role]
 
     def _namespace(self, role: str) -> Namespace:
-        ns = Namespace(namespace_name(role))
-        self._on_create(ns.name)
-        ns.create()
+        name = namespace_name(role)
+        self._on_create(name)
+        ns = Namespace.create(name, logical=role)
         self.namespaces[role] = ns
         return ns
 
     def build_internet(self) -> None:
         """The "internet" bridge, with the server and the routers' WAN sides on it."""
-        hub = self._namespace(INTERNET_HUB)
-        hub.add_bridge(HUB_BRIDGE)
+        internet = Segment.create("internet", INTERNET, self._namespace(INTERNET_HUB))
         server = self._namespace(SERVER.name)
-        hub.add_veth(SERVER.name, server, HOST_IFNAME, master=HUB_BRIDGE)
-        server.add_address(HOST_IFNAME, SERVER.address)
+        internet.attach(server, SERVER.address, HOST_IFNAME, port=SERVER.name)
         for router in ROUTERS:
             ns = self._namespace(router.name)
-            hub.add_veth(router.name, ns, WAN_IFNAME, master=HUB_BRIDGE)
-            ns.add_address(WAN_IFNAME, router.wan)
+            internet.attach(ns, router.wan, WAN_IFNAME, port=router.name)
 
     def build_site(self, router: RouterSite) -> list[ClientSite]:
         """The router's LAN (a bridge inside the router) with its clients, and its NAT."""
@@ -65,9 +62,8 @@ class DemoNetwork:
             host = self._namespace(client.name)
             ns.add_veth(client.port_name, host, HOST_IFNAME, master=LAN_BRIDGE)
             host.add_address(HOST_IFNAME, client.lan)
-            host.add_route("default", router.lan.ip)
-        ns.enable_forwarding()
-        ns.nft(nat_ruleset())
+            host.default_route(router.lan)
+        make_nat_router(ns, WAN_IFNAME, table=NAT_TABLE)
         return clients
 
     def block_udp(self, router: RouterSite, remote: RouterSite) -> None:

@@ -23,11 +23,9 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from types import FrameType
 
-import p2pvpn
 from p2pvpn._format import format_ms, format_rate, format_seconds
 from p2pvpn.demo.measure import PingResult, ThroughputMeter, ping, ping_many
 from p2pvpn.demo.monitor import StateChange, StateTracker, StatusPoller, peer_views
-from p2pvpn.demo.netns import CommandError, Namespace, Process, terminate_all
 from p2pvpn.demo.network import DemoNetwork
 from p2pvpn.demo.output import Console, DemoError, Step
 from p2pvpn.demo.state import (
@@ -54,7 +52,7 @@ from p2pvpn.demo.topology import (
     namespace_name,
     pairs,
 )
-from p2pvpn.demo.wait import wait_for
+from p2pvpn.netns import CommandError, Namespace, Process, p2pvpn_argv, terminate_all, wait_for
 
 __all__ = ["Demo", "DemoOptions", "Interrupted", "Timeouts"]
 
@@ -113,16 +111,6 @@ def _plural(count: int, noun: str) -> str:
     return f"{count} {noun}{suffix}"
 
 
-def child_env() -> dict[str, str]:
-    """Our environment, with this p2pvpn importable and Python output unbuffered."""
-    env = dict(os.environ)
-    root = str(Path(p2pvpn.__file__).resolve().parent.parent)
-    paths = [root, *(env.get("PYTHONPATH", "").split(os.pathsep))]
-    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(path for path in paths if path))
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
 def p2pvpn_command() -> str:
     """How the user runs p2pvpn here (for the instructions printed with ``--keep``)."""
     return "p2pvpn" if shutil.which("p2pvpn") else f"{sys.executable} -m p2pvpn"
@@ -147,7 +135,6 @@ class Demo:
         self.timeouts = timeouts or Timeouts.for_options(options)
         self.record = DemoRecord(pid=os.getpid())
         self.network = DemoNetwork(self._creating)
-        self.env = child_env()
         self.password = secrets.token_hex(16)  # never starts with "-" (argparse)
         self.workdir: Path | None = None
         self.watched: dict[str, Process] = {}  # server and clients: they must not exit
@@ -289,7 +276,7 @@ class Demo:
 
     def _start(self, ns: Namespace, name: str, argv: list[str], *, watch: bool) -> Process:
         assert self.workdir is not None
-        process = ns.start(name, argv, self.workdir / "logs" / f"{name}.log", env=self.env)
+        process = ns.start(argv, self.workdir / "logs" / f"{name}.log", name=name)
         self.processes.append(process)
         if watch:
             self.watched[name] = process
@@ -355,7 +342,7 @@ class Demo:
 
     def _p2pvpn_argv(self, *args: str) -> list[str]:
         debug = ["-d"] if self.options.debug else []
-        return [sys.executable, "-m", "p2pvpn", *args, *debug]
+        return p2pvpn_argv(*args, *debug)
 
     def _start_server(self) -> None:
         ns = self.network[SERVER.name]
@@ -566,7 +553,6 @@ class Demo:
         meter = ThroughputMeter(
             iperf3=iperf3,
             log_dir=self.workdir / "logs",
-            env=self.env,
             on_start=self.processes.append,
         )
         if not iperf3:

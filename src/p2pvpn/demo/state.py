@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from p2pvpn._files import write_atomically
-from p2pvpn.demo.netns import NETNS_DIR, CommandError, delete_namespace, list_namespaces
 from p2pvpn.demo.topology import NAMESPACE_PREFIX
+from p2pvpn.netns import NETNS_DIR, CommandError, delete_namespace, list_namespaces
 
 __all__ = [
     "LOCK_FILE",

@@ -1,4 +1,4 @@
-"""The demo network: who lives where, and the nftables rulesets of the NAT routers.
+"""The demo network: who lives where, and the nftables rule set that cuts a direct path.
 
 ::
 
@@ -11,8 +11,9 @@
 
 alice and carol share a LAN (they connect over their LAN addresses); bob is
 behind a second NAT (alice <-> bob and carol <-> bob punch through both NATs).
-The NAT routers are endpoint-independent and port-preserving (plain
-``masquerade``) and drop unsolicited packets from the internet.
+The NAT routers are those of `p2pvpn.netns.nat_ruleset`: endpoint-independent
+and port-preserving (plain ``masquerade``), dropping unsolicited packets from
+the internet.
 """
 
 import json
@@ -37,7 +38,6 @@ __all__ = [
     "ServerSite",
     "block_ruleset",
     "namespace_name",
-    "nat_ruleset",
     "pairs",
 ]
 
@@ -125,32 +125,6 @@ def pairs(names: tuple[str, ...]) -> Iterator[tuple[str, str]]:
         for destination in names:
             if source != destination:
                 yield source, destination
-
-
-def nat_ruleset(wan_ifname: str = WAN_IFNAME) -> str:
-    """Endpoint-independent, port-preserving NAT that drops unsolicited traffic from the WAN.
-
-    The input hook drops new connections to the router itself too: a punching
-    packet that arrives before ours went out must not create a conntrack entry
-    that would then clash with our mapping.
-    """
-    wan = json.dumps(wan_ifname)
-    return f"""\
-table ip {NAT_TABLE} {{
-    chain postrouting {{
-        type nat hook postrouting priority srcnat; policy accept;
-        oifname {wan} masquerade
-    }}
-    chain input {{
-        type filter hook input priority filter; policy accept;
-        iifname {wan} ct state new drop
-    }}
-    chain forward {{
-        type filter hook forward priority filter; policy accept;
-        iifname {wan} ct state new drop
-    }}
-}}
-"""
 
 
 def block_ruleset(remote: IPv4Address, wan_ifname: str = WAN_IFNAME) -> str:

@@ -1,9 +1,9 @@
-"""A p2pvpn network on the test bed: one server namespace, clients around it.
+"""A p2pvpn network on a test bed: one server namespace, clients around it.
 
-Every client is a real `p2pvpn run` process in its own namespace; the
-server is a real `p2pvpn server`. Helpers here wait for conditions (never
-fixed sleeps) and read state the way an admin would: `ip`, ping and
-`p2pvpn status --json`.
+Every client is a real ``p2pvpn run`` process in its own namespace; the
+server is a real ``p2pvpn server``. Waits poll a condition (never fixed
+sleeps) and state is read the way an admin would: ``ip``, ping and
+``p2pvpn status --json``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,23 @@ from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
 from typing import Any
 
-from tests.netns import Namespace, Process, Segment, TestBed, p2pvpn_argv
+from p2pvpn.netns._links import Segment
+from p2pvpn.netns._namespace import Namespace
+from p2pvpn.netns._nat import NatMode, NatSite
+from p2pvpn.netns._process import Process, p2pvpn_argv
+from p2pvpn.netns._testbed import TestBed
+
+__all__ = [
+    "DHCP",
+    "STUN_PORT",
+    "WS_PORT",
+    "Client",
+    "VpnNetwork",
+    "nat_client",
+    "peer_state",
+    "wait_connected",
+    "wait_state",
+]
 
 PASSWORD = "integration-password"
 WS_PORT = 8080
@@ -24,6 +40,8 @@ DHCP = "10.77.0.0/24"
 
 @dataclass
 class Client:
+    """One ``p2pvpn run`` in namespace ``ns``; ``process`` once started."""
+
     name: str
     ns: Namespace
     state_root: Path
@@ -38,6 +56,12 @@ class Client:
     def tun_address(self) -> IPv4Interface | None:
         addresses = self.ns.addresses(self.interface) if self.has_tun() else []
         return addresses[0] if addresses else None
+
+    def tun_ip(self) -> str:
+        """The TUN device's address; AssertionError while there is none."""
+        address = self.tun_address()
+        assert address is not None, f"{self.name} has no TUN address"
+        return str(address.ip)
 
     def has_tun(self) -> bool:
         return self.interface in self.ns.interfaces()
@@ -99,11 +123,11 @@ class VpnNetwork:
         return self.server_process
 
     def wait_for_server(self) -> None:
-        def listening() -> bool:
-            command = f"ss -ltn | grep -q ':{WS_PORT} '"
-            return self.server_ns.run(["sh", "-c", command], check=False).returncode == 0
-
-        self.bed.wait_until(listening, timeout=30, message="server never listened")
+        self.bed.wait_until(
+            lambda: self.server_ns.listening("tcp", WS_PORT),
+            timeout=30,
+            message="server never listened",
+        )
 
     def client_namespace(self, name: str) -> Namespace:
         ns = self.bed.namespace(name)
@@ -152,3 +176,49 @@ class VpnNetwork:
             timeout=timeout,
             message=f"{client.name} cannot ping {address}",
         )
+
+
+def nat_client(
+    vpn: VpnNetwork,
+    name: str,
+    tun_ip: str,
+    mode: NatMode = "port-preserving",
+    *extra: str,
+    site: NatSite | None = None,
+) -> tuple[Client, NatSite]:
+    """A client behind its own NAT router (or behind ``site`` when given)."""
+    if site is None:
+        index = len(vpn.clients) + 1
+        site = vpn.bed.nat_site(name, vpn.wan, f"192.168.{index}.0/24", mode)
+    client = vpn.add_client(name, *extra, tun=f"{tun_ip}/24", ns=site.host, stun=True)
+    return client, site
+
+
+def peer_state(client: Client, tun_ip: str) -> str | None:
+    row = client.peer(tun_ip)
+    return str(row["state"]) if row else None
+
+
+def wait_state(
+    vpn: VpnNetwork, client: Client, tun_ip: str, states: set[str], timeout: float
+) -> dict[str, Any]:
+    """``client``'s status row of peer ``tun_ip`` once its state is one of ``states``."""
+
+    def reached() -> dict[str, Any] | None:
+        row = client.peer(tun_ip)
+        return row if row is not None and row["state"] in states else None
+
+    return vpn.bed.wait_until(
+        reached,
+        timeout=timeout,
+        interval=0.2,
+        message=f"{client.name}: peer {tun_ip} never reached {sorted(states)}",
+    )
+
+
+def wait_connected(vpn: VpnNetwork, a: Client, b: Client, timeout: float = 30) -> None:
+    """Both sides CONNECTED to each other (a's pings provide the hints)."""
+    a_ip, b_ip = a.tun_ip(), b.tun_ip()
+    vpn.wait_ping(a, b_ip, timeout=timeout)
+    wait_state(vpn, a, b_ip, {"CONNECTED"}, timeout=timeout)
+    wait_state(vpn, b, a_ip, {"CONNECTED"}, timeout=timeout)
