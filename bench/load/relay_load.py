@@ -652,7 +652,8 @@ def generator_load(results: list[WorkerResult]) -> dict[str, Any]:
 
 def _worker_count(args: argparse.Namespace, clients: int) -> int:
     """About one worker per 50 clients, at least one, at most ``--workers``."""
-    return max(1, min(args.workers, clients // 50 or 1))
+    most: int = args.workers
+    return max(1, min(most, clients // 50 or 1))
 
 
 def _good_plans(url: str, good: int, args: argparse.Namespace) -> list[Plan]:
