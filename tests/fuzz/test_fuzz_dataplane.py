@@ -63,6 +63,7 @@ from tests.fuzz import (
     ipv4_packet,
     mutated,
 )
+from tests.sockets import drain
 
 OWN_KEY = peer_key(VECTOR_PASSWORD, OWN.ip)
 # Loopback only: whatever the planes or the control plane send must not leave
@@ -125,12 +126,7 @@ class Wire:
         udp_offload.send_run(self.senders[self.sources.index(source)], datagrams, self.target)
 
     def delivered(self) -> list[bytes]:
-        packets = []
-        while True:
-            try:
-                packets.append(self.kernel.recv(70000))
-            except BlockingIOError:
-                return packets
+        return drain(self.kernel)
 
     def close(self) -> None:
         for sock in (self.kernel, self.tun, self.udp, *self.senders):
