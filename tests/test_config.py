@@ -99,6 +99,14 @@ def write(tmp_path: Path, name: str, text: str) -> Path:
     return path
 
 
+def load_error(tmp_path: Path, name: str, text: str) -> tuple[Path, ConfigError]:
+    """Write ``text`` as ``name`` and load it: the file's path and the error loading it raised."""
+    path = write(tmp_path, name, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    return path, info.value
+
+
 def test_every_client_key_from_candy_cfg(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, "client.cfg", CLIENT_CFG))
     assert config == EXPECTED_CLIENT
@@ -263,10 +271,8 @@ def test_toml_line_numbers_in_errors(tmp_path: Path) -> None:
 def test_client_errors_name_file_line_key_and_value(
     tmp_path: Path, line: str, message: str
 ) -> None:
-    path = write(tmp_path, "client.cfg", f"# c\nwebsocket = ws://h\n{line}\n")
-    with pytest.raises(ConfigError) as info:
-        load_config(path)
-    assert str(info.value).startswith(f"{path}:3: {message}")
+    path, error = load_error(tmp_path, "client.cfg", f"# c\nwebsocket = ws://h\n{line}\n")
+    assert str(error).startswith(f"{path}:3: {message}")
 
 
 def test_eight_character_name_fits(tmp_path: Path) -> None:
@@ -293,10 +299,8 @@ def test_eight_character_name_fits(tmp_path: Path) -> None:
     ],
 )
 def test_server_errors(tmp_path: Path, line: str, message: str) -> None:
-    path = write(tmp_path, "server.cfg", f"mode = server\nwebsocket = ws://h\n{line}\n")
-    with pytest.raises(ConfigError) as info:
-        load_config(path)
-    assert str(info.value).startswith(f"{path}:3: {message}")
+    path, error = load_error(tmp_path, "server.cfg", f"mode = server\nwebsocket = ws://h\n{line}\n")
+    assert str(error).startswith(f"{path}:3: {message}")
 
 
 @pytest.mark.parametrize(
@@ -322,34 +326,28 @@ def test_missing_websocket(tmp_path: Path, text: str, message: str) -> None:
     ],
 )
 def test_bad_websocket(tmp_path: Path, mode: str, url: str, message: str) -> None:
-    path = write(tmp_path, "c.cfg", f"mode = {mode}\nwebsocket = {url}\n")
-    with pytest.raises(ConfigError) as info:
-        load_config(path)
-    assert str(info.value).startswith(f"{path}:2: {message}")
+    path, error = load_error(tmp_path, "c.cfg", f"mode = {mode}\nwebsocket = {url}\n")
+    assert str(error).startswith(f"{path}:2: {message}")
 
 
 def test_every_bad_key_is_reported_in_file_order(tmp_path: Path) -> None:
-    path = write(
+    path, error = load_error(
         tmp_path,
         "c.cfg",
         "mtu = 100\nwebsocket = ftp://h\nname = ../x\nroute = 5\ndataplane = turbo\n",
     )
-    with pytest.raises(ConfigError) as info:
-        load_config(path)
-    assert info.value.problems == (
+    assert error.problems == (
         f"{path}:1: mtu: 100 is outside 576..9000",
         f"{path}:2: websocket: expected a ws:// or wss:// URL, got 'ftp://h'",
         f"{path}:3: name: '../x' may only contain letters, digits, '_', '.' and '-'",
         f"{path}:5: dataplane: expected one of auto, fast, pure, got 'turbo'",
     )
-    assert str(info.value) == "\n".join(info.value.problems)
+    assert str(error) == "\n".join(error.problems)
 
 
 def test_every_bad_key_of_a_server_and_a_missing_websocket(tmp_path: Path) -> None:
-    path = write(tmp_path, "s.toml", 'mode = "server"\nstun_port = -1\ndhcp = "x"\n')
-    with pytest.raises(ConfigError) as info:
-        load_config(path)
-    assert info.value.problems == (
+    path, error = load_error(tmp_path, "s.toml", 'mode = "server"\nstun_port = -1\ndhcp = "x"\n')
+    assert error.problems == (
         f"{path}:2: stun_port: -1 is outside 0..65535",
         f"{path}:3: dhcp: 'x' is not an IPv4 cidr (e.g. 10.0.0.0/24)",
         f"{path}: missing websocket (a ws:// URL)",
@@ -357,37 +355,29 @@ def test_every_bad_key_of_a_server_and_a_missing_websocket(tmp_path: Path) -> No
 
 
 def test_every_bad_line_is_reported(tmp_path: Path) -> None:
-    path = write(tmp_path, "c.cfg", 'websocket = ws://h\nnonsense\npassword = "open\n= 1\n')
-    with pytest.raises(ConfigError) as info:
-        load_config(path)
-    assert info.value.problems == (
+    path, error = load_error(
+        tmp_path, "c.cfg", 'websocket = ws://h\nnonsense\npassword = "open\n= 1\n'
+    )
+    assert error.problems == (
         f"{path}:2: expected 'key = value'",
         f"{path}:3: password: missing closing quote",
         f"{path}:4: expected 'key = value'",
     )
-    path = write(tmp_path, "c.toml", 'websocket = "ws://h"\nmtu = [1]\nroute = 1.5\n')
-    with pytest.raises(ConfigError) as info:
-        load_config(path)
-    assert info.value.problems == (
+    path, error = load_error(tmp_path, "c.toml", 'websocket = "ws://h"\nmtu = [1]\nroute = 1.5\n')
+    assert error.problems == (
         f"{path}:2: mtu: expected a string, integer or boolean, got list",
         f"{path}:3: route: expected a string, integer or boolean, got float",
     )
 
 
 def test_syntax_errors_do_not_echo_the_line(tmp_path: Path) -> None:
-    path = write(tmp_path, "c.cfg", "websocket = ws://h\npassword hunter2\n")
-    with pytest.raises(ConfigError) as info:
-        load_config(path)
-    assert str(info.value) == f"{path}:2: expected 'key = value'"
-    path = write(tmp_path, "d.cfg", 'password = "hunter2\n')
-    with pytest.raises(ConfigError) as info:
-        load_config(path)
-    assert str(info.value) == f"{path}:1: password: missing closing quote"
-    path = write(tmp_path, "e.cfg", 'password = "hunter2" extra\n')
-    with pytest.raises(ConfigError) as info:
-        load_config(path)
-    assert str(info.value) == f"{path}:1: password: unexpected text after the closing quote"
-    assert "hunter2" not in str(info.value)
+    path, error = load_error(tmp_path, "c.cfg", "websocket = ws://h\npassword hunter2\n")
+    assert str(error) == f"{path}:2: expected 'key = value'"
+    path, error = load_error(tmp_path, "d.cfg", 'password = "hunter2\n')
+    assert str(error) == f"{path}:1: password: missing closing quote"
+    path, error = load_error(tmp_path, "e.cfg", 'password = "hunter2" extra\n')
+    assert str(error) == f"{path}:1: password: unexpected text after the closing quote"
+    assert "hunter2" not in str(error)
 
 
 def test_toml_type_errors(tmp_path: Path) -> None:

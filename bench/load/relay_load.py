@@ -650,15 +650,35 @@ def generator_load(results: list[WorkerResult]) -> dict[str, Any]:
     }
 
 
+def _worker_count(args: argparse.Namespace, clients: int) -> int:
+    """About one worker per 50 clients, at least one, at most ``--workers``."""
+    most: int = args.workers
+    return max(1, min(most, clients // 50 or 1))
+
+
+def _good_plans(url: str, good: int, args: argparse.Namespace) -> list[Plan]:
+    return [
+        Plan(url, part, [], good, args.rate, args.payload)
+        for part in split(list(range(good)), _worker_count(args, good))
+    ]
+
+
+def _traffic_summary(results: list[WorkerResult], window: str, duration: float) -> dict[str, Any]:
+    """What the good clients offered and got relayed in ``window``, per second."""
+    traffic = merge(results, window)
+    return {
+        "offered_fps": round(traffic["sent"] / duration, 1),
+        "relayed_fps": round(traffic["received"] / duration, 1),
+        "lost_frames": traffic["sent"] - traffic["received"],
+        "latency": traffic["latency"],
+    }
+
+
 def load_scenario(clients: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     print(f"-- load: {clients} clients x {args.rate} frames/s for {args.duration:g} s", flush=True)
     server = Server(workdir, metrics=not args.no_server_metrics, src=args.server_src)
     try:
-        workers = max(1, min(args.workers, clients // 50 or 1))
-        plans = [
-            Plan(server.url, part, [], clients, args.rate, args.payload)
-            for part in split(list(range(clients)), workers)
-        ]
+        plans = _good_plans(server.url, clients, args)
 
         def timeline(t0: float) -> dict[str, Any]:
             start, end = t0 + WARMUP, t0 + WARMUP + args.duration
@@ -673,7 +693,6 @@ def load_scenario(clients: int, args: argparse.Namespace, workdir: Path) -> dict
         memory = server.memory_kib()
     finally:
         server.stop()
-    traffic = merge(results, "load")
     return {
         "scenario": f"load-{clients}",
         "clients": clients,
@@ -682,10 +701,7 @@ def load_scenario(clients: int, args: argparse.Namespace, workdir: Path) -> dict
         "payload_bytes": args.payload,
         "workers": len(plans),
         "login_seconds": round(login_seconds, 2),
-        "offered_fps": round(traffic["sent"] / args.duration, 1),
-        "relayed_fps": round(traffic["received"] / args.duration, 1),
-        "lost_frames": traffic["sent"] - traffic["received"],
-        "latency": traffic["latency"],
+        **_traffic_summary(results, "load", args.duration),
         "server": {
             **windows["load"],
             "peak_rss_mib": round(memory.get("VmHWM", 0) / 1024, 1),
@@ -693,6 +709,37 @@ def load_scenario(clients: int, args: argparse.Namespace, workdir: Path) -> dict
         },
         "errors": errors_of(results),
         "generator": generator_load(results),
+    }
+
+
+GARBAGE_PHASES = ("baseline", "garbage", "flood")
+
+
+def _garbage_timeline(t0: float, duration: float) -> dict[str, Any]:
+    """The good clients alone, then with mixed garbage, then with a flood, a second apart."""
+    baseline = (t0 + WARMUP, t0 + WARMUP + duration)
+    mixed = (baseline[1] + 1.0, baseline[1] + 1.0 + duration)
+    flood = (mixed[1] + 1.0, mixed[1] + 1.0 + duration)
+    return {
+        "windows": {"baseline": baseline, "garbage": mixed, "flood": flood},
+        "send_start": t0,
+        "send_end": flood[1],
+        "garbage_start": baseline[1],
+        "flood_start": mixed[1],
+        "garbage_end": flood[1],
+        "stop": flood[1] + DRAIN,
+    }
+
+
+def _garbage_phase(
+    results: list[WorkerResult], server_window: dict[str, Any], phase: str, duration: float
+) -> dict[str, Any]:
+    junk = sum(r.garbage_frames.get(phase, 0) for r in results)
+    return {
+        **_traffic_summary(results, phase, duration),
+        "server": server_window,
+        "junk_sent_fps": round(junk / duration, 1),
+        "garbage_reconnects": sum(r.garbage_reconnects.get(phase, 0) for r in results),
     }
 
 
@@ -706,48 +753,17 @@ def garbage_scenario(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     )
     server = Server(workdir, metrics=not args.no_server_metrics, src=args.server_src)
     try:
-        good_workers = max(1, min(args.workers, good // 50 or 1))
-        garbage_workers = max(1, min(args.workers, bad // 50 or 1))
-        plans = [
-            Plan(server.url, part, [], good, args.rate, args.payload)
-            for part in split(list(range(good)), good_workers)
-        ]
-        plans += [
+        garbage_indexes = list(range(GARBAGE_OFFSET, GARBAGE_OFFSET + bad))
+        plans = _good_plans(server.url, good, args) + [
             Plan(server.url, [], part, good, args.rate, args.payload)
-            for part in split(list(range(GARBAGE_OFFSET, GARBAGE_OFFSET + bad)), garbage_workers)
+            for part in split(garbage_indexes, _worker_count(args, bad))
         ]
-
-        def timeline(t0: float) -> dict[str, Any]:
-            baseline = (t0 + WARMUP, t0 + WARMUP + args.duration)
-            mixed = (baseline[1] + 1.0, baseline[1] + 1.0 + args.duration)
-            flood = (mixed[1] + 1.0, mixed[1] + 1.0 + args.duration)
-            return {
-                "windows": {"baseline": baseline, "garbage": mixed, "flood": flood},
-                "send_start": t0,
-                "send_end": flood[1],
-                "garbage_start": baseline[1],
-                "flood_start": mixed[1],
-                "garbage_end": flood[1],
-                "stop": flood[1] + DRAIN,
-            }
-
-        results, windows, login_seconds = run_workers(server, plans, timeline)
+        results, windows, login_seconds = run_workers(
+            server, plans, lambda t0: _garbage_timeline(t0, args.duration)
+        )
         memory = server.memory_kib()
     finally:
         server.stop()
-    phases = {}
-    for window in ("baseline", "garbage", "flood"):
-        traffic = merge(results, window)
-        junk = sum(r.garbage_frames.get(window, 0) for r in results)
-        phases[window] = {
-            "offered_fps": round(traffic["sent"] / args.duration, 1),
-            "relayed_fps": round(traffic["received"] / args.duration, 1),
-            "lost_frames": traffic["sent"] - traffic["received"],
-            "latency": traffic["latency"],
-            "server": windows[window],
-            "junk_sent_fps": round(junk / args.duration, 1),
-            "garbage_reconnects": sum(r.garbage_reconnects.get(window, 0) for r in results),
-        }
     return {
         "scenario": "garbage",
         "good_clients": good,
@@ -755,7 +771,10 @@ def garbage_scenario(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "rate_per_client": args.rate,
         "duration_s": args.duration,
         "login_seconds": round(login_seconds, 2),
-        "phases": phases,
+        "phases": {
+            phase: _garbage_phase(results, windows[phase], phase, args.duration)
+            for phase in GARBAGE_PHASES
+        },
         "garbage_failed_logins": sum(r.garbage_failed_logins for r in results),
         "server_peak_rss_mib": round(memory.get("VmHWM", 0) / 1024, 1),
         "errors": errors_of(results),
@@ -765,114 +784,127 @@ def garbage_scenario(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
 # -- report ---------------------------------------------------------------------------------
 
+REPORT_HEADER = (
+    "scenario",
+    "clients",
+    "offered/s",
+    "relayed/s",
+    "p50 ms",
+    "p99 ms",
+    "srv CPU s",
+    "srv CPU %",
+    "srv CPU-wait %",
+    "idle %",
+    "peak RSS MiB",
+    "errors",
+    "lost",
+)
+
+
+def _error_count(errors: dict[str, Any]) -> int:
+    return int(errors["failed_logins"] + errors["unexpected_closes"])
+
+
+def _report_row(
+    scenario: str, clients: str, traffic: dict[str, Any], peak_rss_mib: float, errors: int
+) -> list[str]:
+    """One line of the table: ``traffic`` is a load scenario or a garbage phase."""
+    server = traffic["server"]
+    return [
+        scenario,
+        clients,
+        f"{traffic['offered_fps']:.0f}",
+        f"{traffic['relayed_fps']:.0f}",
+        f"{traffic['latency']['p50_ms']:.2f}",
+        f"{traffic['latency']['p99_ms']:.2f}",
+        f"{server['cpu_seconds']:.2f}",
+        f"{server['cpu_percent']:.1f}",
+        f"{server['runqueue_wait_percent']:.1f}",
+        f"{server['machine_idle_percent']:.0f}",
+        f"{peak_rss_mib:.1f}",
+        str(errors),
+        str(traffic["lost_frames"]),
+    ]
+
+
+def _garbage_rows(garbage: dict[str, Any]) -> list[list[str]]:
+    errors = _error_count(garbage["errors"])
+    rows = []
+    for name, phase in garbage["phases"].items():
+        label = f"{garbage['good_clients']} good" + (
+            " alone" if name == "baseline" else f" + {garbage['garbage_clients']} {name}"
+        )
+        rows.append(
+            _report_row(f"garbage/{name}", label, phase, garbage["server_peak_rss_mib"], errors)
+        )
+    return rows
+
+
+def _print_growth(loads: list[dict[str, Any]]) -> None:
+    """How the server's cost grew from the smallest to the largest load scenario."""
+    first, last = loads[0], loads[-1]
+    scale = last["clients"] / first["clients"]
+    print(f"\ngrowth {first['clients']} -> {last['clients']} clients (x{scale:g}):")
+    for key, label in (("cpu_seconds", "server CPU"), ("peak_rss_mib", "server peak RSS")):
+        ratio = last["server"][key] / first["server"][key] if first["server"][key] else math.nan
+        print(f"  {label}: x{ratio:.2f}")
+    for load in loads:
+        per_frame = (
+            1e6 * load["server"]["cpu_seconds"] / max(1, load["relayed_fps"] * load["duration_s"])
+        )
+        print(f"  {load['clients']} clients: {per_frame:.1f} us server CPU per relayed frame")
+
+
+def _print_attack_effects(garbage: dict[str, Any]) -> None:
+    """What each attack phase cost the server and the good clients' latency."""
+    base = garbage["phases"]["baseline"]
+    print()
+    for name, text in (("garbage", "mixed garbage"), ("flood", "droppable flood")):
+        attack = garbage["phases"][name]
+        relay = attack["server"].get("relay_counters_per_s", {})
+        print(
+            f"{text}: {attack['junk_sent_fps']:.0f} junk frames/s sent, server read "
+            f"{relay.get('frames_received', math.nan):.0f}/s and dropped "
+            f"{relay.get('drops', math.nan):.0f}/s, "
+            f"{attack['garbage_reconnects']} garbage reconnects; good clients' p50 "
+            f"{base['latency']['p50_ms']:.2f} -> {attack['latency']['p50_ms']:.2f} ms, "
+            f"p99 {base['latency']['p99_ms']:.2f} -> {attack['latency']['p99_ms']:.2f} ms"
+        )
+
+
+def _print_generator_load(scenario: str, generator: dict[str, Any]) -> None:
+    print(
+        f"generator ({scenario}): worker CPU % {generator['worker_cpu_percent']}, "
+        f"CPU-wait % {generator['worker_runqueue_wait_percent']}, "
+        f"max send lag {generator['max_send_lag_ms']} ms"
+    )
+
 
 def print_report(report: dict[str, Any]) -> None:
-    rows = [
-        (
-            "scenario",
-            "clients",
-            "offered/s",
-            "relayed/s",
-            "p50 ms",
-            "p99 ms",
-            "srv CPU s",
-            "srv CPU %",
-            "srv CPU-wait %",
-            "idle %",
-            "peak RSS MiB",
-            "errors",
-            "lost",
-        )
-    ]
-    for load in report["load"]:
-        errors = load["errors"]["failed_logins"] + load["errors"]["unexpected_closes"]
-        rows.append(
-            (
-                load["scenario"],
-                str(load["clients"]),
-                f"{load['offered_fps']:.0f}",
-                f"{load['relayed_fps']:.0f}",
-                f"{load['latency']['p50_ms']:.2f}",
-                f"{load['latency']['p99_ms']:.2f}",
-                f"{load['server']['cpu_seconds']:.2f}",
-                f"{load['server']['cpu_percent']:.1f}",
-                f"{load['server']['runqueue_wait_percent']:.1f}",
-                f"{load['server']['machine_idle_percent']:.0f}",
-                f"{load['server']['peak_rss_mib']:.1f}",
-                str(errors),
-                str(load["lost_frames"]),
-            )
-        )
-    garbage = report.get("garbage")
-    if garbage:
-        errors = garbage["errors"]["failed_logins"] + garbage["errors"]["unexpected_closes"]
-        for name, phase in garbage["phases"].items():
-            label = f"{garbage['good_clients']} good" + (
-                " alone" if name == "baseline" else f" + {garbage['garbage_clients']} {name}"
-            )
-            rows.append(
-                (
-                    f"garbage/{name}",
-                    label,
-                    f"{phase['offered_fps']:.0f}",
-                    f"{phase['relayed_fps']:.0f}",
-                    f"{phase['latency']['p50_ms']:.2f}",
-                    f"{phase['latency']['p99_ms']:.2f}",
-                    f"{phase['server']['cpu_seconds']:.2f}",
-                    f"{phase['server']['cpu_percent']:.1f}",
-                    f"{phase['server']['runqueue_wait_percent']:.1f}",
-                    f"{phase['server']['machine_idle_percent']:.0f}",
-                    f"{garbage['server_peak_rss_mib']:.1f}",
-                    str(errors),
-                    str(phase["lost_frames"]),
-                )
-            )
-    header, *body = rows
-    for line in format_table(header, body, right=range(len(header)), rule=True):
-        print(line)
     loads = report["load"]
+    garbage = report.get("garbage")
+    rows = [
+        _report_row(
+            load["scenario"],
+            str(load["clients"]),
+            load,
+            load["server"]["peak_rss_mib"],
+            _error_count(load["errors"]),
+        )
+        for load in loads
+    ]
+    if garbage:
+        rows += _garbage_rows(garbage)
+    for line in format_table(REPORT_HEADER, rows, right=range(len(REPORT_HEADER)), rule=True):
+        print(line)
     if len(loads) > 1:
-        first, last = loads[0], loads[-1]
-        scale = last["clients"] / first["clients"]
-        print(f"\ngrowth {first['clients']} -> {last['clients']} clients (x{scale:g}):")
-        for key, label in (("cpu_seconds", "server CPU"), ("peak_rss_mib", "server peak RSS")):
-            ratio = last["server"][key] / first["server"][key] if first["server"][key] else math.nan
-            print(f"  {label}: x{ratio:.2f}")
-        for load in loads:
-            per_frame = (
-                1e6
-                * load["server"]["cpu_seconds"]
-                / max(1, load["relayed_fps"] * load["duration_s"])
-            )
-            print(f"  {load['clients']} clients: {per_frame:.1f} us server CPU per relayed frame")
+        _print_growth(loads)
     if garbage:
-        base = garbage["phases"]["baseline"]
-        print()
-        for name, text in (("garbage", "mixed garbage"), ("flood", "droppable flood")):
-            attack = garbage["phases"][name]
-            relay = attack["server"].get("relay_counters_per_s", {})
-            print(
-                f"{text}: {attack['junk_sent_fps']:.0f} junk frames/s sent, server read "
-                f"{relay.get('frames_received', math.nan):.0f}/s and dropped "
-                f"{relay.get('drops', math.nan):.0f}/s, "
-                f"{attack['garbage_reconnects']} garbage reconnects; good clients' p50 "
-                f"{base['latency']['p50_ms']:.2f} -> {attack['latency']['p50_ms']:.2f} ms, "
-                f"p99 {base['latency']['p99_ms']:.2f} -> {attack['latency']['p99_ms']:.2f} ms"
-            )
+        _print_attack_effects(garbage)
     for load in loads:
-        gen = load["generator"]
-        print(
-            f"generator ({load['scenario']}): worker CPU % {gen['worker_cpu_percent']}, "
-            f"CPU-wait % {gen['worker_runqueue_wait_percent']}, "
-            f"max send lag {gen['max_send_lag_ms']} ms"
-        )
+        _print_generator_load(load["scenario"], load["generator"])
     if garbage:
-        gen = garbage["generator"]
-        print(
-            f"generator (garbage): worker CPU % {gen['worker_cpu_percent']}, "
-            f"CPU-wait % {gen['worker_runqueue_wait_percent']}, "
-            f"max send lag {gen['max_send_lag_ms']} ms"
-        )
+        _print_generator_load("garbage", garbage["generator"])
 
 
 def machine() -> dict[str, Any]:

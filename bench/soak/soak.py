@@ -42,6 +42,7 @@ from p2pvpn.netns import (
     BULK_RECEIVER,
     RUN_PREFIX,
     Client,
+    NatSite,
     PingLog,
     Process,
     Resources,
@@ -314,6 +315,23 @@ def summarise(series: Series, args: argparse.Namespace, window: float) -> dict[s
 # the run
 
 
+def _traffic_tool(choice: str) -> str:
+    """``--traffic``, with ``auto`` resolved to iperf3 when it is installed."""
+    if choice == "auto":
+        return "iperf3" if shutil.which("iperf3") else "python"
+    return choice
+
+
+def _ping_summary(ping: PingLog, wall_start: float, elapsed: float) -> dict[str, Any]:
+    replies = ping.replies(wall_start)
+    return {
+        "sent": ping.sent,
+        "received": len(replies),
+        "ratio": round(len(replies) / max(ping.sent, 1), 4),
+        "max_gap_s": round(ping.max_gap(wall_start, wall_start + elapsed), 2),
+    }
+
+
 class Soak:
     def __init__(self, args: argparse.Namespace, log_dir: Path) -> None:
         self.args = args
@@ -331,58 +349,27 @@ class Soak:
             vpn.wait_for_tun(a)
             vpn.wait_for_tun(b)
             wait_connected(vpn, a, b, timeout=60)
-            tool = args.traffic
-            if tool == "auto":
-                tool = "iperf3" if shutil.which("iperf3") else "python"
+            tool = _traffic_tool(args.traffic)
             ping = PingLog(bed, a.ns, B_IP, interval=0.2)
             start = time.monotonic()
             wall_start = time.time()
             traffic = TrafficLoop(bed, a, b, tool, rate=args.rate, deadline=start + args.duration)
             log(f"network up; {tool} + ping for {args.duration:g} s, flaps: {args.flap_mode}")
-
-            next_sample = 0.0
-            next_flap = args.flap_interval if args.flap_mode != "none" else float("inf")
-            restore_at: float | None = None
-            roles: dict[str, Any] = {"server": lambda: vpn.server_process, "a": lambda: a.process}
-            roles["b"] = lambda: b.process
-            while (elapsed := time.monotonic() - start) < args.duration:
-                if elapsed >= next_sample:
-                    self._sample(roles, elapsed)
-                    next_sample += args.sample_interval
-                if restore_at is not None and elapsed >= restore_at:
-                    unblock(site_a.router)
-                    self.flaps[-1]["restored"] = time.time()
-                    restore_at = None
-                if elapsed >= next_flap:
-                    next_flap += args.flap_interval
-                    if args.flap_mode == "cut":
-                        block_udp_between(site_a.router, str(site_b.public_ip))
-                        self.flaps.append({"mode": "cut", "at": time.time()})
-                        restore_at = elapsed + args.cut_seconds
-                    else:
-                        self._restart(vpn, b)
-                time.sleep(0.1)
-            if restore_at is not None:
-                unblock(site_a.router)
-                self.flaps[-1]["restored"] = time.time()
+            roles: dict[str, Any] = {
+                "server": lambda: vpn.server_process,
+                "a": lambda: a.process,
+                "b": lambda: b.process,
+            }
+            self._sample_and_flap(roles, start, vpn=vpn, b=b, site_a=site_a, site_b=site_b)
             self._sample(roles, time.monotonic() - start)
             elapsed = time.monotonic() - start
             stats = traffic.stop()
             ping.stop()
             final = {c.name: _peer_row(c, B_IP if c is a else A_IP) for c in (a, b)}
             flaps = [self._flap_result(f, a, b) for f in self.flaps]
-            replies = ping.replies(wall_start)
             result = {
-                "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                "log_dir": str(self.log_dir),
-                "namespace_prefix": RUN_PREFIX,
-                "elapsed_s": round(elapsed, 1),
-                "ping": {
-                    "sent": ping.sent,
-                    "received": len(replies),
-                    "ratio": round(len(replies) / max(ping.sent, 1), 4),
-                    "max_gap_s": round(ping.max_gap(wall_start, wall_start + elapsed), 2),
-                },
+                **self._run_facts(elapsed),
+                "ping": _ping_summary(ping, wall_start, elapsed),
                 "traffic": {
                     **asdict(stats),
                     "mbit_s": round(stats.bytes * 8 / elapsed / 1e6, 2),
@@ -392,6 +379,55 @@ class Soak:
                 "processes": [summarise(s, args, args.duration - args.warmup) for s in self.series],
             }
         return result
+
+    def _sample_and_flap(
+        self,
+        roles: dict[str, Any],
+        start: float,
+        *,
+        vpn: VpnNetwork,
+        b: Client,
+        site_a: NatSite,
+        site_b: NatSite,
+    ) -> None:
+        """Until the run's duration is over: sample the processes and flap the direct path.
+
+        The path is left restored at the end.
+        """
+        args = self.args
+        next_sample = 0.0
+        next_flap = args.flap_interval if args.flap_mode != "none" else float("inf")
+        restore_at: float | None = None
+        while (elapsed := time.monotonic() - start) < args.duration:
+            if elapsed >= next_sample:
+                self._sample(roles, elapsed)
+                next_sample += args.sample_interval
+            if restore_at is not None and elapsed >= restore_at:
+                self._restore(site_a)
+                restore_at = None
+            if elapsed >= next_flap:
+                next_flap += args.flap_interval
+                if args.flap_mode == "cut":
+                    block_udp_between(site_a.router, str(site_b.public_ip))
+                    self.flaps.append({"mode": "cut", "at": time.time()})
+                    restore_at = elapsed + args.cut_seconds
+                else:
+                    self._restart(vpn, b)
+            time.sleep(0.1)
+        if restore_at is not None:
+            self._restore(site_a)
+
+    def _restore(self, site_a: NatSite) -> None:
+        unblock(site_a.router)
+        self.flaps[-1]["restored"] = time.time()
+
+    def _run_facts(self, elapsed: float) -> dict[str, Any]:
+        return {
+            "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(self.args).items()},
+            "log_dir": str(self.log_dir),
+            "namespace_prefix": RUN_PREFIX,
+            "elapsed_s": round(elapsed, 1),
+        }
 
     def _sample(self, roles: dict[str, Any], elapsed: float) -> None:
         for role, get in roles.items():

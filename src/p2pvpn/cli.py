@@ -8,7 +8,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 from p2pvpn import __version__
 from p2pvpn.config import (
@@ -119,19 +119,57 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"p2pvpn {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-
-    run = commands.add_parser("run", help="run a client")
-    run.add_argument("-c", "--config", metavar="FILE", help="candy.cfg-style or .toml file")
-    _add_flags(run, _RUN_FLAGS)
-    run.set_defaults(handler=_cmd_run)
-
-    server = commands.add_parser("server", help="run the signaling/relay server")
-    server.add_argument("-c", "--config", metavar="FILE", help="candy.cfg-style or .toml file")
-    _add_flags(server, _SERVER_FLAGS)
-    server.set_defaults(handler=_cmd_server)
-
+    _add_daemon_command(commands, "run", "run a client", _RUN_FLAGS, _cmd_run)
+    _add_daemon_command(
+        commands, "server", "run the signaling/relay server", _SERVER_FLAGS, _cmd_server
+    )
     _add_status_command(commands)
+    _add_demo_command(commands)
+    check = commands.add_parser("check-config", help="validate a config file and print it")
+    check.add_argument("file", metavar="FILE")
+    check.set_defaults(handler=_cmd_check_config)
+    _add_install_service_command(commands)
+    return parser
 
+
+# A string: argparse's subparsers action is generic only to type checkers.
+_Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
+def _add_daemon_command(
+    commands: _Commands,
+    name: str,
+    help_text: str,
+    flags: tuple[_Flag, ...],
+    handler: Callable[[argparse.Namespace], int],
+) -> None:
+    daemon = commands.add_parser(name, help=help_text)
+    daemon.add_argument("-c", "--config", metavar="FILE", help="candy.cfg-style or .toml file")
+    _add_flags(daemon, flags)
+    daemon.set_defaults(handler=handler)
+
+
+def _add_directory_option(
+    parser: argparse.ArgumentParser, flag: str, default: Path, help_text: str
+) -> None:
+    parser.add_argument(flag, metavar="DIR", type=Path, default=default, help=help_text)
+
+
+def _add_status_command(commands: _Commands) -> None:
+    status = commands.add_parser("status", help="show what a running client is doing")
+    status.add_argument("-n", "--name", help="the client's name (as given to run)")
+    status.add_argument("--json", action="store_true", help="print JSON")
+    _add_directory_option(
+        status,
+        "--state-dir",
+        DEFAULT_STATE_ROOT,
+        "the client's state directory, as given to run --state-dir, or the directory "
+        f"of the clients' state directories, one per NAME (default {DEFAULT_STATE_ROOT})",
+    )
+    status.set_defaults(handler=_cmd_status)
+
+
+def _add_demo_command(commands: _Commands) -> None:
     demo = commands.add_parser(
         "demo",
         help="a complete network on this machine (needs root)",
@@ -142,10 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo_flags(demo)
     demo.set_defaults(handler=_cmd_demo)
 
-    check = commands.add_parser("check-config", help="validate a config file and print it")
-    check.add_argument("file", metavar="FILE")
-    check.set_defaults(handler=_cmd_check_config)
 
+def _add_install_service_command(commands: _Commands) -> None:
     install = commands.add_parser(
         "install-service",
         help="install the systemd unit of a client (p2pvpn@NAME) or of the server",
@@ -156,39 +192,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     install.add_argument("name", metavar="NAME", nargs="?", help="network name (client)")
     install.add_argument("--server", action="store_true", help="install the server's unit")
-    install.add_argument(
+    _add_directory_option(
+        install,
         "--prefix",
-        metavar="DIR",
-        type=Path,
-        default=DEFAULT_UNIT_DIR,
-        help=f"directory of the unit files (default {DEFAULT_UNIT_DIR})",
+        DEFAULT_UNIT_DIR,
+        f"directory of the unit files (default {DEFAULT_UNIT_DIR})",
     )
-    install.add_argument(
+    _add_directory_option(
+        install,
         "--config-dir",
-        metavar="DIR",
-        type=Path,
-        default=DEFAULT_CONFIG_DIR,
-        help=f"directory of the config files (default {DEFAULT_CONFIG_DIR})",
+        DEFAULT_CONFIG_DIR,
+        f"directory of the config files (default {DEFAULT_CONFIG_DIR})",
     )
     install.add_argument("--dry-run", action="store_true", help="print the unit, write nothing")
     install.add_argument("--force", action="store_true", help="replace a different unit")
     install.set_defaults(handler=_cmd_install_service)
-    return parser
-
-
-def _add_status_command(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    status = commands.add_parser("status", help="show what a running client is doing")
-    status.add_argument("-n", "--name", help="the client's name (as given to run)")
-    status.add_argument("--json", action="store_true", help="print JSON")
-    status.add_argument(
-        "--state-dir",
-        metavar="DIR",
-        type=Path,
-        default=DEFAULT_STATE_ROOT,
-        help="the client's state directory, as given to run --state-dir, or the directory "
-        f"of the clients' state directories, one per NAME (default {DEFAULT_STATE_ROOT})",
-    )
-    status.set_defaults(handler=_cmd_status)
 
 
 DEMO_MAX_DURATION = 600

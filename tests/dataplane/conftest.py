@@ -22,6 +22,7 @@ from p2pvpn.dataplane.base import REPLAY_WINDOW_SECONDS, DataPlane, UdpAddress
 from p2pvpn.dataplane.pure import PureDataPlane
 from p2pvpn.wire.crypto import peer_key
 from p2pvpn.wire.ipv4 import ipv4_checksum
+from tests.sockets import drain
 
 PASSWORD = "dataplane-test"
 
@@ -128,12 +129,7 @@ class Node:
 
     def delivered(self) -> list[bytes]:
         """Packets the data plane wrote to TUN since the last call."""
-        out = []
-        while True:
-            try:
-                out.append(self.kernel.recv(70000))
-            except BlockingIOError:
-                return out
+        return drain(self.kernel)
 
     def close(self) -> None:
         self.plane.close()
@@ -164,6 +160,15 @@ def make_node(backend: str) -> Iterator[NodeFactory]:
     yield make
     for node in nodes:
         node.close()
+
+
+def connected_pair(make_node: NodeFactory, sender_ip: str, receiver_ip: str) -> tuple[Node, Node]:
+    """Two started nodes, the sender knowing the receiver's direct path."""
+    sender, receiver = make_node(sender_ip), make_node(receiver_ip)
+    sender.plane.start()
+    receiver.plane.start()
+    sender.plane.set_peer(receiver.tun_ip, receiver.address, receiver.key)
+    return sender, receiver
 
 
 async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> None:

@@ -20,6 +20,7 @@ from tests.dataplane.conftest import (
     Node,
     NodeFactory,
     after_hops,
+    connected_pair,
     eventually,
     ipv4_packet,
     settle,
@@ -39,10 +40,7 @@ def connect(sender: Node, receiver: Node) -> None:
 
 def test_packets_reach_the_peer_byte_for_byte(make_node: NodeFactory) -> None:
     async def body() -> None:
-        a, b = make_node(A), make_node(B)
-        a.plane.start()
-        b.plane.start()
-        connect(a, b)
+        a, b = connected_pair(make_node, A, B)
         packets = [ipv4_packet(A, B, bytes([n]) * (20 + n), ident=n) for n in range(10)]
         a.inject(*packets)
         received: list[bytes] = []
@@ -59,10 +57,7 @@ def test_packets_reach_the_peer_byte_for_byte(make_node: NodeFactory) -> None:
 @pytest.mark.parametrize("count", [1, 63, 64, 65, 200])
 def test_batch_boundaries(make_node: NodeFactory, count: int) -> None:
     async def body() -> None:
-        a, b = make_node(A), make_node(B)
-        a.plane.start()
-        b.plane.start()
-        connect(a, b)
+        a, b = connected_pair(make_node, A, B)
         packets = [ipv4_packet(A, B, count.to_bytes(2, "big") * 10, ident=n) for n in range(count)]
         a.inject(*packets)
         received: list[bytes] = []
@@ -247,10 +242,7 @@ def test_forward_for_another_peer_without_path_goes_to_the_server(make_node: Nod
 
 def test_sysroutes_wrap_packets_in_ipip_toward_the_nexthop(make_node: NodeFactory) -> None:
     async def body() -> None:
-        a, b = make_node(A), make_node(B)
-        a.plane.start()
-        b.plane.start()
-        connect(a, b)
+        a, b = connected_pair(make_node, A, B)
         a.plane.set_sysroutes([(IPv4Network("172.30.0.0/16"), b.tun_ip)])
         inner = ipv4_packet(A, "172.30.4.5")
         a.inject(inner)
@@ -269,10 +261,7 @@ def test_sysroutes_wrap_packets_in_ipip_toward_the_nexthop(make_node: NodeFactor
 
 def test_no_packet_reaches_a_dropped_peer(make_node: NodeFactory) -> None:
     async def body() -> None:
-        a, b = make_node(A), make_node(B)
-        a.plane.start()
-        b.plane.start()
-        connect(a, b)
+        a, b = connected_pair(make_node, A, B)
         for round_ in range(20):
             a.inject(*(ipv4_packet(A, B, ident=n) for n in range(50)))
             if round_ == 10:

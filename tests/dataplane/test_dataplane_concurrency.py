@@ -19,7 +19,15 @@ from collections.abc import Iterable
 from ipaddress import IPv4Address, IPv4Network
 
 from p2pvpn.dataplane.base import DataPlaneStats
-from tests.dataplane.conftest import Node, NodeFactory, eventually, ipv4_packet, settle
+from tests.dataplane.conftest import (
+    Node,
+    NodeFactory,
+    connected_pair,
+    eventually,
+    ipv4_packet,
+    settle,
+)
+from tests.sockets import drain
 
 A, B, C, D = "10.9.0.1", "10.9.0.2", "10.9.0.3", "10.9.0.4"
 SYSROUTE = IPv4Network("172.30.0.0/16")
@@ -55,6 +63,18 @@ class Injector(threading.Thread):
             if not send_waiting(self._node.kernel, packet, self._halt):
                 return
             self.sent += 1
+
+
+def packets_a_to_b(count: int) -> Iterable[bytes]:
+    return (ipv4_packet(A, B, ident=n % 65536) for n in range(count))
+
+
+def streaming_a_to_b(make_node: NodeFactory, count: int) -> tuple[Node, Node, Injector]:
+    """Started nodes A and B, A knowing B's path, and an injector sending ``count`` A->B."""
+    a, b = connected_pair(make_node, A, B)
+    injector = Injector(a, packets_a_to_b(count))
+    injector.start()
+    return a, b, injector
 
 
 async def finished(thread: threading.Thread) -> None:
@@ -138,12 +158,7 @@ def test_nothing_reaches_a_dropped_peer_under_load(make_node: NodeFactory) -> No
     count = 5000
 
     async def body() -> None:
-        a, b = make_node(A), make_node(B)
-        a.plane.start()
-        b.plane.start()
-        a.plane.set_peer(b.tun_ip, b.address, b.key)
-        injector = Injector(a, (ipv4_packet(A, B, ident=n % 65536) for n in range(count)))
-        injector.start()
+        a, b, injector = streaming_a_to_b(make_node, count)
 
         def sent_to_b() -> int:
             counters = a.plane.stats().peers.get(b.tun_ip)
@@ -181,7 +196,7 @@ def test_close_while_traffic_flows_is_prompt_and_joins_the_workers(
         assert len(workers) == (2 if a.plane.implementation == "fast" else 0)
         a.plane.set_peer(b.tun_ip, b.address, b.key)
         stop = threading.Event()
-        injector = Injector(a, (ipv4_packet(A, B, ident=n % 65536) for n in range(10**9)), stop)
+        injector = Injector(a, packets_a_to_b(10**9), stop)
         injector.start()
         await eventually(lambda: a.plane.stats().tun_packets_in >= 1000, timeout=20)
         started = time.monotonic()
@@ -194,11 +209,7 @@ def test_close_while_traffic_flows_is_prompt_and_joins_the_workers(
         assert not workers & set(threading.enumerate())
         # Closed means closed: the counters stop moving. (Empty the device
         # first: the injector filled it once nobody read any more.)
-        while True:
-            try:
-                a._tun.recv(70000)
-            except BlockingIOError:
-                break
+        drain(a._tun)
         frozen = a.plane.stats()
         a.inject(ipv4_packet(A, B))
         await settle()
@@ -319,12 +330,7 @@ def test_stats_are_consistent_snapshots_while_packets_flow(make_node: NodeFactor
     count = 3000
 
     async def body() -> None:
-        a, b = make_node(A), make_node(B)
-        a.plane.start()
-        b.plane.start()
-        a.plane.set_peer(b.tun_ip, b.address, b.key)
-        injector = Injector(a, (ipv4_packet(A, B, ident=n % 65536) for n in range(count)))
-        injector.start()
+        a, b, injector = streaming_a_to_b(make_node, count)
         previous = a.plane.stats()
         while injector.is_alive() or a.plane.stats().tun_packets_in < count:
             current = a.plane.stats()

@@ -84,6 +84,13 @@ def attackers() -> Any:
         attacker.close()
 
 
+def started_target(make_node: NodeFactory, make_attacker: Any) -> tuple[Node, Attacker]:
+    """A started node B and an attacker sending to it."""
+    b = make_node(B)
+    b.plane.start()
+    return b, make_attacker(b)
+
+
 def make_room(node: Node, backend: str) -> None:
     """Queues that hold thousands of datagrams, and (fast) coalesced receives
     from the first datagram on: the plane only sets UDP_GRO when it starts,
@@ -192,9 +199,7 @@ def test_a_replayed_forward_is_delivered_once_and_counted(
     make_node: NodeFactory, attackers: Any
 ) -> None:
     async def body() -> None:
-        b = make_node(B)
-        b.plane.start()
-        attacker = attackers(b)
+        b, attacker = started_target(make_node, attackers)
         captured = attacker.seal(forward(A, B, 1))
         attacker.send(*[captured] * 6)
         await eventually(lambda: drops(b, DropReason.REPLAY) == 5)
@@ -206,9 +211,7 @@ def test_a_replayed_forward_is_delivered_once_and_counted(
 
 def test_a_replayed_heartbeat_goes_up_once(make_node: NodeFactory, attackers: Any) -> None:
     async def body() -> None:
-        b = make_node(B)
-        b.plane.start()
-        attacker = attackers(b)
+        b, attacker = started_target(make_node, attackers)
         heartbeat = Heartbeat(IPv4Address(A), IPv4Address(B), 1, True).encode()
         captured = attacker.seal(heartbeat)
         attacker.send(captured, captured, captured, attacker.seal(heartbeat))
@@ -224,9 +227,7 @@ def test_tampered_copies_do_not_enter_the_record(make_node: NodeFactory, attacke
     reuses a real IV must not get the real one refused later."""
 
     async def body() -> None:
-        b = make_node(B)
-        b.plane.start()
-        attacker = attackers(b)
+        b, attacker = started_target(make_node, attackers)
         genuine = attacker.seal(forward(A, B, 7))
         forged = genuine[:12] + bytes(len(genuine) - 12)
         attacker.send(forged, genuine)
@@ -391,9 +392,7 @@ def test_only_binding_responses_from_the_stun_address_go_up_as_stun(
     make_node: NodeFactory, attackers: Any
 ) -> None:
     async def body() -> None:
-        b = make_node(B)
-        b.plane.start()
-        stun = attackers(b)
+        b, stun = started_target(make_node, attackers)
         b.plane.set_stun_server(stun.address)
         answer = encode_binding_response(bytes(12), (IPv4Address("192.0.2.1"), 32853))
         heartbeat = Heartbeat(IPv4Address(A), IPv4Address(B), 1, True).encode()

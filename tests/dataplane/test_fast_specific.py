@@ -164,14 +164,83 @@ def test_bad_arguments_are_refused() -> None:
 # -- pure and fast agree -------------------------------------------------------
 
 
+def ipip_header_only() -> bytes:
+    """An IPIP packet for A whose total length (60) overruns its 20 bytes."""
+    header = bytearray(ipv4_packet(B, A)[:20])
+    header[9] = 4  # protocol: IPIP
+    return bytes(header)
+
+
+BAD_IPIP = ipip_header_only()
+# From behind B in the sdwan range 172.30.0.0/16: what IPIP carries to A.
+INNER = ipv4_packet("172.30.9.9", A, b"inner")
+
+
+def scenario_tun_inputs() -> list[bytes]:
+    """What the kernel routes into A's TUN device: one per outbound branch."""
+    return [
+        ipv4_packet(A, B, b"direct"),
+        ipv4_packet(A, C, b"via b"),
+        ipv4_packet(A, "172.30.1.2", b"wrapped"),
+        ipv4_packet(A, D, b"relay"),
+        b"\x60" + bytes(39),
+        b"\x45\x00",
+    ]
+
+
+def scenario_udp_inputs(
+    to_a: DatagramCipher, b_sock: socket.socket, x_sock: socket.socket, stun_sock: socket.socket
+) -> list[tuple[socket.socket, bytes]]:
+    """What reaches A's UDP socket, and from where: one per inbound branch."""
+    for_a = to_a.seal(b"\x01" + ipv4_packet(B, A, b"for a"))
+    return [
+        (x_sock, for_a),
+        (x_sock, for_a),
+        (x_sock, to_a.seal(b"\x01" + encapsulate_ipip(INNER, IPv4Address(B), IPv4Address(A)))),
+        (x_sock, to_a.seal(b"\x01" + BAD_IPIP)),
+        # C is not the sdwan next hop for 172.30.0.0/16.
+        (x_sock, to_a.seal(b"\x01" + encapsulate_ipip(INNER, IPv4Address(C), IPv4Address(A)))),
+        (x_sock, to_a.seal(b"\x01" + ipv4_packet(D, C, b"last hop", ttl=1))),
+        (b_sock, to_a.seal(b"\x01" + ipv4_packet(B, C, b"loop"))),
+        (x_sock, to_a.seal(b"\x01" + ipv4_packet(D, C, b"relayed"))),
+        (x_sock, to_a.seal(b"\x01" + ipv4_packet(B, "10.9.0.9", b"no path"))),
+        (x_sock, to_a.seal(b"\x01" + b"\x60" + bytes(39))),
+        (x_sock, to_a.seal(b"")),
+        (x_sock, to_a.seal(Heartbeat(IPv4Address(B), IPv4Address(A), 1, True).encode())),
+        (x_sock, to_a.seal(b"\x09unknown type")),
+        (x_sock, to_a.seal(b"\x01" + ipv4_packet(B, A))[:-1] + b"\x00"),
+        (x_sock, b"short"),
+        (stun_sock, STUN_ANSWER),
+        (stun_sock, b"not stun at all, opened and refused"),
+    ]
+
+
+def loopback_udp_sockets(count: int) -> list[socket.socket]:
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+        sock.settimeout(5)
+    return sockets
+
+
+def opened_by(sock: socket.socket, key: bytes) -> list[bytes]:
+    """What arrives at ``sock`` within 0.2 s of each datagram, opened with ``key``."""
+    opened = []
+    sock.settimeout(0.2)
+    try:
+        while True:
+            datagram, _ = sock.recvfrom(70000)
+            opened.append(DatagramCipher(key).open(datagram))
+    except TimeoutError:
+        pass
+    return opened
+
+
 async def run_scenario(backend: str) -> dict[str, Any]:
     """Every branch of the packet path once, in an order that is the same for
     both backends; returns what came out, with UDP endpoints named."""
     a = Node(backend, A, relaying=True)
-    b_sock, x_sock, stun_sock = (socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in "bxs")
-    for sock in (b_sock, x_sock, stun_sock):
-        sock.bind(("127.0.0.1", 0))
-        sock.settimeout(5)
+    b_sock, x_sock, stun_sock = loopback_udp_sockets(3)
     names = {
         b_sock.getsockname(): "b",
         x_sock.getsockname(): "x",
@@ -183,10 +252,6 @@ async def run_scenario(backend: str) -> dict[str, Any]:
         return [(data, names[source]) for data, source in datagrams]
 
     b_key = peer_key(PASSWORD, IPv4Address(B))
-    inner = ipv4_packet("172.30.9.9", A, b"inner")
-    # IPIP for A whose total length (60) overruns its 20 bytes.
-    bad_ipip = bytearray(ipv4_packet(B, A)[:20])
-    bad_ipip[9] = 4
     try:
         a.plane.start()
         a.plane.set_peer(IPv4Address(B), b_sock.getsockname(), b_key)
@@ -194,64 +259,28 @@ async def run_scenario(backend: str) -> dict[str, Any]:
         a.plane.set_sysroutes([(IPv4Network("172.30.0.0/16"), IPv4Address(B))])
         a.plane.set_stun_server(stun_sock.getsockname())
 
-        tun_inputs = [
-            ipv4_packet(A, B, b"direct"),
-            ipv4_packet(A, C, b"via b"),
-            ipv4_packet(A, "172.30.1.2", b"wrapped"),
-            ipv4_packet(A, D, b"relay"),
-            b"\x60" + bytes(39),
-            b"\x45\x00",
-        ]
+        tun_inputs = scenario_tun_inputs()
         a.inject(*tun_inputs)
         await eventually(lambda: a.plane.stats().tun_packets_in == len(tun_inputs))
-
-        for_a = to_a.seal(b"\x01" + ipv4_packet(B, A, b"for a"))
-        udp_inputs: list[tuple[socket.socket, bytes]] = [
-            (x_sock, for_a),
-            (x_sock, for_a),
-            (x_sock, to_a.seal(b"\x01" + encapsulate_ipip(inner, IPv4Address(B), IPv4Address(A)))),
-            (x_sock, to_a.seal(b"\x01" + bad_ipip)),
-            # C is not the sdwan next hop for 172.30.0.0/16.
-            (x_sock, to_a.seal(b"\x01" + encapsulate_ipip(inner, IPv4Address(C), IPv4Address(A)))),
-            (x_sock, to_a.seal(b"\x01" + ipv4_packet(D, C, b"last hop", ttl=1))),
-            (b_sock, to_a.seal(b"\x01" + ipv4_packet(B, C, b"loop"))),
-            (x_sock, to_a.seal(b"\x01" + ipv4_packet(D, C, b"relayed"))),
-            (x_sock, to_a.seal(b"\x01" + ipv4_packet(B, "10.9.0.9", b"no path"))),
-            (x_sock, to_a.seal(b"\x01" + b"\x60" + bytes(39))),
-            (x_sock, to_a.seal(b"")),
-            (x_sock, to_a.seal(Heartbeat(IPv4Address(B), IPv4Address(A), 1, True).encode())),
-            (x_sock, to_a.seal(b"\x09unknown type")),
-            (x_sock, to_a.seal(b"\x01" + ipv4_packet(B, A))[:-1] + b"\x00"),
-            (x_sock, b"short"),
-            (stun_sock, STUN_ANSWER),
-            (stun_sock, b"not stun at all, opened and refused"),
-        ]
-        for sock, datagram in udp_inputs:
+        for sock, datagram in scenario_udp_inputs(to_a, b_sock, x_sock, stun_sock):
             sock.sendto(datagram, a.address)
         a.plane.write_tun(ipv4_packet(B, A, b"from ws"))
-        a.plane.write_tun(encapsulate_ipip(inner, IPv4Address(B), IPv4Address(A)))
-        a.plane.write_tun(bytes(bad_ipip))
+        a.plane.write_tun(encapsulate_ipip(INNER, IPv4Address(B), IPv4Address(A)))
+        a.plane.write_tun(BAD_IPIP)
 
         # One socket queue, read in order: once the marker is up, so is the rest.
         x_sock.sendto(to_a.seal(MARKER), a.address)
         await eventually(lambda: (MARKER, names[x_sock.getsockname()]) in named(a.events.control))
         await eventually(lambda: len(a.events.relay) == 2)
         await asyncio.sleep(0.2)
-        sent_to_b = []
-        b_sock.settimeout(0.2)
-        try:
-            while True:
-                datagram, _ = b_sock.recvfrom(70000)
-                sent_to_b.append(DatagramCipher(b_key).open(datagram))
-        except TimeoutError:
-            pass
+        sent_to_b = opened_by(b_sock, b_key)
         return {
             "stats": replace(a.plane.stats(), implementation=""),
             # The workers and the loop thread write concurrently: compare as sets.
             "delivered": sorted(a.delivered()),
             "relay": sorted(a.events.relay),
-            "control": [(data, names[source]) for data, source in a.events.control],
-            "stun": [(data, names[source]) for data, source in a.events.stun],
+            "control": named(a.events.control),
+            "stun": named(a.events.stun),
             "sent_to_b": sorted(sent_to_b),
         }
     finally:

@@ -346,14 +346,12 @@ def test_connected_client_helper_reaches_connected() -> None:
 # -- a real WebSocket: a hostile server cannot break the session -----------------------------
 
 
-def test_hostile_server_frames_over_a_real_websocket(
-    candy_vectors: dict[str, Any], tmp_path: Path
-) -> None:
-    """300 seeded garbage frames (binary and text) after login, then a real FORWARD."""
+def _garbage_frames(captured: list[bytes], count: int = 300) -> list[bytes | str]:
+    """Seeded junk: random bytes, bit-flipped and cut captured frames, a random type
+    byte with a short random body, and text frames."""
     rng = random.Random(7)
-    captured = captured_frames(candy_vectors, direction="server_to_client")
     garbage: list[bytes | str] = []
-    for _ in range(300):
+    for _ in range(count):
         choice = rng.randrange(4)
         if choice == 0:
             garbage.append(rng.randbytes(rng.randrange(0, 300)))
@@ -365,6 +363,14 @@ def test_hostile_server_frames_over_a_real_websocket(
             garbage.append(bytes([rng.randrange(256)]) + rng.randbytes(rng.randrange(0, 40)))
         else:
             garbage.append(rng.randbytes(rng.randrange(1, 30)).hex())
+    return garbage
+
+
+def test_hostile_server_frames_over_a_real_websocket(
+    candy_vectors: dict[str, Any], tmp_path: Path
+) -> None:
+    """300 seeded garbage frames (binary and text) after login, then a real FORWARD."""
+    garbage = _garbage_frames(captured_frames(candy_vectors, direction="server_to_client"))
     final = Forward(ipv4_packet(PEER_A, OWN.ip, b"still alive")).encode()
 
     async def server_side(ws: ServerConnection) -> None:

@@ -48,6 +48,7 @@ from p2pvpn.wire.peer import Heartbeat
 from p2pvpn.wire.stun import looks_like_binding_response
 from p2pvpn.wire.ws import Discovery
 from tests import udp_offload
+from tests.dataplane.conftest import Recorder
 from tests.fuzz import (
     OWN,
     PEER_A,
@@ -63,6 +64,7 @@ from tests.fuzz import (
     ipv4_packet,
     mutated,
 )
+from tests.sockets import drain
 
 OWN_KEY = peer_key(VECTOR_PASSWORD, OWN.ip)
 # Loopback only: whatever the planes or the control plane send must not leave
@@ -125,12 +127,7 @@ class Wire:
         udp_offload.send_run(self.senders[self.sources.index(source)], datagrams, self.target)
 
     def delivered(self) -> list[bytes]:
-        packets = []
-        while True:
-            try:
-                packets.append(self.kernel.recv(70000))
-            except BlockingIOError:
-                return packets
+        return drain(self.kernel)
 
     def close(self) -> None:
         for sock in (self.kernel, self.tun, self.udp, *self.senders):
@@ -510,24 +507,6 @@ _NETWORKS = (
 _MIN_FORWARD = OVERHEAD + 1 + 20
 _KINDS = ("own", "control", "transit", "expiring", "tampered", "replay", "empty")
 _UNIFORM_KINDS = ("own", "control", "transit", "mixed", "mixed")
-
-
-class Recorder:
-    """DataPlaneEvents that only keep what goes up."""
-
-    def __init__(self) -> None:
-        self.relay: list[bytes] = []
-        self.control: list[tuple[bytes, UdpAddress]] = []
-        self.stun: list[tuple[bytes, UdpAddress]] = []
-
-    def on_relay_packets(self, packets: list[bytes]) -> None:
-        self.relay.extend(packets)
-
-    def on_control_datagrams(self, datagrams: list[tuple[bytes, UdpAddress]]) -> None:
-        self.control.extend(datagrams)
-
-    def on_stun_datagrams(self, datagrams: list[tuple[bytes, UdpAddress]]) -> None:
-        self.stun.extend(datagrams)
 
 
 def _without_ttl(packet: bytes) -> bytes:

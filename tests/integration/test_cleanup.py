@@ -73,6 +73,16 @@ def assert_nothing_left(client: Client) -> None:
     assert A_IP not in {str(iface.ip) for iface in client.ns.addresses()}
 
 
+def assert_sigterm_cleans_up(client: Client) -> None:
+    """SIGTERM: the client exits 0 and leaves nothing behind, its control socket included."""
+    __tracebackhide__ = True
+    assert client.process is not None
+    client.process.send_signal(signal.SIGTERM)
+    assert client.process.wait(15) == 0, client.process.tail(20)
+    assert_nothing_left(client)
+    assert not control_socket(client).exists()
+
+
 def status_error(client: Client) -> str:
     result = client.ns.run(
         p2pvpn_argv("status", "--state-dir", str(client.state_root), "-n", client.name),
@@ -105,10 +115,7 @@ def test_sigkill_leaves_only_a_stale_socket_that_the_next_start_removes(
     wait_running(vpn, a, B_IP)
     assert control_socket(a).is_socket()
 
-    a.process.send_signal(signal.SIGTERM)
-    assert a.process.wait(15) == 0, a.process.tail(20)
-    assert_nothing_left(a)
-    assert not control_socket(a).exists()
+    assert_sigterm_cleans_up(a)
     assert "no control socket" in status_error(a)
     assert f"stopped; {a.interface} removed" in a.process.log_text()
 
@@ -137,10 +144,7 @@ def test_start_removes_a_stale_persistent_tun_device_and_socket(vpn: VpnNetwork)
     assert info is not None
     assert info["linkinfo"]["info_data"]["persist"] is False, "the stale device was reused"
 
-    a.process.send_signal(signal.SIGTERM)
-    assert a.process.wait(15) == 0, a.process.tail(20)
-    assert_nothing_left(a)
-    assert not control_socket(a).exists()
+    assert_sigterm_cleans_up(a)
 
 
 def test_sigterm_removes_everything(vpn: VpnNetwork) -> None:
@@ -148,11 +152,7 @@ def test_sigterm_removes_everything(vpn: VpnNetwork) -> None:
     b = vpn.add_client("b", tun=f"{B_IP}/24")
     vpn.wait_for_tun(b)
     wait_running(vpn, a, B_IP)
-    assert a.process is not None
-    a.process.send_signal(signal.SIGTERM)
-    assert a.process.wait(15) == 0, a.process.tail(20)
-    assert_nothing_left(a)
-    assert not control_socket(a).exists()
+    assert_sigterm_cleans_up(a)
     # b noticed nothing bad: it still runs and keeps its own device.
     assert b.process is not None and b.process.alive()
     assert b.has_tun()
@@ -171,11 +171,7 @@ def test_sigterm_while_the_server_is_gone_removes_everything(vpn: VpnNetwork) ->
         timeout=15,
         message="a never noticed the server was gone",
     )
-    assert a.process is not None
-    a.process.send_signal(signal.SIGTERM)
-    assert a.process.wait(15) == 0, a.process.tail(20)
-    assert_nothing_left(a)
-    assert not control_socket(a).exists()
+    assert_sigterm_cleans_up(a)
 
 
 def test_server_sigterm_does_not_wait_for_an_unreachable_client(vpn: VpnNetwork) -> None:

@@ -20,7 +20,15 @@ import time
 
 import pytest
 
-from p2pvpn.netns import PingLog, VpnNetwork, first_change, nat_client, wait_connected, wait_state
+from p2pvpn.netns import (
+    Client,
+    PingLog,
+    VpnNetwork,
+    first_change,
+    nat_client,
+    wait_connected,
+    wait_state,
+)
 from tests.integration.faults_support import (
     A_IP,
     B_IP,
@@ -45,31 +53,74 @@ def _server_connected(client_status: dict[str, object]) -> bool:
     return server["state"] == "connected" and int(server["reconnects"]) >= 1
 
 
+def _transfer_under_way(vpn: VpnNetwork, a: Client, b: Client, size: int) -> BulkTransfer:
+    """A bulk transfer from a to b that has moved its first few MB."""
+    bulk = BulkTransfer(vpn, a, b, B_IP, size)
+    vpn.bed.wait_until(
+        lambda: b.peer(A_IP)["bytes_in"] > 5_000_000,  # type: ignore[index]
+        timeout=30,
+        message="the transfer never got going",
+    )
+    return bulk
+
+
+def _kill_server(vpn: VpnNetwork) -> float:
+    """SIGKILL the server; returns when it died."""
+    server = vpn.server_process
+    assert server is not None
+    server.send_signal(signal.SIGKILL)
+    server.wait(10)
+    return time.time()
+
+
+def _wait_until_server_missed(vpn: VpnNetwork, *clients: Client) -> None:
+    for client in clients:
+        vpn.bed.wait_until(
+            lambda c=client: c.status()["server"]["state"] != "connected",  # type: ignore[misc]
+            timeout=15,
+            message=f"{client.name} never noticed the server was gone",
+        )
+
+
+def _restart_server(vpn: VpnNetwork, *clients: Client) -> tuple[float, float]:
+    """Start the server again; returns when, and how long the clients took to log in again."""
+    vpn.restart_server()
+    restarted_at = time.time()
+    vpn.bed.wait_until(
+        lambda: all(_server_connected(client.status()) for client in clients),
+        timeout=60,
+        interval=0.2,
+        message="the clients never logged in again",
+    )
+    return restarted_at, time.time() - restarted_at
+
+
+def _assert_direct(a: Client, b: Client) -> None:
+    for client, peer in ((a, B_IP), (b, A_IP)):
+        row = client.peer(peer)
+        assert row is not None and row["state"] == "CONNECTED", row
+        assert row["path"].startswith("direct "), row
+
+
+def _ping_resumed(vpn: VpnNetwork, ping: PingLog, since: float) -> float:
+    """When the first ping after ``since`` was answered (waits up to 30 s for it)."""
+    vpn.bed.wait_until(lambda: ping.resumed_at(since) is not None, timeout=30)
+    resumed = ping.resumed_at(since)
+    assert resumed is not None
+    return resumed
+
+
 def test_server_killed_and_restarted_mid_transfer(vpn: VpnNetwork, measured: Record) -> None:
     """(a) The direct path does not need the server; signaling comes back by itself."""
     a, _, b, _ = connected_pair(vpn)
     connected_at = time.time()
     ping = PingLog(vpn.bed, a.ns, B_IP)
     vpn.bed.wait_until(lambda: ping.replies_after(connected_at, 3), message="no pings")
-    bulk = BulkTransfer(vpn, a, b, B_IP, 200_000_000)
-    vpn.bed.wait_until(
-        lambda: b.peer(A_IP)["bytes_in"] > 5_000_000,  # type: ignore[index]
-        timeout=30,
-        message="the transfer never got going",
-    )
+    bulk = _transfer_under_way(vpn, a, b, 200_000_000)
 
-    server = vpn.server_process
-    assert server is not None
-    server.send_signal(signal.SIGKILL)
-    server.wait(10)
-    killed_at = time.time()
+    killed_at = _kill_server(vpn)
     transfer_running = not bulk.done()
-    for client in (a, b):
-        vpn.bed.wait_until(
-            lambda c=client: c.status()["server"]["state"] != "connected",  # type: ignore[misc]
-            timeout=15,
-            message=f"{client.name} never noticed the server was gone",
-        )
+    _wait_until_server_missed(vpn, a, b)
     # Server down: the direct path carries on.
     vpn.bed.wait_until(
         lambda: len(ping.replies(killed_at)) >= 15, timeout=15, message="pings stopped"
@@ -79,15 +130,7 @@ def test_server_killed_and_restarted_mid_transfer(vpn: VpnNetwork, measured: Rec
     transfer_seconds = bulk.wait(vpn, timeout=120)
     assert b.peer(A_IP)["bytes_in"] >= 200_000_000  # type: ignore[index]
 
-    vpn.restart_server()
-    restarted_at = time.time()
-    vpn.bed.wait_until(
-        lambda: _server_connected(a.status()) and _server_connected(b.status()),
-        timeout=60,
-        interval=0.2,
-        message="the clients never logged in again",
-    )
-    reconnected = time.time() - restarted_at
+    restarted_at, reconnected = _restart_server(vpn, a, b)
     end = time.time()
     max_gap = ping.max_gap(killed_at, end)
     ping.stop()
@@ -102,10 +145,7 @@ def test_server_killed_and_restarted_mid_transfer(vpn: VpnNetwork, measured: Rec
     assert not flaps(b.process, A_IP, after=connected_at), "b left CONNECTED"
     assert max_gap < 3.0, f"direct traffic paused for {max_gap:.1f} s without the server"
     assert reconnected < 45
-    for client, peer in ((a, B_IP), (b, A_IP)):
-        row = client.peer(peer)
-        assert row is not None and row["state"] == "CONNECTED", row
-        assert row["path"].startswith("direct "), row
+    _assert_direct(a, b)
     # And the relay works again for what needs it (a fresh ping goes direct anyway).
     assert a.ns.ping(B_IP, count=3, timeout=2.0)
 
@@ -140,9 +180,7 @@ def test_nat_rebinding_behind_two_nats_reconnects(vpn: VpnNetwork, measured: Rec
         message=f"b never reconnected to a's new port {new_port}",
     )
     wait_state(vpn, a, B_IP, {"CONNECTED"}, timeout=30)
-    vpn.bed.wait_until(lambda: ping.resumed_at(rebound_at) is not None, timeout=30)
-    resumed = ping.resumed_at(rebound_at)
-    assert resumed is not None
+    resumed = _ping_resumed(vpn, ping, rebound_at)
 
     left_a = first_change(a.process, B_IP, after=rebound_at, old="CONNECTED")
     left_b = first_change(b.process, A_IP, after=rebound_at, old="CONNECTED")
@@ -245,9 +283,7 @@ def test_peer_killed_and_restarted(vpn: VpnNetwork, measured: Record) -> None:
     vpn.wait_for_tun(b)
     wait_state(vpn, a, B_IP, {"CONNECTED"}, timeout=60)
     wait_state(vpn, b, A_IP, {"CONNECTED"}, timeout=30)
-    vpn.bed.wait_until(lambda: ping.resumed_at(restarted_at) is not None, timeout=30)
-    resumed = ping.resumed_at(restarted_at)
-    assert resumed is not None
+    resumed = _ping_resumed(vpn, ping, restarted_at)
     back_a = first_change(a.process, B_IP, after=restarted_at, new="CONNECTED")
     back_b = first_change(b.process, A_IP, after=restarted_at, new="CONNECTED")
     assert back_a is not None and back_b is not None

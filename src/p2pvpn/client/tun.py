@@ -113,6 +113,19 @@ def _netlink(func: Callable[[IPRoute], _T]) -> _T:
     return result[0]
 
 
+def _netlink_or_fail(action: str, func: Callable[[IPRoute], _T]) -> _T:
+    """`_netlink`, with a netlink or OS failure raised as ``TunError("cannot {action}: ...")``.
+
+    A `TunError` that ``func`` raises itself already says what went wrong and passes through.
+    """
+    try:
+        return _netlink(func)
+    except TunError:
+        raise
+    except (NetlinkError, OSError) as exc:
+        raise TunError(f"cannot {action}: {_describe(exc)}", _netlink_errno(exc)) from exc
+
+
 def _netlink_errno(exc: BaseException) -> int | None:
     if isinstance(exc, NetlinkError):
         code = exc.code
@@ -239,12 +252,10 @@ class TunDevice:
         return device
 
     def _set_mtu(self, mtu: int) -> None:
-        try:
-            _netlink(lambda ipr: ipr.link("set", index=self.index, mtu=mtu))
-        except (NetlinkError, OSError) as exc:
-            raise TunError(
-                f"cannot set MTU {mtu} on {self.name}: {_describe(exc)}", _netlink_errno(exc)
-            ) from exc
+        _netlink_or_fail(
+            f"set MTU {mtu} on {self.name}",
+            lambda ipr: ipr.link("set", index=self.index, mtu=mtu),
+        )
         self.mtu = mtu
 
     def configure(self, address: IPv4Interface, mtu: int) -> None:
@@ -269,13 +280,7 @@ class TunDevice:
                     raise
             ipr.link("set", index=self.index, state="up")
 
-        try:
-            _netlink(apply)
-        except (NetlinkError, OSError) as exc:
-            raise TunError(
-                f"cannot configure {self.name} with {address}, MTU {mtu}: {_describe(exc)}",
-                _netlink_errno(exc),
-            ) from exc
+        _netlink_or_fail(f"configure {self.name} with {address}, MTU {mtu}", apply)
         self.address = address
         self.mtu = mtu
         logger.info("TUN device %s up: address %s, MTU %d", self.name, address, mtu)
@@ -301,16 +306,7 @@ class TunDevice:
                 ) from exc
             return True
 
-        try:
-            added = _netlink(add)
-        except TunError:
-            raise
-        except (NetlinkError, OSError) as exc:
-            raise TunError(
-                f"cannot add route {network} via {self.name}: {_describe(exc)}",
-                _netlink_errno(exc),
-            ) from exc
-        if added:
+        if _netlink_or_fail(f"add route {network} via {self.name}", add):
             if network not in self._routes:
                 self._routes.append(network)
             logger.info("route %s via %s added", network, self.name)
@@ -323,14 +319,10 @@ class TunDevice:
         network = IPv4Network(network)
         if network in self._routes:
             self._routes.remove(network)
-        try:
-            removed = _netlink(lambda ipr: _delete_route(ipr, self.index, network))
-        except (NetlinkError, OSError) as exc:
-            raise TunError(
-                f"cannot remove route {network} via {self.name}: {_describe(exc)}",
-                _netlink_errno(exc),
-            ) from exc
-        if removed:
+        if _netlink_or_fail(
+            f"remove route {network} via {self.name}",
+            lambda ipr: _delete_route(ipr, self.index, network),
+        ):
             logger.info("route %s via %s removed", network, self.name)
 
     def close(self) -> None:
@@ -408,14 +400,7 @@ class TunDevice:
                 return False
             return True
 
-        try:
-            return _netlink(remove)
-        except TunError:
-            raise
-        except (NetlinkError, OSError) as exc:
-            raise TunError(
-                f"cannot delete stale interface {name}: {_describe(exc)}", _netlink_errno(exc)
-            ) from exc
+        return _netlink_or_fail(f"delete stale interface {name}", remove)
 
     def _check_open(self) -> None:
         if self._closed:
