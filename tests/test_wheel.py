@@ -184,9 +184,11 @@ def _run_unit_tests(python: Path, run: Path) -> str:
     """
     project = run / "project"
     (project / "tests").mkdir(parents=True)
-    # The suite's own helper modules that the copied tests import.
-    for name in ("__init__.py", "conftest.py", "clock.py", "udp_offload.py"):
-        shutil.copy2(ROOT / "tests" / name, project / "tests" / name)
+    # The suite's own helper modules that the copied tests import: all of
+    # them, so that a new one cannot be forgotten here.
+    for helper in (ROOT / "tests").glob("*.py"):
+        if not helper.name.startswith("test_"):
+            shutil.copy2(helper, project / "tests" / helper.name)
     shutil.copytree(ROOT / "tests" / "vectors", project / "tests" / "vectors")
     for name in UNIT_TESTS:
         source = ROOT / name
