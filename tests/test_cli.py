@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import types
@@ -110,10 +111,12 @@ def test_check_config_masks_the_password(
     captured = capsys.readouterr()
     assert PASSWORD not in captured.out + captured.err
     lines = captured.out.splitlines()
-    assert "password   = ********" in lines
-    assert "websocket  = wss://vpn.example.org" in lines
-    assert "route      = 7" in lines
-    assert "state_dir  = /var/lib/p2pvpn/lab" in lines
+    # The column is as wide as the longest key, which grows as keys are added.
+    settings = {re.sub(r" +=", " =", line) for line in lines}
+    assert "password = ********" in settings
+    assert "websocket = wss://vpn.example.org" in settings
+    assert "route = 7" in settings
+    assert "state_dir = /var/lib/p2pvpn/lab" in settings
     assert len({line.index(" = ") for line in lines}) == 1  # aligned
 
 
@@ -175,6 +178,7 @@ def test_run_flags_override_the_file(
     argv = ["run", "-c", str(path), "-r", "9", "-w", "wss://flag.example", "-p", PASSWORD]
     argv += ["-n", "two", "-s", "stun://s", "--port", "4000", "--discovery", "60"]
     argv += ["--localhost", "192.168.0.9", "--dataplane", "pure", "--no-tls-verify"]
+    argv += ["--accept-routes", "172.30.0.0/16"]
     argv += ["--state-dir", str(tmp_path / "state"), "--metrics", "127.0.0.1:9100"]
     assert main(argv) == 0
     [(args, kwargs)] = run_calls
@@ -195,6 +199,7 @@ def test_run_flags_override_the_file(
         tls_verify=False,
         dataplane="pure",
         metrics=("127.0.0.1", 9100),
+        accept_routes=(IPv4Network("172.30.0.0/16"),),
     )
     captured = capsys.readouterr()
     assert PASSWORD not in captured.out + captured.err

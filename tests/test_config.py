@@ -467,6 +467,7 @@ def test_effective_items_mask_the_password() -> None:
         "tls_verify",
         "dataplane",
         "metrics",
+        "accept_routes",
     ]
     assert dict(items)["password"] == "********"
     assert "hunter2" not in repr(items)
@@ -517,3 +518,51 @@ def test_log_format(tmp_path: Path) -> None:
     assert ClientConfig(websocket="ws://h").log_format == "text"
     with pytest.raises(ConfigError, match="log_format: expected a string, got bool"):
         load_config(write(tmp_path, "c.toml", 'websocket = "ws://h"\nlog_format = true\n'))
+
+
+@pytest.mark.parametrize(
+    ("text", "expected", "shown"),
+    [
+        ("accept_routes = none", "none", "none"),
+        ("accept_routes = SAFE", "safe", "safe"),
+        ("accept_routes = all", "all", "all"),
+        (
+            "accept_routes = 10.1.0.0/16, 172.30.0.1/16",
+            (IPv4Network("10.1.0.0/16"), IPv4Network("172.30.0.0/16")),
+            "10.1.0.0/16,172.30.0.0/16",
+        ),
+    ],
+)
+def test_accept_routes(tmp_path: Path, text: str, expected: object, shown: str) -> None:
+    config = load_config(write(tmp_path, "c.cfg", f"websocket = ws://h\n{text}\n"))
+    assert isinstance(config, ClientConfig)
+    assert config.accept_routes == expected
+    assert dict(effective_items(config))["accept_routes"] == shown
+    assert ClientConfig(websocket="ws://h").accept_routes == "safe"
+
+
+def test_accept_routes_in_toml_as_an_array_or_a_string(tmp_path: Path) -> None:
+    networks = (IPv4Network("10.1.0.0/16"), IPv4Network("10.2.0.0/16"))
+    array = 'websocket = "ws://h"\naccept_routes = ["10.1.0.0/16", "10.2.0.0/16"]\n'
+    assert load_config(write(tmp_path, "a.toml", array)) == ClientConfig(
+        websocket="ws://h", accept_routes=networks
+    )
+    text = 'websocket = "ws://h"\naccept_routes = "all"\n'
+    assert load_config(write(tmp_path, "b.toml", text)) == ClientConfig(
+        websocket="ws://h", accept_routes="all"
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("c.cfg", "accept_routes = some", "c.cfg:2: accept_routes: expected none, safe, all"),
+        ("c.cfg", "accept_routes = 10.0.0.0/33", "got '10.0.0.0/33'"),
+        ("c.cfg", "accept_routes = ,", "got ''"),
+        ("c.toml", "accept_routes = [1, 2]", "expected a string, integer or boolean, got list"),
+    ],
+)
+def test_bad_accept_routes(tmp_path: Path, name: str, text: str, message: str) -> None:
+    websocket = '"ws://h"' if name.endswith(".toml") else "ws://h"
+    _, error = load_error(tmp_path, name, f"websocket = {websocket}\n{text}\n")
+    assert message in str(error)

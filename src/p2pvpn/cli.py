@@ -98,6 +98,14 @@ _RUN_FLAGS: tuple[_Flag, ...] = (
         ("--no-tls-verify",),
         {"action": "store_const", "const": False, "help": "do not verify the wss:// certificate"},
     ),
+    (
+        "accept_routes",
+        ("--accept-routes",),
+        {
+            "metavar": "POLICY",
+            "help": "sdwan routes to install: none, safe, all or CIDR,... (safe)",
+        },
+    ),
     _METRICS_FLAG,
     _DEBUG_FLAG,
     _LOG_FORMAT_FLAG,

@@ -29,12 +29,14 @@ from p2pvpn.logs import LOG_FORMATS, LogFormat
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "ACCEPT_ROUTES_MODES",
     "DATAPLANES",
     "DEFAULT_MTU",
     "DEFAULT_STATE_ROOT",
     "DEFAULT_STUN_PORT",
     "INTERFACE_PREFIX",
     "LOG_FORMATS",
+    "AcceptRoutes",
     "ClientConfig",
     "ConfigError",
     "ConfigValue",
@@ -64,6 +66,11 @@ IFNAMSIZ = 16  # Linux, including the terminating NUL
 Dataplane = Literal["auto", "fast", "pure"]
 DATAPLANES: tuple[Dataplane, ...] = ("auto", "fast", "pure")
 
+# accept_routes: a mode, or the networks that sdwan routes must lie inside.
+AcceptRoutesMode = Literal["none", "safe", "all"]
+ACCEPT_ROUTES_MODES: tuple[AcceptRoutesMode, ...] = ("none", "safe", "all")
+AcceptRoutes = AcceptRoutesMode | tuple[IPv4Network, ...]
+
 PASSWORD_MASK = "********"
 
 # Keys of each mode, in display order (the order of effective_items()).
@@ -73,6 +80,7 @@ _CLIENT_KEYS = (
     *_COMMON_KEYS,
     *("name", "tun", "stun", "discovery", "route", "port", "localhost", "mtu"),
     *("state_dir", "tls_verify", "dataplane", "metrics"),
+    "accept_routes",
 )
 # Keys Candy knows that p2pvpn does not implement.
 _CANDY_ONLY_KEYS = ("restart", "workers")
@@ -160,6 +168,7 @@ class ClientConfig:
     dataplane: Dataplane = "auto"
     metrics: tuple[str, int] | None = None
     log_format: LogFormat = "text"  # stderr logs: "text" or "json" (one object a line)
+    accept_routes: AcceptRoutes = "safe"  # which sdwan routes from the server to install
 
     def __post_init__(self) -> None:
         if self.state_dir == Path():
@@ -224,7 +233,11 @@ def _candy_value(rest: str, key: str, origin: str) -> str:
 
 
 def parse_toml_text(text: str, source_name: str) -> dict[str, ConfigValue]:
-    """Parse the same keys from TOML; strings, integers and booleans are accepted."""
+    """Parse the same keys from TOML; strings, integers and booleans are accepted.
+
+    An array of strings stands for the candy.cfg comma-separated list
+    (``accept_routes = ["10.1.0.0/16", "10.2.0.0/16"]``) and is joined so.
+    """
     try:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -232,9 +245,10 @@ def parse_toml_text(text: str, source_name: str) -> dict[str, ConfigValue]:
     lines = _toml_key_lines(text)
     values: dict[str, ConfigValue] = {}
     problems: list[str] = []
-    for key, value in document.items():
+    for key, raw in document.items():
         line = lines.get(key)
         origin = f"{source_name}:{line}" if line else source_name
+        value = _joined(raw)
         if not isinstance(value, str | int | bool):
             kind = "table" if isinstance(value, dict) else type(value).__name__
             problems.append(f"{origin}: {key}: expected a string, integer or boolean, got {kind}")
@@ -243,6 +257,13 @@ def parse_toml_text(text: str, source_name: str) -> dict[str, ConfigValue]:
     if problems:
         raise ConfigError(*problems)
     return values
+
+
+def _joined(value: object) -> object:
+    """An array of strings as the comma-separated list a candy.cfg would hold."""
+    if isinstance(value, list) and all(isinstance(element, str) for element in value):
+        return ",".join(value)
+    return value
 
 
 _TOML_KEY_RE = re.compile(r"""\s*(?:"([^"]+)"|'([^']+)'|([A-Za-z0-9_-]+))\s*=""")
@@ -317,6 +338,7 @@ def client_config_from_values(values: Mapping[str, ConfigValue], source: str) ->
         tls_verify=get("tls_verify", _bool, True),
         dataplane=get("dataplane", _dataplane, "auto"),
         metrics=get("metrics", _endpoint, None),
+        accept_routes=get("accept_routes", _accept_routes, "safe"),
     )
     get.raise_problems()
     return config
@@ -595,6 +617,25 @@ def _endpoint(key: str, item: ConfigValue) -> tuple[str, int] | None:
     return host, int(port)
 
 
+def _accept_routes(key: str, item: ConfigValue) -> AcceptRoutes:
+    """``none``, ``safe``, ``all`` or comma-separated cidrs (a TOML array is joined so)."""
+    text = _string(key, item).strip()
+    for mode in ACCEPT_ROUTES_MODES:
+        if text.lower() == mode:
+            return mode
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    if not parts:
+        _fail(key, item, "expected none, safe, all or a list of cidrs, got ''")
+    try:
+        return tuple(IPv4Network(part, strict=False) for part in parts)
+    except ValueError:
+        _fail(key, item, f"expected none, safe, all or a list of cidrs, got {text!r}")
+
+
+def _show_accept_routes(value: AcceptRoutes) -> str:
+    return value if isinstance(value, str) else ",".join(str(network) for network in value)
+
+
 def _log_format(key: str, item: ConfigValue) -> LogFormat:
     text = _string(key, item).strip().lower()
     for log_format in LOG_FORMATS:
@@ -653,6 +694,7 @@ def effective_items(config: ClientConfig | ServerConfig) -> list[tuple[str, str]
         ("tls_verify", _show_bool(config.tls_verify)),
         ("dataplane", config.dataplane),
         ("metrics", metrics),
+        ("accept_routes", _show_accept_routes(config.accept_routes)),
     ]
 
 

@@ -352,18 +352,56 @@ def test_grant_with_a_bad_hash_is_fatal(tmp_path: Path) -> None:
     run(test)
 
 
-def test_unusable_grant_is_fatal(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("grant", "problem"),
+    [
+        ("10.0.0.0/24", "network or broadcast address"),
+        ("10.0.0.9/7", "prefix shorter than /8"),
+        ("10.0.0.9/0", "prefix shorter than /8"),
+    ],
+)
+def test_unusable_grant_is_refused_and_retried(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, grant: str, problem: str
+) -> None:
+    # The cidr is not covered by the grant's hash: a forged one must not stop the client.
     async def test() -> None:
-        async def network_address(connection: FakeConnection) -> None:
-            await connection.login(grant=IPv4Interface("10.0.0.0/24"))
+        handler = Recorder()
 
-        async with FakeServer(network_address) as server:
-            error = await run_until_fatal(
-                make_session(server.url, tmp_path, Recorder(), static=None)
-            )
-            assert "10.0.0.0/24" in str(error)
+        async def bad_then_good(connection: FakeConnection) -> None:
+            first = len(server.connections) == 1
+            await connection.login(grant=IPv4Interface(grant) if first else GRANT)
+            await connection.drain()
 
-    run(test)
+        async with FakeServer(bad_then_good) as server:
+            session = make_session(server.url, tmp_path, handler, static=None)
+            async with running(session):
+                await wait_until(lambda: handler.logins == [GRANT], "a login with a good grant")
+            assert not any(isinstance(m, Auth) for m in server.connections[0].messages)
+            assert session.reconnects == 0
+
+    with caplog.at_level(logging.WARNING, logger="p2pvpn.client.signaling"):
+        run(test)
+    assert f"granted the address {grant}, which" in caplog.text
+    assert problem in caplog.text and "retrying" in caplog.text
+    assert StateStore(tmp_path / "state").last_address() == GRANT
+
+
+def test_a_grant_in_another_network_than_last_time_is_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    StateStore(tmp_path / "state").save_address(IPv4Interface("10.9.0.4/24"))
+
+    async def test() -> None:
+        handler = Recorder()
+        async with FakeServer() as server:
+            session = make_session(server.url, tmp_path, handler, static=None)
+            async with running(session):
+                await wait_until(lambda: handler.logins == [GRANT], "the login")
+
+    with caplog.at_level(logging.WARNING, logger="p2pvpn.client.signaling"):
+        run(test)
+    assert "granted 10.0.0.9/24 in the network 10.0.0.0/24" in caplog.text
+    assert "last time we had 10.9.0.4/24 in 10.9.0.0/24" in caplog.text
 
 
 def test_missing_grant_times_out_and_retries(tmp_path: Path) -> None:
@@ -399,7 +437,7 @@ def test_authentication_failure_is_fatal(tmp_path: Path) -> None:
     run(test)
 
 
-def test_kick_is_fatal_and_names_the_address(tmp_path: Path) -> None:
+def test_repeated_kicks_are_fatal_and_name_the_address(tmp_path: Path) -> None:
     async def test() -> None:
         handler = Recorder()
         async with FakeServer(close_after_login(CloseCode.KICKED, "replaced")) as server:
@@ -407,12 +445,65 @@ def test_kick_is_fatal_and_names_the_address(tmp_path: Path) -> None:
         assert "same address" in str(error)
         assert str(STATIC) in str(error)
         assert "replaced" in str(error)
-        assert handler.logins == [STATIC] and handler.disconnects == 1
+        assert "3 times in a row" in str(error)
+        assert handler.logins == [STATIC] * 3 and handler.disconnects == 3
 
     run(test)
 
 
-def test_address_refused_during_login_is_fatal(tmp_path: Path) -> None:
+@pytest.mark.parametrize("code", [CloseCode.KICKED, CloseCode.ADDRESS_REFUSED])
+def test_a_single_kick_or_refusal_is_retried_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, code: CloseCode
+) -> None:
+    async def test() -> None:
+        handler = Recorder()
+
+        async def once_then_accept(connection: FakeConnection) -> None:
+            await connection.login()
+            if len(server.connections) == 1:
+                await connection.ws.close(code, "someone else")
+            await connection.drain()
+
+        async with FakeServer(once_then_accept) as server:
+            session = make_session(server.url, tmp_path, handler)
+            async with running(session) as task:
+                await wait_until(lambda: len(handler.logins) == 2, "the second login")
+                assert not task.done()
+
+    with caplog.at_level(logging.WARNING, logger="p2pvpn.client.signaling"):
+        run(test)
+    assert "someone else" in caplog.text and "retrying" in caplog.text
+
+
+def test_two_refusals_then_a_stable_login_reset_the_count(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("p2pvpn.client.signaling.STABLE_LOGIN", 0.2)
+
+    async def test() -> None:
+        handler = Recorder()
+        # Kicked at once twice, then after a stable login (which starts the count
+        # afresh), then at once again: never three in a row without a stable login.
+        pattern = [0.0, 0.0, 0.4, 0.0, None]
+
+        async def script(connection: FakeConnection) -> None:
+            await connection.login()
+            hold = pattern[len(server.connections) - 1]
+            if hold is None:
+                await connection.drain()
+            await asyncio.sleep(hold)
+            await connection.ws.close(CloseCode.KICKED, "replaced")
+
+        async with FakeServer(script) as server:
+            session = make_session(server.url, tmp_path, handler)
+            async with running(session) as task:
+                await wait_until(lambda: len(handler.logins) == 5, "the fifth login", 8.0)
+                assert not task.done()
+
+    run(test)
+
+
+def test_address_refused_during_login_three_times_is_fatal(tmp_path: Path) -> None:
     async def test() -> None:
         async def refuse(connection: FakeConnection) -> None:
             await connection.receive()  # VMAC

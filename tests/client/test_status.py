@@ -321,3 +321,18 @@ def test_format_status_uses_the_clock_by_default() -> None:
     snapshot = dict(EXAMPLE)
     snapshot["started"] = time.time() - 45
     assert "up 45s" in format_status(snapshot) or "up 46s" in format_status(snapshot)
+
+
+def test_format_status_lists_refused_sysroutes_with_their_reasons() -> None:
+    snapshot = dict(EXAMPLE)
+    snapshot["sysroutes_refused"] = [
+        {"network": "0.0.0.0/0", "nexthop": "10.0.0.9", "reason": "the default route (...)"},
+        {"network": "127.0.0.0/8", "nexthop": "10.0.0.9", "reason": "reaches into loopback"},
+    ]
+    lines = format_status(snapshot, now=NOW).splitlines()
+    start = lines.index("REFUSED SYSROUTE  NEXT HOP  REASON")
+    assert lines[start + 1 :] == [
+        "0.0.0.0/0         10.0.0.9  the default route (...)",
+        "127.0.0.0/8       10.0.0.9  reaches into loopback",
+    ]
+    assert "REFUSED" not in format_status(dict(EXAMPLE), now=NOW)

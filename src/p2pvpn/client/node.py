@@ -16,7 +16,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import IPv4Address, IPv4Interface
 from typing import TYPE_CHECKING, Any
 
 from p2pvpn import __version__
@@ -24,6 +24,7 @@ from p2pvpn.client.control import ControlServer, control_socket_path
 from p2pvpn.client.peer_manager import PeerManager
 from p2pvpn.client.signaling import SignalingError, SignalingSession
 from p2pvpn.client.store import StateStore
+from p2pvpn.client.sysroutes import SystemRouteManager, UnderlayProbe
 from p2pvpn.client.tun import TunDevice, TunError
 from p2pvpn.config import ClientConfig
 from p2pvpn.dataplane import create_data_plane
@@ -62,7 +63,11 @@ class ClientNode:
         self.address: IPv4Interface | None = None
         self.data_plane: DataPlane | None = None
         self.peers: PeerManager | None = None
-        self.sysroutes: list[tuple[IPv4Network, IPv4Address]] = []
+        self.routes = SystemRouteManager(
+            config.accept_routes,
+            UnderlayProbe(config, lambda: self.signaling.server_ip, self._peer_endpoints).gather,
+        )
+        self._peer_endpoints_seen: frozenset[IPv4Address] = frozenset()
         self.udp = _open_udp_socket(config.port)
         self.signaling = SignalingSession(
             config.websocket,
@@ -139,8 +144,16 @@ class ClientNode:
             await asyncio.sleep(TICK_SECONDS)
             if self.peers is not None:
                 self.peers.tick(time.monotonic())
+            endpoints = frozenset(self._peer_endpoints())
+            if endpoints != self._peer_endpoints_seen:
+                self._peer_endpoints_seen = endpoints
+                self.routes.recheck()
+
+    def _peer_endpoints(self) -> set[IPv4Address]:
+        return self.peers.endpoint_addresses() if self.peers is not None else set()
 
     async def _cleanup(self) -> None:
+        await self.routes.close()
         if self.peers is not None:
             self.peers.close()
         if self.data_plane is not None:
@@ -157,20 +170,22 @@ class ClientNode:
     # -- SignalingHandler ---------------------------------------------------
 
     async def on_login(self, address: IPv4Interface) -> None:
+        self.routes.start_set()
         if address == self.address:
             return
         assert self.tun is not None
         if self.address is not None:
             # The server moved us (dynamic range changed): start the packet path afresh.
             logger.warning("address changed from %s to %s", self.address, address)
+            await self.routes.detach()
             self._stop_packet_path()
             self.tun.close()
             self.tun = TunDevice.open(self.config.interface_name, self.config.mtu)
         self.address = address
         self.tun.configure(address, self.config.mtu)
         self._start_packet_path(address)
-        if self.sysroutes:
-            self._apply_sysroutes(self.sysroutes)
+        assert self.data_plane is not None
+        await self.routes.attach(self.tun, self.data_plane, address, self.peers)
 
     def on_message(self, message: WsMessage) -> None:
         handler = self._message_handlers.get(type(message))
@@ -246,8 +261,7 @@ class ClientNode:
             self.peers.on_relay_in(message.packet, time.monotonic())
 
     def _on_system_routes(self, message: SystemRoutes) -> None:
-        routes = [(route.network, route.nexthop) for route in message.routes]
-        self._apply_sysroutes(self.sysroutes + routes)
+        self.routes.offer((route.network, route.nexthop) for route in message.routes)
 
     def _on_udp4conn(self, message: Udp4Conn) -> None:
         if self.peers is not None:
@@ -261,28 +275,13 @@ class ClientNode:
         if self.peers is not None:
             self.peers.on_discovery(message, time.monotonic())
 
-    def _apply_sysroutes(self, routes: list[tuple[IPv4Network, IPv4Address]]) -> None:
-        """Install sdwan routes (PROTOCOL 2.6): kernel routes via TUN plus IPIP table."""
-        unique = list(dict.fromkeys(routes))
-        self.sysroutes = unique
-        if self.tun is None or self.data_plane is None or self.address is None:
-            return
-        for network, nexthop in unique:
-            if nexthop == self.address.ip:
-                continue  # we are the gateway for this network: the kernel routes it
-            self.tun.add_route(network)
-        self.data_plane.set_sysroutes(
-            [(network, nexthop) for network, nexthop in unique if nexthop != self.address.ip]
-        )
-        if self.peers is not None:
-            self.peers.disable_lan()
-
     # -- status ---------------------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
         """What `p2pvpn status` shows; never contains the password."""
         stats = self.data_plane.stats() if self.data_plane is not None else None
         signaling = self.signaling.stats
+        sysroutes, sysroutes_refused = self.routes.snapshot()
         return {
             "name": self.config.name,
             "interface": self.config.interface_name,
@@ -310,10 +309,8 @@ class ClientNode:
             "direct": _direct_totals(stats),
             "peers": self.peers.snapshot(stats, time.monotonic()) if self.peers is not None else [],
             "routes": self.peers.route_snapshot() if self.peers is not None else [],
-            "sysroutes": [
-                {"network": str(network), "nexthop": str(nexthop)}
-                for network, nexthop in self.sysroutes
-            ],
+            "sysroutes": sysroutes,
+            "sysroutes_refused": sysroutes_refused,
             "drops": {
                 **(dict(stats.drops) if stats else {}),
                 **(self.peers.drops if self.peers is not None else {}),

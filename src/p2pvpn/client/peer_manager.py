@@ -169,6 +169,20 @@ class PeerManager:
     def on_server_lost(self) -> None:
         """Nothing to undo: peers keep their direct paths while the server is away."""
 
+    def endpoint_addresses(self) -> set[IPv4Address]:
+        """Peers' public addresses and current direct paths: sdwan routes must not capture them.
+
+        Advertised LAN addresses are left out: sdwan routes turn LAN paths off
+        (PROTOCOL 2.6), and a peer's LAN is just what a route to it covers.
+        """
+        addresses: set[IPv4Address] = set()
+        for peer in self._peers.values():
+            for endpoint in (peer.public_address, peer.current_address):
+                if endpoint is not None:
+                    with contextlib.suppress(ValueError):
+                        addresses.add(IPv4Address(endpoint[0]))
+        return addresses
+
     @property
     def stun_server(self) -> UdpAddress | None:
         """The STUN server's resolved address (None until resolved or without one)."""

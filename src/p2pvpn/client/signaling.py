@@ -32,7 +32,13 @@ from websockets.uri import parse_uri
 
 from p2pvpn import __version__
 from p2pvpn.client.store import StateStore
-from p2pvpn.wire.close_codes import CLOSE_REASONS, FATAL_CLOSE_CODES, CloseCode
+from p2pvpn.wire.close_codes import (
+    CLOSE_REASONS,
+    FATAL_CLOSE_CODES,
+    REPEATED_CLOSE_CODES,
+    REPEATED_CLOSE_LIMIT,
+    CloseCode,
+)
 from p2pvpn.wire.errors import DecodeError
 from p2pvpn.wire.ws import Auth, ExptTun, Vmac, WsMessage, WsType, decode_ws_message
 
@@ -61,6 +67,7 @@ SEND_QUEUE_SIZE = 2048
 MAX_FRAME_SIZE = 65536 + 1024
 FORWARD_TYPE = bytes((WsType.FORWARD,))
 UNSPECIFIED = IPv4Interface("0.0.0.0/0")
+MIN_GRANT_PREFIX = 8  # a wider grant would put most of the internet on the TUN device
 _P2PVPN_CLOSE_CODES = frozenset(int(code) for code in CloseCode)
 
 SessionState = Literal["connecting", "connected", "disconnected"]
@@ -68,6 +75,10 @@ SessionState = Literal["connecting", "connected", "disconnected"]
 
 class SignalingError(Exception):
     """Retrying cannot help: the client must stop. The message is for the user."""
+
+
+class _UnusableGrantError(Exception):
+    """The server's grant cannot be used; this attempt failed, the next may not."""
 
 
 class SignalingHandler(Protocol):
@@ -177,6 +188,7 @@ class SignalingSession:
         self._run_task: asyncio.Task[Any] | None = None
         self._last_timestamp = 0
         self._early_closes = 0
+        self._repeated_closes = 0
         self._logins = 0
         self._state: SessionState = "disconnected"
         self._connected_since: float | None = None
@@ -211,6 +223,13 @@ class SignalingSession:
     def retrying_since(self) -> float | None:
         """clock() when the first of `failed_attempts` began; None when there are none."""
         return self._retrying_since
+
+    @property
+    def server_ip(self) -> str | None:
+        """The address of the server we are connected to (None between connections)."""
+        ws = self._ws
+        remote = ws.remote_address if ws is not None else None
+        return str(remote[0]) if remote else None
 
     @property
     def address(self) -> IPv4Interface | None:
@@ -347,6 +366,9 @@ class SignalingSession:
             except TimeoutError:
                 attempt.cause = f"no address grant within {self._login_timeout:g} s"
                 return
+            except _UnusableGrantError as exc:
+                attempt.cause = str(exc)
+                return
             self._logged_in(address, attempt)
             try:
                 await self._handler.on_login(address)
@@ -423,9 +445,23 @@ class SignalingSession:
                 "the server's address grant does not verify with our password: "
                 "the password is wrong"
             )
+        # The hash covers only the timestamp, so anyone on a ws:// path can
+        # rewrite the cidr (or replay an old grant with another one). Stopping
+        # for good would let one forged frame end the client; a bad grant
+        # fails this attempt instead and the back-off retries it.
         problem = _unusable_address(grant.cidr)
         if problem is not None:
-            raise SignalingError(f"the server granted the address {grant.cidr}, which {problem}")
+            message = f"the server granted the address {grant.cidr}, which {problem}"
+            logger.warning("%s: refusing it and retrying", message)
+            raise _UnusableGrantError(message)
+        if requested != UNSPECIFIED and requested.network != grant.cidr.network:
+            logger.warning(
+                "the server granted %s in the network %s, but last time we had %s in %s",
+                grant.cidr,
+                grant.cidr.network,
+                requested,
+                requested.network,
+            )
         self._store.save_address(grant.cidr)
         return grant.cidr
 
@@ -555,6 +591,10 @@ class SignalingSession:
         code = attempt.close_code
         if code in FATAL_CLOSE_CODES:
             raise SignalingError(_refusal_message(CloseCode(code), attempt))
+        if code in REPEATED_CLOSE_CODES:
+            self._judge_repeated(CloseCode(code), attempt)
+            return
+        self._repeated_closes = 0
         if code == CloseCode.STALE_OR_REPLAYED:
             logger.error("%s", CLOSE_REASONS[CloseCode.STALE_OR_REPLAYED])
         if not _is_early_close(attempt):
@@ -571,6 +611,20 @@ class SignalingSession:
                 f"the server closed the connection right after login {EARLY_CLOSE_LIMIT} "
                 "times in a row: wrong password or refused address?"
             )
+
+    def _judge_repeated(self, code: CloseCode, attempt: _Attempt) -> None:
+        """Kicked or refused: fatal only REPEATED_CLOSE_LIMIT times in a row."""
+        stable = (
+            attempt.logged_in_at is not None
+            and attempt.ended_at - attempt.logged_in_at > STABLE_LOGIN
+        )
+        self._repeated_closes = 1 if stable else self._repeated_closes + 1
+        message = _refusal_message(code, attempt)
+        if self._repeated_closes >= REPEATED_CLOSE_LIMIT:
+            raise SignalingError(f"{message}, {self._repeated_closes} times in a row")
+        logger.warning(
+            "%s; retrying (the client stops after %d in a row)", message, REPEATED_CLOSE_LIMIT
+        )
 
 
 def _is_early_close(attempt: _Attempt) -> bool:
@@ -624,8 +678,8 @@ def _unusable_address(cidr: IPv4Interface) -> str | None:
     ip = cidr.ip
     if ip.is_unspecified or ip.is_loopback or ip.is_multicast or ip.is_reserved:
         return "is not a host address"
-    if cidr.network.prefixlen == 0:
-        return "has no network prefix"
+    if cidr.network.prefixlen < MIN_GRANT_PREFIX:
+        return f"has a prefix shorter than /{MIN_GRANT_PREFIX}"
     network = cidr.network
     if network.prefixlen <= 30 and ip in (network.network_address, network.broadcast_address):
         return f"is the network or broadcast address of {network}"

@@ -235,6 +235,7 @@ def format_status(snapshot: Snapshot, now: float | None = None) -> str:
     lines.extend(_peer_lines(snapshot))
     lines.extend(_route_lines(snapshot))
     lines.extend(_sysroute_lines(snapshot))
+    lines.extend(_refused_sysroute_lines(snapshot))
     return "\n".join(lines)
 
 
@@ -386,4 +387,16 @@ def _sysroute_lines(snapshot: Snapshot) -> list[str]:
         return []
     rows = [["SYSROUTE", "NEXT HOP"]]
     rows.extend([_text(item.get("network")), _text(item.get("nexthop"))] for item in sysroutes)
+    return ["", *_aligned(rows)]
+
+
+def _refused_sysroute_lines(snapshot: Snapshot) -> list[str]:
+    refused = _records(snapshot.get("sysroutes_refused"))
+    if not refused:
+        return []
+    rows = [["REFUSED SYSROUTE", "NEXT HOP", "REASON"]]
+    rows.extend(
+        [_text(item.get("network")), _text(item.get("nexthop")), _text(item.get("reason"))]
+        for item in refused
+    )
     return ["", *_aligned(rows)]

@@ -20,7 +20,7 @@ import socket
 import struct
 import threading
 from collections.abc import Callable
-from ipaddress import IPv4Interface, IPv4Network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeVar
@@ -160,6 +160,32 @@ def _routes_to(ipr: IPRoute, network: IPv4Network) -> list[Any]:
         if route["dst_len"] == network.prefixlen and dst == str(network.network_address):
             routes.append(route)
     return routes
+
+
+def read_lan_facts(exclude: str) -> tuple[tuple[IPv4Address, ...], tuple[IPv4Network, ...]]:
+    """This host's default gateways and the subnets of its interfaces but ``exclude`` and lo.
+
+    Blocking (netlink): call it off the event loop, e.g. with ``asyncio.to_thread``.
+    """
+
+    def read(ipr: IPRoute) -> tuple[tuple[IPv4Address, ...], tuple[IPv4Network, ...]]:
+        skipped = _link_index(ipr, exclude)
+        subnets: dict[IPv4Network, None] = {}
+        for message in ipr.get_addr(family=socket.AF_INET):
+            address = message.get("IFA_ADDRESS") or message.get("IFA_LOCAL")
+            if message["index"] == skipped or not address:
+                continue
+            network = IPv4Interface(f"{address}/{message['prefixlen']}").network
+            if not network.is_loopback:
+                subnets[network] = None
+        gateways: dict[IPv4Address, None] = {}
+        for route in ipr.route("dump", family=socket.AF_INET, table=_MAIN_TABLE):
+            gateway = route.get("RTA_GATEWAY")
+            if route["dst_len"] == 0 and gateway:
+                gateways[IPv4Address(gateway)] = None
+        return tuple(gateways), tuple(subnets)
+
+    return _netlink_or_fail("read the routing table", read)
 
 
 def _is_persistent(name: str) -> bool:

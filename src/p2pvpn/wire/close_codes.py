@@ -31,6 +31,10 @@ CLOSE_REASONS: dict[CloseCode, str] = {
 }
 
 # Codes after which retrying cannot help: the client stops with an error.
-FATAL_CLOSE_CODES = frozenset(
-    {CloseCode.AUTHENTICATION_FAILED, CloseCode.ADDRESS_REFUSED, CloseCode.KICKED}
-)
+FATAL_CLOSE_CODES = frozenset({CloseCode.AUTHENTICATION_FAILED})
+
+# Codes that stop the client only when they repeat (REPEATED_CLOSE_LIMIT times
+# in a row without a stable login): one kick or refusal may come from another
+# client that took our address for a moment, and must not knock us off for good.
+REPEATED_CLOSE_CODES = frozenset({CloseCode.ADDRESS_REFUSED, CloseCode.KICKED})
+REPEATED_CLOSE_LIMIT = 3
