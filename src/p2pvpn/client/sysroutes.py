@@ -92,7 +92,6 @@ class UnderlayProbe:
         if self._stun_host is not None:
             stun = await self._resolve(self._stun_host)
             endpoints.extend((ip, "the STUN server's address") for ip in stun)
-        endpoints.extend((ip, "the peer endpoint") for ip in sorted(set(self._peer_endpoints())))
         try:
             gateways, subnets = await asyncio.to_thread(read_lan_facts, self._interface)
         except TunError as error:
@@ -100,6 +99,9 @@ class UnderlayProbe:
             logger.warning("%s; treating every address as part of the LAN", error)
             gateways, subnets = (), (IPv4Network("0.0.0.0/0"),)
         endpoints.extend((ip, "the default gateway") for ip in gateways)
+        # Read last, after every await: the caller decides before the loop runs
+        # another message, so an endpoint from a UDP4CONN before a ROUTE is seen.
+        endpoints.extend((ip, "the peer endpoint") for ip in sorted(set(self._peer_endpoints())))
         return Underlay(address.network, address.ip, tuple(endpoints), subnets)
 
     async def _resolve(self, host: str) -> tuple[IPv4Address, ...]:
@@ -256,6 +258,8 @@ class SystemRouteManager:
                 continue
             try:
                 underlay = await self._gather(target.address)
+                if self._wake.is_set():
+                    continue  # more arrived while gathering: gather again for all of it
                 self._decision = decide(self._policy, underlay, self._offered)
                 self._report(self._decision)
                 await self._reconcile(target, self._wanted(target))
