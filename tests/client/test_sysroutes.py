@@ -253,3 +253,55 @@ def test_a_new_packet_path_gets_every_accepted_route_again() -> None:
         await manager.close()
 
     run(test)
+
+
+def test_a_route_that_comes_to_capture_a_peer_endpoint_is_removed_on_recheck() -> None:
+    async def test() -> None:
+        endpoints: list[tuple[IPv4Address, str]] = []
+
+        async def facts(address: IPv4Interface) -> Underlay:
+            return Underlay(address.network, address.ip, tuple(endpoints))
+
+        manager = SystemRouteManager("safe", facts, settle_seconds=SETTLE)
+        tun, plane = FakeTun(), FakeDataPlane()
+        manager.start_set()
+        await manager.attach(tun, plane, ADDRESS, None)  # type: ignore[arg-type]
+        manager.offer([entry("203.0.113.0/24")])
+        await wait_until(lambda: tun.routes, "the route")
+        await asyncio.sleep(SETTLE * 2)
+        endpoints.append((IPv4Address("203.0.113.9"), "the peer endpoint"))
+        manager.recheck()
+        await wait_until(lambda: not tun.routes, "the removal")
+        assert plane.sysroutes == []
+        assert manager.snapshot()[1][0]["reason"] == "would capture the peer endpoint 203.0.113.9"
+        await manager.close()
+
+    run(test)
+
+
+def test_entries_offered_while_facts_are_gathered_are_judged_with_fresh_facts() -> None:
+    async def test() -> None:
+        gathering = asyncio.Event()
+        release = asyncio.Event()
+        endpoints: list[tuple[IPv4Address, str]] = []
+
+        async def slow_facts(address: IPv4Interface) -> Underlay:
+            known = tuple(endpoints)  # facts as they were when gathering began
+            gathering.set()
+            await release.wait()
+            return Underlay(address.network, address.ip, known)
+
+        manager = SystemRouteManager("safe", slow_facts, settle_seconds=SETTLE)
+        tun, plane = FakeTun(), FakeDataPlane()
+        manager.start_set()
+        await manager.attach(tun, plane, ADDRESS, None)  # type: ignore[arg-type]
+        await gathering.wait()  # the attach's round is gathering
+        endpoints.append((IPv4Address("203.0.113.9"), "the peer endpoint"))
+        manager.offer([entry("203.0.113.0/24"), entry("172.30.0.0/16")])
+        release.set()
+        await wait_until(lambda: tun.routes, "the good route")
+        await asyncio.sleep(SETTLE)
+        assert tun.calls == [("add", net("172.30.0.0/16"))]
+        await manager.close()
+
+    run(test)
