@@ -4,7 +4,8 @@ The plan (JSON) has ``password``, ``port``, ``dir`` and ``steps``: connection
 N follows step N (the last step repeats). A step answers EXPTTUN with
 ``grant``, sends the ``udp4conn`` entries and the ``routes`` (in messages of
 at most 100 entries, as a Candy server does), then holds the connection until
-the file ``advance-N`` appears in ``dir`` and closes it (1001, going away).
+the file ``advance-N`` appears in ``dir`` and closes it (1001, going away);
+with ``close`` (``[code, reason]``) it closes the connection so at once instead.
 """
 
 import asyncio
@@ -60,6 +61,10 @@ class HostileServer:
             for frame in route_messages(step.get("routes", [])):
                 await ws.send(frame)
             print(f"connection {index} sent {len(step.get('routes', []))} routes", flush=True)
+            if "close" in step:
+                code, reason = step["close"]
+                await ws.close(code, reason)
+                return
             await self.hold(ws, Path(self.plan["dir"]) / f"advance-{index}")
             await ws.close(1001, "advanced by the test")
         except ConnectionClosed:

@@ -164,3 +164,18 @@ def test_accept_routes_none_installs_nothing(testbed: TestBed, tmp_path: Path) -
     )
     assert row == {"network": GOOD, "nexthop": PEER, "reason": "accept_routes = none"}
     assert GOOD not in destinations(client_ns)
+
+
+def test_routes_go_when_repeated_kicks_stop_the_client(testbed: TestBed, tmp_path: Path) -> None:
+    kick = {"grant": f"{OWN}/24", "close": [4004, "another client logged in"]}
+    steps = [{"grant": f"{OWN}/24", "routes": [[GOOD, PEER]]}, kick, kick, kick]
+    client_ns, _, client, _ = start(testbed, tmp_path, steps)
+    testbed.wait_until(
+        lambda: GOOD in destinations(client_ns), timeout=30, message="the route never appeared"
+    )
+    (tmp_path / "advance-0").touch()
+    # One kick is retried (the route stays meanwhile); the third in a row is fatal.
+    client.wait_for_log("another client logged in.*; retrying")
+    assert client.wait(60) == 1
+    assert "3 times in a row" in client.log_text()
+    assert GOOD not in destinations(client_ns)

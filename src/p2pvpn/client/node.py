@@ -159,7 +159,8 @@ class ClientNode:
         if self.data_plane is not None:
             self.data_plane.close()
         if self.tun is not None:
-            self.tun.close()
+            # Removing the sdwan routes is one netlink call each: keep the loop free.
+            await asyncio.to_thread(self.tun.close)
         await self.control.close()
         if self.metrics is not None:
             # Stopping the HTTP thread can block briefly; keep the loop free.
