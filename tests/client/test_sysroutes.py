@@ -1,13 +1,16 @@
 """SystemRouteManager: the diff of route sets, settling, the data plane table, stopping."""
 
 import asyncio
+import logging
 import threading
 from collections.abc import Callable, Coroutine
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from typing import Any
 
-from p2pvpn.client.route_policy import RouteEntry, Underlay
-from p2pvpn.client.sysroutes import SystemRouteManager
+import pytest
+
+from p2pvpn.client.route_policy import MAX_ACCEPTED_ROUTES, RouteEntry, Underlay
+from p2pvpn.client.sysroutes import MAX_OFFERED, SystemRouteManager
 from p2pvpn.client.tun import TunError
 from p2pvpn.config import AcceptRoutes
 
@@ -90,9 +93,9 @@ def test_routes_are_added_off_the_loop_and_the_data_plane_matches() -> None:
     async def test() -> None:
         manager, tun, plane = await started()
         manager.offer([entry("172.30.0.0/16"), entry("127.0.0.0/8")])
-        await wait_until(lambda: tun.routes == {net("172.30.0.0/16")}, "the route")
+        await wait_until(lambda: plane.sysroutes == [(net("172.30.0.0/16"), PEER)], "the route")
+        assert tun.routes == {net("172.30.0.0/16")}
         assert threading.get_ident() not in tun.threads
-        assert plane.sysroutes == [(net("172.30.0.0/16"), PEER)]
         accepted, refused = manager.snapshot()
         assert accepted == [{"network": "172.30.0.0/16", "nexthop": "10.77.0.12"}]
         assert refused[0]["network"] == "127.0.0.0/8"
@@ -107,8 +110,8 @@ def test_a_set_in_several_messages_is_added_as_it_comes() -> None:
         manager, tun, plane = await started()
         manager.offer([entry("172.30.0.0/16")])
         manager.offer([entry("172.31.0.0/16")])
-        await wait_until(lambda: len(tun.routes) == 2, "both routes")
-        assert len(plane.sysroutes) == 2
+        await wait_until(lambda: len(plane.sysroutes) == 2, "both routes")
+        assert len(tun.routes) == 2
         await manager.close()
 
     run(test)
@@ -116,9 +119,9 @@ def test_a_set_in_several_messages_is_added_as_it_comes() -> None:
 
 def test_a_reconnect_with_the_same_set_changes_nothing() -> None:
     async def test() -> None:
-        manager, tun, _ = await started()
+        manager, tun, plane = await started()
         manager.offer([entry("172.30.0.0/16"), entry("172.31.0.0/16")])
-        await wait_until(lambda: len(tun.routes) == 2, "both routes")
+        await wait_until(lambda: len(plane.sysroutes) == 2, "both routes")
         await asyncio.sleep(SETTLE * 2)
         manager.start_set()  # a new login: the same set, in two messages
         manager.offer([entry("172.30.0.0/16")])
@@ -135,10 +138,10 @@ def test_a_withdrawn_route_is_removed_once_the_new_set_settles() -> None:
     async def test() -> None:
         manager, tun, plane = await started()
         manager.offer([entry("172.30.0.0/16"), entry("172.31.0.0/16")])
-        await wait_until(lambda: len(tun.routes) == 2, "both routes")
+        await wait_until(lambda: len(plane.sysroutes) == 2, "both routes")
         manager.start_set()
         manager.offer([entry("172.31.0.0/16"), entry("172.29.0.0/16", IPv4Address("10.77.0.13"))])
-        await wait_until(lambda: ("remove", net("172.30.0.0/16")) in tun.calls, "the removal")
+        await wait_until(lambda: net("172.30.0.0/16") not in dict(plane.sysroutes), "removal")
         assert tun.routes == {net("172.31.0.0/16"), net("172.29.0.0/16")}
         assert sorted(plane.sysroutes) == [
             (net("172.29.0.0/16"), IPv4Address("10.77.0.13")),
@@ -153,10 +156,10 @@ def test_a_login_without_routes_empties_the_set_after_the_settle_time() -> None:
     async def test() -> None:
         manager, tun, plane = await started()
         manager.offer([entry("172.30.0.0/16")])
-        await wait_until(lambda: tun.routes, "the route")
+        await wait_until(lambda: plane.sysroutes, "the route")
         manager.start_set()
-        await wait_until(lambda: not tun.routes, "the removal")
-        assert plane.sysroutes == []
+        await wait_until(lambda: not plane.sysroutes, "the removal")
+        assert not tun.routes
         assert manager.snapshot() == ([], [])
         await manager.close()
 
@@ -167,7 +170,7 @@ def test_a_new_next_hop_changes_only_the_data_plane_table() -> None:
     async def test() -> None:
         manager, tun, plane = await started()
         manager.offer([entry("172.30.0.0/16")])
-        await wait_until(lambda: tun.routes, "the route")
+        await wait_until(lambda: plane.sysroutes, "the route")
         manager.start_set()
         manager.offer([entry("172.30.0.0/16", IPv4Address("10.77.0.13"))])
         await wait_until(
@@ -185,7 +188,7 @@ def test_routes_via_ourselves_are_accepted_but_not_installed() -> None:
     async def test() -> None:
         manager, tun, plane = await started()
         manager.offer([entry("172.30.0.0/16", ADDRESS.ip), entry("172.31.0.0/16")])
-        await wait_until(lambda: tun.routes, "the route")
+        await wait_until(lambda: plane.sysroutes, "the route")
         assert tun.routes == {net("172.31.0.0/16")}
         assert plane.sysroutes == [(net("172.31.0.0/16"), PEER)]
         assert len(manager.snapshot()[0]) == 2
@@ -199,7 +202,7 @@ def test_a_route_the_kernel_refuses_is_shown_as_refused() -> None:
         manager, tun, plane = await started()
         tun.refuse.add(net("172.30.0.0/16"))
         manager.offer([entry("172.30.0.0/16"), entry("172.31.0.0/16")])
-        await wait_until(lambda: tun.routes, "the route")
+        await wait_until(lambda: plane.sysroutes, "the route")
         await wait_until(lambda: bool(manager.snapshot()[1]), "the refusal")
         accepted, refused = manager.snapshot()
         assert accepted == [{"network": "172.31.0.0/16", "nexthop": "10.77.0.12"}]
@@ -242,13 +245,15 @@ def test_close_waits_for_a_change_in_flight_and_stops_the_worker() -> None:
 
 def test_a_new_packet_path_gets_every_accepted_route_again() -> None:
     async def test() -> None:
-        manager, tun, _ = await started()
+        manager, tun, plane = await started()
         manager.offer([entry("172.30.0.0/16")])
-        await wait_until(lambda: tun.routes, "the route")
+        await wait_until(lambda: plane.sysroutes, "the route")
+        assert tun.routes == {net("172.30.0.0/16")}
         await manager.detach()
         new_tun, new_plane = FakeTun(), FakeDataPlane()
         await manager.attach(new_tun, new_plane, IPv4Interface("10.77.0.20/24"), None)  # type: ignore[arg-type]
-        await wait_until(lambda: new_tun.routes == {net("172.30.0.0/16")}, "the route again")
+        await wait_until(lambda: new_plane.sysroutes, "the route again")
+        assert new_tun.routes == {net("172.30.0.0/16")}
         assert new_plane.sysroutes == [(net("172.30.0.0/16"), PEER)]
         await manager.close()
 
@@ -267,12 +272,12 @@ def test_a_route_that_comes_to_capture_a_peer_endpoint_is_removed_on_recheck() -
         manager.start_set()
         await manager.attach(tun, plane, ADDRESS, None)  # type: ignore[arg-type]
         manager.offer([entry("203.0.113.0/24")])
-        await wait_until(lambda: tun.routes, "the route")
+        await wait_until(lambda: plane.sysroutes, "the route")
         await asyncio.sleep(SETTLE * 2)
         endpoints.append((IPv4Address("203.0.113.9"), "the peer endpoint"))
         manager.recheck()
-        await wait_until(lambda: not tun.routes, "the removal")
-        assert plane.sysroutes == []
+        await wait_until(lambda: not plane.sysroutes, "the removal")
+        assert not tun.routes
         assert manager.snapshot()[1][0]["reason"] == "would capture the peer endpoint 203.0.113.9"
         await manager.close()
 
@@ -305,3 +310,20 @@ def test_entries_offered_while_facts_are_gathered_are_judged_with_fresh_facts() 
         await manager.close()
 
     run(test)
+
+
+def test_offers_beyond_the_limit_are_ignored_with_one_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def test() -> None:
+        manager, tun, _ = await started()
+        entries = [entry(f"172.{16 + i // 256}.{i % 256}.0/24") for i in range(MAX_OFFERED + 10)]
+        for start in range(0, len(entries), 255):
+            manager.offer(entries[start : start + 255])
+        await wait_until(lambda: len(tun.routes) == MAX_ACCEPTED_ROUTES, "the capped routes")
+        await manager.close()
+
+    with caplog.at_level(logging.WARNING, logger="p2pvpn.client.sysroutes"):
+        run(test)
+    assert caplog.text.count(f"over {MAX_OFFERED} sdwan routes offered") == 1
+    assert caplog.text.count(f"more than {MAX_ACCEPTED_ROUTES} acceptable") == 1

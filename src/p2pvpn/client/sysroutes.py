@@ -134,6 +134,7 @@ class SystemRouteManager:
         self._gather = gather
         self._settle_seconds = settle_seconds
         self._offered: dict[RouteEntry, None] = {}
+        self._offer_overflow = False
         self._settled = False
         self._settle_timer: asyncio.TimerHandle | None = None
         self._target: _Target | None = None
@@ -151,18 +152,25 @@ class SystemRouteManager:
     def start_set(self) -> None:
         """A login: the entries of the ROUTE messages that follow make the new set."""
         self._offered.clear()
+        self._offer_overflow = False
         self._settled = False
         self._restart_settle_timer()
 
     def offer(self, entries: Iterable[RouteEntry]) -> None:
         """One ROUTE message of the current set."""
+        before = len(self._offered)
         for entry in entries:
+            if entry in self._offered:
+                continue
             if len(self._offered) >= MAX_OFFERED:
-                logger.warning("more than %d sdwan routes offered; ignoring the rest", MAX_OFFERED)
+                if not self._offer_overflow:
+                    logger.warning("over %d sdwan routes offered; ignoring the rest", MAX_OFFERED)
+                self._offer_overflow = True
                 break
             self._offered[entry] = None
         self._restart_settle_timer()
-        self._wake.set()
+        if len(self._offered) != before:
+            self._wake.set()  # a re-sent entry changes nothing: no need to judge again
 
     def recheck(self) -> None:
         """The facts may have changed (a peer's endpoint): judge the set again."""
