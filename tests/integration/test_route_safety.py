@@ -151,19 +151,46 @@ def test_hostile_grants_and_routes_are_refused_and_sets_are_diffed(
     assert "default" in left
 
 
-def test_accept_routes_none_installs_nothing(testbed: TestBed, tmp_path: Path) -> None:
-    steps = [{"grant": f"{OWN}/24", "routes": [[GOOD, PEER]]}]
-    client_ns, _, _, state_dir = start(testbed, tmp_path, steps, "--accept-routes", "none")
+OFFER = [[GOOD, PEER], [WITHDRAWN, PEER], ["128.0.0.0/2", PEER], ["172.29.0.0/16", "10.99.0.1"]]
 
-    def refused() -> list[Any] | None:
-        rows = json.loads(status(client_ns, state_dir, "--json"))["sysroutes_refused"]
-        return rows or None
 
-    [row] = testbed.wait_until(
-        refused, timeout=30, message="the refusal was never shown", ignore=(CommandError,)
+@pytest.mark.parametrize(
+    ("policy", "installed", "refused"),
+    [
+        ("none", set(), dict.fromkeys([GOOD, WITHDRAWN, "128.0.0.0/2", "172.29.0.0/16"], "accept")),
+        (
+            "172.30.0.0/16,172.29.0.0/16",
+            {GOOD},
+            {
+                WITHDRAWN: "outside the networks of accept_routes",
+                "128.0.0.0/2": "outside the networks of accept_routes",
+                "172.29.0.0/16": "next hop 10.99.0.1 is outside the VPN network",
+            },
+        ),
+        ("all", {GOOD, WITHDRAWN, "128.0.0.0/2", "172.29.0.0/16"}, {}),
+    ],
+)
+def test_accept_routes_policies(
+    testbed: TestBed, tmp_path: Path, policy: str, installed: set[str], refused: dict[str, str]
+) -> None:
+    steps = [{"grant": f"{OWN}/24", "routes": OFFER}]
+    client_ns, _, _, state_dir = start(testbed, tmp_path, steps, "--accept-routes", policy)
+
+    def judged() -> dict[str, str] | None:
+        snapshot = json.loads(status(client_ns, state_dir, "--json"))
+        done = {row["network"]: "" for row in snapshot["sysroutes"]}
+        done |= {row["network"]: row["reason"] for row in snapshot["sysroutes_refused"]}
+        return done if len(done) == len(OFFER) else None
+
+    reasons = testbed.wait_until(
+        judged, timeout=30, message="the offer was never judged", ignore=(CommandError,)
     )
-    assert row == {"network": GOOD, "nexthop": PEER, "reason": "accept_routes = none"}
-    assert GOOD not in destinations(client_ns)
+    for destination, reason in refused.items():
+        assert reasons[destination].startswith(reason), (destination, reasons[destination])
+    testbed.wait_until(
+        lambda: installed <= destinations(client_ns), timeout=30, message="routes missing"
+    )
+    assert not (set(refused) & destinations(client_ns))
 
 
 def test_routes_go_when_repeated_kicks_stop_the_client(testbed: TestBed, tmp_path: Path) -> None:
