@@ -268,9 +268,23 @@ def test_server_flags_only(server_calls: list[Any]) -> None:
     assert server_calls[0][0] == (ServerConfig(websocket="ws://0.0.0.0:80"),)
 
 
-def test_server_rejects_wss(server_calls: list[Any], capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["server", "-w", "wss://h"]) == 2
-    assert "--websocket: expected a ws:// URL" in capsys.readouterr().err
+def test_server_wss_needs_a_certificate(
+    server_calls: list[Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["server", "-w", "wss://h", "--tls-key", "k.pem"]) == 2
+    assert "--websocket: a wss:// URL needs tls_cert (a PEM file)" in capsys.readouterr().err
+    assert main(["server", "-w", "ws://h", "--tls-cert", "c.pem", "--tls-key", "k.pem"]) == 2
+    err = capsys.readouterr().err
+    assert "--tls-cert: only used with a wss:// websocket URL" in err
+    assert "--tls-key: only used with a wss:// websocket URL" in err
+    assert server_calls == []
+
+
+def test_server_tls_flags(server_calls: list[Any]) -> None:
+    argv = ["server", "-w", "wss://0.0.0.0/", "--tls-cert", "c.pem", "--tls-key", "k.pem"]
+    assert main(argv) == 0
+    (config,) = server_calls[0][0]
+    assert (config.tls_cert, config.tls_key) == (Path("c.pem").absolute(), Path("k.pem").absolute())
 
 
 def test_status(

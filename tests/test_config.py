@@ -322,7 +322,7 @@ def test_missing_websocket(tmp_path: Path, text: str, message: str) -> None:
         ("client", "http://h", "websocket: expected a ws:// or wss:// URL, got 'http://h'"),
         ("client", "ws://", "websocket: 'ws://' has no host"),
         ("client", "ws://h:99999", "websocket: 'ws://h:99999' is not a valid URL"),
-        ("server", "wss://h", "websocket: expected a ws:// URL, got 'wss://h' (the server"),
+        ("server", "http://h", "websocket: expected a ws:// or wss:// URL, got 'http://h'"),
     ],
 )
 def test_bad_websocket(tmp_path: Path, mode: str, url: str, message: str) -> None:
@@ -350,7 +350,7 @@ def test_every_bad_key_of_a_server_and_a_missing_websocket(tmp_path: Path) -> No
     assert error.problems == (
         f"{path}:2: stun_port: -1 is outside 0..65535",
         f"{path}:3: dhcp: 'x' is not an IPv4 cidr (e.g. 10.0.0.0/24)",
-        f"{path}: missing websocket (a ws:// URL)",
+        f"{path}: missing websocket (a ws:// or wss:// URL)",
     )
 
 
@@ -467,6 +467,7 @@ def test_effective_items_mask_the_password() -> None:
         "tls_verify",
         "dataplane",
         "metrics",
+        "tls_ca",
     ]
     assert dict(items)["password"] == "********"
     assert "hunter2" not in repr(items)
@@ -493,6 +494,8 @@ def test_effective_items_mask_the_password() -> None:
         "sdwan",
         "stun_port",
         "metrics",
+        "tls_cert",
+        "tls_key",
     ]
     assert server_items["password"] == "********"
     assert server_items["sdwan"] == "10.0.0.1/32,10.1.0.0/16,10.0.0.1"
