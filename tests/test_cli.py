@@ -126,6 +126,26 @@ def test_check_config_server(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert "log_format = text" in out.splitlines()
 
 
+def test_check_config_reads_the_servers_certificate(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from p2pvpn.server.tls import make_self_signed_certificate, write_certificate
+
+    cert, key = write_certificate(make_self_signed_certificate(), tmp_path)
+    text = f"mode = server\nwebsocket = wss://0.0.0.0/\ntls_cert = {cert}\ntls_key = {key}\n"
+    path = write(tmp_path, "server.cfg", text)
+    assert main(["check-config", str(path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert f"tls_cert   = {cert}" in out
+    assert f"tls_key    = {key}" in out
+    assert out[-1].startswith("# certificate: subject CN=p2pvpn server, valid until ")
+    write_certificate(make_self_signed_certificate(), tmp_path, "other")
+    path.write_text(text.replace(str(key), str(tmp_path / "other.key")))
+    assert main(["check-config", str(path)]) == 1
+    error = capsys.readouterr().err
+    assert f"tls_key {tmp_path / 'other.key'} does not match the certificate in" in error
+
+
 def test_check_config_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = write(tmp_path, "client.cfg", f"websocket = ws://h\npassword = {PASSWORD}\nroute=1001\n")
     assert main(["check-config", str(path)]) == 2
@@ -278,6 +298,20 @@ def test_server_wss_needs_a_certificate(
     assert "--tls-cert: only used with a wss:// websocket URL" in err
     assert "--tls-key: only used with a wss:// websocket URL" in err
     assert server_calls == []
+
+
+def test_run_tls_ca_flag(
+    tmp_path: Path, run_calls: list[Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from p2pvpn.server.tls import make_self_signed_certificate, write_certificate
+
+    cert, _ = write_certificate(make_self_signed_certificate(), tmp_path)
+    assert main(["run", "-w", "wss://h/", "--tls-ca", str(cert)]) == 0
+    [((config,), _)] = run_calls
+    assert config.tls_ca == cert
+    missing = tmp_path / "missing.pem"
+    assert main(["run", "-w", "wss://h/", "--tls-ca", str(missing)]) == 2
+    assert f"--tls-ca: {missing}: no such file" in capsys.readouterr().err
 
 
 def test_server_tls_flags(server_calls: list[Any]) -> None:

@@ -325,6 +325,21 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     width = max(len(key) for key, _ in items)
     for key, value in items:
         print(f"{key:<{width}} = {value}")
+    return _check_certificate(config)
+
+
+def _check_certificate(config: ClientConfig | ServerConfig) -> int:
+    """A server's tls_cert/tls_key are read as `p2pvpn server` would: 1 if unusable."""
+    if not isinstance(config, ServerConfig) or config.tls_cert is None or config.tls_key is None:
+        return 0
+    from p2pvpn.server.tls import TlsError, load_server_context
+
+    try:
+        _, certificate = load_server_context(config.tls_cert, config.tls_key)
+    except TlsError as exc:
+        print(f"p2pvpn: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"# certificate: {certificate.describe()}")
     return 0
 
 

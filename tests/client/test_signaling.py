@@ -26,7 +26,12 @@ from websockets.server import ServerProtocol
 
 from p2pvpn.client.signaling import SignalingError, SignalingSession
 from p2pvpn.client.store import StateStore
-from p2pvpn.server.tls import load_server_context, make_self_signed_certificate, write_certificate
+from p2pvpn.server.tls import (
+    ServerTls,
+    load_server_context,
+    make_self_signed_certificate,
+    write_certificate,
+)
 from p2pvpn.wire.close_codes import CloseCode
 from p2pvpn.wire.ws import (
     Auth,
@@ -897,16 +902,28 @@ def test_plain_ws_is_warned_about_once_unless_loopback(
 # -- against the real relay -------------------------------------------------------------
 
 
-def test_two_sessions_through_the_real_relay(tmp_path: Path) -> None:
+@pytest.mark.parametrize("transport", ["ws", "wss-tls_ca", "wss-no-verify"])
+def test_two_sessions_through_the_real_relay(tmp_path: Path, transport: str) -> None:
+    """Over ws://, over wss:// trusted through tls_ca, and unverified like Candy's client."""
     relay_module = pytest.importorskip("p2pvpn.server")
+    server_tls = None
+    options: dict[str, Any] = {}
+    if transport != "ws":
+        server_tls = ServerTls(*write_certificate(make_self_signed_certificate(), tmp_path))
+        if transport == "wss-tls_ca":
+            options["tls_ca"] = server_tls.cert_file
+        else:
+            options["tls_verify"] = False
 
     async def test() -> None:
         relay = relay_module.Relay(PASSWORD, dhcp=IPv4Network("10.9.0.0/24"))
-        async with relay_module.RelayServer(relay, "127.0.0.1", 0) as server:
-            url = f"ws://127.0.0.1:{server.port}/"
+        context = server_tls.listener if server_tls is not None else None
+        async with relay_module.RelayServer(relay, "127.0.0.1", 0, ssl_context=context) as server:
+            scheme = "ws" if server_tls is None else "wss"
+            url = f"{scheme}://127.0.0.1:{server.port}/"
             alice, bob = Recorder(), Recorder()
-            a = make_session(url, tmp_path / "a", alice, static=None)
-            b = make_session(url, tmp_path / "b", bob, static=None)
+            a = make_session(url, tmp_path / "a", alice, static=None, **options)
+            b = make_session(url, tmp_path / "b", bob, static=None, **options)
             async with running(a), running(b):
                 await wait_until(lambda: bool(alice.logins and bob.logins), "both logins")
                 # A login is announced once AUTH is sent; Candy's server never
