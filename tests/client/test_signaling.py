@@ -24,6 +24,7 @@ from websockets.frames import Frame, Opcode
 from websockets.http11 import Request
 from websockets.server import ServerProtocol
 
+from p2pvpn.client import signaling as signaling_module
 from p2pvpn.client.signaling import SignalingError, SignalingSession
 from p2pvpn.client.store import StateStore
 from p2pvpn.server.tls import (
@@ -880,14 +881,23 @@ PLAIN_WARNING = "is plain ws://: relayed packets, routes and address grants"
     ],
 )
 def test_plain_ws_is_warned_about_once_unless_loopback(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, host: str, warned: bool
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    host: str,
+    warned: bool,
 ) -> None:
-    """Checked before any connection: run() warns once however often it reconnects."""
+    """Judged from the URL: run() warns once however often it reconnects."""
     warnings: list[str] = []
 
+    async def refused(url: str, **_: object) -> None:
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    # No packet may leave for these hosts: every attempt is refused here.
+    monkeypatch.setattr(signaling_module, "connect", refused)
+
     async def test() -> None:
-        # Port 9 (discard) on a documentation address: nothing answers, the session retries.
-        session = make_session(f"ws://{host}:9/", tmp_path, Recorder())
+        session = make_session(f"ws://{host}:8080/", tmp_path, Recorder())
         async with running(session):
             await wait_until(lambda: session.failed_attempts >= 2, "two attempts", timeout=15)
         warnings.extend(w for w in signaling_warnings(caplog) if PLAIN_WARNING in w)
