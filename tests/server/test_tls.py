@@ -147,6 +147,18 @@ def test_an_expired_certificate_is_served_with_a_warning(
     assert f"tls_cert {cert} expired on 2020-01-01" in caplog.text
 
 
+def test_a_key_every_user_can_read_is_warned_about(
+    certificate: tuple[Path, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    cert, key = certificate
+    with caplog.at_level(logging.WARNING):
+        load_server_context(cert, key)  # written 0600
+        assert caplog.text == ""
+        key.chmod(0o644)
+        load_server_context(cert, key)
+    assert f"tls_key {key} is readable by every user (mode 0644)" in caplog.text
+
+
 def test_the_self_signed_certificate_names_its_hosts() -> None:
     pem = make_self_signed_certificate(["vpn.example.org", "192.0.2.7"])
     names = (

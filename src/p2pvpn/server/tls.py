@@ -15,6 +15,7 @@ import datetime
 import ipaddress
 import logging
 import ssl
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,8 +109,23 @@ def _parse_certificate(path: Path) -> x509.Certificate:
         raise TlsError(f"tls_cert {path}: not a PEM certificate") from None
 
 
+def _warn_if_world_readable(path: Path) -> None:
+    # Group access is a common set-up (an ssl-cert group); everyone is not.
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return
+    if mode & stat.S_IROTH:
+        logger.warning(
+            "tls_key %s is readable by every user (mode %04o): chmod o-r it",
+            path,
+            stat.S_IMODE(mode),
+        )
+
+
 def _parse_key(path: Path) -> PrivateKeyTypes:
     data = _read("tls_key", path)
+    _warn_if_world_readable(path)
     try:
         return serialization.load_pem_private_key(data, password=None)
     except TypeError:
