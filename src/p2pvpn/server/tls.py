@@ -141,9 +141,8 @@ def _check_pair(
     certificate: x509.Certificate, key: PrivateKeyTypes, cert_file: Path, key_file: Path
 ) -> None:
     try:
-        matches = certificate.public_key().public_bytes(*_SPKI) == key.public_key().public_bytes(
-            *_SPKI
-        )
+        certified = certificate.public_key().public_bytes(*_SPKI)
+        matches = key.public_key().public_bytes(*_SPKI) == certified
     except (ValueError, TypeError, UnsupportedAlgorithm):
         matches = False
     if not matches:
