@@ -129,6 +129,26 @@ def test_check_config_server(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert "log_format = text" in out.splitlines()
 
 
+def test_check_config_reads_the_servers_certificate(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from p2pvpn.server.tls import make_self_signed_certificate, write_certificate
+
+    cert, key = write_certificate(make_self_signed_certificate(), tmp_path)
+    text = f"mode = server\nwebsocket = wss://0.0.0.0/\ntls_cert = {cert}\ntls_key = {key}\n"
+    path = write(tmp_path, "server.cfg", text)
+    assert main(["check-config", str(path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert f"tls_cert   = {cert}" in out
+    assert f"tls_key    = {key}" in out
+    assert out[-1].startswith("# certificate: subject CN=p2pvpn server, valid until ")
+    write_certificate(make_self_signed_certificate(), tmp_path, "other")
+    path.write_text(text.replace(str(key), str(tmp_path / "other.key")))
+    assert main(["check-config", str(path)]) == 1
+    error = capsys.readouterr().err
+    assert f"tls_key {tmp_path / 'other.key'} does not match the certificate in" in error
+
+
 def test_check_config_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = write(tmp_path, "client.cfg", f"websocket = ws://h\npassword = {PASSWORD}\nroute=1001\n")
     assert main(["check-config", str(path)]) == 2
@@ -273,9 +293,37 @@ def test_server_flags_only(server_calls: list[Any]) -> None:
     assert server_calls[0][0] == (ServerConfig(websocket="ws://0.0.0.0:80"),)
 
 
-def test_server_rejects_wss(server_calls: list[Any], capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["server", "-w", "wss://h"]) == 2
-    assert "--websocket: expected a ws:// URL" in capsys.readouterr().err
+def test_server_wss_needs_a_certificate(
+    server_calls: list[Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["server", "-w", "wss://h", "--tls-key", "k.pem"]) == 2
+    assert "--websocket: a wss:// URL needs tls_cert (a PEM file)" in capsys.readouterr().err
+    assert main(["server", "-w", "ws://h", "--tls-cert", "c.pem", "--tls-key", "k.pem"]) == 2
+    err = capsys.readouterr().err
+    assert "--tls-cert: only used with a wss:// websocket URL" in err
+    assert "--tls-key: only used with a wss:// websocket URL" in err
+    assert server_calls == []
+
+
+def test_run_tls_ca_flag(
+    tmp_path: Path, run_calls: list[Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from p2pvpn.server.tls import make_self_signed_certificate, write_certificate
+
+    cert, _ = write_certificate(make_self_signed_certificate(), tmp_path)
+    assert main(["run", "-w", "wss://h/", "--tls-ca", str(cert)]) == 0
+    [((config,), _)] = run_calls
+    assert config.tls_ca == cert
+    missing = tmp_path / "missing.pem"
+    assert main(["run", "-w", "wss://h/", "--tls-ca", str(missing)]) == 2
+    assert f"--tls-ca: {missing}: no such file" in capsys.readouterr().err
+
+
+def test_server_tls_flags(server_calls: list[Any]) -> None:
+    argv = ["server", "-w", "wss://0.0.0.0/", "--tls-cert", "c.pem", "--tls-key", "k.pem"]
+    assert main(argv) == 0
+    (config,) = server_calls[0][0]
+    assert (config.tls_cert, config.tls_key) == (Path("c.pem").absolute(), Path("k.pem").absolute())
 
 
 def test_status(

@@ -322,7 +322,7 @@ def test_missing_websocket(tmp_path: Path, text: str, message: str) -> None:
         ("client", "http://h", "websocket: expected a ws:// or wss:// URL, got 'http://h'"),
         ("client", "ws://", "websocket: 'ws://' has no host"),
         ("client", "ws://h:99999", "websocket: 'ws://h:99999' is not a valid URL"),
-        ("server", "wss://h", "websocket: expected a ws:// URL, got 'wss://h' (the server"),
+        ("server", "http://h", "websocket: expected a ws:// or wss:// URL, got 'http://h'"),
     ],
 )
 def test_bad_websocket(tmp_path: Path, mode: str, url: str, message: str) -> None:
@@ -350,7 +350,7 @@ def test_every_bad_key_of_a_server_and_a_missing_websocket(tmp_path: Path) -> No
     assert error.problems == (
         f"{path}:2: stun_port: -1 is outside 0..65535",
         f"{path}:3: dhcp: 'x' is not an IPv4 cidr (e.g. 10.0.0.0/24)",
-        f"{path}: missing websocket (a ws:// URL)",
+        f"{path}: missing websocket (a ws:// or wss:// URL)",
     )
 
 
@@ -468,6 +468,7 @@ def test_effective_items_mask_the_password() -> None:
         "dataplane",
         "metrics",
         "accept_routes",
+        "tls_ca",
     ]
     assert dict(items)["password"] == "********"
     assert "hunter2" not in repr(items)
@@ -494,6 +495,8 @@ def test_effective_items_mask_the_password() -> None:
         "sdwan",
         "stun_port",
         "metrics",
+        "tls_cert",
+        "tls_key",
     ]
     assert server_items["password"] == "********"
     assert server_items["sdwan"] == "10.0.0.1/32,10.1.0.0/16,10.0.0.1"
@@ -566,3 +569,86 @@ def test_bad_accept_routes(tmp_path: Path, name: str, text: str, message: str) -
     websocket = '"ws://h"' if name.endswith(".toml") else "ws://h"
     _, error = load_error(tmp_path, name, f"websocket = {websocket}\n{text}\n")
     assert message in str(error)
+
+
+# -- TLS keys -----------------------------------------------------------------------
+
+
+def test_a_wss_server_with_its_certificate(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "s.cfg",
+        "mode = server\nwebsocket = wss://0.0.0.0/\ntls_cert = /etc/tls/c.pem\ntls_key = k.pem\n",
+    )
+    config = load_config(path)
+    assert isinstance(config, ServerConfig)
+    assert config.tls_cert == Path("/etc/tls/c.pem")
+    assert config.tls_key == Path("k.pem").absolute()
+    items = dict(effective_items(config))
+    assert items["tls_cert"] == "/etc/tls/c.pem"
+    assert items["tls_key"] == str(Path("k.pem").absolute())
+    plain = dict(effective_items(ServerConfig(websocket="ws://h")))
+    assert plain["tls_cert"] == plain["tls_key"] == "(none: ws://)"
+
+
+@pytest.mark.parametrize(
+    ("lines", "problems"),
+    [
+        (
+            "websocket = wss://h\n",
+            [
+                "2: websocket: a wss:// URL needs tls_cert (a PEM file)",
+                "2: websocket: a wss:// URL needs tls_key (a PEM file)",
+            ],
+        ),
+        (
+            "websocket = wss://h\ntls_cert = c.pem\n",
+            ["2: websocket: a wss:// URL needs tls_key (a PEM file)"],
+        ),
+        (
+            "websocket = ws://h\ntls_cert = c.pem\ntls_key = k.pem\n",
+            [
+                "3: tls_cert: only used with a wss:// websocket URL (the server speaks ws://)",
+                "4: tls_key: only used with a wss:// websocket URL (the server speaks ws://)",
+            ],
+        ),
+    ],
+)
+def test_server_tls_keys_go_with_wss(tmp_path: Path, lines: str, problems: list[str]) -> None:
+    path, error = load_error(tmp_path, "s.cfg", "mode = server\n" + lines)
+    assert error.problems == tuple(f"{path}:{problem}" for problem in problems)
+
+
+def test_a_client_trusting_a_private_ca(tmp_path: Path) -> None:
+    from p2pvpn.server.tls import make_self_signed_certificate, write_certificate
+
+    cert, _ = write_certificate(make_self_signed_certificate(), tmp_path)
+    config = load_config(write(tmp_path, "c.cfg", f"websocket = wss://h\ntls_ca = {cert}\n"))
+    assert isinstance(config, ClientConfig)
+    assert config.tls_ca == cert
+    assert dict(effective_items(config))["tls_ca"] == str(cert)
+    default = dict(effective_items(ClientConfig(websocket="wss://h")))
+    assert default["tls_ca"] == "(the system's CAs)"
+
+
+@pytest.mark.parametrize(
+    ("case", "problem"),
+    [
+        ("missing", "tls_ca: {ca}: no such file"),
+        ("unreadable", "tls_ca: {ca}: cannot read"),
+        ("not PEM", "tls_ca: {ca}: no PEM certificate in it"),
+        ("ws://", "tls_ca: only used with a wss:// websocket URL"),
+        ("no verify", "tls_ca: not used when tls_verify is false (nothing is verified)"),
+    ],
+)
+def test_a_bad_tls_ca_is_named(tmp_path: Path, case: str, problem: str) -> None:
+    ca = tmp_path / "ca.pem"
+    url = "ws://h" if case == "ws://" else "wss://h"
+    extra = "tls_verify = false\n" if case == "no verify" else ""
+    if case == "unreadable":
+        ca.mkdir()
+    elif case != "missing":
+        ca.write_text("-----BEGIN NOTHING-----\n")
+    path, error = load_error(tmp_path, "c.cfg", f"websocket = {url}\ntls_ca = {ca}\n{extra}")
+    (message,) = error.problems
+    assert message.startswith(f"{path}:2: " + problem.format(ca=ca))

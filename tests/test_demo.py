@@ -485,7 +485,7 @@ def test_names_fit_linux_limits() -> None:
         assert site.namespace.startswith(NAMESPACE_PREFIX)
     for router in ROUTERS:
         assert router.namespace.startswith(NAMESPACE_PREFIX)
-    assert SERVER.ws_url == "ws://203.0.113.1:8080/"
+    assert SERVER.ws_url == "wss://203.0.113.1:8080/"
     assert SERVER.stun_url == "stun://203.0.113.1:3478"
     assert [c.vpn.ip.exploded for c in CLIENTS] == ["10.77.0.1", "10.77.0.2", "10.77.0.3"]
     # alice and carol share nat1's LAN; bob is behind nat2
@@ -600,8 +600,9 @@ def test_demo_runs_connects_and_cleans_up(demo_env: dict[str, str]) -> None:
     report = f"exit status {result.returncode}\nstdout:\n{out}\nstderr:\n{result.stderr}"
     # The set-up and the relay work whatever the direct connections do.
     assert "[ok] server listening on 203.0.113.1:8080" in out, report
+    assert "(wss://, TLS with a certificate made for this run)" in out, report
     for name in ("alice", "bob", "carol"):
-        up = rf"\[ok\] {name}: 10\.77\.0\.\d/24 on p2pvpn-{name}, logged in"
+        up = rf"\[ok\] {name}: 10\.77\.0\.\d/24 on p2pvpn-{name}, logged in over wss://"
         assert re.search(up, out), report
     for a, b in pairs(("alice", "bob", "carol")):
         assert re.search(rf"\[ok\] ping {a} -> {b} \(10\.77\.0\.\d\): reply in", out), report

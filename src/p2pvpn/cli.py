@@ -106,6 +106,11 @@ _RUN_FLAGS: tuple[_Flag, ...] = (
             "help": "sdwan routes to install: none, safe, all or CIDR,... (safe)",
         },
     ),
+    (
+        "tls_ca",
+        ("--tls-ca",),
+        {"metavar": "FILE", "help": "trust this CA (or self-signed) certificate for wss://"},
+    ),
     _METRICS_FLAG,
     _DEBUG_FLAG,
     _LOG_FORMAT_FLAG,
@@ -115,6 +120,8 @@ _SERVER_FLAGS: tuple[_Flag, ...] = (
     ("dhcp", ("--dhcp",), {"metavar": "CIDR", "help": "address pool, e.g. 10.0.0.0/24"}),
     ("sdwan", ("--sdwan",), {"metavar": "RULES", "help": "dev_cidr,dst_cidr,nexthop;..."}),
     ("stun_port", ("--stun-port",), {"metavar": "PORT", "help": "STUN UDP port (0 = off)"}),
+    ("tls_cert", ("--tls-cert",), {"metavar": "FILE", "help": "PEM certificate for wss://"}),
+    ("tls_key", ("--tls-key",), {"metavar": "FILE", "help": "PEM private key for wss://"}),
     _METRICS_FLAG,
     _DEBUG_FLAG,
     _LOG_FORMAT_FLAG,
@@ -326,6 +333,21 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     width = max(len(key) for key, _ in items)
     for key, value in items:
         print(f"{key:<{width}} = {value}")
+    return _check_certificate(config)
+
+
+def _check_certificate(config: ClientConfig | ServerConfig) -> int:
+    """A server's tls_cert/tls_key are read as `p2pvpn server` would: 1 if unusable."""
+    if not isinstance(config, ServerConfig) or config.tls_cert is None or config.tls_key is None:
+        return 0
+    from p2pvpn.server.tls import TlsError, load_server_context
+
+    try:
+        _, certificate = load_server_context(config.tls_cert, config.tls_key)
+    except TlsError as exc:
+        print(f"p2pvpn: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"# certificate: {certificate.describe()}")
     return 0
 
 

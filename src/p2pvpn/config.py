@@ -16,6 +16,7 @@ password never appears in an error, a log line, a ``repr`` or
 import difflib
 import logging
 import re
+import ssl
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -75,12 +76,18 @@ PASSWORD_MASK = "********"
 
 # Keys of each mode, in display order (the order of effective_items()).
 _COMMON_KEYS = ("mode", "websocket", "password", "debug", "log_format")
-_SERVER_KEYS = (*_COMMON_KEYS, "dhcp", "sdwan", "stun_port", "metrics")
+_SERVER_KEYS = (
+    *_COMMON_KEYS,
+    *("dhcp", "sdwan", "stun_port", "metrics"),
+    "tls_cert",
+    "tls_key",
+)
 _CLIENT_KEYS = (
     *_COMMON_KEYS,
     *("name", "tun", "stun", "discovery", "route", "port", "localhost", "mtu"),
     *("state_dir", "tls_verify", "dataplane", "metrics"),
     "accept_routes",
+    "tls_ca",
 )
 # Keys Candy knows that p2pvpn does not implement.
 _CANDY_ONLY_KEYS = ("restart", "workers")
@@ -147,6 +154,8 @@ class ServerConfig:
     stun_port: int = DEFAULT_STUN_PORT  # built-in STUN responder (UDP); 0 disables
     metrics: tuple[str, int] | None = None
     log_format: LogFormat = "text"  # stderr logs: "text" or "json" (one object a line)
+    tls_cert: Path | None = None  # PEM certificate (chain) for wss://
+    tls_key: Path | None = None  # its PEM private key, unencrypted
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +178,7 @@ class ClientConfig:
     metrics: tuple[str, int] | None = None
     log_format: LogFormat = "text"  # stderr logs: "text" or "json" (one object a line)
     accept_routes: AcceptRoutes = "safe"  # which sdwan routes from the server to install
+    tls_ca: Path | None = None  # PEM CA certificate(s) to trust instead of the system's
 
     def __post_init__(self) -> None:
         if self.state_dir == Path():
@@ -339,6 +349,7 @@ def client_config_from_values(values: Mapping[str, ConfigValue], source: str) ->
         dataplane=get("dataplane", _dataplane, "auto"),
         metrics=get("metrics", _endpoint, None),
         accept_routes=get("accept_routes", _accept_routes, "safe"),
+        tls_ca=get.check("tls_ca", lambda: _client_tls_ca(values), None),
     )
     get.raise_problems()
     return config
@@ -350,7 +361,7 @@ def server_config_from_values(values: Mapping[str, ConfigValue], source: str) ->
     _warn_unknown(values, _SERVER_KEYS, _CLIENT_KEYS)
     get = _Checker(values)
     config = ServerConfig(
-        websocket=get.check("websocket", lambda: _websocket(values, source, ("ws",)), ""),
+        websocket=get.check("websocket", lambda: _websocket(values, source, ("ws", "wss")), ""),
         password=get("password", _string, ""),
         debug=get("debug", _bool, False),
         log_format=get("log_format", _log_format, "text"),
@@ -358,6 +369,8 @@ def server_config_from_values(values: Mapping[str, ConfigValue], source: str) ->
         sdwan=get("sdwan", _sdwan, ()),
         stun_port=get("stun_port", _int_range(0, 65535), DEFAULT_STUN_PORT),
         metrics=get("metrics", _endpoint, None),
+        tls_cert=get.check("tls_cert", lambda: _server_tls_file(values, "tls_cert"), None),
+        tls_key=get.check("tls_key", lambda: _server_tls_file(values, "tls_key"), None),
     )
     get.raise_problems()
     return config
@@ -470,13 +483,52 @@ def _websocket(values: Mapping[str, ConfigValue], source: str, schemes: tuple[st
     except ValueError:
         _fail("websocket", item, f"{url!r} is not a valid URL")
     if parts.scheme not in schemes:
-        detail = f"expected a {wanted} URL, got {url!r}"
-        if parts.scheme == "wss" and "wss" not in schemes:
-            detail += " (the server speaks ws://; put a TLS reverse proxy in front for wss://)"
-        _fail("websocket", item, detail)
+        _fail("websocket", item, f"expected a {wanted} URL, got {url!r}")
     if not parts.hostname:
         _fail("websocket", item, f"{url!r} has no host")
     return url
+
+
+def _scheme(values: Mapping[str, ConfigValue]) -> str:
+    item = values.get("websocket")
+    return urlsplit(str(item.value).strip()).scheme if item is not None else ""
+
+
+def _server_tls_file(values: Mapping[str, ConfigValue], key: str) -> Path | None:
+    """``tls_cert`` or ``tls_key``: both go with a wss:// websocket, neither with ws://.
+
+    The files are read when the server starts (and on SIGHUP), by p2pvpn.server.tls.
+    """
+    item = values.get(key)
+    path = None if item is None else _path(key, item)
+    wss = _scheme(values) == "wss"
+    if path is None and wss:
+        _fail("websocket", values["websocket"], f"a wss:// URL needs {key} (a PEM file)")
+    if item is not None and path is not None and not wss:
+        _fail(key, item, "only used with a wss:// websocket URL (the server speaks ws://)")
+    return path
+
+
+def _client_tls_ca(values: Mapping[str, ConfigValue]) -> Path | None:
+    """``tls_ca``: a readable PEM file of certificates, for a wss:// URL that is verified."""
+    item = values.get("tls_ca")
+    path = None if item is None else _path("tls_ca", item)
+    if item is None or path is None:
+        return None
+    if _scheme(values) != "wss":
+        _fail("tls_ca", item, "only used with a wss:// websocket URL")
+    verify = values.get("tls_verify")
+    if verify is not None and str(verify.value).strip().lower() in _FALSE:
+        _fail("tls_ca", item, "not used when tls_verify is false (nothing is verified)")
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=path)
+    except FileNotFoundError:
+        _fail("tls_ca", item, f"{path}: no such file")
+    except ssl.SSLError:
+        _fail("tls_ca", item, f"{path}: no PEM certificate in it")
+    except OSError as exc:
+        _fail("tls_ca", item, f"{path}: cannot read: {exc.strerror or exc}")
+    return path
 
 
 # Parsers: (key, item) -> value, raising ConfigError through _fail.
@@ -675,6 +727,8 @@ def effective_items(config: ClientConfig | ServerConfig) -> list[tuple[str, str]
             ("sdwan", ";".join(str(rule) for rule in config.sdwan) or "(none)"),
             ("stun_port", f"{config.stun_port}" if config.stun_port else "0 (off)"),
             ("metrics", metrics),
+            ("tls_cert", _show_path(config.tls_cert, "(none: ws://)")),
+            ("tls_key", _show_path(config.tls_key, "(none: ws://)")),
         ]
     return [
         ("mode", "client"),
@@ -695,7 +749,12 @@ def effective_items(config: ClientConfig | ServerConfig) -> list[tuple[str, str]
         ("dataplane", config.dataplane),
         ("metrics", metrics),
         ("accept_routes", _show_accept_routes(config.accept_routes)),
+        ("tls_ca", _show_path(config.tls_ca, "(the system's CAs)")),
     ]
+
+
+def _show_path(path: Path | None, absent: str) -> str:
+    return absent if path is None else str(path)
 
 
 def _show_bool(value: bool) -> str:

@@ -7,7 +7,6 @@ synchronise; tests wait for conditions with a deadline.
 
 import asyncio
 import contextlib
-import datetime
 import logging
 import ssl
 import struct
@@ -19,18 +18,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request
 from websockets.server import ServerProtocol
 
+from p2pvpn.client import signaling as signaling_module
 from p2pvpn.client.signaling import SignalingError, SignalingSession
 from p2pvpn.client.store import StateStore
+from p2pvpn.server.tls import (
+    ServerTls,
+    load_server_context,
+    make_self_signed_certificate,
+    write_certificate,
+)
 from p2pvpn.wire.close_codes import CloseCode
 from p2pvpn.wire.ws import (
     Auth,
@@ -854,86 +856,175 @@ def test_invalid_url_is_a_signaling_error(tmp_path: Path) -> None:
 # -- TLS ------------------------------------------------------------------------------
 
 
-def self_signed_context(directory: Path) -> ssl.SSLContext:
-    """A server context with a fresh self-signed certificate for 127.0.0.1."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "p2pvpn test")])
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(IPv4Address("127.0.0.1"))]),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    cert_file, key_file = directory / "cert.pem", directory / "key.pem"
-    cert_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(cert_file, key_file)
-    return context
+def self_signed_context(directory: Path) -> tuple[ssl.SSLContext, Path]:
+    """A server context with a fresh self-signed certificate for 127.0.0.1, and its file."""
+    cert_file, key_file = write_certificate(make_self_signed_certificate(), directory)
+    context, _ = load_server_context(cert_file, key_file)
+    return context, cert_file
 
 
-@pytest.mark.parametrize("verify", [True, False])
+def signaling_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.message
+        for r in caplog.records
+        if r.name == "p2pvpn.client.signaling" and r.levelno == logging.WARNING
+    ]
+
+
+@pytest.mark.parametrize("trust", ["system", "tls_ca", "no-verify"])
 def test_tls_certificates_are_verified_unless_opted_out(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, verify: bool
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, trust: str
 ) -> None:
-    server_context = self_signed_context(tmp_path)
-
-    def warnings() -> list[str]:
-        return [
-            r.message
-            for r in caplog.records
-            if r.name == "p2pvpn.client.signaling" and r.levelno == logging.WARNING
-        ]
+    """Refused as untrusted (and retried) by default; trusted through tls_ca; or not verified."""
+    server_context, cert_file = self_signed_context(tmp_path)
+    options: dict[str, Any] = {
+        "system": {},
+        "tls_ca": {"tls_ca": cert_file},
+        "no-verify": {"tls_verify": False},
+    }[trust]
 
     async def test() -> None:
         handler = Recorder()
         async with FakeServer(ssl_context=server_context) as server:
             url = f"wss://127.0.0.1:{server.port}/"
-            session = make_session(url, tmp_path, handler, tls_verify=verify)
+            session = make_session(url, tmp_path, handler, **options)
             async with running(session):
-                if verify:
-                    await wait_until(lambda: len(warnings()) >= 2, "two refused attempts")
+                if trust == "system":
+                    await wait_until(
+                        lambda: len(signaling_warnings(caplog)) >= 2, "two refused attempts"
+                    )
                     assert handler.logins == []
+                    assert server.connections == []
                 else:
                     await wait_until(lambda: handler.logins == [STATIC], "login")
 
     with caplog.at_level(logging.INFO, logger="p2pvpn.client.signaling"):
         run(test)
-    if verify:
-        assert "certificate verify failed" in warnings()[1]
+    warnings = signaling_warnings(caplog)
+    if trust == "system":
+        assert "the server's TLS certificate is not trusted: self-signed certificate" in warnings[1]
+        assert "tls_ca = FILE" in warnings[1]
+    elif trust == "tls_ca":
+        assert warnings == []
     else:
-        (warning,) = warnings()
+        (warning,) = warnings
         assert warning.startswith("TLS certificate verification is disabled for wss://127.0.0.1:")
+
+
+def test_tls_ca_of_another_server_is_not_trusted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """tls_ca replaces the system's CAs: only what it holds is trusted."""
+    server_context, _ = self_signed_context(tmp_path)
+    other_cert, _ = write_certificate(make_self_signed_certificate(), tmp_path, "other")
+
+    async def test() -> None:
+        async with FakeServer(ssl_context=server_context) as server:
+            url = f"wss://127.0.0.1:{server.port}/"
+            session = make_session(url, tmp_path, Recorder(), tls_ca=other_cert)
+            async with running(session):
+                await wait_until(lambda: signaling_warnings(caplog) != [], "a refused attempt")
+
+    with caplog.at_level(logging.INFO, logger="p2pvpn.client.signaling"):
+        run(test)
+    assert "is not trusted" in signaling_warnings(caplog)[0]
+
+
+def test_tls_to_a_plain_server_says_so(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    async def answer_in_plain_http(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    async def test() -> None:
+        server = await asyncio.start_server(answer_in_plain_http, "127.0.0.1", 0)
+        async with server:
+            port = server.sockets[0].getsockname()[1]
+            session = make_session(f"wss://127.0.0.1:{port}/", tmp_path, Recorder())
+            async with running(session):
+                await wait_until(lambda: signaling_warnings(caplog) != [], "a refused attempt")
+
+    with caplog.at_level(logging.INFO, logger="p2pvpn.client.signaling"):
+        run(test)
+    assert "TLS handshake failed" in signaling_warnings(caplog)[0]
+
+
+def test_an_unusable_tls_ca_is_a_signaling_error(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.pem"
+    with pytest.raises(SignalingError, match=f"tls_ca {missing}: cannot load"):
+        make_session("wss://127.0.0.1:1/", tmp_path, Recorder(), tls_ca=missing)
+
+
+PLAIN_WARNING = "is plain ws://: relayed packets, routes and address grants"
+
+
+@pytest.mark.parametrize(
+    ("host", "warned"),
+    [
+        ("127.0.0.1", False),
+        ("127.8.9.10", False),
+        ("[::1]", False),
+        ("localhost", False),
+        ("[::ffff:127.0.0.1]", False),
+        ("192.0.2.1", True),
+        ("[2001:db8::1]", True),
+        ("vpn.example.org", True),
+    ],
+)
+def test_plain_ws_is_warned_about_once_unless_loopback(
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    host: str,
+    warned: bool,
+) -> None:
+    """Judged from the URL: run() warns once however often it reconnects."""
+    warnings: list[str] = []
+
+    async def refused(url: str, **_: object) -> None:
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    # No packet may leave for these hosts: every attempt is refused here.
+    monkeypatch.setattr(signaling_module, "connect", refused)
+
+    async def test() -> None:
+        session = make_session(f"ws://{host}:8080/", tmp_path, Recorder())
+        async with running(session):
+            await wait_until(lambda: session.failed_attempts >= 2, "two attempts", timeout=15)
+        warnings.extend(w for w in signaling_warnings(caplog) if PLAIN_WARNING in w)
+
+    with caplog.at_level(logging.INFO, logger="p2pvpn.client.signaling"):
+        run(test)
+    assert len(warnings) == (1 if warned else 0)
+    if warned:
+        assert "login hashes let an eavesdropper guess the password offline" in warnings[0]
 
 
 # -- against the real relay -------------------------------------------------------------
 
 
-def test_two_sessions_through_the_real_relay(tmp_path: Path) -> None:
+@pytest.mark.parametrize("transport", ["ws", "wss-tls_ca", "wss-no-verify"])
+def test_two_sessions_through_the_real_relay(tmp_path: Path, transport: str) -> None:
+    """Over ws://, over wss:// trusted through tls_ca, and unverified like Candy's client."""
     relay_module = pytest.importorskip("p2pvpn.server")
+    server_tls = None
+    options: dict[str, Any] = {}
+    if transport != "ws":
+        server_tls = ServerTls(*write_certificate(make_self_signed_certificate(), tmp_path))
+        if transport == "wss-tls_ca":
+            options["tls_ca"] = server_tls.cert_file
+        else:
+            options["tls_verify"] = False
 
     async def test() -> None:
         relay = relay_module.Relay(PASSWORD, dhcp=IPv4Network("10.9.0.0/24"))
-        async with relay_module.RelayServer(relay, "127.0.0.1", 0) as server:
-            url = f"ws://127.0.0.1:{server.port}/"
+        context = server_tls.listener if server_tls is not None else None
+        async with relay_module.RelayServer(relay, "127.0.0.1", 0, ssl_context=context) as server:
+            scheme = "ws" if server_tls is None else "wss"
+            url = f"{scheme}://127.0.0.1:{server.port}/"
             alice, bob = Recorder(), Recorder()
-            a = make_session(url, tmp_path / "a", alice, static=None)
-            b = make_session(url, tmp_path / "b", bob, static=None)
+            a = make_session(url, tmp_path / "a", alice, static=None, **options)
+            b = make_session(url, tmp_path / "b", bob, static=None, **options)
             async with running(a), running(b):
                 await wait_until(lambda: bool(alice.logins and bob.logins), "both logins")
                 # A login is announced once AUTH is sent; Candy's server never

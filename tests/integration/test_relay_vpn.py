@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from p2pvpn.netns import DHCP, TestBed, VpnNetwork
+from p2pvpn.netns import DHCP, WS_PORT, TestBed, VpnNetwork
+from p2pvpn.server.tls import make_self_signed_certificate, write_certificate
 
 pytestmark = pytest.mark.netns
 
@@ -52,15 +53,30 @@ def vpn(testbed: TestBed, tmp_path: Path) -> VpnNetwork:
     return VpnNetwork(testbed, tmp_path)
 
 
-def test_two_static_clients_ping_through_the_server(vpn: VpnNetwork) -> None:
-    vpn.start_server()
+PLAIN_WARNING = "is plain ws://: relayed packets, routes and address grants"
+
+
+@pytest.mark.parametrize("scheme", ["ws", "wss"])
+def test_two_static_clients_ping_through_the_server(
+    vpn: VpnNetwork, tmp_path: Path, scheme: str
+) -> None:
+    """Relayed over ws:// (with the client's warning) and over wss:// trusted through tls_ca."""
+    if scheme == "wss":
+        certificate = make_self_signed_certificate([str(vpn.server_ip)])
+        vpn.serve_tls(*write_certificate(certificate, tmp_path))
+    server = vpn.start_server()
     a = vpn.add_client("a", tun="10.77.0.11/24")
     b = vpn.add_client("b", tun="10.77.0.12/24")
     assert vpn.wait_for_tun(a) == IPv4Interface("10.77.0.11/24")
     vpn.wait_for_tun(b)
     vpn.wait_ping(a, "10.77.0.12")
     vpn.wait_ping(b, "10.77.0.11")
-    assert a.status()["server"]["state"] == "connected"
+    status = a.status()
+    assert status["server"]["state"] == "connected"
+    assert status["relay"]["packets_out"] > 0  # no STUN here: the pings went over the server
+    assert f"listening on {scheme}://0.0.0.0:{WS_PORT}" in server.log_text()
+    assert a.process is not None
+    assert a.process.log_text().count(PLAIN_WARNING) == (1 if scheme == "ws" else 0)
 
 
 def test_dynamic_addresses_are_distinct_and_sticky(vpn: VpnNetwork) -> None:

@@ -30,15 +30,17 @@ def test_listen_address() -> None:
     assert listen_address("ws://0.0.0.0:8080/") == ("0.0.0.0", 8080)
     assert listen_address("ws://127.0.0.1:9000/some/path") == ("127.0.0.1", 9000)
     assert listen_address("ws://example.org") == ("example.org", 80)
-    with pytest.raises(ValueError, match="reverse proxy"):
-        listen_address("wss://0.0.0.0:443/")
+    assert listen_address("wss://0.0.0.0:8443/") == ("0.0.0.0", 8443)
+    assert listen_address("wss://example.org/") == ("example.org", 443)
+    with pytest.raises(ValueError, match="expected a ws:// or wss://"):
+        listen_address("https://0.0.0.0:443/")
 
 
-def test_run_server_refuses_wss(caplog: pytest.LogCaptureFixture) -> None:
+def test_run_server_refuses_wss_without_a_certificate(caplog: pytest.LogCaptureFixture) -> None:
     config = ServerConfig(websocket="wss://127.0.0.1:8443/", password=PASSWORD, stun_port=0)
     with caplog.at_level(logging.ERROR):
         assert run_server(config) == 1
-    assert "reverse proxy" in caplog.text
+    assert "wss:// needs tls_cert and tls_key" in caplog.text
     assert PASSWORD not in caplog.text
 
 

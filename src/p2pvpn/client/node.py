@@ -76,6 +76,7 @@ class ClientNode:
             self.store,
             self,
             tls_verify=config.tls_verify,
+            tls_ca=config.tls_ca,
         )
         self.control = ControlServer(control_socket_path(config.state_dir), self.snapshot)
         self.metrics: MetricsServer | None = None  # set when metrics are served

@@ -15,6 +15,7 @@ less than memory and latency.
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import random
 import ssl
@@ -23,6 +24,7 @@ import urllib.parse
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Interface
+from pathlib import Path
 from typing import Any, Literal, Protocol, cast
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -153,6 +155,7 @@ class SignalingSession:
         handler: SignalingHandler,
         *,
         tls_verify: bool = True,
+        tls_ca: Path | None = None,
         clock: Callable[[], float] = time.time,
         idle_timeout: float = IDLE_TIMEOUT,
         silence_timeout: float = SILENCE_TIMEOUT,
@@ -163,13 +166,14 @@ class SignalingSession:
         self._url = url
         self._display_url = _redact_url(url)
         try:
-            secure = parse_uri(url).secure
+            parsed = parse_uri(url)
         except InvalidURI as exc:
             raise SignalingError(
                 f"invalid server URL {self._display_url!r}: expected ws://host[:port]/path "
                 "or wss://host[:port]/path"
             ) from exc
-        self._ssl = _ssl_context(tls_verify) if secure else None
+        self._ssl = _ssl_context(tls_verify, tls_ca) if parsed.secure else None
+        self._host = parsed.host
         self._password = password
         self._static_address = static_address
         self._store = store
@@ -273,6 +277,13 @@ class SignalingSession:
             return
         if self._ssl is not None and self._ssl.verify_mode == ssl.CERT_NONE:
             logger.warning("TLS certificate verification is disabled for %s", self._display_url)
+        if self._ssl is None and not _is_loopback(self._host):
+            logger.warning(
+                "%s is plain ws://: relayed packets, routes and address grants cross the "
+                "network in clear and unauthenticated, and the login hashes let an "
+                "eavesdropper guess the password offline; use wss://",
+                self._display_url,
+            )
         self._run_task = asyncio.current_task()
         inner = asyncio.create_task(self._run_loop(), name="signaling-session")
         self._inner = inner
@@ -689,7 +700,28 @@ def _unusable_address(cidr: IPv4Interface) -> str | None:
 def _describe_error(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return f"timed out after {OPEN_TIMEOUT:g} s"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return (
+            f"the server's TLS certificate is not trusted: {exc.verify_message} "
+            "(tls_ca = FILE trusts a private CA or a self-signed certificate)"
+        )
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS handshake failed: {exc.reason or exc} (does the server speak wss://?)"
     return str(exc) or type(exc).__name__
+
+
+def _is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 (also IPv4-mapped) and localhost: traffic that never leaves the host."""
+    name = host.strip("[]").rstrip(".").lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
 
 
 def _redact_url(url: str) -> str:
@@ -701,8 +733,12 @@ def _redact_url(url: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=host))
 
 
-def _ssl_context(verify: bool) -> ssl.SSLContext:
-    context = ssl.create_default_context()
+def _ssl_context(verify: bool, ca_file: Path | None = None) -> ssl.SSLContext:
+    """A verifying context (``ca_file`` alone, else the system's CAs) unless told not to."""
+    try:
+        context = ssl.create_default_context(cafile=ca_file)
+    except OSError as exc:  # ssl.SSLError too; the config check normally catches it first
+        raise SignalingError(f"tls_ca {ca_file}: cannot load: {exc}") from None
     if not verify:
         # Explicit opt-out for self-signed servers (the reference client never verifies).
         context.check_hostname = False

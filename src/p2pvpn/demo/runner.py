@@ -53,6 +53,7 @@ from p2pvpn.demo.topology import (
     pairs,
 )
 from p2pvpn.netns import CommandError, Namespace, Process, p2pvpn_argv, terminate_all, wait_for
+from p2pvpn.server.tls import make_self_signed_certificate, write_certificate
 
 __all__ = ["Demo", "DemoOptions", "Interrupted", "Timeouts"]
 
@@ -137,6 +138,7 @@ class Demo:
         self.network = DemoNetwork(self._creating)
         self.password = secrets.token_hex(16)  # never starts with "-" (argparse)
         self.workdir: Path | None = None
+        self.tls_files: tuple[Path, Path] | None = None  # the run's certificate and key
         self.watched: dict[str, Process] = {}  # server and clients: they must not exit
         self.processes: list[Process] = []  # everything started, for the teardown
         self.clients = {client.name: client for client in CLIENTS}
@@ -322,6 +324,14 @@ class Demo:
         password_file = self.workdir / "password"
         password_file.touch(mode=0o600)
         password_file.write_text(self.password + "\n", encoding="utf-8")
+        # The recommended set-up: wss://, clients verifying the server against a CA they
+        # were given. Made for this run; it goes with the work directory.
+        tls_dir = self.workdir / "tls"
+        tls_dir.mkdir(mode=0o700)
+        certificate = make_self_signed_certificate(
+            [str(SERVER.address.ip)], common_name="p2pvpn demo server"
+        )
+        self.tls_files = write_certificate(certificate, tls_dir)
 
     def _build_network(self) -> None:
         with self._step("building the internet segment") as step:
@@ -346,10 +356,13 @@ class Demo:
 
     def _start_server(self) -> None:
         ns = self.network[SERVER.name]
+        assert self.tls_files is not None
+        cert_file, key_file = self.tls_files
         with self._step("starting the server") as step:
             argv = self._p2pvpn_argv(
-                "server", "-w", f"ws://0.0.0.0:{WS_PORT}/", "-p", self.password,
+                "server", "-w", f"wss://0.0.0.0:{WS_PORT}/", "-p", self.password,
                 "--stun-port", str(STUN_PORT), "--dhcp", str(VPN_NETWORK),
+                "--tls-cert", str(cert_file), "--tls-key", str(key_file),
             )  # fmt: skip
             server = self._start(ns, "server", argv, watch=True)
 
@@ -363,14 +376,18 @@ class Demo:
                     self._log_tail(server),
                 )
             ip = SERVER.address.ip
-            step.done(f"server listening on {ip}:{WS_PORT}, STUN on {ip}:{STUN_PORT}/udp")
+            step.done(
+                f"server listening on {ip}:{WS_PORT} (wss://, TLS with a certificate made for "
+                f"this run), STUN on {ip}:{STUN_PORT}/udp"
+            )
 
     def _client_argv(self, client: ClientSite) -> list[str]:
-        assert self.workdir is not None
+        assert self.workdir is not None and self.tls_files is not None
         argv = [
             "run", "-w", SERVER.ws_url, "-p", self.password, "-n", client.name,
             "--state-dir", str(self.workdir / "state" / client.name),
             "-t", str(client.vpn), "-s", SERVER.stun_url,
+            "--tls-ca", str(self.tls_files[0]),
         ]  # fmt: skip
         if self.options.dataplane:
             argv += ["--dataplane", self.options.dataplane]
@@ -402,7 +419,7 @@ class Demo:
                         f"{client.name} did not log in within {self.timeouts.login:g} s", details
                     )
                 step.done(
-                    f"{client.name}: {client.vpn} on {client.interface}, logged in "
+                    f"{client.name}: {client.vpn} on {client.interface}, logged in over wss:// "
                     f"(dataplane {snapshot.get('dataplane') or '?'})"
                 )
 
@@ -650,6 +667,7 @@ class Demo:
             f"peer status:  sudo ip netns exec {ns} {command} status "
             f"--state-dir {state_root} -n {source}",
             f"logs:         {self.workdir / 'logs'}",
+            f"certificate:  {self.workdir / 'tls'} (the clients trust it with --tls-ca)",
             f"password:     in {self.workdir / 'password'}",
             f"remove it:    sudo {command} demo --cleanup",
         ]

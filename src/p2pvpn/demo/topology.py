@@ -67,7 +67,7 @@ class ServerSite:
 
     @property
     def ws_url(self) -> str:
-        return f"ws://{self.address.ip}:{WS_PORT}/"
+        return f"wss://{self.address.ip}:{WS_PORT}/"
 
     @property
     def stun_url(self) -> str:

@@ -94,6 +94,19 @@ class VpnNetwork:
         self.server_process: Process | None = None
         self.server_argv: list[str] = []
         self.clients: dict[str, Client] = {}
+        self.tls_files: tuple[Path, Path] | None = None  # (certificate, key): wss://
+
+    def serve_tls(self, cert_file: Path, key_file: Path) -> None:
+        """Serve wss:// with these PEM files; clients trust the certificate (``--tls-ca``).
+
+        Call before starting the server and the clients. The certificate must
+        name `server_ip`; p2pvpn.server.tls makes one.
+        """
+        self.tls_files = (cert_file, key_file)
+
+    @property
+    def scheme(self) -> str:
+        return "ws" if self.tls_files is None else "wss"
 
     @property
     def server_ip(self) -> IPv4Address:
@@ -101,15 +114,17 @@ class VpnNetwork:
 
     @property
     def url(self) -> str:
-        return f"ws://{self.server_ip}:{WS_PORT}/"
+        return f"{self.scheme}://{self.server_ip}:{WS_PORT}/"
 
     @property
     def stun_url(self) -> str:
         return f"stun://{self.server_ip}:{STUN_PORT}"
 
     def start_server(self, *extra: str, dhcp: str | None = DHCP) -> Process:
-        argv = ["server", "-w", f"ws://0.0.0.0:{WS_PORT}/", "-p", self.password]
+        argv = ["server", "-w", f"{self.scheme}://0.0.0.0:{WS_PORT}/", "-p", self.password]
         argv += ["--stun-port", str(STUN_PORT)]
+        if self.tls_files is not None:
+            argv += ["--tls-cert", str(self.tls_files[0]), "--tls-key", str(self.tls_files[1])]
         if dhcp:
             argv += ["--dhcp", dhcp]
         self.server_argv = [*argv, *extra]
@@ -153,6 +168,8 @@ class VpnNetwork:
             argv += ["-t", tun]
         if stun:
             argv += ["-s", self.stun_url]
+        if self.tls_files is not None and (url is None or url.startswith("wss:")):
+            argv += ["--tls-ca", str(self.tls_files[0])]
         client = Client(name, ns, state_root, [*argv, *extra])
         self.clients[name] = client
         if start:

@@ -1,8 +1,9 @@
 """The ``p2pvpn server`` process: listening sockets, metrics, signals and shutdown.
 
-:class:`ServerRuntime` binds the WebSocket relay, the optional STUN responder
-and the optional Prometheus endpoint; :func:`run_server` runs it until SIGINT
-or SIGTERM.
+:class:`ServerRuntime` binds the WebSocket relay (ws:// or, with a
+certificate, wss://), the optional STUN responder and the optional
+Prometheus endpoint; :func:`run_server` runs it until SIGINT or SIGTERM and
+reloads the TLS certificate on SIGHUP.
 """
 
 import asyncio
@@ -18,6 +19,7 @@ from p2pvpn.logs import install_secret_filter
 from p2pvpn.metrics import MetricsServer, serve_server_metrics
 from p2pvpn.server.relay import Relay
 from p2pvpn.server.stun import StunResponder, start_stun_responder
+from p2pvpn.server.tls import ServerTls, TlsError
 from p2pvpn.server.ws import DEFAULT_LOGIN_TIMEOUT, RelayServer
 
 __all__ = [
@@ -35,25 +37,37 @@ class ListenError(Exception):
     """A listening socket could not be bound; the message names the address."""
 
 
+# What keeps `p2pvpn server` from starting (exit 1); each message names what to fix.
+_START_ERRORS = (ListenError, TlsError)
+_DEFAULT_PORTS = {"ws": 80, "wss": 443}
+
+
 def _os_error_text(exc: OSError) -> str:
     # asyncio wraps bind errors in a long message that repeats the address.
     return os.strerror(exc.errno) if exc.errno else str(exc)
 
 
 def listen_address(url: str) -> tuple[str, int]:
-    """Host and port to listen on from ``ws://host:port/path`` (the path is ignored)."""
+    """Host and port to listen on from ``ws[s]://host:port/path`` (the path is ignored).
+
+    The port defaults to 80 for ws:// and 443 for wss://.
+    """
     parts = urlsplit(url)
-    if parts.scheme == "wss":
-        raise ValueError(
-            f"cannot listen on {url}: the server speaks plain ws://, "
-            "TLS (wss://) must be terminated by a reverse proxy in front of it"
-        )
-    if parts.scheme != "ws":
-        raise ValueError(f"cannot listen on {url}: expected a ws://host:port URL")
+    if parts.scheme not in _DEFAULT_PORTS:
+        raise ValueError(f"cannot listen on {url}: expected a ws:// or wss://host:port URL")
     if not parts.hostname:
         raise ValueError(f"cannot listen on {url}: no host")
-    port = parts.port if parts.port is not None else 80
+    port = parts.port if parts.port is not None else _DEFAULT_PORTS[parts.scheme]
     return parts.hostname, port
+
+
+def _server_tls(config: ServerConfig) -> ServerTls | None:
+    """The certificate for a wss:// URL (None for ws://); raises TlsError."""
+    if urlsplit(config.websocket).scheme != "wss":
+        return None
+    if config.tls_cert is None or config.tls_key is None:
+        raise TlsError(f"{config.websocket}: wss:// needs tls_cert and tls_key")
+    return ServerTls(config.tls_cert, config.tls_key)
 
 
 class ServerRuntime:
@@ -66,10 +80,19 @@ class ServerRuntime:
         stun_host: str = "0.0.0.0",
         login_timeout: float = DEFAULT_LOGIN_TIMEOUT,
     ) -> None:
+        """Raises TlsError when the certificate of a wss:// URL cannot be used."""
         self.config = config
         self.host, port = listen_address(config.websocket)
+        self.tls = _server_tls(config)
+        self.scheme = "ws" if self.tls is None else "wss"
         self.relay = Relay(config.password, dhcp=config.dhcp, sdwan=config.sdwan)
-        self.ws = RelayServer(self.relay, self.host, port, login_timeout=login_timeout)
+        self.ws = RelayServer(
+            self.relay,
+            self.host,
+            port,
+            login_timeout=login_timeout,
+            ssl_context=None if self.tls is None else self.tls.listener,
+        )
         self._stun_host = stun_host
         self._stun: tuple[asyncio.DatagramTransport, StunResponder] | None = None
         self._metrics: MetricsServer | None = None
@@ -92,7 +115,7 @@ class ServerRuntime:
         try:
             await self.ws.start()
         except OSError as exc:
-            address = f"ws://{self.host}:{self.ws.requested_port}"
+            address = f"{self.scheme}://{self.host}:{self.ws.requested_port}"
             raise ListenError(f"cannot listen on {address}: {_os_error_text(exc)}") from exc
         if self.config.stun_port:
             try:
@@ -114,6 +137,13 @@ class ServerRuntime:
                 raise ListenError(
                     f"cannot serve metrics on {address}: {_os_error_text(exc)}"
                 ) from exc
+
+    def reload_tls(self) -> None:
+        """SIGHUP: new connections get the certificate now in the files; sessions stay."""
+        if self.tls is None:
+            logger.info("SIGHUP: nothing to reload (the server speaks ws://, no certificate)")
+            return
+        self.tls.reload()
 
     async def close(self) -> None:
         if self._metrics is not None:
@@ -141,11 +171,15 @@ async def serve(
 
     ``ready`` is called with the running :class:`ServerRuntime` once both
     sockets are bound, so an in-process caller can read the bound port
-    (``runtime.ws_port``) and the counters. Raises ListenError.
+    (``runtime.ws_port``) and the counters. Raises ListenError or TlsError.
     """
     runtime = ServerRuntime(config)
     await runtime.start()
-    logger.info("listening on ws://%s:%d", runtime.host, runtime.ws_port)
+    logger.info("listening on %s://%s:%d", runtime.scheme, runtime.host, runtime.ws_port)
+    if runtime.tls is not None:
+        logger.info(
+            "TLS certificate %s: %s", runtime.tls.cert_file, runtime.tls.certificate.describe()
+        )
     if config.stun_port:
         logger.info("STUN responder on udp port %d", config.stun_port)
     else:
@@ -183,14 +217,22 @@ def run_server(config: ServerConfig) -> int:
 async def _main(config: ServerConfig) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    running: list[ServerRuntime] = []
+
+    def reload() -> None:
+        # Before the runtime is up there is nothing to reload, but SIGHUP must not kill.
+        for runtime in running:
+            runtime.reload_tls()
+
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reload)
     try:
-        await serve(config, stop=stop)
-    except ListenError as exc:
+        await serve(config, stop=stop, ready=running.append)
+    except _START_ERRORS as exc:
         logger.error("%s", exc)
         return 1
     finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(signum)
     return 0

@@ -8,6 +8,7 @@ one slow or hostile client can never stall the event loop or another client.
 
 import asyncio
 import contextlib
+import ssl
 import time
 from typing import Any, cast
 
@@ -38,6 +39,8 @@ DEFAULT_LOGIN_TIMEOUT = 30.0
 REJECTED_CLOSE_TIMEOUT = 2.0
 # Frames one connection may have handled before its reader lets other tasks run.
 READ_BATCH = 16
+# A TLS handshake that has not finished by then only holds a socket (asyncio's default: 60 s).
+TLS_HANDSHAKE_TIMEOUT = 10.0
 
 
 class _WsSession(RelaySession):
@@ -115,7 +118,11 @@ def _describe_close(connection: ServerConnection) -> str:
 
 
 class RelayServer:
-    """Serves a :class:`Relay` over WebSocket on ``host:port`` (port 0: any)."""
+    """Serves a :class:`Relay` over WebSocket on ``host:port`` (port 0: any).
+
+    With ``ssl_context`` it speaks wss:// (TLS); the context may swap
+    certificates per connection (see :class:`p2pvpn.server.tls.ServerTls`).
+    """
 
     def __init__(
         self,
@@ -127,8 +134,10 @@ class RelayServer:
         ping_timeout: float | None = DEFAULT_PING_TIMEOUT,
         queue_size: int = DEFAULT_QUEUE_SIZE,
         login_timeout: float = DEFAULT_LOGIN_TIMEOUT,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.relay = relay
+        self._ssl = ssl_context  # wss:// when given
         self._host = host
         self._port = port
         self._ping_interval = ping_interval
@@ -161,6 +170,8 @@ class RelayServer:
             ping_timeout=self._ping_timeout,
             close_timeout=CLOSE_TIMEOUT,
             server_header=None,
+            ssl=self._ssl,
+            ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if self._ssl is not None else None,
         )
 
     async def close(self) -> None:
