@@ -66,6 +66,7 @@ def status_calls(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
 def write(tmp_path: Path, name: str, text: str) -> Path:
     path = tmp_path / name
     path.write_text(text)
+    path.chmod(0o600)  # private, as a file holding a password must be (else a warning)
     return path
 
 
@@ -110,10 +111,11 @@ def test_check_config_masks_the_password(
     captured = capsys.readouterr()
     assert PASSWORD not in captured.out + captured.err
     lines = captured.out.splitlines()
-    assert "password   = ********" in lines
-    assert "websocket  = wss://vpn.example.org" in lines
-    assert "route      = 7" in lines
-    assert "state_dir  = /var/lib/p2pvpn/lab" in lines
+    assert "password      = ********" in lines
+    assert "password_file = (none)" in lines
+    assert "websocket     = wss://vpn.example.org" in lines
+    assert "route         = 7" in lines
+    assert "state_dir     = /var/lib/p2pvpn/lab" in lines
     assert len({line.index(" = ") for line in lines}) == 1  # aligned
 
 
@@ -121,9 +123,9 @@ def test_check_config_server(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     path = write(tmp_path, "server.toml", 'mode = "server"\nwebsocket = "ws://0.0.0.0:80"\n')
     assert main(["check-config", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "mode       = server" in out.splitlines()
-    assert "password   = (empty)" in out.splitlines()
-    assert "log_format = text" in out.splitlines()
+    assert "mode          = server" in out.splitlines()
+    assert "password      = (empty)" in out.splitlines()
+    assert "log_format    = text" in out.splitlines()
 
 
 def test_check_config_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
