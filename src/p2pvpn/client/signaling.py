@@ -19,7 +19,6 @@ import logging
 import random
 import ssl
 import time
-import urllib.parse
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Interface
@@ -32,6 +31,7 @@ from websockets.uri import parse_uri
 
 from p2pvpn import __version__
 from p2pvpn.client.store import StateStore
+from p2pvpn.config import display_url
 from p2pvpn.wire.close_codes import CLOSE_REASONS, FATAL_CLOSE_CODES, CloseCode
 from p2pvpn.wire.errors import DecodeError
 from p2pvpn.wire.ws import Auth, ExptTun, Vmac, WsMessage, WsType, decode_ws_message
@@ -150,7 +150,7 @@ class SignalingSession:
         reconnect_max: float = RECONNECT_MAX,
     ) -> None:
         self._url = url
-        self._display_url = _redact_url(url)
+        self._display_url = display_url(url)
         try:
             secure = parse_uri(url).secure
         except InvalidURI as exc:
@@ -636,15 +636,6 @@ def _describe_error(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return f"timed out after {OPEN_TIMEOUT:g} s"
     return str(exc) or type(exc).__name__
-
-
-def _redact_url(url: str) -> str:
-    """The URL without user information, which may hold credentials."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.netloc.rpartition("@")[2]
-    return urllib.parse.urlunsplit(parts._replace(netloc=host))
 
 
 def _ssl_context(verify: bool) -> ssl.SSLContext:

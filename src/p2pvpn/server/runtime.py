@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
-from p2pvpn.config import ServerConfig
+from p2pvpn.config import ServerConfig, display_url
 from p2pvpn.logs import install_secret_filter
 from p2pvpn.metrics import MetricsServer, serve_server_metrics
 from p2pvpn.server.relay import Relay
@@ -43,6 +43,7 @@ def _os_error_text(exc: OSError) -> str:
 def listen_address(url: str) -> tuple[str, int]:
     """Host and port to listen on from ``ws://host:port/path`` (the path is ignored)."""
     parts = urlsplit(url)
+    url = display_url(url)  # only for the messages: userinfo and query may hold secrets
     if parts.scheme == "wss":
         raise ValueError(
             f"cannot listen on {url}: the server speaks plain ws://, "
