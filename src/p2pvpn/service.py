@@ -6,7 +6,14 @@ The package ships two unit templates (``p2pvpn/data/*.service``):
   ``<config dir>/NAME.cfg``, runs with ``--name NAME`` (interface
   ``p2pvpn-NAME``) and keeps its state in ``/var/lib/p2pvpn/NAME``, so several
   networks run side by side on one host;
-* ``p2pvpn-server.service``, the server, reading ``<config dir>/server.cfg``.
+* ``p2pvpn-server.service``, the server, reading ``<config dir>/server.cfg``,
+  as a transient unprivileged user (``DynamicUser=yes``) whose only capability
+  is binding a low port.
+
+The password is in ``<config dir>/NAME.password`` (``server.password``), one
+line, mode 0600: the units pass it with ``LoadCredential=`` and
+``--password-file``, so it is never on a command line; installing says where
+it goes and warns when it is missing or readable by others.
 
 Installing substitutes the command that runs this very p2pvpn (``@P2PVPN@``,
 the console script or ``python -m p2pvpn`` of the running interpreter) and the
@@ -17,6 +24,7 @@ It does not call ``systemctl`` itself.
 
 import os
 import re
+import stat
 import sys
 from importlib import resources
 from pathlib import Path
@@ -131,6 +139,7 @@ def install_service(
     )
     path = Path(os.path.abspath(prefix)) / unit_name
     config = config_dir / ("server.cfg" if server else f"{name}.cfg")
+    password = config_dir / ("server.password" if server else f"{name}.password")
     instance = "p2pvpn-server" if server else f"p2pvpn@{name}"
 
     existing = _read_existing(path)
@@ -159,8 +168,33 @@ def install_service(
             f"(check it with `p2pvpn check-config {config}`)",
             file=err,
         )
+    _check_password_file(password, instance, err)
     _print_next_steps(instance, name, out)
     return 0
+
+
+def _check_password_file(path: Path, instance: str, err: TextIO) -> None:
+    """Say where the password goes (the unit's LoadCredential=) when it is not there yet."""
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        print(
+            f"warning: {path} does not exist: put the network password there (one line, "
+            f"`chmod 600 {path}`) before starting {instance}; systemd hands it to the service "
+            "(LoadCredential=), so it is never on a command line. A password key in the "
+            "config file is not used by the unit.",
+            file=err,
+        )
+        return
+    except OSError as exc:
+        print(f"warning: cannot check {path}: {exc.strerror or exc}", file=err)
+        return
+    if mode & 0o077:
+        print(
+            f"warning: {path} is readable by group or others (mode {mode:04o}): "
+            f"run `chmod 600 {path}`",
+            file=err,
+        )
 
 
 def _print_next_steps(instance: str, name: str | None, out: TextIO) -> None:
