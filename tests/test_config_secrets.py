@@ -315,6 +315,10 @@ def test_config_shows_and_reports_the_url_without_secrets() -> None:
         client_config_from_values(values, "c")
     assert "secret" not in str(info.value) and "token" not in str(info.value)
     assert "'http://host/'" in str(info.value)
+    values = {"websocket": value("ws://user:secret@host/#token", "c:1")}
+    with pytest.raises(ConfigError) as info:
+        client_config_from_values(values, "c")
+    assert str(info.value) == "c:1: websocket: 'ws://host/': a WebSocket URL has no #fragment"
 
 
 def test_snapshot_shows_the_url_without_secrets(tmp_path: Path) -> None:
@@ -378,3 +382,13 @@ def test_the_control_socket_directory_is_created_0700(tmp_path: Path) -> None:
 
     asyncio.run(scenario())
     assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+
+
+def test_logged_http_requests_lose_their_credentials() -> None:
+    """websockets logs its handshake at DEBUG: the query and the Basic credentials go."""
+    from p2pvpn.logs import SecretFilter
+
+    masked = SecretFilter().mask
+    assert masked("> GET /path?token=x HTTP/1.1") == "> GET /path?******** HTTP/1.1"
+    assert masked("< Authorization: Basic dXNlcjpzZWNyZXQ=") == "< Authorization: ********"
+    assert masked("> GET /path HTTP/1.1") == "> GET /path HTTP/1.1"

@@ -573,6 +573,8 @@ def _websocket(values: Mapping[str, ConfigValue], source: str, schemes: tuple[st
         _fail("websocket", item, detail)
     if not parts.hostname:
         _fail("websocket", item, f"{display_url(url)!r} has no host")
+    if "#" in url:
+        _fail("websocket", item, f"{display_url(url)!r}: a WebSocket URL has no #fragment")
     return url
 
 

@@ -153,11 +153,12 @@ class SignalingSession:
         self._display_url = display_url(url)
         try:
             secure = parse_uri(url).secure
-        except InvalidURI as exc:
+        except InvalidURI:
+            # Not chained: InvalidURI's text is the whole URL, credentials and all.
             raise SignalingError(
                 f"invalid server URL {self._display_url!r}: expected ws://host[:port]/path "
                 "or wss://host[:port]/path"
-            ) from exc
+            ) from None
         self._ssl = _ssl_context(tls_verify) if secure else None
         self._password = password
         self._static_address = static_address
