@@ -346,9 +346,12 @@ class Demo:
 
     def _start_server(self) -> None:
         ns = self.network[SERVER.name]
+        assert self.workdir is not None
         with self._step("starting the server") as step:
+            # The password from the demo's file: never on a command line (ps).
             argv = self._p2pvpn_argv(
-                "server", "-w", f"ws://0.0.0.0:{WS_PORT}/", "-p", self.password,
+                "server", "-w", f"ws://0.0.0.0:{WS_PORT}/",
+                "--password-file", str(self.workdir / "password"),
                 "--stun-port", str(STUN_PORT), "--dhcp", str(VPN_NETWORK),
             )  # fmt: skip
             server = self._start(ns, "server", argv, watch=True)
@@ -368,7 +371,8 @@ class Demo:
     def _client_argv(self, client: ClientSite) -> list[str]:
         assert self.workdir is not None
         argv = [
-            "run", "-w", SERVER.ws_url, "-p", self.password, "-n", client.name,
+            "run", "-w", SERVER.ws_url, "--password-file", str(self.workdir / "password"),
+            "-n", client.name,
             "--state-dir", str(self.workdir / "state" / client.name),
             "-t", str(client.vpn), "-s", SERVER.stun_url,
         ]  # fmt: skip
