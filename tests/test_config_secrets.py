@@ -392,3 +392,13 @@ def test_logged_http_requests_lose_their_credentials() -> None:
     assert masked("> GET /path?token=x HTTP/1.1") == "> GET /path?******** HTTP/1.1"
     assert masked("< Authorization: Basic dXNlcjpzZWNyZXQ=") == "< Authorization: ********"
     assert masked("> GET /path HTTP/1.1") == "> GET /path HTTP/1.1"
+
+
+def test_an_empty_password_file_key_gives_no_file() -> None:
+    values = {
+        "websocket": value("ws://h", "c:1"),
+        "password": value(SECRET, "c:2"),
+        "password_file": value("", "c:3"),
+    }
+    config = client_config_from_values(values, "c")
+    assert (config.password, config.password_file) == (SECRET, None)

@@ -357,15 +357,16 @@ class _Password:
 def _password(values: Mapping[str, ConfigValue]) -> _Password:
     """The password from ``password`` or from the file named by ``password_file``, not both."""
     inline, file_item = values.get("password"), values.get("password_file")
+    path = None if file_item is None else _path("password_file", file_item)
+    if path is None:
+        file_item = None  # "password_file =" (empty) gives no file
     if inline is not None and file_item is not None:
         raise ConfigError(
             f"{_name('password', inline.origin)} and {_name('password_file', file_item.origin)} "
             "are both given: keep one of them"
         )
-    if file_item is not None:
-        path = _path("password_file", file_item)
-        if path is not None:
-            return _Password(_read_password_file(file_item, path), path, file_item.origin)
+    if file_item is not None and path is not None:
+        return _Password(_read_password_file(file_item, path), path, file_item.origin)
     if inline is not None:
         return _Password(_string("password", inline), None, inline.origin)
     return _Password()
