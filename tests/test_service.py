@@ -195,7 +195,39 @@ def test_install_warns_about_a_readable_password_file(
     assert "secret" not in err
     password.chmod(0o600)
     assert main(argv) == 0
-    assert capsys.readouterr().err == ""
+    assert "password" not in capsys.readouterr().err
+
+
+def test_install_warns_when_the_server_user_cannot_run_p2pvpn(
+    dirs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    units, configs = dirs
+    private = tmp_path / "root-home"
+    (private / "venv" / "bin").mkdir(parents=True)
+    private.chmod(0o700)
+    program = private / "venv" / "bin" / "p2pvpn"
+    out, err = io.StringIO(), io.StringIO()
+    assert (
+        install_service(
+            None, prefix=units, config_dir=configs, command=[str(program)], out=out, err=err
+        )
+        == 0
+    )
+    assert f"warning: {private} is not searchable by other users" in err.getvalue()
+    assert "DynamicUser" in err.getvalue()
+    private.chmod(0o755)
+    err = io.StringIO()
+    install_service(
+        None, prefix=units, config_dir=configs, command=[str(program)], out=out, err=err
+    )
+    assert f"{private} is not searchable" not in err.getvalue()
+    # A client runs as root: no such warning.
+    private.chmod(0o700)
+    err = io.StringIO()
+    install_service(
+        "lab", prefix=units, config_dir=configs, command=[str(program)], out=out, err=err
+    )
+    assert f"{private} is not searchable" not in err.getvalue()
 
 
 def test_install_server_unit(dirs: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:

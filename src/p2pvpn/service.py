@@ -132,11 +132,8 @@ def install_service(
     server = name is None
     config_dir = Path(os.path.abspath(config_dir))
     unit_name = SERVER_UNIT if server else CLIENT_UNIT
-    text = render_unit(
-        server=server,
-        command=p2pvpn_command() if command is None else command,
-        config_dir=config_dir,
-    )
+    command = p2pvpn_command() if command is None else command
+    text = render_unit(server=server, command=command, config_dir=config_dir)
     path = Path(os.path.abspath(prefix)) / unit_name
     config = config_dir / ("server.cfg" if server else f"{name}.cfg")
     password = config_dir / ("server.password" if server else f"{name}.password")
@@ -169,8 +166,31 @@ def install_service(
             file=err,
         )
     _check_password_file(password, instance, err)
+    if server:
+        _check_runs_as_anyone(Path(command[0]), err)
     _print_next_steps(instance, name, out)
     return 0
+
+
+def _check_runs_as_anyone(program: Path, err: TextIO) -> None:
+    """Warn when the server's unprivileged (dynamic) user could not run ``program``.
+
+    A p2pvpn in a virtualenv under /root (mode 0700) starts as root, not as the
+    server's unit's DynamicUser.
+    """
+    for directory in program.parents:
+        try:
+            mode = directory.stat().st_mode
+        except OSError:
+            return  # a path that does not exist here: nothing to judge
+        if not mode & stat.S_IXOTH:
+            print(
+                f"warning: {directory} is not searchable by other users, so the server's "
+                f"unprivileged user (DynamicUser=) cannot run {program}: install p2pvpn "
+                "where every user can read it (e.g. /opt/p2pvpn)",
+                file=err,
+            )
+            return
 
 
 def _check_password_file(path: Path, instance: str, err: TextIO) -> None:
