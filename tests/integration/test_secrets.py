@@ -17,8 +17,10 @@ show it as ``ws://host:port/path``.
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import shlex
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -118,7 +120,26 @@ def test_the_password_shows_nowhere(testbed: TestBed, tmp_path: Path, way: str) 
         "client metrics": client_metrics,
     }
     assert "p2pvpn" in outputs["client cmdline"]  # the pid is p2pvpn itself, not a wrapper
+    assert stat.S_IMODE((state_root / "sec").stat().st_mode) == 0o700
     for where, text in outputs.items():
         assert password not in text, f"the password shows in the {where}"
         for secret in (URL_SECRET, URL_TOKEN):
             assert secret not in text or where == "client cmdline", f"{secret} in the {where}"
+
+
+def test_a_state_dir_of_another_user_is_refused(testbed: TestBed, tmp_path: Path) -> None:
+    vpn = VpnNetwork(testbed, tmp_path)
+    ns = vpn.client_namespace("other")
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    os.chown(state, 65534, 65534)  # nobody: could open it up again whenever it likes
+    args = ["run", "-w", vpn.url, "-n", "other", "--state-dir", str(state)]
+    client = start_with_password(
+        testbed, ns, args, name="client", way="environment", password="pw", tmp=tmp_path
+    )
+    assert client.wait(timeout=30) == 1
+    assert f"state directory {state} is owned by " in client.log_text()
+    assert "uid 65534)" in client.log_text()
+    assert "refusing to keep state there" in client.log_text()
+    assert not (state / "control.sock").exists()
+    assert "p2pvpn-other" not in ns.interfaces()  # refused before touching anything
