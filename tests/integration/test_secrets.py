@@ -139,7 +139,7 @@ def test_a_state_dir_of_another_user_is_refused(testbed: TestBed, tmp_path: Path
     )
     assert client.wait(timeout=30) == 1
     assert f"state directory {state} is owned by " in client.log_text()
-    assert "uid 65534)" in client.log_text()
+    assert "uid 65534" in client.log_text()
     assert "refusing to keep state there" in client.log_text()
     assert not (state / "control.sock").exists()
     assert "p2pvpn-other" not in ns.interfaces()  # refused before touching anything
