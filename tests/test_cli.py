@@ -67,6 +67,7 @@ def status_calls(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
 def write(tmp_path: Path, name: str, text: str) -> Path:
     path = tmp_path / name
     path.write_text(text)
+    path.chmod(0o600)  # private, as a file holding a password must be (else a warning)
     return path
 
 
@@ -117,6 +118,7 @@ def test_check_config_masks_the_password(
     assert "websocket = wss://vpn.example.org" in settings
     assert "route = 7" in settings
     assert "state_dir = /var/lib/p2pvpn/lab" in settings
+    assert "password_file = (none)" in settings
     assert len({line.index(" = ") for line in lines}) == 1  # aligned
 
 
@@ -124,9 +126,9 @@ def test_check_config_server(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     path = write(tmp_path, "server.toml", 'mode = "server"\nwebsocket = "ws://0.0.0.0:80"\n')
     assert main(["check-config", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "mode       = server" in out.splitlines()
-    assert "password   = (empty)" in out.splitlines()
-    assert "log_format = text" in out.splitlines()
+    assert "mode          = server" in out.splitlines()
+    assert "password      = (empty)" in out.splitlines()
+    assert "log_format    = text" in out.splitlines()
 
 
 def test_check_config_reads_the_servers_certificate(
@@ -139,8 +141,10 @@ def test_check_config_reads_the_servers_certificate(
     path = write(tmp_path, "server.cfg", text)
     assert main(["check-config", str(path)]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert f"tls_cert   = {cert}" in out
-    assert f"tls_key    = {key}" in out
+    # The column is as wide as the longest key, which grows as keys are added.
+    settings = {re.sub(r" +=", " =", line) for line in out}
+    assert f"tls_cert = {cert}" in settings
+    assert f"tls_key = {key}" in settings
     assert out[-1].startswith("# certificate: subject CN=p2pvpn server, valid until ")
     write_certificate(make_self_signed_certificate(), tmp_path, "other")
     path.write_text(text.replace(str(key), str(tmp_path / "other.key")))

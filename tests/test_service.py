@@ -33,6 +33,17 @@ def parse_unit(text: str) -> configparser.ConfigParser:
     return parser
 
 
+def all_values(text: str, section: str, key: str) -> list[str]:
+    """Every value of a key that may repeat (LoadCredential=) in a section, in order."""
+    values, current = [], ""
+    for line in text.splitlines():
+        if line.startswith("["):
+            current = line.strip("[]")
+        elif current == section and line.startswith(f"{key}="):
+            values.append(line.partition("=")[2])
+    return values
+
+
 @pytest.fixture
 def dirs(tmp_path: Path) -> tuple[Path, Path]:
     units, configs = tmp_path / "systemd", tmp_path / "etc-p2pvpn"
@@ -54,7 +65,10 @@ def test_client_unit_runs_one_instance_per_network(tmp_path: Path) -> None:
     service = unit["Service"]
     assert service["ExecStart"] == (
         "/opt/p2pvpn/bin/p2pvpn run -c /etc/p2pvpn/%i.cfg --name %i --state-dir %S/p2pvpn/%i"
+        " --password-file ${CREDENTIALS_DIRECTORY}/password"
     )
+    # The password reaches the service as a credential, never on the command line.
+    assert all_values(text, "Service", "LoadCredential") == ["password:/etc/p2pvpn/%i.password"]
     assert service["Restart"] == "on-failure"
     assert service["RestartPreventExitStatus"] == "2"  # config errors: no restart loop
     assert service["StateDirectory"] == "p2pvpn/%i"
@@ -72,10 +86,34 @@ def test_client_unit_runs_one_instance_per_network(tmp_path: Path) -> None:
 def test_server_unit() -> None:
     text = render_unit(server=True, command=COMMAND, config_dir=Path("/srv/vpn/"))
     service = parse_unit(text)["Service"]
-    assert service["ExecStart"] == "/opt/p2pvpn/bin/p2pvpn server -c /srv/vpn/server.cfg"
+    assert service["ExecStart"] == (
+        "/opt/p2pvpn/bin/p2pvpn server -c ${CREDENTIALS_DIRECTORY}/server.cfg"
+        " --password-file ${CREDENTIALS_DIRECTORY}/password"
+    )
     assert service["Restart"] == "on-failure"
-    assert service["CapabilityBoundingSet"] == "CAP_NET_BIND_SERVICE"
     assert service["PrivateDevices"] == "yes"
+    assert service["ExecReload"] == "kill -HUP $MAINPID"  # rereads the TLS certificate
+
+
+def test_server_unit_runs_without_root() -> None:
+    text = render_unit(server=True, command=COMMAND, config_dir=Path("/etc/p2pvpn"))
+    service = parse_unit(text)["Service"]
+    # A transient unprivileged user; binding a low port is its only capability.
+    assert service["DynamicUser"] == "yes"
+    assert "User" not in service
+    assert service["CapabilityBoundingSet"] == "CAP_NET_BIND_SERVICE"
+    assert service["AmbientCapabilities"] == "CAP_NET_BIND_SERVICE"
+    assert service["NoNewPrivileges"] == "yes"
+    assert int(service["LimitNOFILE"]) >= 65536  # the connection caps need descriptors
+    # It cannot read /etc/p2pvpn: systemd hands it the config and the password.
+    assert all_values(text, "Service", "LoadCredential") == [
+        "server.cfg:/etc/p2pvpn/server.cfg",
+        "password:/etc/p2pvpn/server.password",
+    ]
+    # The comments say how the TLS certificate and key get to it the same way.
+    assert "#   LoadCredential=tls_cert:" in text
+    assert "#   LoadCredential=tls_key:" in text
+    assert "tls_key = /run/credentials/p2pvpn-server.service/tls_key" in text
 
 
 def test_command_words_are_quoted_and_escaped() -> None:
@@ -83,6 +121,7 @@ def test_command_words_are_quoted_and_escaped() -> None:
     text = render_unit(server=True, command=command, config_dir=Path("/etc/p2pvpn"))
     exec_start = parse_unit(text)["Service"]["ExecStart"]
     assert exec_start.startswith('"/opt/my venv/bin/python3" -m p2pvpn server -c ')
+    assert "${CREDENTIALS_DIRECTORY}" in exec_start  # the template's own $ is not escaped
     text = render_unit(server=True, command=["/opt/100%$x/p2pvpn"], config_dir=Path("/etc"))
     assert parse_unit(text)["Service"]["ExecStart"].startswith('"/opt/100%%$$x/p2pvpn" server')
     with pytest.raises(ServiceError, match="absolute"):
@@ -110,6 +149,8 @@ def test_p2pvpn_command(tmp_path: Path) -> None:
 def test_install_client_unit(dirs: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
     units, configs = dirs
     (configs / "lab.cfg").write_text("websocket = ws://h\n")
+    (configs / "lab.password").write_text("secret\n")
+    (configs / "lab.password").chmod(0o600)
     assert (
         main(["install-service", "lab", "--prefix", str(units), "--config-dir", str(configs)]) == 0
     )
@@ -133,6 +174,60 @@ def test_install_client_unit(dirs: tuple[Path, Path], capsys: pytest.CaptureFixt
     assert f"{path} is already up to date" in captured.out
     assert "systemctl enable --now p2pvpn@home" in captured.out
     assert f"warning: {configs}/home.cfg does not exist" in captured.err
+    assert f"warning: {configs}/home.password does not exist: put the network password" in (
+        captured.err
+    )
+    assert f"`chmod 600 {configs}/home.password`" in captured.err
+
+
+def test_install_warns_about_a_readable_password_file(
+    dirs: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    units, configs = dirs
+    (configs / "server.cfg").write_text("mode = server\nwebsocket = ws://0.0.0.0:80\n")
+    password = configs / "server.password"
+    password.write_text("secret\n")
+    password.chmod(0o644)
+    argv = ["install-service", "--server", "--prefix", str(units), "--config-dir", str(configs)]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert f"warning: {password} is readable by group or others (mode 0644)" in err
+    assert "secret" not in err
+    password.chmod(0o600)
+    assert main(argv) == 0
+    assert "password" not in capsys.readouterr().err
+
+
+def test_install_warns_when_the_server_user_cannot_run_p2pvpn(
+    dirs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    units, configs = dirs
+    private = tmp_path / "root-home"
+    (private / "venv" / "bin").mkdir(parents=True)
+    private.chmod(0o700)
+    program = private / "venv" / "bin" / "p2pvpn"
+    out, err = io.StringIO(), io.StringIO()
+    assert (
+        install_service(
+            None, prefix=units, config_dir=configs, command=[str(program)], out=out, err=err
+        )
+        == 0
+    )
+    assert f"warning: {private} is not searchable by other users" in err.getvalue()
+    assert "DynamicUser" in err.getvalue()
+    private.chmod(0o755)
+    err = io.StringIO()
+    install_service(
+        None, prefix=units, config_dir=configs, command=[str(program)], out=out, err=err
+    )
+    assert f"{private} is not searchable" not in err.getvalue()
+    # A client runs as root: no such warning.
+    private.chmod(0o700)
+    err = io.StringIO()
+    install_service(
+        "lab", prefix=units, config_dir=configs, command=[str(program)], out=out, err=err
+    )
+    assert f"{private} is not searchable" not in err.getvalue()
 
 
 def test_install_server_unit(dirs: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
@@ -142,10 +237,12 @@ def test_install_server_unit(dirs: tuple[Path, Path], capsys: pytest.CaptureFixt
         == 0
     )
     text = (units / SERVER_UNIT).read_text()
-    assert f"server -c {configs}/server.cfg" in text
+    assert f"LoadCredential=server.cfg:{configs}/server.cfg\n" in text
+    assert "server -c ${CREDENTIALS_DIRECTORY}/server.cfg" in text
     captured = capsys.readouterr()
     assert "systemctl enable --now p2pvpn-server" in captured.out
     assert f"warning: {configs}/server.cfg does not exist" in captured.err
+    assert f"warning: {configs}/server.password does not exist" in captured.err
 
 
 def test_dry_run_writes_nothing(

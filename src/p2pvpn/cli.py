@@ -4,7 +4,9 @@
 """
 
 import argparse
+import getpass
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -19,8 +21,9 @@ from p2pvpn.config import (
     ConfigValue,
     ServerConfig,
     client_config_from_values,
+    config_from_values,
     effective_items,
-    load_config,
+    overlay_values,
     read_config_values,
     server_config_from_values,
     validate_name,
@@ -60,7 +63,20 @@ _Flag = tuple[str, tuple[str, ...], dict[str, Any]]
 
 _COMMON_FLAGS: tuple[_Flag, ...] = (
     ("websocket", ("-w", "--websocket"), {"metavar": "URL", "help": "server URL"}),
-    ("password", ("-p", "--password"), {"metavar": "SECRET", "help": "network password"}),
+    (
+        "password",
+        ("-p", "--password"),
+        {
+            "metavar": "SECRET",
+            "help": "network password; - reads it from standard input (shown in ps otherwise: "
+            "prefer --password-file or P2PVPN_PASSWORD)",
+        },
+    ),
+    (
+        "password_file",
+        ("--password-file",),
+        {"metavar": "FILE", "help": "read the network password from FILE (its first line)"},
+    ),
 )
 _DEBUG_FLAG: _Flag = (
     "debug",
@@ -271,14 +287,37 @@ def _add_flags(parser: argparse.ArgumentParser, flags: Sequence[_Flag]) -> None:
 
 
 def _values(args: argparse.Namespace, flags: Sequence[_Flag]) -> tuple[dict[str, ConfigValue], str]:
-    """The config file's values (if ``-c``) overlaid with the flags given."""
+    """The config file's values (if ``-c``) overlaid with the flags given and the environment."""
     path: str | None = args.config
-    values = read_config_values(path) if path else {}
+    file_values = read_config_values(path) if path else {}
+    flag_values: dict[str, ConfigValue] = {}
     for key, names, _ in flags:
         value: str | bool | None = getattr(args, key)
+        if key == "password" and value == "-":
+            value = _read_password_from_stdin()
         if value is not None:
-            values[key] = ConfigValue(value, names[-1])
-    return values, path or "command line"
+            flag_values[key] = ConfigValue(value, names[-1])
+    return overlay_values(file_values, flag_values, os.environ), path or "command line"
+
+
+def _read_password_from_stdin() -> str:
+    """One line of standard input (``-p -``), without echo when it is a terminal."""
+    try:
+        if sys.stdin is not None and sys.stdin.isatty():
+            line = getpass.getpass("p2pvpn password: ")
+        else:
+            line = sys.stdin.readline() if sys.stdin is not None else ""
+    except EOFError:
+        line = ""
+    except UnicodeDecodeError:
+        # Not the exception's text: it quotes a byte of the input.
+        raise ConfigError("--password -: standard input is not UTF-8 text") from None
+    except OSError as exc:
+        raise ConfigError(f"--password -: cannot read standard input: {exc.strerror}") from None
+    password = line.removesuffix("\n").removesuffix("\r")
+    if not password:
+        raise ConfigError("--password -: no password on standard input (an empty line)")
+    return password
 
 
 def _apply_logging(config: ClientConfig | ServerConfig) -> None:
@@ -328,7 +367,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
-    config = load_config(args.file)
+    # As `run` and `server` would see it: P2PVPN_PASSWORD counts when the file has none.
+    values = overlay_values(read_config_values(args.file), {}, os.environ)
+    config = config_from_values(values, args.file)
     items = effective_items(config)
     width = max(len(key) for key, _ in items)
     for key, value in items:

@@ -15,8 +15,10 @@ password never appears in an error, a log line, a ``repr`` or
 
 import difflib
 import logging
+import os
 import re
 import ssl
+import stat
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -37,6 +39,7 @@ __all__ = [
     "DEFAULT_STUN_PORT",
     "INTERFACE_PREFIX",
     "LOG_FORMATS",
+    "PASSWORD_ENV",
     "AcceptRoutes",
     "ClientConfig",
     "ConfigError",
@@ -49,13 +52,16 @@ __all__ = [
     "client_config_from_values",
     "config_from_values",
     "default_state_dir",
+    "display_url",
     "effective_items",
     "load_config",
+    "overlay_values",
     "parse_candy_text",
     "parse_toml_text",
     "read_config_values",
     "server_config_from_values",
     "validate_name",
+    "warn_if_exposed",
 ]
 
 DEFAULT_STUN_PORT = 3478
@@ -73,9 +79,13 @@ ACCEPT_ROUTES_MODES: tuple[AcceptRoutesMode, ...] = ("none", "safe", "all")
 AcceptRoutes = AcceptRoutesMode | tuple[IPv4Network, ...]
 
 PASSWORD_MASK = "********"
+# The password's last source: a flag (-p/--password, --password-file) beats the config
+# file's password/password_file, which beat this variable. Env and files keep it out of ps.
+PASSWORD_ENV = "P2PVPN_PASSWORD"
+_PASSWORD_KEYS = ("password", "password_file")
 
 # Keys of each mode, in display order (the order of effective_items()).
-_COMMON_KEYS = ("mode", "websocket", "password", "debug", "log_format")
+_COMMON_KEYS = ("mode", "websocket", "password", "password_file", "debug", "log_format")
 _SERVER_KEYS = (
     *_COMMON_KEYS,
     *("dhcp", "sdwan", "stun_port", "metrics"),
@@ -148,6 +158,8 @@ class SdwanRule:
 class ServerConfig:
     websocket: str  # ws://host:port/path to listen on
     password: str = field(default="", repr=False)
+    password_file: Path | None = None  # where the password was read from, if from a file
+    password_origin: str = field(default="", compare=False)  # file:line, flag or PASSWORD_ENV
     debug: bool = False
     dhcp: IPv4Network | None = None  # address pool; None: clients need a static tun
     sdwan: tuple[SdwanRule, ...] = ()
@@ -162,6 +174,8 @@ class ServerConfig:
 class ClientConfig:
     websocket: str  # ws:// or wss:// URL of the server
     password: str = field(default="", repr=False)
+    password_file: Path | None = None  # where the password was read from, if from a file
+    password_origin: str = field(default="", compare=False)  # file:line, flag or PASSWORD_ENV
     debug: bool = False
     name: str = ""  # interface suffix
     tun: IPv4Interface | None = None  # None: ask the server for an address
@@ -303,9 +317,58 @@ def read_config_values(path: str | Path) -> dict[str, ConfigValue]:
         raise ConfigError(f"{name}: not a UTF-8 text file") from None
     except OSError as exc:
         raise ConfigError(f"{name}: cannot read: {exc.strerror or exc}") from None
-    if name.lower().endswith(".toml"):
-        return parse_toml_text(text, name)
-    return parse_candy_text(text, name)
+    values = (
+        parse_toml_text(text, name)
+        if name.lower().endswith(".toml")
+        else parse_candy_text(text, name)
+    )
+    if values.get("password", ConfigValue("", name)).value:
+        warn_if_exposed(Path(path), "holds the password")
+    return values
+
+
+def overlay_values(
+    file_values: Mapping[str, ConfigValue],
+    flag_values: Mapping[str, ConfigValue],
+    environ: Mapping[str, str],
+) -> dict[str, ConfigValue]:
+    """The config file's values overlaid with the flags', and the password's sources ordered.
+
+    A flag wins over the file; for the password, a password flag (``--password``,
+    ``--password-file``) replaces both of the file's password keys, and
+    ``P2PVPN_PASSWORD`` in ``environ`` counts only when neither gives one. Both keys
+    from one source stay, so that validation names both.
+    """
+    values = dict(file_values)
+    if any(key in flag_values for key in _PASSWORD_KEYS):
+        for key in _PASSWORD_KEYS:
+            values.pop(key, None)
+    values.update(flag_values)
+    from_environment = environ.get(PASSWORD_ENV, "")
+    if from_environment and not any(key in values for key in _PASSWORD_KEYS):
+        values["password"] = ConfigValue(from_environment, PASSWORD_ENV)
+    return values
+
+
+def warn_if_exposed(path: Path, holds: str) -> bool:
+    """Log a warning when ``path`` (which ``holds`` a secret) is readable by group or others.
+
+    Returns whether it warned. A file that cannot be stat()ed is left to the reader.
+    """
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return False
+    if not mode & 0o077:
+        return False
+    logger.warning(
+        "%s %s and is readable by group or others (mode %04o): run `chmod 600 %s`",
+        path,
+        holds,
+        mode,
+        path,
+    )
+    return True
 
 
 def load_config(path: str | Path) -> ClientConfig | ServerConfig:
@@ -313,6 +376,57 @@ def load_config(path: str | Path) -> ClientConfig | ServerConfig:
 
 
 # ------------------------------------------------------------------------ validating
+
+
+@dataclass(frozen=True, slots=True)
+class _Password:
+    text: str = field(default="", repr=False)
+    file: Path | None = None
+    origin: str = ""
+
+
+def _password(values: Mapping[str, ConfigValue]) -> _Password:
+    """The password from ``password`` or from the file named by ``password_file``, not both."""
+    inline, file_item = values.get("password"), values.get("password_file")
+    path = None if file_item is None else _path("password_file", file_item)
+    if path is None:
+        file_item = None  # "password_file =" (empty) gives no file
+    if inline is not None and file_item is not None:
+        raise ConfigError(
+            f"{_name('password', inline.origin)} and {_name('password_file', file_item.origin)} "
+            "are both given: keep one of them"
+        )
+    if file_item is not None and path is not None:
+        return _Password(_read_password_file(file_item, path), path, file_item.origin)
+    if inline is not None:
+        return _Password(_string("password", inline), None, inline.origin)
+    return _Password()
+
+
+def _name(key: str, origin: str) -> str:
+    # A flag is the setting's name; a file line is "file:line: key".
+    return origin if origin.startswith("-") else f"{origin}: {key}"
+
+
+def _read_password_file(item: ConfigValue, path: Path) -> str:
+    """The password in ``path``, one trailing newline dropped; errors never show the content."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        _fail("password_file", item, f"{path}: no such file")
+    except OSError as exc:
+        _fail("password_file", item, f"{path}: cannot read: {exc.strerror or exc}")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        _fail("password_file", item, f"{path}: not a UTF-8 text file")
+    password = text.removesuffix("\n").removesuffix("\r")
+    if not password:
+        _fail("password_file", item, f"{path}: the file is empty")
+    if "\n" in password or "\r" in password:
+        _fail("password_file", item, f"{path}: expected the password on one line")
+    warn_if_exposed(path, "holds the password (password_file)")
+    return password
 
 
 def config_from_values(
@@ -331,9 +445,12 @@ def client_config_from_values(values: Mapping[str, ConfigValue], source: str) ->
     get = _Checker(values)
     name = get("name", validate_name, "")
     state_dir = get("state_dir", _path, None)
+    secret = get.check("password", lambda: _password(values), _Password())
     config = ClientConfig(
         websocket=get.check("websocket", lambda: _websocket(values, source, ("ws", "wss")), ""),
-        password=get("password", _string, ""),
+        password=secret.text,
+        password_file=secret.file,
+        password_origin=secret.origin,
         debug=get("debug", _bool, False),
         log_format=get("log_format", _log_format, "text"),
         name=name,
@@ -360,9 +477,12 @@ def server_config_from_values(values: Mapping[str, ConfigValue], source: str) ->
     _expect_mode(values, "server")
     _warn_unknown(values, _SERVER_KEYS, _CLIENT_KEYS)
     get = _Checker(values)
+    secret = get.check("password", lambda: _password(values), _Password())
     config = ServerConfig(
         websocket=get.check("websocket", lambda: _websocket(values, source, ("ws", "wss")), ""),
-        password=get("password", _string, ""),
+        password=secret.text,
+        password_file=secret.file,
+        password_origin=secret.origin,
         debug=get("debug", _bool, False),
         log_format=get("log_format", _log_format, "text"),
         dhcp=get("dhcp", _pool, None),
@@ -481,11 +601,13 @@ def _websocket(values: Mapping[str, ConfigValue], source: str, schemes: tuple[st
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError for a bad port
     except ValueError:
-        _fail("websocket", item, f"{url!r} is not a valid URL")
+        _fail("websocket", item, f"{display_url(url)!r} is not a valid URL")
     if parts.scheme not in schemes:
-        _fail("websocket", item, f"expected a {wanted} URL, got {url!r}")
+        _fail("websocket", item, f"expected a {wanted} URL, got {display_url(url)!r}")
     if not parts.hostname:
-        _fail("websocket", item, f"{url!r} has no host")
+        _fail("websocket", item, f"{display_url(url)!r} has no host")
+    if "#" in url:
+        _fail("websocket", item, f"{display_url(url)!r}: a WebSocket URL has no #fragment")
     return url
 
 
@@ -711,13 +833,15 @@ def effective_items(config: ClientConfig | ServerConfig) -> list[tuple[str, str]
 
     The password is shown as ``********`` (or ``(empty)``), never in clear.
     """
-    password = PASSWORD_MASK if config.password else "(empty)"
+    password = _show_password(config)
+    password_file = "(none)" if config.password_file is None else str(config.password_file)
     metrics = "(off)" if config.metrics is None else _show_endpoint(config.metrics)
     if isinstance(config, ServerConfig):
         return [
             ("mode", "server"),
-            ("websocket", config.websocket),
+            ("websocket", display_url(config.websocket)),
             ("password", password),
+            ("password_file", password_file),
             ("debug", _show_bool(config.debug)),
             ("log_format", config.log_format),
             (
@@ -732,8 +856,9 @@ def effective_items(config: ClientConfig | ServerConfig) -> list[tuple[str, str]
         ]
     return [
         ("mode", "client"),
-        ("websocket", config.websocket),
+        ("websocket", display_url(config.websocket)),
         ("password", password),
+        ("password_file", password_file),
         ("debug", _show_bool(config.debug)),
         ("log_format", config.log_format),
         ("name", f"{config.name or '(none)'} (interface {config.interface_name})"),
@@ -755,6 +880,32 @@ def effective_items(config: ClientConfig | ServerConfig) -> list[tuple[str, str]
 
 def _show_path(path: Path | None, absent: str) -> str:
     return absent if path is None else str(path)
+
+
+def display_url(url: str) -> str:
+    """``url`` as status, metrics, logs and errors show it: no userinfo, query or fragment.
+
+    ``ws://user:secret@host:1/path?token=x`` shows as ``ws://host:1/path``: the parts
+    left out may carry credentials. Split by hand rather than with urlsplit, so that
+    a malformed URL (a bad port, an unclosed ``[``) is still shown without them.
+    """
+    head = url.partition("#")[0].partition("?")[0]
+    scheme, separator, rest = head.partition("://")
+    if not separator:
+        scheme, rest = "", head
+    authority, slash, path = rest.partition("/")
+    host = authority.rpartition("@")[2]
+    return f"{scheme}{separator}{host}{slash}{path}"
+
+
+def _show_password(config: ClientConfig | ServerConfig) -> str:
+    if not config.password:
+        return "(empty)"
+    if config.password_file is not None:
+        return f"{PASSWORD_MASK} (from password_file)"
+    if config.password_origin == PASSWORD_ENV:
+        return f"{PASSWORD_MASK} (from {PASSWORD_ENV})"
+    return PASSWORD_MASK
 
 
 def _show_bool(value: bool) -> str:

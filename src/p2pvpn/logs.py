@@ -15,6 +15,7 @@ import contextlib
 import datetime
 import json
 import logging
+import re
 import threading
 from collections.abc import Iterable
 from typing import Any, Final, Literal
@@ -83,12 +84,22 @@ def make_formatter(log_format: LogFormat) -> logging.Formatter:
     raise ValueError(f"unknown log format {log_format!r} (expected one of {LOG_FORMATS})")
 
 
+# Where a WebSocket URL's userinfo and query end up in an HTTP request, which the
+# websockets library logs at DEBUG on both ends ("> GET /path?token=x HTTP/1.1",
+# "< Authorization: Basic dXNlcjpzZWNyZXQ="): masked like a registered secret.
+_HTTP_SECRETS: Final = (
+    (re.compile(r"(?i)\b((?:proxy-)?authorization|cookie)(\s*:\s*)\S.*"), rf"\1\2{MASK}"),
+    (re.compile(r"(\b[A-Z]+ [^\s?]*\?)\S+(?= HTTP/\d)"), rf"\1{MASK}"),
+)
+
+
 class SecretFilter(logging.Filter):
     """Masks registered secrets in every record it sees; never drops a record.
 
     Attached to handlers (a filter on a logger does not see records that
     propagate from its children). A secret is masked as it is and as it
-    appears inside ``repr()`` of a string or of its UTF-8 bytes.
+    appears inside ``repr()`` of a string or of its UTF-8 bytes; credentials
+    in a logged HTTP request (the query, an Authorization header) always are.
     """
 
     def __init__(self) -> None:
@@ -113,11 +124,11 @@ class SecretFilter(logging.Filter):
         for needle in self._needles:
             if needle in text:
                 text = text.replace(needle, MASK)
+        for pattern, replacement in _HTTP_SECRETS:
+            text = pattern.sub(replacement, text)
         return text
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not self._needles:
-            return True
         # A broken __str__ in the arguments: the handler reports it when formatting.
         with contextlib.suppress(Exception):
             self._scrub(record)

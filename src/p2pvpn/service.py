@@ -6,7 +6,14 @@ The package ships two unit templates (``p2pvpn/data/*.service``):
   ``<config dir>/NAME.cfg``, runs with ``--name NAME`` (interface
   ``p2pvpn-NAME``) and keeps its state in ``/var/lib/p2pvpn/NAME``, so several
   networks run side by side on one host;
-* ``p2pvpn-server.service``, the server, reading ``<config dir>/server.cfg``.
+* ``p2pvpn-server.service``, the server, reading ``<config dir>/server.cfg``,
+  as a transient unprivileged user (``DynamicUser=yes``) whose only capability
+  is binding a low port.
+
+The password is in ``<config dir>/NAME.password`` (``server.password``), one
+line, mode 0600: the units pass it with ``LoadCredential=`` and
+``--password-file``, so it is never on a command line; installing says where
+it goes and warns when it is missing or readable by others.
 
 Installing substitutes the command that runs this very p2pvpn (``@P2PVPN@``,
 the console script or ``python -m p2pvpn`` of the running interpreter) and the
@@ -17,6 +24,7 @@ It does not call ``systemctl`` itself.
 
 import os
 import re
+import stat
 import sys
 from importlib import resources
 from pathlib import Path
@@ -124,13 +132,11 @@ def install_service(
     server = name is None
     config_dir = Path(os.path.abspath(config_dir))
     unit_name = SERVER_UNIT if server else CLIENT_UNIT
-    text = render_unit(
-        server=server,
-        command=p2pvpn_command() if command is None else command,
-        config_dir=config_dir,
-    )
+    command = p2pvpn_command() if command is None else command
+    text = render_unit(server=server, command=command, config_dir=config_dir)
     path = Path(os.path.abspath(prefix)) / unit_name
     config = config_dir / ("server.cfg" if server else f"{name}.cfg")
+    password = config_dir / ("server.password" if server else f"{name}.password")
     instance = "p2pvpn-server" if server else f"p2pvpn@{name}"
 
     existing = _read_existing(path)
@@ -159,8 +165,56 @@ def install_service(
             f"(check it with `p2pvpn check-config {config}`)",
             file=err,
         )
+    _check_password_file(password, instance, err)
+    if server:
+        _check_runs_as_anyone(Path(command[0]), err)
     _print_next_steps(instance, name, out)
     return 0
+
+
+def _check_runs_as_anyone(program: Path, err: TextIO) -> None:
+    """Warn when the server's unprivileged (dynamic) user could not run ``program``.
+
+    A p2pvpn in a virtualenv under /root (mode 0700) starts as root, not as the
+    server's unit's DynamicUser.
+    """
+    for directory in program.parents:
+        try:
+            mode = directory.stat().st_mode
+        except OSError:
+            return  # a path that does not exist here: nothing to judge
+        if not mode & stat.S_IXOTH:
+            print(
+                f"warning: {directory} is not searchable by other users, so the server's "
+                f"unprivileged user (DynamicUser=) cannot run {program}: install p2pvpn "
+                "where every user can read it (e.g. /opt/p2pvpn)",
+                file=err,
+            )
+            return
+
+
+def _check_password_file(path: Path, instance: str, err: TextIO) -> None:
+    """Say where the password goes (the unit's LoadCredential=) when it is not there yet."""
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        print(
+            f"warning: {path} does not exist: put the network password there (one line, "
+            f"`chmod 600 {path}`) before starting {instance}; systemd hands it to the service "
+            "(LoadCredential=), so it is never on a command line. A password key in the "
+            "config file is not used by the unit.",
+            file=err,
+        )
+        return
+    except OSError as exc:
+        print(f"warning: cannot check {path}: {exc.strerror or exc}", file=err)
+        return
+    if mode & 0o077:
+        print(
+            f"warning: {path} is readable by group or others (mode {mode:04o}): "
+            f"run `chmod 600 {path}`",
+            file=err,
+        )
 
 
 def _print_next_steps(instance: str, name: str | None, out: TextIO) -> None:

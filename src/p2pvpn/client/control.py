@@ -17,6 +17,8 @@ import stat
 from collections.abc import Callable
 from pathlib import Path
 
+from p2pvpn.client.store import prepare_state_directory
+
 __all__ = [
     "SOCKET_NAME",
     "ControlError",
@@ -71,7 +73,8 @@ class ControlServer:
         """Bind and listen; raises ControlError when the socket cannot be served."""
         if self._server is not None:
             raise RuntimeError("control server already started")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Raises StateDirectoryError (an OSError) for a directory that is not private.
+        prepare_state_directory(self.path.parent)
         await self._remove_stale()
         sock = self._bind()
         try:

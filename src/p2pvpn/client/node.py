@@ -26,7 +26,7 @@ from p2pvpn.client.signaling import SignalingError, SignalingSession
 from p2pvpn.client.store import StateStore
 from p2pvpn.client.sysroutes import SystemRouteManager, UnderlayProbe
 from p2pvpn.client.tun import TunDevice, TunError
-from p2pvpn.config import ClientConfig
+from p2pvpn.config import ClientConfig, display_url
 from p2pvpn.dataplane import create_data_plane
 from p2pvpn.dataplane.base import DataPlane, DataPlaneStats, UdpAddress
 from p2pvpn.wire.crypto import peer_key
@@ -294,7 +294,7 @@ class ClientNode:
             "pid": os.getpid(),
             "started": self.started,
             "server": {
-                "url": self.config.websocket,
+                "url": display_url(self.config.websocket),
                 "state": self.signaling.state,
                 "connected_since": self.signaling.connected_since,
                 "reconnects": self.signaling.reconnects,

@@ -20,7 +20,6 @@ import logging
 import random
 import ssl
 import time
-import urllib.parse
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Interface
@@ -34,6 +33,7 @@ from websockets.uri import parse_uri
 
 from p2pvpn import __version__
 from p2pvpn.client.store import StateStore
+from p2pvpn.config import display_url
 from p2pvpn.wire.close_codes import (
     CLOSE_REASONS,
     FATAL_CLOSE_CODES,
@@ -164,14 +164,15 @@ class SignalingSession:
         reconnect_max: float = RECONNECT_MAX,
     ) -> None:
         self._url = url
-        self._display_url = _redact_url(url)
+        self._display_url = display_url(url)
         try:
             parsed = parse_uri(url)
-        except InvalidURI as exc:
+        except InvalidURI:
+            # Not chained: InvalidURI's text is the whole URL, credentials and all.
             raise SignalingError(
                 f"invalid server URL {self._display_url!r}: expected ws://host[:port]/path "
                 "or wss://host[:port]/path"
-            ) from exc
+            ) from None
         self._ssl = _ssl_context(tls_verify, tls_ca) if parsed.secure else None
         self._host = parsed.host
         self._password = password
@@ -722,15 +723,6 @@ def _is_loopback(host: str) -> bool:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return address.ipv4_mapped.is_loopback
     return address.is_loopback
-
-
-def _redact_url(url: str) -> str:
-    """The URL without user information, which may hold credentials."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.netloc.rpartition("@")[2]
-    return urllib.parse.urlunsplit(parts._replace(netloc=host))
 
 
 def _ssl_context(verify: bool, ca_file: Path | None = None) -> ssl.SSLContext:

@@ -24,6 +24,7 @@ from p2pvpn.client.control import (
     scrub_snapshot,
     socket_answers,
 )
+from p2pvpn.config import display_url
 
 __all__ = ["format_status", "print_status", "query_status", "snapshot_number"]
 
@@ -274,7 +275,8 @@ def _server_line(server: Snapshot, now: float) -> str:
     # connection has a meaningful "for".
     if connected and since is not None:
         state += f" for {format_duration(now - since)}"
-    line = "server".ljust(_LABEL_WIDTH) + f"{_text(server.get('url'))}{_GAP}{state}"
+    url = display_url(_text(server.get("url")))  # also from a client that did not redact it
+    line = "server".ljust(_LABEL_WIDTH) + f"{url}{_GAP}{state}"
     notes = [] if connected else _retry_notes(server, now)
     reconnects = _integer(server.get("reconnects"))
     if reconnects is not None:

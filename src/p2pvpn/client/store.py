@@ -7,14 +7,17 @@ change, never correctness, so every storage problem here is a warning.
 """
 
 import logging
+import os
+import pwd
 import re
 import secrets
+import stat
 from ipaddress import IPv4Interface
 from pathlib import Path
 
 from p2pvpn._files import write_atomically
 
-__all__ = ["StateStore"]
+__all__ = ["StateDirectoryError", "StateStore", "prepare_state_directory"]
 
 logger = logging.getLogger(__name__)
 
@@ -22,6 +25,57 @@ VMAC_FILE = "vmac"
 ADDRESS_FILE = "address"
 DIRECTORY_MODE = 0o700
 _VMAC_PATTERN = re.compile(r"[0-9a-f]{16}")
+
+
+class StateDirectoryError(OSError):
+    """The state directory cannot be made private; the message names it and says what to do.
+
+    An OSError, so that the node reports it like any other start-up failure.
+    """
+
+
+def prepare_state_directory(directory: Path) -> None:
+    """Create ``directory`` mode 0700, or make sure an existing one is private to us.
+
+    It holds the vmac, the last address and the control socket (which shows the
+    network's topology). A directory owned by someone else (not us, not root) is
+    refused, not fixed: its owner could change its mode or contents again at any
+    time, so no chmod of ours would make it private. One we own with group/other
+    bits (an older p2pvpn, a hand-made ``mkdir``) is chmod'ed 0700 with a warning.
+    """
+    directory.mkdir(mode=DIRECTORY_MODE, parents=True, exist_ok=True)
+    info = os.stat(directory)
+    if not stat.S_ISDIR(info.st_mode):
+        raise StateDirectoryError(f"state directory {directory} is not a directory")
+    me = os.geteuid()
+    if info.st_uid not in (me, 0):
+        raise StateDirectoryError(
+            f"state directory {directory} is owned by {_user(info.st_uid)}, not by "
+            f"{_user(me)} or root: refusing to keep state there (use another --state-dir, "
+            f"or `chown {_login(me)} {directory}`)"
+        )
+    mode = stat.S_IMODE(info.st_mode)
+    if not mode & 0o077:
+        return
+    if info.st_uid != me:
+        raise StateDirectoryError(
+            f"state directory {directory} is mode {mode:04o} (open to group or others) and "
+            f"owned by root: run `chmod 700 {directory}` or use another --state-dir"
+        )
+    os.chmod(directory, DIRECTORY_MODE)
+    logger.warning("state directory %s was mode %04o: changed to 0700", directory, mode)
+
+
+def _login(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _user(uid: int) -> str:
+    login = _login(uid)
+    return f"uid {uid}" if login == str(uid) else f"{login} (uid {uid})"
 
 
 class StateStore:
@@ -84,7 +138,7 @@ class StateStore:
         """Replace the file atomically, so a crash never leaves half a file behind."""
         path = self._path(name)
         try:
-            self.directory.mkdir(mode=DIRECTORY_MODE, parents=True, exist_ok=True)
+            prepare_state_directory(self.directory)
             write_atomically(path, text, encoding="ascii")
         except OSError as exc:
             logger.warning("cannot save %s: %s", path, exc)

@@ -358,9 +358,12 @@ class Demo:
         ns = self.network[SERVER.name]
         assert self.tls_files is not None
         cert_file, key_file = self.tls_files
+        assert self.workdir is not None
         with self._step("starting the server") as step:
+            # The password from the demo's file: never on a command line (ps).
             argv = self._p2pvpn_argv(
-                "server", "-w", f"wss://0.0.0.0:{WS_PORT}/", "-p", self.password,
+                "server", "-w", f"wss://0.0.0.0:{WS_PORT}/",
+                "--password-file", str(self.workdir / "password"),
                 "--stun-port", str(STUN_PORT), "--dhcp", str(VPN_NETWORK),
                 "--tls-cert", str(cert_file), "--tls-key", str(key_file),
             )  # fmt: skip
@@ -384,7 +387,8 @@ class Demo:
     def _client_argv(self, client: ClientSite) -> list[str]:
         assert self.workdir is not None and self.tls_files is not None
         argv = [
-            "run", "-w", SERVER.ws_url, "-p", self.password, "-n", client.name,
+            "run", "-w", SERVER.ws_url, "--password-file", str(self.workdir / "password"),
+            "-n", client.name,
             "--state-dir", str(self.workdir / "state" / client.name),
             "-t", str(client.vpn), "-s", SERVER.stun_url,
             "--tls-ca", str(self.tls_files[0]),

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
-from p2pvpn.config import ServerConfig
+from p2pvpn.config import ServerConfig, display_url
 from p2pvpn.logs import install_secret_filter
 from p2pvpn.metrics import MetricsServer, serve_server_metrics
 from p2pvpn.server.relay import Relay
@@ -53,6 +53,7 @@ def listen_address(url: str) -> tuple[str, int]:
     The port defaults to 80 for ws:// and 443 for wss://.
     """
     parts = urlsplit(url)
+    url = display_url(url)  # only for the messages: userinfo and query may hold secrets
     if parts.scheme not in _DEFAULT_PORTS:
         raise ValueError(f"cannot listen on {url}: expected a ws:// or wss://host:port URL")
     if not parts.hostname:
