@@ -110,10 +110,11 @@ def test_server_unit_runs_without_root() -> None:
         "server.cfg:/etc/p2pvpn/server.cfg",
         "password:/etc/p2pvpn/server.password",
     ]
-    # The comments say how the TLS certificate and key get to it the same way.
-    assert "#   LoadCredential=tls_cert:" in text
-    assert "#   LoadCredential=tls_key:" in text
-    assert "tls_key = /run/credentials/p2pvpn-server.service/tls_key" in text
+    # The TLS files are read in place (through a group), not as credentials, which
+    # systemd copies only at start: a SIGHUP must see a renewed certificate.
+    assert "#   SupplementaryGroups=ssl-cert" in text
+    assert "systemctl reload p2pvpn-server" in text
+    assert all_values(text, "Service", "ExecReload") == ["kill -HUP $MAINPID"]
 
 
 def test_command_words_are_quoted_and_escaped() -> None:
