@@ -45,7 +45,7 @@ def test_binding_request_is_answered_with_the_source_address() -> None:
         host, port = client.getsockname()
         assert response.transaction_id == transaction_id
         assert response.address == (IPv4Address(host), port)
-        assert responder.stats() == {"requests": 1, "responses": 1, "ignored": 0}
+        assert responder.stats() == {"requests": 1, "responses": 1, "ignored": 0, "rate_limited": 0}
 
     asyncio.run(_with_responder(scenario))
 
@@ -78,6 +78,11 @@ def test_garbage_is_ignored_and_the_responder_keeps_answering() -> None:
         transaction_id = os.urandom(12)
         reply = await _exchange(client, server, encode_binding_request(transaction_id))
         assert decode_binding_response(reply).transaction_id == transaction_id
-        assert responder.stats() == {"requests": 1, "responses": 1, "ignored": len(garbage)}
+        assert responder.stats() == {
+            "requests": 1,
+            "responses": 1,
+            "ignored": len(garbage),
+            "rate_limited": 0,
+        }
 
     asyncio.run(_with_responder(scenario))
