@@ -63,8 +63,6 @@ class _WsSession(RelaySession):
         self._not_empty = asyncio.Event()
         self._full_since: float | None = None  # loop time of the first drop in a row
         self._close_task: asyncio.Task[None] | None = None
-        # Counted among the connections waiting to log in until it logs in or ends.
-        self.pending_login = True
 
     def send(self, frame: bytes) -> None:
         if self.closed:
@@ -310,14 +308,16 @@ class RelayServer:
         _perform(self.relay.login_timed_out(session, self._login_timeout, time.time()))
 
     async def _read_loop(self, connection: ServerConnection, session: _WsSession) -> None:
+        # Counted among the connections waiting to log in until it logs in or ends.
+        pending_login = True
         try:
             budget = READ_BATCH
             async for message in connection:
                 # Candy's server treats text and binary frames alike.
                 frame = message.encode() if isinstance(message, str) else message
                 _perform(self.relay.handle_frame(session, frame, time.time()))
-                if session.pending_login and session.authenticated:
-                    session.pending_login = False
+                if pending_login and session.authenticated:
+                    pending_login = False
                     self._release(connection)
                 budget -= 1
                 if budget == 0:
