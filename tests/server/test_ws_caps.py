@@ -1,9 +1,10 @@
 """The WebSocket server's caps over real connections on loopback.
 
-Connections that have not logged in (in all and per source address), the
-login deadline and the byte-bounded send queue, each driven past its limit
-while a well-behaved client logs in and gets a relayed frame. Sources other
-than 127.0.0.1 are other loopback addresses (127.0.0.0/8 is all local).
+Connections that have not logged in (in all and per source address, counted
+from the TCP accept, dropped over the cap), the login deadline and the
+byte-bounded send queue, each driven past its limit while a well-behaved
+client logs in and gets a relayed frame. Sources other than 127.0.0.1 are
+other loopback addresses (127.0.0.0/8 is all local).
 """
 
 import asyncio
@@ -14,7 +15,7 @@ from ipaddress import IPv4Network
 
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from p2pvpn.server import ws as ws_module
 from p2pvpn.server.limits import ServerLimits
@@ -42,10 +43,16 @@ async def open_idle(server: RelayServer, source: str) -> ClientConnection:
     return await connect(f"ws://127.0.0.1:{server.port}/", compression=None, local_addr=(source, 0))
 
 
-async def refused_status(server: RelayServer, source: str) -> int:
-    with pytest.raises(InvalidStatus) as refused:
-        await open_idle(server, source)
-    return refused.value.response.status_code
+# A connection over the caps is dropped right after accept: the client sees the
+# connection reset or closed before any HTTP response.
+REFUSED = (OSError, EOFError, InvalidHandshake)
+
+
+async def assert_refused(server: RelayServer, source: str) -> None:
+    with pytest.raises(REFUSED):
+        connection = await open_idle(server, source)
+        # Not refused: keep it open so that the count stays as it was.
+        pytest.fail(f"connection from {source} accepted: {connection}")
 
 
 async def good_client_login(server: RelayServer, tun_ip: str, vmac: str) -> ClientConnection:
@@ -55,7 +62,7 @@ async def good_client_login(server: RelayServer, tun_ip: str, vmac: str) -> Clie
         try:
             connection = await connect(f"ws://127.0.0.1:{server.port}/", compression=None)
             break
-        except InvalidStatus:
+        except REFUSED:
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.05)
@@ -84,12 +91,12 @@ async def close_all(connections: list[ClientConnection]) -> None:
     await asyncio.gather(*(c.close() for c in connections), return_exceptions=True)
 
 
-def test_the_per_address_cap_refuses_with_503_and_others_still_log_in() -> None:
+def test_the_per_address_cap_drops_extra_connections_and_others_still_log_in() -> None:
     async def scenario() -> None:
         async with serving(max_unauthenticated_per_ip=3, login_timeout=60.0) as server:
             idle = [await open_idle(server, "127.0.0.2") for _ in range(3)]
             for _ in range(5):
-                assert await refused_status(server, "127.0.0.2") == 503
+                await assert_refused(server, "127.0.0.2")
             assert server.pending_logins == 3
             a = await good_client_login(server, "10.77.0.1", VMAC_A)
             b = await good_client_login(server, "10.77.0.2", VMAC_B)
@@ -103,6 +110,30 @@ def test_the_per_address_cap_refuses_with_503_and_others_still_log_in() -> None:
             await open_idle(server, "127.0.0.2")
             await close_all([a, b])
 
+
+def test_a_connection_that_never_sends_its_request_is_counted_and_dropped() -> None:
+    """A bare TCP connection (no HTTP request) holds a slot until the login deadline."""
+
+    async def scenario() -> None:
+        async with serving(max_unauthenticated_per_ip=2, login_timeout=0.5) as server:
+            port = server.port
+            bare = [
+                await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.2", 0))
+                for _ in range(2)
+            ]
+            await wait_until(lambda: server.pending_logins == 2, DEADLINE)
+            await assert_refused(server, "127.0.0.2")
+            # websockets' open timeout (the login deadline) drops them and frees the slots.
+            for reader, _ in bare:
+                assert await asyncio.wait_for(reader.read(), DEADLINE) == b""
+            await wait_until(lambda: server.pending_logins == 0, DEADLINE)
+            a = await good_client_login(server, "10.77.0.1", VMAC_A)
+            b = await good_client_login(server, "10.77.0.2", VMAC_B)
+            await assert_relayed(a, b)
+            for _, writer in bare:
+                writer.close()
+            await close_all([a, b])
+
     asyncio.run(scenario())
 
 
@@ -110,7 +141,7 @@ def test_the_global_cap_refuses_everyone_until_the_login_deadline_frees_slots() 
     async def scenario() -> None:
         async with serving(max_unauthenticated=4, login_timeout=0.5) as server:
             idle = [await open_idle(server, f"127.0.0.{2 + n}") for n in range(4)]
-            assert await refused_status(server, "127.0.0.9") == 503
+            await assert_refused(server, "127.0.0.9")
             # The good client is refused too at first, and gets in once the
             # deadline closed the idle connections (4006) and freed their slots.
             a = await good_client_login(server, "10.77.0.1", VMAC_A)

@@ -32,8 +32,8 @@ class ServerLimits:
     # Connections that have not logged in yet: in all, and from one source address.
     max_unauthenticated: int = 1024
     max_unauthenticated_per_ip: int = 32
-    # Seconds from the WebSocket handshake to the AUTH; clients send their
-    # login right after connecting, so this only has to cover a round trip.
+    # Seconds for the WebSocket handshake, then from it to the AUTH; clients
+    # send their login right after connecting, so this covers a few round trips.
     login_timeout: float = 5.0
     # Signed login hashes remembered against replays (3 per login at most).
     max_replay_entries: int = 65536

@@ -10,13 +10,11 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from http import HTTPStatus
 from typing import Any, cast
 
 from websockets.asyncio.server import Server, ServerConnection
 from websockets.asyncio.server import serve as ws_serve
 from websockets.exceptions import ConnectionClosed
-from websockets.http11 import Request, Response
 
 from p2pvpn.server.limits import DEFAULT_LIMITS, ServerLimits
 from p2pvpn.server.relay import MAX_FRAME_SIZE, Action, Relay, RelaySession, Send
@@ -213,7 +211,7 @@ class RelayServer:
         self._pending = _PendingLogins(
             limits.max_unauthenticated, limits.max_unauthenticated_per_ip
         )
-        # Handshakes admitted by _admit whose connection has not been released yet.
+        # Accepted connections counted in _pending, with their source address.
         self._admitted: dict[ServerConnection, str] = {}
         self._server: Server | None = None
 
@@ -236,7 +234,7 @@ class RelayServer:
             self._host,
             self._port,
             compression=None,
-            process_request=self._admit,
+            create_connection=self._connection_class(),
             # A connection that has not finished its handshake by the login
             # deadline could not have logged in either.
             open_timeout=self._login_timeout,
@@ -265,25 +263,34 @@ class RelayServer:
         """Connections counted against the unauthenticated caps right now."""
         return self._pending.total
 
-    def _admit(self, connection: ServerConnection, request: Request) -> Response | None:
-        """Refuse the handshake with 503 while the unauthenticated caps are reached.
+    def _connection_class(self) -> type[ServerConnection]:
+        """websockets' connection, counted against the caps as soon as it is accepted."""
+        admit = self._admit
 
-        This runs before the WebSocket is open and before any task is made for
-        it, so refusing costs one short HTTP response.
+        class _CountedConnection(ServerConnection):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                super().connection_made(transport)
+                admit(self)
+
+        return _CountedConnection
+
+    def _admit(self, connection: ServerConnection) -> None:
+        """Right after accept: over the unauthenticated caps, drop the connection.
+
+        Counting from the accept (not the HTTP request) also covers clients that
+        connect and send nothing; dropping costs no read and no response.
         """
         host = _host_of(connection.remote_address)
         cap = self._pending.refusal(host)
         if cap is not None:
             self.relay.cap_hit(cap, time.time(), "refused a connection from %s", host)
-            return connection.respond(
-                HTTPStatus.SERVICE_UNAVAILABLE, "too many connections waiting to log in\n"
-            )
+            connection.transport.abort()
+            return
         self._pending.add(host)
         self._admitted[connection] = host
         # Released at login or, whatever happens to the handshake, when the TCP
         # connection ends (websockets runs no handler for a failed handshake).
         connection.connection_lost_waiter.add_done_callback(lambda _: self._release(connection))
-        return None
 
     def _release(self, connection: ServerConnection) -> None:
         host = self._admitted.pop(connection, None)
