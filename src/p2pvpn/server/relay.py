@@ -9,6 +9,10 @@ sessions; :mod:`p2pvpn.server.ws` performs the actions over WebSocket.
 Security rules (ARCHITECTURE.md) enforced here and not by the reference
 server: signed login messages must be fresh and unique, every relayed
 message must carry the sender's own tun ip as source, frames are capped.
+The resource caps of :class:`~p2pvpn.server.limits.ServerLimits` that need
+no socket are kept here too: one login message of each kind per connection,
+the replay cache's size, a token bucket and a size cap on broadcasts, and
+the dynamic addresses per source address.
 """
 
 import heapq
@@ -500,7 +504,7 @@ class Relay:
         # signed and replay-checked) tells their requests apart.
         key = (WsType.EXPTTUN, session.vmac, message.hash)
         self._check_signed("EXPTTUN", valid, message.timestamp, key, now)
-        self._check_leases_of_host(session, now)
+        self._check_leases_of_host(session)
         granted = self._allocate(session, message.cidr.ip)
         if granted is None:
             # Retryable: addresses come free as clients leave.
@@ -565,7 +569,7 @@ class Relay:
         self._dhcp_cursor = (fallback + 1) % count
         return hosts[fallback]
 
-    def _check_leases_of_host(self, session: RelaySession, now: float) -> None:
+    def _check_leases_of_host(self, session: RelaySession) -> None:
         """A new vmac from a source address with max_leases_per_ip leases is refused.
 
         One machine making up vmacs would otherwise take the whole pool. A
