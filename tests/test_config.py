@@ -499,6 +499,15 @@ def test_effective_items_mask_the_password() -> None:
         "metrics",
         "tls_cert",
         "tls_key",
+        "send_queue_bytes",
+        "max_unauthenticated",
+        "max_unauthenticated_per_ip",
+        "login_timeout",
+        "max_replay_entries",
+        "broadcast_rate",
+        "max_broadcast_size",
+        "max_leases_per_ip",
+        "stun_rate",
     ]
     assert server_items["password"] == "********"
     assert server_items["sdwan"] == "10.0.0.1/32,10.1.0.0/16,10.0.0.1"

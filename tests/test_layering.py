@@ -17,7 +17,13 @@ import pytest
 PACKAGE_DIR = Path(__file__).resolve().parents[1] / "src" / "p2pvpn"
 
 # The sans-I/O cores, as paths below src/p2pvpn: a directory means every module in it.
-SANS_IO = ("wire", "client/peer.py", "client/route_policy.py", "server/relay.py")
+SANS_IO = (
+    "wire",
+    "client/peer.py",
+    "client/route_policy.py",
+    "server/relay.py",
+    "server/limits.py",
+)
 IO_MODULES = frozenset({"socket", "asyncio", "websockets", "selectors", "ssl"})
 
 # Floors, lowest first. A module may import from its own floor and below.

@@ -13,7 +13,9 @@ logs in like a real one (VMAC, then AUTH with a static address from
 FORWARD to itself, then sends `--rate` FORWARD frames per second to random
 other clients. Every frame carries its send time (time.time_ns(): the clients
 are in different processes of one machine), so receivers measure the relay
-latency.
+latency. Each client connects from its own loopback address (127.1.x.y,
+all of 127.0.0.0/8 is local), as clients on the Internet would, so that the
+server's per-source-address caps see one client per address.
 
 Load phase (per client count): relayed frames/s, p50/p99 latency, the
 server's CPU seconds (utime + stime) and CPU %, its peak RSS, and errors
@@ -71,6 +73,7 @@ REPO = Path(__file__).resolve().parents[2]
 PASSWORD = "relay-load-benchmark"
 NETWORK = IPv4Network("10.66.0.0/16")
 GARBAGE_OFFSET = 30000  # garbage clients' host numbers start here
+SOURCE_BASE = IPv4Address("127.1.0.0")  # clients connect from the addresses after it
 FORWARD = 1
 HEADER = struct.Struct("!BBHHHBBH4s4s")  # IPv4 header, no options
 STAMP = struct.Struct("!QII")  # send time (ns), sender index, sequence number
@@ -174,11 +177,17 @@ async def _sleep_until(deadline: float) -> None:
         await asyncio.sleep(delay)
 
 
+def source_address(index: int) -> str:
+    """The loopback address client ``index`` connects from."""
+    return str(SOURCE_BASE + 1 + index)
+
+
 async def _login(url: str, index: int) -> ClientConnection:
     """Connect, VMAC, AUTH; then a FORWARD to ourselves proves the server mapped us."""
     tun_ip = address(index)
     ws = await connect(
         url,
+        local_addr=(source_address(index), 0),
         compression=None,
         ping_interval=None,
         max_size=2**17,

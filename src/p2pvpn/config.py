@@ -67,6 +67,17 @@ __all__ = [
 DEFAULT_STUN_PORT = 3478
 DEFAULT_MTU = 1400
 DEFAULT_STATE_ROOT = Path("/var/lib/p2pvpn")
+# The server's resource caps; p2pvpn.server.limits.ServerLimits has the same
+# defaults (tests/test_config.py checks) and says what each one bounds.
+DEFAULT_SEND_QUEUE_BYTES = 4 * 1024 * 1024
+DEFAULT_MAX_UNAUTHENTICATED = 1024
+DEFAULT_MAX_UNAUTHENTICATED_PER_IP = 32
+DEFAULT_LOGIN_TIMEOUT = 5.0
+DEFAULT_MAX_REPLAY_ENTRIES = 65536
+DEFAULT_BROADCAST_RATE = 100
+DEFAULT_MAX_BROADCAST_SIZE = 2048
+DEFAULT_MAX_LEASES_PER_IP = 4
+DEFAULT_STUN_RATE = 20
 INTERFACE_PREFIX = "p2pvpn"
 IFNAMSIZ = 16  # Linux, including the terminating NUL
 
@@ -91,6 +102,16 @@ _SERVER_KEYS = (
     *("dhcp", "sdwan", "stun_port", "metrics"),
     "tls_cert",
     "tls_key",
+    # Resource caps (p2pvpn.server.limits.ServerLimits), one a line.
+    "send_queue_bytes",
+    "max_unauthenticated",
+    "max_unauthenticated_per_ip",
+    "login_timeout",
+    "max_replay_entries",
+    "broadcast_rate",
+    "max_broadcast_size",
+    "max_leases_per_ip",
+    "stun_rate",
 )
 _CLIENT_KEYS = (
     *_COMMON_KEYS,
@@ -168,6 +189,15 @@ class ServerConfig:
     log_format: LogFormat = "text"  # stderr logs: "text" or "json" (one object a line)
     tls_cert: Path | None = None  # PEM certificate (chain) for wss://
     tls_key: Path | None = None  # its PEM private key, unencrypted
+    send_queue_bytes: int = DEFAULT_SEND_QUEUE_BYTES
+    max_unauthenticated: int = DEFAULT_MAX_UNAUTHENTICATED
+    max_unauthenticated_per_ip: int = DEFAULT_MAX_UNAUTHENTICATED_PER_IP
+    login_timeout: float = DEFAULT_LOGIN_TIMEOUT
+    max_replay_entries: int = DEFAULT_MAX_REPLAY_ENTRIES
+    broadcast_rate: int = DEFAULT_BROADCAST_RATE
+    max_broadcast_size: int = DEFAULT_MAX_BROADCAST_SIZE
+    max_leases_per_ip: int = DEFAULT_MAX_LEASES_PER_IP
+    stun_rate: int = DEFAULT_STUN_RATE
 
 
 @dataclass(frozen=True, slots=True)
@@ -491,6 +521,31 @@ def server_config_from_values(values: Mapping[str, ConfigValue], source: str) ->
         metrics=get("metrics", _endpoint, None),
         tls_cert=get.check("tls_cert", lambda: _server_tls_file(values, "tls_cert"), None),
         tls_key=get.check("tls_key", lambda: _server_tls_file(values, "tls_key"), None),
+        # A queue must hold at least one frame of the largest size (64 KiB).
+        send_queue_bytes=get(
+            "send_queue_bytes", _int_range(65536, 2**30), DEFAULT_SEND_QUEUE_BYTES
+        ),
+        max_unauthenticated=get(
+            "max_unauthenticated", _int_range(1, 1_000_000), DEFAULT_MAX_UNAUTHENTICATED
+        ),
+        max_unauthenticated_per_ip=get(
+            "max_unauthenticated_per_ip",
+            _int_range(1, 1_000_000),
+            DEFAULT_MAX_UNAUTHENTICATED_PER_IP,
+        ),
+        login_timeout=get("login_timeout", _seconds(0.1, 300.0), DEFAULT_LOGIN_TIMEOUT),
+        max_replay_entries=get(
+            "max_replay_entries", _int_range(16, 100_000_000), DEFAULT_MAX_REPLAY_ENTRIES
+        ),
+        broadcast_rate=get("broadcast_rate", _int_range(1, 1_000_000), DEFAULT_BROADCAST_RATE),
+        # Below 64 bytes even a DISCOVERY or a small IP packet would not pass.
+        max_broadcast_size=get(
+            "max_broadcast_size", _int_range(64, 65536), DEFAULT_MAX_BROADCAST_SIZE
+        ),
+        max_leases_per_ip=get(
+            "max_leases_per_ip", _int_range(1, 1_000_000), DEFAULT_MAX_LEASES_PER_IP
+        ),
+        stun_rate=get("stun_rate", _int_range(1, 1_000_000), DEFAULT_STUN_RATE),
     )
     get.raise_problems()
     return config
@@ -697,6 +752,22 @@ def _int_range(low: int, high: int) -> Callable[[str, ConfigValue], int]:
     return parse
 
 
+def _seconds(low: float, high: float) -> Callable[[str, ConfigValue], float]:
+    def parse(key: str, item: ConfigValue) -> float:
+        value = item.value
+        if isinstance(value, bool):
+            _fail(key, item, f"expected a number of seconds, got {value!r}")
+        try:
+            number = float(value)
+        except ValueError:
+            _fail(key, item, f"expected a number of seconds, got {value!r}")
+        if not low <= number <= high:
+            _fail(key, item, f"{number:g} is outside {low:g}..{high:g} seconds")
+        return number
+
+    return parse
+
+
 def _path(key: str, item: ConfigValue) -> Path | None:
     text = _string(key, item).strip()
     return Path(text).expanduser().absolute() if text else None
@@ -853,6 +924,15 @@ def effective_items(config: ClientConfig | ServerConfig) -> list[tuple[str, str]
             ("metrics", metrics),
             ("tls_cert", _show_path(config.tls_cert, "(none: ws://)")),
             ("tls_key", _show_path(config.tls_key, "(none: ws://)")),
+            ("send_queue_bytes", str(config.send_queue_bytes)),
+            ("max_unauthenticated", str(config.max_unauthenticated)),
+            ("max_unauthenticated_per_ip", str(config.max_unauthenticated_per_ip)),
+            ("login_timeout", f"{config.login_timeout:g} s"),
+            ("max_replay_entries", str(config.max_replay_entries)),
+            ("broadcast_rate", f"{config.broadcast_rate}/s"),
+            ("max_broadcast_size", str(config.max_broadcast_size)),
+            ("max_leases_per_ip", str(config.max_leases_per_ip)),
+            ("stun_rate", f"{config.stun_rate}/s"),
         ]
     return [
         ("mode", "client"),

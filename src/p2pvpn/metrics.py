@@ -204,6 +204,12 @@ _SERVER_METRICS: tuple[tuple[Literal["gauge", "counter", "by_reason"], str, str,
         "Connections closed for a protocol or security violation, by reason.",
         "rejections",
     ),
+    (
+        "by_reason",
+        "p2pvpn_server_limits_total",
+        "Times a resource cap refused or dropped something, by cap.",
+        "limits",
+    ),
     ("gauge", "p2pvpn_server_dhcp_leases", "Addresses leased from the pool.", "dhcp_leases"),
     (
         "gauge",
@@ -226,6 +232,11 @@ _SERVER_STUN_COUNTERS = (
         "p2pvpn_server_stun_ignored_total",
         "Datagrams on the STUN port that were not binding requests (or not IPv4).",
         "ignored",
+    ),
+    (
+        "p2pvpn_server_stun_rate_limited_total",
+        "STUN binding requests not answered: over the per-address rate.",
+        "rate_limited",
     ),
 )
 

@@ -86,12 +86,14 @@ def test_second_login_with_the_same_address_kicks_the_older(
     assert any("kicked" in record.getMessage() for record in caplog.records)
 
 
-def test_relogin_with_another_address_moves_the_mapping() -> None:
+def test_a_second_auth_on_one_connection_is_a_protocol_violation() -> None:
     relay = make_relay()
     session = login(relay, "10.0.0.1")
     feed(relay, session, auth_frame("10.0.0.2", NOW + 1), NOW + 1)
+    assert session.closes == [(CloseCode.PROTOCOL_VIOLATION, "repeated AUTH")]
     assert relay.session_for(ip("10.0.0.1")) is None
-    assert relay.session_for(ip("10.0.0.2")) is session
+    assert relay.session_for(ip("10.0.0.2")) is None
+    assert relay.stats()["limits"] == {"repeated_login_message": 1}
 
 
 @pytest.mark.parametrize("address", ["0.0.0.0", "255.255.255.255", "224.0.0.1", "127.0.0.1"])
@@ -301,20 +303,24 @@ def test_a_returning_vmac_gets_its_address_back_after_disconnect() -> None:
     feed(relay, again, vmac_frame(VMAC_A, NOW + 5), NOW + 5)
     assert request_address(relay, again, "0.0.0.0/0", NOW + 5) == IPv4Interface("10.77.0.1/24")
     # Asking for an address leased to someone else also gets the own one back.
-    feed(relay, again, expttun_frame("10.77.0.2/24", NOW + 6), NOW + 6)
-    assert decode_ws_message(again.sent[-1]) == ExptTun.create(
+    relay.on_disconnect(again)
+    last = FakeSession()
+    feed(relay, last, vmac_frame(VMAC_A, NOW + 6), NOW + 6)
+    feed(relay, last, expttun_frame("10.77.0.2/24", NOW + 6), NOW + 6)
+    assert decode_ws_message(last.sent[-1]) == ExptTun.create(
         PASSWORD, IPv4Interface("10.77.0.1/24"), NOW + 6
     )
 
 
-def test_exhausted_pool_closes_4003() -> None:
+def test_exhausted_pool_closes_4007_try_again_later() -> None:
     relay = make_relay(dhcp=IPv4Network("10.9.0.0/30"))  # hosts .1 and .2
     login(relay, "10.9.0.1", vmac=VMAC_A)
     login(relay, "10.9.0.2", vmac=VMAC_B)
     session = FakeSession()
     feed(relay, session, vmac_frame(VMAC_C), NOW)
     assert request_address(relay, session) is None
-    assert session.closes == [(CloseCode.ADDRESS_REFUSED, "dhcp range exhausted")]
+    assert session.closes == [(CloseCode.TRY_AGAIN_LATER, "dhcp range exhausted, try again later")]
+    assert relay.stats()["limits"] == {"dhcp_exhausted": 1}
 
 
 def test_leases_of_absent_clients_are_reclaimed_when_nothing_else_is_left() -> None:

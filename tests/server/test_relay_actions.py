@@ -103,11 +103,12 @@ def test_a_duplicate_address_closes_the_older_session_then_sends_routes_to_the_n
 def test_the_login_deadline_closes_only_sessions_that_did_not_log_in() -> None:
     relay = Relay(PASSWORD)
     silent, active = connect(relay), logged_in(relay, "10.0.0.1")
-    assert relay.login_timed_out(active, 30.0) == []
-    assert relay.login_timed_out(silent, 30.0) == [
+    assert relay.login_timed_out(active, 30.0, NOW) == []
+    assert relay.login_timed_out(silent, 30.0, NOW) == [
         Close(silent, CloseCode.NOT_AUTHENTICATED, "no login")
     ]
-    assert relay.login_timed_out(silent, 30.0) == []  # already closed
+    assert relay.login_timed_out(silent, 30.0, NOW) == []  # already closed
+    assert relay.stats()["limits"] == {"login_timeout": 1}
 
 
 # -- replay cache -----------------------------------------------------------------------
@@ -165,7 +166,7 @@ def test_the_pool_grants_in_turn_then_refuses_when_exhausted() -> None:
     late = connect(relay)
     relay.handle_frame(late, vmac_frame("00112233445566aa"), NOW)
     assert relay.handle_frame(late, expttun_frame(), NOW) == [
-        Close(late, CloseCode.ADDRESS_REFUSED, "dhcp range exhausted")
+        Close(late, CloseCode.TRY_AGAIN_LATER, "dhcp range exhausted, try again later")
     ]
 
 

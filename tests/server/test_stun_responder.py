@@ -45,7 +45,7 @@ def test_binding_request_is_answered_with_the_source_address() -> None:
         host, port = client.getsockname()
         assert response.transaction_id == transaction_id
         assert response.address == (IPv4Address(host), port)
-        assert responder.stats() == {"requests": 1, "responses": 1, "ignored": 0}
+        assert responder.stats() == {"requests": 1, "responses": 1, "ignored": 0, "rate_limited": 0}
 
     asyncio.run(_with_responder(scenario))
 
@@ -78,6 +78,40 @@ def test_garbage_is_ignored_and_the_responder_keeps_answering() -> None:
         transaction_id = os.urandom(12)
         reply = await _exchange(client, server, encode_binding_request(transaction_id))
         assert decode_binding_response(reply).transaction_id == transaction_id
-        assert responder.stats() == {"requests": 1, "responses": 1, "ignored": len(garbage)}
+        assert responder.stats() == {
+            "requests": 1,
+            "responses": 1,
+            "ignored": len(garbage),
+            "rate_limited": 0,
+        }
 
     asyncio.run(_with_responder(scenario))
+
+
+def test_a_flooding_address_is_rate_limited_and_others_are_still_answered() -> None:
+    async def scenario() -> None:
+        transport, responder = await start_stun_responder("127.0.0.1", 0, rate=5)
+        server = transport.get_extra_info("sockname")
+        flooder = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        good = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            flooder.bind(("127.0.0.2", 0))
+            good.setblocking(False)
+            good.bind(("127.0.0.3", 0))
+            for _ in range(200):
+                flooder.sendto(encode_binding_request(os.urandom(12)), server)
+            # Every request has been handled once the good client's answer is back.
+            transaction_id = os.urandom(12)
+            reply = await _exchange(good, server, encode_binding_request(transaction_id))
+            assert decode_binding_response(reply).transaction_id == transaction_id
+            stats = responder.stats()
+            assert stats["requests"] == 201
+            # A burst of twice the rate, plus what refilled while the flood ran.
+            assert 10 <= stats["responses"] - 1 < 100
+            assert stats["rate_limited"] == 201 - stats["responses"]
+        finally:
+            flooder.close()
+            good.close()
+            transport.close()
+
+    asyncio.run(scenario())

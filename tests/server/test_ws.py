@@ -9,6 +9,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from p2pvpn.server.limits import ServerLimits
 from p2pvpn.server.relay import Relay
 from p2pvpn.server.ws import RelayServer, _WsSession
 from p2pvpn.wire.close_codes import CloseCode
@@ -164,7 +165,7 @@ def test_silent_connection_is_closed_after_the_login_timeout() -> None:
     async def scenario() -> None:
         relay = Relay(PASSWORD)
         async with (
-            RelayServer(relay, "127.0.0.1", 0, login_timeout=0.2) as server,
+            RelayServer(relay, "127.0.0.1", 0, limits=ServerLimits(login_timeout=0.2)) as server,
             connect(f"ws://127.0.0.1:{server.port}/") as connection,
         ):
             with pytest.raises(ConnectionClosed) as closed:
@@ -196,11 +197,11 @@ def test_a_slow_client_gets_frames_dropped_instead_of_blocking() -> None:
     async def scenario() -> None:
         relay = Relay(PASSWORD)
         connection = _StalledConnection()
-        session = _WsSession(connection, relay, queue_size=4)  # type: ignore[arg-type]
+        session = _WsSession(connection, relay, queue_bytes=4)  # type: ignore[arg-type]
         writer = asyncio.get_running_loop().create_task(session.write_loop())
         for n in range(10):
             session.send(bytes([n]))  # returns at once even though nothing drains
-        # The queue holds four frames; the other six are dropped and counted.
+        # The queue holds four bytes, four one-byte frames; the other six are dropped.
         assert relay.stats()["drops"] == {"send_queue_full": 6}
         # The writer takes one frame and stays stuck in send() for good...
         await wait_until(lambda: len(connection.sent) == 1)

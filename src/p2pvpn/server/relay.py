@@ -9,6 +9,10 @@ sessions; :mod:`p2pvpn.server.ws` performs the actions over WebSocket.
 Security rules (ARCHITECTURE.md) enforced here and not by the reference
 server: signed login messages must be fresh and unique, every relayed
 message must carry the sender's own tun ip as source, frames are capped.
+The resource caps of :class:`~p2pvpn.server.limits.ServerLimits` that need
+no socket are kept here too: one login message of each kind per connection,
+the replay cache's size, a token bucket and a size cap on broadcasts, and
+the dynamic addresses per source address.
 """
 
 import heapq
@@ -20,6 +24,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from typing import Any, Protocol
 
+from p2pvpn.server.limits import DEFAULT_LIMITS, LogThrottle, ServerLimits, TokenBucket
 from p2pvpn.wire.close_codes import CloseCode
 from p2pvpn.wire.errors import DecodeError
 from p2pvpn.wire.ipv4 import is_broadcast_or_multicast
@@ -64,12 +69,16 @@ REPLAY_WINDOW = 300.0
 MAX_ROUTES_PER_MESSAGE = 100
 # RFC 6455 1011: the server hit an unexpected condition (a bug in this code).
 INTERNAL_ERROR = 1011
+# RFC 6455 1008: a generic policy violation; a client that does not read its
+# frames is closed with it, and may come back.
+POLICY_VIOLATION = 1008
 # At most one WARNING per reason in this interval for per-packet events.
 WARNING_INTERVAL = 10.0
 
 # The signed login messages; every other known type needs a logged-in sender.
 _ALLOWED_BEFORE_AUTH = frozenset({WsType.AUTH, WsType.EXPTTUN, WsType.VMAC})
 _KNOWN_TYPES = frozenset(int(kind) for kind in WsType)
+_LOGIN_TYPES = frozenset({int(WsType.AUTH), int(WsType.EXPTTUN), int(WsType.VMAC)})
 _IPV4_HEADER_SIZE = 20
 
 
@@ -95,6 +104,7 @@ class RelaySession:
 
     def __init__(self, remote: str) -> None:
         self.remote = remote  # "host:port", for logs only
+        self.host = _host_of(remote)  # the source address, for the per-address caps
         self.tun_ip: IPv4Address | None = None
         self.vmac: str | None = None
         self.authenticated = False
@@ -102,6 +112,10 @@ class RelaySession:
         self.closed = False
         # Set once on_disconnect ran, so a second call does not log twice.
         self.disconnected = False
+        # Type bytes of the login messages seen: each is allowed once per connection.
+        self.login_messages: set[int] = set()
+        # Made by the relay at the first broadcast of this session.
+        self.broadcast_bucket: TokenBucket | None = None
 
     def describe(self) -> str:
         who = str(self.tun_ip) if self.tun_ip is not None else "not logged in"
@@ -127,24 +141,6 @@ class Close:
 
 
 Action = Send | Close
-
-
-class _Throttle:
-    """Lets one log line per key through per interval and counts the rest."""
-
-    def __init__(self, interval: float) -> None:
-        self._interval = interval
-        self._last: dict[str, float] = {}
-        self._suppressed: Counter[str] = Counter()
-
-    def allow(self, key: str, now: float) -> int | None:
-        """The number of lines suppressed since the last one, or None to stay quiet."""
-        last = self._last.get(key)
-        if last is not None and 0 <= now - last < self._interval:
-            self._suppressed[key] += 1
-            return None
-        self._last[key] = now
-        return self._suppressed.pop(key, 0)
 
 
 class _ReplayCache:
@@ -198,8 +194,10 @@ class Relay:
         *,
         dhcp: IPv4Network | None = None,
         sdwan: Sequence[SdwanRuleLike] = (),
+        limits: ServerLimits = DEFAULT_LIMITS,
     ) -> None:
         self._password = password
+        self._limits = limits
         self._dhcp = dhcp
         self._sdwan = tuple(sdwan)
         # A client named as an sdwan next hop forwards the replies of the LAN
@@ -212,11 +210,16 @@ class Relay:
         self._leases: dict[str, IPv4Address] = {}  # vmac -> address
         self._lease_owner: dict[IPv4Address, str] = {}  # address -> vmac
         self._dhcp_cursor = 0  # index into the host addresses for "next free"
+        # Which source address each leased vmac asked from, and the reverse
+        # (both bounded by the pool: one entry per lease).
+        self._lease_host: dict[str, str] = {}
+        self._host_leases: dict[str, set[str]] = {}
         self._replays = _ReplayCache(REPLAY_WINDOW)
-        self._throttle = _Throttle(WARNING_INTERVAL)
+        self._throttle = LogThrottle(WARNING_INTERVAL)
         self._counters: Counter[str] = Counter()
         self._drops: Counter[str] = Counter()
         self._rejections: Counter[str] = Counter()
+        self._caps: Counter[str] = Counter()  # how often each resource cap bit
         # What the current event asks of the I/O layer, handed out when it ends.
         self._actions: list[Action] = []
 
@@ -264,20 +267,39 @@ class Relay:
         self._rejections[label] += 1
         logger.warning("rejected %s: %s", session.describe(), detail)
 
-    def login_timed_out(self, session: RelaySession, timeout: float) -> list[Action]:
+    def login_timed_out(self, session: RelaySession, timeout: float, now: float) -> list[Action]:
         """The login deadline of ``session`` passed: close it unless it logged in."""
         if session.closed or session.authenticated:
             return []
-        self._reject(
-            session,
-            CloseCode.NOT_AUTHENTICATED,
-            "no login",
-            f"no login within {timeout:g} s",
-        )
+        # Idle connections come in floods: the log line is throttled.
+        self._rejections[CloseCode.NOT_AUTHENTICATED.name] += 1
+        self.cap_hit("login_timeout", now, "no login within %g s from %s", timeout, session.remote)
+        self._close(session, CloseCode.NOT_AUTHENTICATED, "no login")
         return self._take_actions()
 
     def count_drop(self, reason: str) -> None:
         self._drops[reason] += 1
+
+    def cap_hit(self, cap: str, now: float, message: str, *args: object) -> None:
+        """Count that ``cap`` bit and log ``message`` at most once per WARNING_INTERVAL.
+
+        The I/O layer reports its own caps here too, so all of them show in stats().
+        """
+        self._caps[cap] += 1
+        suppressed = self._throttle.allow(cap, now)
+        if suppressed is not None:
+            logger.warning(
+                "limit %s: " + message + " (%d similar not logged)", cap, *args, suppressed
+            )
+
+    def send_queue_stalled(self, session: RelaySession, now: float, seconds: float) -> list[Action]:
+        """``session``'s send queue stayed full for ``seconds``: close it (it may reconnect)."""
+        if session.closed:
+            return []
+        self.cap_hit("send_queue_stalled", now, "closed %s", session.describe())
+        self._rejections["SEND_QUEUE_STALLED"] += 1
+        self._close(session, POLICY_VIOLATION, f"not reading: send queue full for {seconds:g} s")
+        return self._take_actions()
 
     def session_for(self, tun_ip: IPv4Address) -> RelaySession | None:
         return self._sessions.get(tun_ip)
@@ -302,6 +324,7 @@ class Relay:
             "internal_errors": counters["internal_errors"],
             "drops": dict(self._drops),
             "rejections": dict(self._rejections),
+            "limits": dict(self._caps),
         }
 
     # -- dispatch -----------------------------------------------------------
@@ -338,6 +361,8 @@ class Relay:
     def _handle_message(
         self, session: RelaySession, message: object, frame: bytes, now: float
     ) -> None:
+        if frame[0] in _LOGIN_TYPES and not isinstance(message, UnknownWsMessage):
+            self._once_per_connection(session, frame[0], now)
         if isinstance(message, Auth):
             self._on_auth(session, message, now)
         elif isinstance(message, ExptTun):
@@ -345,7 +370,7 @@ class Relay:
         elif isinstance(message, Vmac):
             self._on_vmac(session, message, now)
         elif isinstance(message, Udp4Conn | Discovery | General | LanAddress):
-            self._relay_signal(session, message, frame)
+            self._relay_signal(session, message, frame, now)
         elif isinstance(message, UnknownWsMessage):
             self._drops["unknown_type"] += 1  # PROTOCOL 2: unknown types are ignored
         else:
@@ -353,6 +378,22 @@ class Relay:
             self._drops["unexpected_type"] += 1
 
     # -- signed login messages ----------------------------------------------
+
+    def _once_per_connection(self, session: RelaySession, kind: int, now: float) -> None:
+        """Clients send one VMAC, at most one EXPTTUN and one AUTH per connection.
+
+        A second one could only make the server verify hashes and fill the
+        replay cache for nothing.
+        """
+        name = WsType(kind).name
+        if kind in session.login_messages:
+            self._caps["repeated_login_message"] += 1  # _reject logs it
+            raise _RejectError(
+                CloseCode.PROTOCOL_VIOLATION,
+                f"repeated {name}",
+                f"a second {name} on one connection",
+            )
+        session.login_messages.add(kind)
 
     def _check_signed(
         self,
@@ -383,6 +424,16 @@ class Relay:
         self._replays.prune(now)
         if self._replays.seen(key):
             raise _RejectError(CloseCode.STALE_OR_REPLAYED, "replayed", f"replayed {name}")
+        if len(self._replays) >= self._limits.max_replay_entries:
+            # Evicting the oldest key instead would make its message acceptable
+            # again while still fresh: a replay. Refusing costs a retry only; the
+            # cache empties as timestamps leave the window.
+            self._caps["replay_cache_full"] += 1
+            raise _RejectError(
+                CloseCode.TRY_AGAIN_LATER,
+                "server busy, try again later",
+                f"{name} refused: replay cache full",
+            )
         self._replays.add(key, timestamp)
 
     def _on_vmac(self, session: RelaySession, message: Vmac, now: float) -> None:
@@ -398,9 +449,6 @@ class Relay:
         self._check_signed("AUTH", valid, message.timestamp, key, now)
         tun_ip = message.tun_ip
         self._check_tun_ip(tun_ip)
-        if session.authenticated and session.tun_ip == tun_ip:
-            return  # a repeated login changes nothing
-        self._unmap(session)
         older = self._sessions.get(tun_ip)
         if older is not None and older is not session:
             logger.warning(
@@ -413,7 +461,7 @@ class Relay:
         session.authenticated = True
         self._counters["logins"] += 1
         if session.vmac is not None and self._is_pool_host(tun_ip):
-            self._record_lease(session.vmac, tun_ip)
+            self._record_lease(session.vmac, tun_ip, session.host)
         logger.info("login %s from %s (vmac %s)", tun_ip, session.remote, session.vmac)
         self._send_routes(session, tun_ip)
 
@@ -456,15 +504,18 @@ class Relay:
         # signed and replay-checked) tells their requests apart.
         key = (WsType.EXPTTUN, session.vmac, message.hash)
         self._check_signed("EXPTTUN", valid, message.timestamp, key, now)
+        self._check_leases_of_host(session)
         granted = self._allocate(session, message.cidr.ip)
         if granted is None:
+            # Retryable: addresses come free as clients leave.
+            self._caps["dhcp_exhausted"] += 1
             raise _RejectError(
-                CloseCode.ADDRESS_REFUSED,
-                "dhcp range exhausted",
+                CloseCode.TRY_AGAIN_LATER,
+                "dhcp range exhausted, try again later",
                 f"no free address left in {self._dhcp}",
             )
         if session.vmac is not None:
-            self._record_lease(session.vmac, granted)
+            self._record_lease(session.vmac, granted, session.host)
         cidr = IPv4Interface((granted, self._dhcp.prefixlen))
         grant = ExptTun.create(self._password, cidr, int(now))
         self._actions.append(Send(session, grant.encode()))
@@ -518,19 +569,61 @@ class Relay:
         self._dhcp_cursor = (fallback + 1) % count
         return hosts[fallback]
 
+    def _check_leases_of_host(self, session: RelaySession) -> None:
+        """A new vmac from a source address with max_leases_per_ip leases is refused.
+
+        One machine making up vmacs would otherwise take the whole pool. A
+        lease of that address whose client is gone makes room instead.
+        """
+        vmac = session.vmac
+        if vmac is None or vmac in self._leases:
+            return
+        vmacs = self._host_leases.get(session.host, set())
+        if len(vmacs) < self._limits.max_leases_per_ip:
+            return
+        for other in sorted(vmacs):
+            holder = self._sessions.get(self._leases[other])
+            if holder is None or holder.vmac != other:
+                self._drop_lease(other)
+                return
+        self._caps["dhcp_leases_per_ip"] += 1
+        raise _RejectError(
+            CloseCode.TRY_AGAIN_LATER,
+            "too many addresses for this source address, try again later",
+            f"{len(vmacs)} addresses already leased to {session.host}",
+        )
+
     def _is_pool_host(self, address: IPv4Address) -> bool:
         return self._dhcp is not None and address in _HostRange(self._dhcp)
 
-    def _record_lease(self, vmac: str, address: IPv4Address) -> None:
+    def _record_lease(self, vmac: str, address: IPv4Address, host: str) -> None:
         """Keep leases one-to-one: a vmac holds one address, an address one vmac."""
         old_address = self._leases.get(vmac)
         if old_address is not None and self._lease_owner.get(old_address) == vmac:
             del self._lease_owner[old_address]
         old_owner = self._lease_owner.get(address)
         if old_owner is not None and old_owner != vmac:
-            del self._leases[old_owner]
+            self._drop_lease(old_owner)
+        self._forget_lease_host(vmac)
         self._leases[vmac] = address
         self._lease_owner[address] = vmac
+        self._lease_host[vmac] = host
+        self._host_leases.setdefault(host, set()).add(vmac)
+
+    def _drop_lease(self, vmac: str) -> None:
+        address = self._leases.pop(vmac)
+        if self._lease_owner.get(address) == vmac:
+            del self._lease_owner[address]
+        self._forget_lease_host(vmac)
+
+    def _forget_lease_host(self, vmac: str) -> None:
+        host = self._lease_host.pop(vmac, None)
+        if host is None:
+            return
+        vmacs = self._host_leases[host]
+        vmacs.discard(vmac)
+        if not vmacs:
+            del self._host_leases[host]
 
     # -- relaying -------------------------------------------------------------
 
@@ -558,7 +651,7 @@ class Relay:
         if target is not None:
             self._deliver(target, frame)
         elif is_broadcast_or_multicast(destination, self._dhcp):
-            self._fan_out(session, frame)
+            self._fan_out(session, frame, now)
         else:
             self._drops["unknown_destination"] += 1
 
@@ -572,6 +665,7 @@ class Relay:
         session: RelaySession,
         message: Udp4Conn | Discovery | General | LanAddress,
         frame: bytes,
+        now: float,
     ) -> None:
         """UDP4CONN, DISCOVERY, GENERAL: check the source, pass the frame on unchanged."""
         name = WsType(frame[0]).name
@@ -586,7 +680,7 @@ class Relay:
             )
         # PROTOCOL 2.4: only DISCOVERY and GENERAL may go to everyone.
         if destination == BROADCAST and not isinstance(message, Udp4Conn):
-            self._fan_out(session, frame)
+            self._fan_out(session, frame, now)
             return
         target = self._sessions.get(destination)
         if target is None:
@@ -599,7 +693,31 @@ class Relay:
         self._counters["bytes_relayed"] += len(frame)
         self._actions.append(Send(target, frame))
 
-    def _fan_out(self, sender: RelaySession, frame: bytes) -> None:
+    def _fan_out(self, sender: RelaySession, frame: bytes, now: float) -> None:
+        """Send ``frame`` to everyone but ``sender``, within the broadcast caps.
+
+        One broadcast costs a send per client, so its size and rate are capped;
+        over the cap it is dropped, and the sender stays connected.
+        """
+        limits = self._limits
+        if len(frame) > limits.max_broadcast_size:
+            self._drops["broadcast_too_large"] += 1
+            self.cap_hit(
+                "broadcast_size",
+                now,
+                "dropped a %d-byte broadcast from %s",
+                len(frame),
+                sender.describe(),
+            )
+            return
+        bucket = sender.broadcast_bucket
+        if bucket is None:
+            rate = limits.broadcast_rate
+            bucket = sender.broadcast_bucket = TokenBucket(rate, 2 * rate, now)
+        if not bucket.take(now):
+            self._drops["broadcast_rate"] += 1
+            self.cap_hit("broadcast_rate", now, "dropped broadcasts from %s", sender.describe())
+            return
         for target in list(self._sessions.values()):
             if target is not sender:
                 self._deliver(target, frame)
@@ -627,6 +745,12 @@ class Relay:
     def _take_actions(self) -> list[Action]:
         actions, self._actions = self._actions, []
         return actions
+
+
+def _host_of(remote: str) -> str:
+    """``"192.0.2.1"`` from ``"192.0.2.1:40000"``, ``"2001:db8::1"`` from ``"[2001:db8::1]:1"``."""
+    host, separator, _ = remote.rpartition(":")
+    return host.strip("[]") if separator else remote
 
 
 class _HostRange:

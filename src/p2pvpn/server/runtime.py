@@ -9,6 +9,7 @@ reloads the TLS certificate on SIGHUP.
 import asyncio
 import logging
 import os
+import resource
 import signal
 from collections.abc import Callable
 from typing import Any
@@ -17,17 +18,20 @@ from urllib.parse import urlsplit
 from p2pvpn.config import ServerConfig, display_url
 from p2pvpn.logs import install_secret_filter
 from p2pvpn.metrics import MetricsServer, serve_server_metrics
+from p2pvpn.server.limits import ServerLimits
 from p2pvpn.server.relay import Relay
 from p2pvpn.server.stun import StunResponder, start_stun_responder
 from p2pvpn.server.tls import ServerTls, TlsError
-from p2pvpn.server.ws import DEFAULT_LOGIN_TIMEOUT, RelayServer
+from p2pvpn.server.ws import RelayServer
 
 __all__ = [
     "ListenError",
     "ServerRuntime",
     "listen_address",
+    "raise_file_limit",
     "run_server",
     "serve",
+    "server_limits",
 ]
 
 logger = logging.getLogger(__name__)
@@ -71,6 +75,56 @@ def _server_tls(config: ServerConfig) -> ServerTls | None:
     return ServerTls(config.tls_cert, config.tls_key)
 
 
+def server_limits(config: ServerConfig) -> ServerLimits:
+    """The caps of ``config`` for the relay, the WebSocket server and STUN."""
+    return ServerLimits(
+        send_queue_bytes=config.send_queue_bytes,
+        max_unauthenticated=config.max_unauthenticated,
+        max_unauthenticated_per_ip=config.max_unauthenticated_per_ip,
+        login_timeout=config.login_timeout,
+        max_replay_entries=config.max_replay_entries,
+        broadcast_rate=config.broadcast_rate,
+        max_broadcast_size=config.max_broadcast_size,
+        max_leases_per_ip=config.max_leases_per_ip,
+        stun_rate=config.stun_rate,
+    )
+
+
+# Descriptors besides the client connections: listening sockets, STUN, metrics, logs.
+_SPARE_FILES = 64
+# Logged-in clients the descriptor budget allows for besides the pending ones,
+# when no dhcp pool says how many there can be.
+_SESSIONS_WITHOUT_POOL = 4096
+
+
+def raise_file_limit(config: ServerConfig) -> int:
+    """Raise RLIMIT_NOFILE's soft limit to the hard one; warn if it is below the need.
+
+    Every connection is a descriptor: the pending logins (max_unauthenticated)
+    plus every logged-in client. Returns the soft limit in force.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20  # the kernel's default nr_open: higher fails
+    if soft == resource.RLIM_INFINITY or soft >= hard:
+        return soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    except (ValueError, OSError) as exc:
+        logger.debug("cannot raise the open files limit to %d: %s", hard, exc)
+    sessions = config.dhcp.num_addresses if config.dhcp is not None else _SESSIONS_WITHOUT_POOL
+    needed = config.max_unauthenticated + sessions + _SPARE_FILES
+    if soft < needed:
+        logger.warning(
+            "open files limit %d is below the %d the connection caps need "
+            "(max_unauthenticated + clients); raise LimitNOFILE / ulimit -n",
+            soft,
+            needed,
+        )
+    return soft
+
+
 class ServerRuntime:
     """The whole server process: WebSocket relay, optional STUN responder and metrics."""
 
@@ -79,19 +133,19 @@ class ServerRuntime:
         config: ServerConfig,
         *,
         stun_host: str = "0.0.0.0",
-        login_timeout: float = DEFAULT_LOGIN_TIMEOUT,
     ) -> None:
         """Raises TlsError when the certificate of a wss:// URL cannot be used."""
         self.config = config
         self.host, port = listen_address(config.websocket)
         self.tls = _server_tls(config)
         self.scheme = "ws" if self.tls is None else "wss"
-        self.relay = Relay(config.password, dhcp=config.dhcp, sdwan=config.sdwan)
+        limits = server_limits(config)
+        self.relay = Relay(config.password, dhcp=config.dhcp, sdwan=config.sdwan, limits=limits)
         self.ws = RelayServer(
             self.relay,
             self.host,
             port,
-            login_timeout=login_timeout,
+            limits=limits,
             ssl_context=None if self.tls is None else self.tls.listener,
         )
         self._stun_host = stun_host
@@ -120,7 +174,9 @@ class ServerRuntime:
             raise ListenError(f"cannot listen on {address}: {_os_error_text(exc)}") from exc
         if self.config.stun_port:
             try:
-                self._stun = await start_stun_responder(self._stun_host, self.config.stun_port)
+                self._stun = await start_stun_responder(
+                    self._stun_host, self.config.stun_port, rate=self.config.stun_rate
+                )
             except OSError as exc:
                 await self.ws.close()
                 address = f"udp {self._stun_host}:{self.config.stun_port}"
@@ -212,6 +268,7 @@ def run_server(config: ServerConfig) -> int:
             config.stun_port,
         )
     install_secret_filter(config.password)
+    raise_file_limit(config)
     return asyncio.run(_main(config))
 
 

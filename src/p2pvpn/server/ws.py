@@ -10,12 +10,14 @@ import asyncio
 import contextlib
 import ssl
 import time
+from collections import deque
 from typing import Any, cast
 
 from websockets.asyncio.server import Server, ServerConnection
 from websockets.asyncio.server import serve as ws_serve
 from websockets.exceptions import ConnectionClosed
 
+from p2pvpn.server.limits import DEFAULT_LIMITS, ServerLimits
 from p2pvpn.server.relay import MAX_FRAME_SIZE, Action, Relay, RelaySession, Send
 
 __all__ = [
@@ -29,11 +31,12 @@ CLOSE_TIMEOUT = 2.0
 # WebSocket close code websockets sends when a message exceeds max_size.
 MESSAGE_TOO_BIG = 1009
 
-DEFAULT_QUEUE_SIZE = 1024
 DEFAULT_PING_INTERVAL = 20.0
 DEFAULT_PING_TIMEOUT = 20.0
 # A connection that has not logged in by then only holds resources.
-DEFAULT_LOGIN_TIMEOUT = 30.0
+DEFAULT_LOGIN_TIMEOUT = DEFAULT_LIMITS.login_timeout
+# A client whose send queue stays full this long is not reading: it is closed.
+SEND_QUEUE_STALL = 5.0
 # A rejected client is no longer read; if its answer to the close frame does not
 # arrive within this (it may sit behind unread frames), the connection is dropped.
 REJECTED_CLOSE_TIMEOUT = 2.0
@@ -44,23 +47,48 @@ TLS_HANDSHAKE_TIMEOUT = 10.0
 
 
 class _WsSession(RelaySession):
-    """A WebSocket connection: send() queues, a writer task drains the queue."""
+    """A WebSocket connection: send() queues, a writer task drains the queue.
 
-    def __init__(self, connection: ServerConnection, relay: Relay, queue_size: int) -> None:
+    The queue is bounded in bytes: a frame that does not fit is dropped, so a
+    client that does not read costs at most ``queue_bytes`` of memory, and one
+    whose queue stays full for SEND_QUEUE_STALL seconds is closed.
+    """
+
+    def __init__(self, connection: ServerConnection, relay: Relay, queue_bytes: int) -> None:
         super().__init__(_format_remote(connection.remote_address))
         self._connection = connection
         self._relay = relay
-        self._queue: asyncio.Queue[bytes] = asyncio.Queue(queue_size)
+        self._queue: deque[bytes] = deque()
+        self._queued_bytes = 0
+        self._queue_bytes = queue_bytes
+        self._not_empty = asyncio.Event()
+        self._full_since: float | None = None  # loop time of the first drop in a row
         self._close_task: asyncio.Task[None] | None = None
 
     def send(self, frame: bytes) -> None:
         if self.closed:
             return
-        try:
-            self._queue.put_nowait(frame)
-        except asyncio.QueueFull:
-            # A client that does not read must not hold up anyone else.
-            self._relay.count_drop("send_queue_full")
+        size = len(frame)
+        if self._queued_bytes + size > self._queue_bytes:
+            self._queue_full()
+            return
+        self._full_since = None
+        self._queue.append(frame)
+        self._queued_bytes += size
+        self._not_empty.set()
+
+    def _queue_full(self) -> None:
+        # A client that does not read must not hold up anyone else.
+        self._relay.count_drop("send_queue_full")
+        now = asyncio.get_running_loop().time()
+        if self._full_since is None:
+            self._full_since = now
+            self._relay.cap_hit("send_queue_full", time.time(), "dropping frames to %s", self)
+        elif now - self._full_since >= SEND_QUEUE_STALL:
+            _perform(self._relay.send_queue_stalled(self, time.time(), SEND_QUEUE_STALL))
+
+    def __str__(self) -> str:
+        return self.describe()
 
     def close(self, code: int, reason: str) -> None:
         if self._close_task is None:
@@ -85,9 +113,15 @@ class _WsSession(RelaySession):
             self._connection.transport.abort()
 
     async def write_loop(self) -> None:
+        queue = self._queue
         with contextlib.suppress(ConnectionClosed):
             while True:
-                frame = await self._queue.get()
+                if not queue:
+                    self._not_empty.clear()
+                    await self._not_empty.wait()
+                    continue
+                frame = queue.popleft()
+                self._queued_bytes -= len(frame)
                 await self._connection.send(frame)
 
 
@@ -100,6 +134,46 @@ def _perform(actions: list[Action]) -> None:
             session.send(action.frame)
         else:
             session.close(action.code, action.reason)
+
+
+def _host_of(address: Any) -> str:
+    if isinstance(address, tuple) and address:
+        return str(address[0])
+    return str(address)
+
+
+class _PendingLogins:
+    """Connections that have not logged in yet, in all and by source address.
+
+    The table only holds addresses with a pending connection, so it is bounded
+    by the global cap.
+    """
+
+    def __init__(self, total: int, per_host: int) -> None:
+        self._total_cap = total
+        self._host_cap = per_host
+        self.total = 0
+        self._by_host: dict[str, int] = {}
+
+    def refusal(self, host: str) -> str | None:
+        """Which cap admitting a connection from ``host`` would pass, if any."""
+        if self.total >= self._total_cap:
+            return "unauthenticated"
+        if self._by_host.get(host, 0) >= self._host_cap:
+            return "unauthenticated_per_ip"
+        return None
+
+    def add(self, host: str) -> None:
+        self.total += 1
+        self._by_host[host] = self._by_host.get(host, 0) + 1
+
+    def remove(self, host: str) -> None:
+        self.total -= 1
+        left = self._by_host[host] - 1
+        if left:
+            self._by_host[host] = left
+        else:
+            del self._by_host[host]
 
 
 def _format_remote(address: Any) -> str:
@@ -132,8 +206,7 @@ class RelayServer:
         *,
         ping_interval: float | None = DEFAULT_PING_INTERVAL,
         ping_timeout: float | None = DEFAULT_PING_TIMEOUT,
-        queue_size: int = DEFAULT_QUEUE_SIZE,
-        login_timeout: float = DEFAULT_LOGIN_TIMEOUT,
+        limits: ServerLimits = DEFAULT_LIMITS,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.relay = relay
@@ -142,8 +215,13 @@ class RelayServer:
         self._port = port
         self._ping_interval = ping_interval
         self._ping_timeout = ping_timeout
-        self._queue_size = queue_size
-        self._login_timeout = login_timeout
+        self._queue_bytes = limits.send_queue_bytes
+        self._login_timeout = limits.login_timeout
+        self._pending = _PendingLogins(
+            limits.max_unauthenticated, limits.max_unauthenticated_per_ip
+        )
+        # Accepted connections counted in _pending, with their source address.
+        self._admitted: dict[ServerConnection, str] = {}
         self._server: Server | None = None
 
     @property
@@ -165,13 +243,20 @@ class RelayServer:
             self._host,
             self._port,
             compression=None,
+            create_connection=self._connection_class(),
+            # A connection that has not finished its handshake by the login
+            # deadline could not have logged in either.
+            open_timeout=self._login_timeout,
             max_size=MAX_FRAME_SIZE,
             ping_interval=self._ping_interval,
             ping_timeout=self._ping_timeout,
             close_timeout=CLOSE_TIMEOUT,
             server_header=None,
             ssl=self._ssl,
-            ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if self._ssl is not None else None,
+            # The TLS handshake is part of the login: the same deadline bounds it.
+            ssl_handshake_timeout=(
+                min(TLS_HANDSHAKE_TIMEOUT, self._login_timeout) if self._ssl is not None else None
+            ),
         )
 
     async def close(self) -> None:
@@ -187,8 +272,47 @@ class RelayServer:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
+    @property
+    def pending_logins(self) -> int:
+        """Connections counted against the unauthenticated caps right now."""
+        return self._pending.total
+
+    def _connection_class(self) -> type[ServerConnection]:
+        """websockets' connection, counted against the caps as soon as it is accepted."""
+        admit = self._admit
+
+        class _CountedConnection(ServerConnection):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                super().connection_made(transport)
+                admit(self)
+
+        return _CountedConnection
+
+    def _admit(self, connection: ServerConnection) -> None:
+        """Right after accept: over the unauthenticated caps, drop the connection.
+
+        Counting from the accept (not the HTTP request) also covers clients that
+        connect and send nothing; dropping costs no read and no response.
+        """
+        host = _host_of(connection.remote_address)
+        cap = self._pending.refusal(host)
+        if cap is not None:
+            self.relay.cap_hit(cap, time.time(), "refused a connection from %s", host)
+            connection.transport.abort()
+            return
+        self._pending.add(host)
+        self._admitted[connection] = host
+        # Released at login or, whatever happens to the handshake, when the TCP
+        # connection ends (websockets runs no handler for a failed handshake).
+        connection.connection_lost_waiter.add_done_callback(lambda _: self._release(connection))
+
+    def _release(self, connection: ServerConnection) -> None:
+        host = self._admitted.pop(connection, None)
+        if host is not None:
+            self._pending.remove(host)
+
     async def _handle(self, connection: ServerConnection) -> None:
-        session = _WsSession(connection, self.relay, self._queue_size)
+        session = _WsSession(connection, self.relay, self._queue_bytes)
         self.relay.on_connect(session)
         loop = asyncio.get_running_loop()
         writer = loop.create_task(session.write_loop())
@@ -198,18 +322,24 @@ class RelayServer:
         finally:
             timer.cancel()
             writer.cancel()
+            self._release(connection)
             self.relay.on_disconnect(session, _describe_close(connection))
 
     def _login_timed_out(self, session: _WsSession) -> None:
-        _perform(self.relay.login_timed_out(session, self._login_timeout))
+        _perform(self.relay.login_timed_out(session, self._login_timeout, time.time()))
 
     async def _read_loop(self, connection: ServerConnection, session: _WsSession) -> None:
+        # Counted among the connections waiting to log in until it logs in or ends.
+        pending_login = True
         try:
             budget = READ_BATCH
             async for message in connection:
                 # Candy's server treats text and binary frames alike.
                 frame = message.encode() if isinstance(message, str) else message
                 _perform(self.relay.handle_frame(session, frame, time.time()))
+                if pending_login and session.authenticated:
+                    pending_login = False
+                    self._release(connection)
                 budget -= 1
                 if budget == 0:
                     # recv() does not yield while frames are queued: without this, one

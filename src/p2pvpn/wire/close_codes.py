@@ -16,6 +16,9 @@ class CloseCode(enum.IntEnum):
     KICKED = 4004
     PROTOCOL_VIOLATION = 4005
     NOT_AUTHENTICATED = 4006
+    # The server is at a limit that will pass (address pool exhausted, too
+    # many addresses for one source address, replay cache full): retry later.
+    TRY_AGAIN_LATER = 4007
 
 
 # Human-readable cause for each code, shown to the user by the client.
@@ -28,9 +31,11 @@ CLOSE_REASONS: dict[CloseCode, str] = {
     CloseCode.KICKED: "another client logged in with the same address",
     CloseCode.PROTOCOL_VIOLATION: "the server closed the connection for a protocol violation",
     CloseCode.NOT_AUTHENTICATED: "the server got a message before login",
+    CloseCode.TRY_AGAIN_LATER: "the server is at a limit for now (e.g. no free address): retrying",
 }
 
 # Codes after which retrying cannot help: the client stops with an error.
+# TRY_AGAIN_LATER is never among them: the client retries with its back-off.
 FATAL_CLOSE_CODES = frozenset({CloseCode.AUTHENTICATION_FAILED})
 
 # Codes that stop the client only when they repeat (REPEATED_CLOSE_LIMIT times
