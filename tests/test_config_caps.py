@@ -21,6 +21,7 @@ broadcast_rate = 50
 max_broadcast_size = 1600
 max_leases_per_ip = 2
 stun_rate = 5
+junk_rate = 30
 """
 
 CAPS = {
@@ -33,6 +34,7 @@ CAPS = {
     "max_broadcast_size": 1600,
     "max_leases_per_ip": 2,
     "stun_rate": 5,
+    "junk_rate": 30,
 }
 
 
@@ -65,6 +67,7 @@ def test_the_effective_config_shows_the_caps() -> None:
     assert items["login_timeout"] == "5 s"
     assert items["broadcast_rate"] == "100/s"
     assert items["stun_rate"] == "20/s"
+    assert items["junk_rate"] == "200/s"
 
 
 @pytest.mark.parametrize(

@@ -78,6 +78,7 @@ DEFAULT_BROADCAST_RATE = 100
 DEFAULT_MAX_BROADCAST_SIZE = 2048
 DEFAULT_MAX_LEASES_PER_IP = 4
 DEFAULT_STUN_RATE = 20
+DEFAULT_JUNK_RATE = 200
 INTERFACE_PREFIX = "p2pvpn"
 IFNAMSIZ = 16  # Linux, including the terminating NUL
 
@@ -112,6 +113,7 @@ _SERVER_KEYS = (
     "max_broadcast_size",
     "max_leases_per_ip",
     "stun_rate",
+    "junk_rate",
 )
 _CLIENT_KEYS = (
     *_COMMON_KEYS,
@@ -198,6 +200,7 @@ class ServerConfig:
     max_broadcast_size: int = DEFAULT_MAX_BROADCAST_SIZE
     max_leases_per_ip: int = DEFAULT_MAX_LEASES_PER_IP
     stun_rate: int = DEFAULT_STUN_RATE
+    junk_rate: int = DEFAULT_JUNK_RATE
 
 
 @dataclass(frozen=True, slots=True)
@@ -546,6 +549,7 @@ def server_config_from_values(values: Mapping[str, ConfigValue], source: str) ->
             "max_leases_per_ip", _int_range(1, 1_000_000), DEFAULT_MAX_LEASES_PER_IP
         ),
         stun_rate=get("stun_rate", _int_range(1, 1_000_000), DEFAULT_STUN_RATE),
+        junk_rate=get("junk_rate", _int_range(1, 1_000_000), DEFAULT_JUNK_RATE),
     )
     get.raise_problems()
     return config
@@ -933,6 +937,7 @@ def effective_items(config: ClientConfig | ServerConfig) -> list[tuple[str, str]
             ("max_broadcast_size", str(config.max_broadcast_size)),
             ("max_leases_per_ip", str(config.max_leases_per_ip)),
             ("stun_rate", f"{config.stun_rate}/s"),
+            ("junk_rate", f"{config.junk_rate}/s"),
         ]
     return [
         ("mode", "client"),

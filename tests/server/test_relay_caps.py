@@ -288,3 +288,23 @@ def test_the_log_throttle_lets_one_line_through_per_interval() -> None:
     assert throttle.allow("x", 1.0) is None
     assert throttle.allow("x", 2.0) is None
     assert throttle.allow("x", 11.0) == 2
+
+
+def test_every_dropped_frame_counts_against_its_sender_only() -> None:
+    """The WebSocket layer slows the reading of a session by these counts (junk_rate)."""
+    relay = relay_with(broadcast_rate=1)
+    sender = login(relay, "10.77.0.1", vmac=VMAC_A)
+    receiver = login(relay, "10.77.0.2", vmac=VMAC_B)
+    junk = [
+        forward("10.77.0.9", "10.77.0.2"),  # spoofed source
+        forward("10.77.0.1", "10.77.0.2")[:12],  # short
+        forward("10.77.0.1", "10.77.0.99"),  # nobody there
+        bytes((200,)) + b"future message",  # unknown type
+    ]
+    for frame in junk:
+        feed(relay, sender, frame)
+    assert sender.dropped_frames == len(junk)
+    feed(relay, sender, forward("10.77.0.1", "10.77.0.2"))
+    assert sender.dropped_frames == len(junk)
+    assert receiver.dropped_frames == 0
+    assert receiver.sent[-1] == forward("10.77.0.1", "10.77.0.2")

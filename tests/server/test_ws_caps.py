@@ -213,3 +213,37 @@ def test_a_client_that_stops_reading_is_closed_and_others_are_still_served(
             await close_all([a, b])
 
     asyncio.run(scenario())
+
+
+def test_a_client_sending_junk_is_read_more_slowly_and_others_are_still_served() -> None:
+    async def scenario() -> None:
+        async with serving(junk_rate=20) as server:
+            relay = server.relay
+            a = await good_client_login(server, "10.77.0.1", VMAC_A)
+            b = await good_client_login(server, "10.77.0.2", VMAC_B)
+            flooder = await good_client_login(server, "10.77.0.3", "00112233445566aa")
+            session = relay.session_for(ip("10.77.0.3"))
+            assert session is not None
+            junk = forward("10.77.0.3", "10.77.0.99", bytes(200))  # nobody there: dropped
+
+            async def flood() -> None:
+                with contextlib.suppress(ConnectionClosed):
+                    for _ in range(2000):
+                        await flooder.send(junk)
+
+            flooding = asyncio.create_task(flood())
+            # Past its burst (2 x 20) the flooder's reader pauses between frames.
+            await wait_until(lambda: relay.stats()["limits"].get("junk_rate", 0) >= 5, DEADLINE)
+            # While it is throttled, a well-behaved pair is served as usual...
+            await assert_relayed(a, b)
+            # ...and the flooder is slowed, not closed: it is still logged in.
+            assert relay.session_for(ip("10.77.0.3")) is session
+            assert not session.closed
+            assert session.dropped_frames < 2000
+            flooding.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await flooding
+            flooder.transport.abort()
+            await close_all([a, b])
+
+    asyncio.run(scenario())

@@ -45,6 +45,10 @@ class ServerLimits:
     max_leases_per_ip: int = 4
     # STUN answers per second to one source address (bursts of twice as many).
     stun_rate: int = 20
+    # Frames per second of one client that the relay drops (bursts of twice as
+    # many) before the server reads that client more slowly: junk then costs
+    # the flooder its own bandwidth (TCP pushes back), not the others' latency.
+    junk_rate: int = 200
 
 
 DEFAULT_LIMITS = ServerLimits()

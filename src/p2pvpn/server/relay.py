@@ -116,6 +116,9 @@ class RelaySession:
         self.login_messages: set[int] = set()
         # Made by the relay at the first broadcast of this session.
         self.broadcast_bucket: TokenBucket | None = None
+        # Frames from this session the relay dropped: the I/O layer slows the
+        # reading of a session whose frames are mostly junk (junk_rate).
+        self.dropped_frames = 0
 
     def describe(self) -> str:
         who = str(self.tun_ip) if self.tun_ip is not None else "not logged in"
@@ -277,6 +280,11 @@ class Relay:
         self._close(session, CloseCode.NOT_AUTHENTICATED, "no login")
         return self._take_actions()
 
+    def _drop(self, session: RelaySession, reason: str) -> None:
+        """A frame from ``session`` goes nowhere: counted by reason and against its sender."""
+        self._drops[reason] += 1
+        session.dropped_frames += 1
+
     def count_drop(self, reason: str) -> None:
         self._drops[reason] += 1
 
@@ -372,10 +380,10 @@ class Relay:
         elif isinstance(message, Udp4Conn | Discovery | General | LanAddress):
             self._relay_signal(session, message, frame, now)
         elif isinstance(message, UnknownWsMessage):
-            self._drops["unknown_type"] += 1  # PROTOCOL 2: unknown types are ignored
+            self._drop(session, "unknown_type")  # PROTOCOL 2: unknown types are ignored
         else:
             # ROUTE goes server -> client only; a client sending it is ignored.
-            self._drops["unexpected_type"] += 1
+            self._drop(session, "unexpected_type")
 
     # -- signed login messages ----------------------------------------------
 
@@ -629,15 +637,15 @@ class Relay:
 
     def _forward(self, session: RelaySession, frame: bytes, now: float) -> None:
         if len(frame) < 1 + _IPV4_HEADER_SIZE:
-            self._drops["short_forward"] += 1
+            self._drop(session, "short_forward")
             return
         if frame[1] >> 4 != 4:
-            self._drops["not_ipv4"] += 1
+            self._drop(session, "not_ipv4")
             return
         source = IPv4Address(frame[13:17])
         destination = IPv4Address(frame[17:21])
         if source != session.tun_ip and not self._may_route(session, source):
-            self._drops["spoofed_source"] += 1
+            self._drop(session, "spoofed_source")
             suppressed = self._throttle.allow("spoofed_source", now)
             if suppressed is not None:
                 logger.warning(
@@ -653,7 +661,7 @@ class Relay:
         elif is_broadcast_or_multicast(destination, self._dhcp):
             self._fan_out(session, frame, now)
         else:
-            self._drops["unknown_destination"] += 1
+            self._drop(session, "unknown_destination")
 
     def _may_route(self, session: RelaySession, source: IPv4Address) -> bool:
         assert session.tun_ip is not None  # only called for authenticated sessions
@@ -684,7 +692,7 @@ class Relay:
             return
         target = self._sessions.get(destination)
         if target is None:
-            self._drops["unknown_destination"] += 1
+            self._drop(session, "unknown_destination")
             return
         self._deliver(target, frame)
 
@@ -701,7 +709,7 @@ class Relay:
         """
         limits = self._limits
         if len(frame) > limits.max_broadcast_size:
-            self._drops["broadcast_too_large"] += 1
+            self._drop(sender, "broadcast_too_large")
             self.cap_hit(
                 "broadcast_size",
                 now,
@@ -715,7 +723,7 @@ class Relay:
             rate = limits.broadcast_rate
             bucket = sender.broadcast_bucket = TokenBucket(rate, 2 * rate, now)
         if not bucket.take(now):
-            self._drops["broadcast_rate"] += 1
+            self._drop(sender, "broadcast_rate")
             self.cap_hit("broadcast_rate", now, "dropped broadcasts from %s", sender.describe())
             return
         for target in list(self._sessions.values()):

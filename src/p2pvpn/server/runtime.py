@@ -87,6 +87,7 @@ def server_limits(config: ServerConfig) -> ServerLimits:
         max_broadcast_size=config.max_broadcast_size,
         max_leases_per_ip=config.max_leases_per_ip,
         stun_rate=config.stun_rate,
+        junk_rate=config.junk_rate,
     )
 
 

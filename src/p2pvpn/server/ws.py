@@ -17,7 +17,7 @@ from websockets.asyncio.server import Server, ServerConnection
 from websockets.asyncio.server import serve as ws_serve
 from websockets.exceptions import ConnectionClosed
 
-from p2pvpn.server.limits import DEFAULT_LIMITS, ServerLimits
+from p2pvpn.server.limits import DEFAULT_LIMITS, ServerLimits, TokenBucket
 from p2pvpn.server.relay import MAX_FRAME_SIZE, Action, Relay, RelaySession, Send
 
 __all__ = [
@@ -42,6 +42,8 @@ SEND_QUEUE_STALL = 5.0
 REJECTED_CLOSE_TIMEOUT = 2.0
 # Frames one connection may have handled before its reader lets other tasks run.
 READ_BATCH = 16
+# How long a session over its junk_rate is not read; the bucket refills meanwhile.
+JUNK_PAUSE = 0.5
 # A TLS handshake that has not finished by then only holds a socket (asyncio's default: 60 s).
 TLS_HANDSHAKE_TIMEOUT = 10.0
 
@@ -64,6 +66,7 @@ class _WsSession(RelaySession):
         self._not_empty = asyncio.Event()
         self._full_since: float | None = None  # loop time of the first drop in a row
         self._close_task: asyncio.Task[None] | None = None
+        self.junk_bucket: TokenBucket | None = None  # made at its first dropped frame
 
     def send(self, frame: bytes) -> None:
         if self.closed:
@@ -217,6 +220,7 @@ class RelayServer:
         self._ping_timeout = ping_timeout
         self._queue_bytes = limits.send_queue_bytes
         self._login_timeout = limits.login_timeout
+        self._junk_rate = limits.junk_rate
         self._pending = _PendingLogins(
             limits.max_unauthenticated, limits.max_unauthenticated_per_ip
         )
@@ -328,6 +332,18 @@ class RelayServer:
     def _login_timed_out(self, session: _WsSession) -> None:
         _perform(self.relay.login_timed_out(session, self._login_timeout, time.time()))
 
+    def _junk_allowed(self, session: _WsSession, now: float) -> bool:
+        """Whether ``session`` is within its junk_rate of dropped frames; counts it if not."""
+        bucket = session.junk_bucket
+        if bucket is None:
+            bucket = session.junk_bucket = TokenBucket(self._junk_rate, 2 * self._junk_rate, now)
+        if bucket.take(now):
+            return True
+        self.relay.cap_hit(
+            "junk_rate", now, "reading %s more slowly: its frames are dropped", session.describe()
+        )
+        return False
+
     async def _read_loop(self, connection: ServerConnection, session: _WsSession) -> None:
         # Counted among the connections waiting to log in until it logs in or ends.
         pending_login = True
@@ -336,7 +352,16 @@ class RelayServer:
             async for message in connection:
                 # Candy's server treats text and binary frames alike.
                 frame = message.encode() if isinstance(message, str) else message
-                _perform(self.relay.handle_frame(session, frame, time.time()))
+                now = time.time()
+                dropped = session.dropped_frames
+                _perform(self.relay.handle_frame(session, frame, now))
+                if session.dropped_frames != dropped and not self._junk_allowed(session, now):
+                    # Over its junk rate: stop reading this session for a while. Its
+                    # unread frames fill the receive buffers and TCP stops the sender,
+                    # so the flood costs neither our CPU nor the sender's; every other
+                    # session is read as before. One long pause, not one per frame:
+                    # a timer per junk frame would cost more than the frame.
+                    await asyncio.sleep(JUNK_PAUSE)
                 if pending_login and session.authenticated:
                     pending_login = False
                     self._release(connection)
