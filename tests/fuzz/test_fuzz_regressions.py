@@ -10,6 +10,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+from p2pvpn.server.limits import ServerLimits
 from p2pvpn.server.relay import Relay
 from p2pvpn.server.ws import RelayServer
 from p2pvpn.wire.close_codes import CloseCode
@@ -110,7 +111,8 @@ def test_a_flooding_connection_lets_the_other_connections_run() -> None:
         relay = Relay(PASSWORD)
         flooder = login(relay, "10.0.0.1")
         backlog = Backlog([forward("10.0.0.1", "10.0.0.99")] * 1000)  # dropped, not closed
-        server = RelayServer(relay, "127.0.0.1", 0)
+        # No junk_rate pause: this is about the batches of a reader that keeps going.
+        server = RelayServer(relay, "127.0.0.1", 0, limits=ServerLimits(junk_rate=1_000_000))
         handled_when_others_ran: list[int] = []
 
         async def another_connection() -> None:

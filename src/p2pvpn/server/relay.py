@@ -119,6 +119,7 @@ class RelaySession:
         # Frames from this session the relay dropped: the I/O layer slows the
         # reading of a session whose frames are mostly junk (junk_rate).
         self.dropped_frames = 0
+        self.junk_bucket: TokenBucket | None = None  # made by the I/O layer at the first drop
 
     def describe(self) -> str:
         who = str(self.tun_ip) if self.tun_ip is not None else "not logged in"

@@ -66,7 +66,6 @@ class _WsSession(RelaySession):
         self._not_empty = asyncio.Event()
         self._full_since: float | None = None  # loop time of the first drop in a row
         self._close_task: asyncio.Task[None] | None = None
-        self.junk_bucket: TokenBucket | None = None  # made at its first dropped frame
 
     def send(self, frame: bytes) -> None:
         if self.closed:
