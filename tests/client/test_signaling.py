@@ -505,6 +505,25 @@ def test_two_refusals_then_a_stable_login_reset_the_count(
     run(test)
 
 
+def test_a_replayed_login_between_kicks_does_not_end_the_run(tmp_path: Path) -> None:
+    async def test() -> None:
+        handler = Recorder()
+        # Kicked, refused as a replay (the other client of the same address logged
+        # in within the same second), kicked, kicked: the third kick is fatal.
+        closes = [CloseCode.KICKED, CloseCode.STALE_OR_REPLAYED, CloseCode.KICKED, CloseCode.KICKED]
+
+        async def script(connection: FakeConnection) -> None:
+            await connection.login()
+            await connection.ws.close(closes[len(server.connections) - 1], "replaced")
+
+        async with FakeServer(script) as server:
+            error = await run_until_fatal(make_session(server.url, tmp_path, handler))
+        assert "3 times in a row" in str(error)
+        assert len(server.connections) == 4
+
+    run(test)
+
+
 def test_address_refused_during_login_three_times_is_fatal(tmp_path: Path) -> None:
     async def test() -> None:
         async def refuse(connection: FakeConnection) -> None:

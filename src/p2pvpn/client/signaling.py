@@ -606,7 +606,11 @@ class SignalingSession:
         if code in REPEATED_CLOSE_CODES:
             self._judge_repeated(CloseCode(code), attempt)
             return
-        self._repeated_closes = 0
+        # Only a stable login ends a run of kicks: two clients with the same
+        # static address fight with kicks and refused (replayed) logins between
+        # them, and the one kicked first must be the one that gives up.
+        if _was_stable(attempt):
+            self._repeated_closes = 0
         if code == CloseCode.STALE_OR_REPLAYED:
             logger.error("%s", CLOSE_REASONS[CloseCode.STALE_OR_REPLAYED])
         if not _is_early_close(attempt):
@@ -626,17 +630,20 @@ class SignalingSession:
 
     def _judge_repeated(self, code: CloseCode, attempt: _Attempt) -> None:
         """Kicked or refused: fatal only REPEATED_CLOSE_LIMIT times in a row."""
-        stable = (
-            attempt.logged_in_at is not None
-            and attempt.ended_at - attempt.logged_in_at > STABLE_LOGIN
-        )
-        self._repeated_closes = 1 if stable else self._repeated_closes + 1
+        self._repeated_closes = 1 if _was_stable(attempt) else self._repeated_closes + 1
         message = _refusal_message(code, attempt)
         if self._repeated_closes >= REPEATED_CLOSE_LIMIT:
             raise SignalingError(f"{message}, {self._repeated_closes} times in a row")
         logger.warning(
             "%s; retrying (the client stops after %d in a row)", message, REPEATED_CLOSE_LIMIT
         )
+
+
+def _was_stable(attempt: _Attempt) -> bool:
+    """The attempt logged in and stayed logged in for STABLE_LOGIN seconds."""
+    return (
+        attempt.logged_in_at is not None and attempt.ended_at - attempt.logged_in_at > STABLE_LOGIN
+    )
 
 
 def _is_early_close(attempt: _Attempt) -> bool:
