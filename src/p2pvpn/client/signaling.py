@@ -61,7 +61,7 @@ OPEN_TIMEOUT = 10.0  # TCP + TLS + WebSocket handshake
 CLOSE_TIMEOUT = 2.0  # closing handshake; a healthy server answers in one round trip
 RECONNECT_INITIAL = 1.0
 RECONNECT_MAX = 30.0
-STABLE_LOGIN = 60.0  # a login that lasted this long resets the back-off
+STABLE_LOGIN = 60.0  # a login that lasted this long resets the back-off and the kick count
 EARLY_CLOSE_WINDOW = 5.0
 EARLY_CLOSE_LIMIT = 3
 SEND_QUEUE_SIZE = 2048
@@ -324,10 +324,7 @@ class SignalingSession:
                 self._failed_attempts += 1
                 if self._retrying_since is None:
                     self._retrying_since = started
-            if (
-                attempt.logged_in_at is not None
-                and attempt.ended_at - attempt.logged_in_at > STABLE_LOGIN
-            ):
+            if _was_stable(attempt):
                 failures = 0
             delay = self._backoff_delay(failures)
             failures += 1
