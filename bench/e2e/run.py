@@ -3,7 +3,7 @@
 
 Run as root from the repository root (see bench/e2e/README.md)::
 
-    sudo python3 bench/e2e/run.py            # full run, about 4-5 minutes
+    sudo python3 bench/e2e/run.py            # full run, about 5-6 minutes
     sudo python3 bench/e2e/run.py --quick    # smoke run, under 2 minutes
 
 One run builds a NAT-free topology in network namespaces (a server and two
@@ -12,16 +12,21 @@ namespaces) and measures, one after the other:
 
 * ``raw``: iperf3/ping between the two client namespaces' segment addresses;
 * ``pure``: p2pvpn direct path (``-s stun://...``), ``--dataplane pure``;
-* ``fast``: the same with ``--dataplane fast`` ("unavailable" when the
+* ``fast-no-offload``: the same with ``--dataplane fast --offload off`` (a
+  plain TUN device, one IP packet per read and write; "unavailable" when the
   compiled data plane is not built);
+* ``fast``: ``--dataplane fast`` with the default ``--offload auto`` (TUN
+  offloads: 64 KB TCP super-packets between the kernel and the data plane);
 * ``relay``: clients without ``-s``, every packet through the server,
   ``--dataplane auto`` (the table says which data plane ran).
 
 Per path: iperf3 TCP (median of N runs), the highest iperf3 UDP rate with
 loss under 1 % (a short search), ping RTT p50/p99 idle and under TCP load,
 CPU seconds of all p2pvpn processes per GB moved, and their peak RSS. The
-table shows absolute numbers and ratios against ``raw`` from the same run;
-JSON goes to ``bench/e2e/results-<timestamp>.json`` (or ``--json PATH``).
+table shows absolute numbers and ratios against ``raw`` from the same run,
+then the targets of issue 13 (fast against fast-no-offload and raw) with
+their verdicts; JSON goes to ``bench/e2e/results-<timestamp>.json`` (or
+``--json PATH``).
 """
 
 from __future__ import annotations
@@ -60,9 +65,9 @@ from p2pvpn.netns import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-VARIANTS = ("raw", "pure", "fast", "fast-base", "relay")
+VARIANTS = ("raw", "pure", "fast-no-offload", "fast", "fast-base", "relay")
 # Run by default; fast-base only with --baseline-src.
-DEFAULT_VARIANTS = ("raw", "pure", "fast", "relay")
+DEFAULT_VARIANTS = ("raw", "pure", "fast-no-offload", "fast", "relay")
 SEGMENT = "198.51.100.0/24"
 SERVER_ADDR, C1_ADDR, C2_ADDR = "198.51.100.1/24", "198.51.100.2/24", "198.51.100.3/24"
 TUN1, TUN2 = "10.77.0.1", "10.77.0.2"
@@ -420,9 +425,12 @@ class Bench:
 
     # p2pvpn processes
 
-    def start_vpn(self, dataplane: str, stun: bool, source: Path | None = None) -> None:
+    def start_vpn(
+        self, dataplane: str, stun: bool, source: Path | None = None, offload: str | None = None
+    ) -> None:
         """Server and clients; from the `source` tree (a ``src`` folder with its
-        extension built in place) instead of this one, for a same-run A/B."""
+        extension built in place) instead of this one, for a same-run A/B.
+        ``offload``: the clients' ``--offload`` (None: their default, auto)."""
         self.stop_vpn()
         env = {"PYTHONPATH": str(source)} if source else None
         server_argv = ["server", "-w", f"ws://0.0.0.0:{WS_PORT}/", "-p", PASSWORD]
@@ -438,6 +446,8 @@ class Bench:
             argv += ["-t", f"{node.tun_ip}/{TUN_PREFIX}", "--dataplane", dataplane]
             if stun:
                 argv += ["-s", f"stun://{self.server.segment_ip}:{STUN_PORT}"]
+            if offload is not None:
+                argv += ["--offload", offload]
             node.process = self.bed.start(
                 node.ns, p2pvpn_argv(*argv), self._name(node.name), env=env
             )
@@ -556,12 +566,24 @@ class Variant:
     dataplane: str | None  # None: no VPN
     path: str | None  # "direct" | "relay"
     baseline: bool = False  # run the code of --baseline-src
+    offload: str | None = None  # the clients' --offload; None: their default (auto)
+    # What `status --json` "tun_offloads" must say before measuring: True
+    # non-empty, False empty, None not checked (the baseline code may not know it).
+    tun_offloads: bool | None = None
 
 
 VARIANT_SPECS = {
     "raw": Variant("raw", "raw veth", None, None),
-    "pure": Variant("pure", "direct, pure", "pure", "direct"),
-    "fast": Variant("fast", "direct, fast", "fast", "direct"),
+    "pure": Variant("pure", "direct, pure", "pure", "direct", tun_offloads=False),
+    "fast-no-offload": Variant(
+        "fast-no-offload",
+        "direct, fast, TUN offloads off",
+        "fast",
+        "direct",
+        offload="off",
+        tun_offloads=False,
+    ),
+    "fast": Variant("fast", "direct, fast, TUN offloads", "fast", "direct", tun_offloads=True),
     "fast-base": Variant("fast-base", "direct, fast, baseline code", "fast", "direct", True),
     "relay": Variant("relay", "relay server", "auto", "relay"),
 }
@@ -600,18 +622,7 @@ def run_variant(bench: Bench, spec: Variant, options: Options) -> dict[str, Any]
         dst = bench.c2.segment_ip
     else:
         dst = TUN2
-        log(f"  starting server and clients (--dataplane {spec.dataplane})")
-        source = options.baseline_src if spec.baseline else None
-        bench.start_vpn(spec.dataplane, stun=spec.path == "direct", source=source)
-        rows = bench.wait_path("direct" if spec.path == "direct" else "relay")
-        status = bench.status(bench.c1)
-        result["dataplane"] = status.get("dataplane")
-        result["path"] = rows["c1"]["path"]
-        result["peer_state"] = rows["c1"]["state"]
-        result["counters_before"] = {"relay": status["relay"], "direct": status["direct"]}
-        log(f"  path: {result['path']} ({result['peer_state']}), {result['dataplane']} data plane")
-        if spec.dataplane != "auto" and result["dataplane"] != spec.dataplane:
-            raise BenchError(f"asked for {spec.dataplane}, status says {result['dataplane']}")
+        start_vpn_variant(bench, spec, options, result)
     bench.start_iperf_server()
     log("  ping idle")
     result["ping_idle"] = ping_rtt(bench.c1.ns, dst, IDLE_PINGS)
@@ -633,6 +644,52 @@ def run_variant(bench: Bench, spec: Variant, options: Options) -> dict[str, Any]
         finish_vpn_variant(bench, spec, result)
     bench.stop_iperf_server()
     return result
+
+
+def start_vpn_variant(
+    bench: Bench, spec: Variant, options: Options, result: dict[str, Any]
+) -> None:
+    """Server and clients up, the path settled, and the data plane and TUN
+    offloads the ones asked for, before anything is measured."""
+    assert spec.dataplane is not None
+    flags = f"--dataplane {spec.dataplane}" + (f" --offload {spec.offload}" if spec.offload else "")
+    log(f"  starting server and clients ({flags})")
+    source = options.baseline_src if spec.baseline else None
+    bench.start_vpn(spec.dataplane, stun=spec.path == "direct", source=source, offload=spec.offload)
+    rows = bench.wait_path("direct" if spec.path == "direct" else "relay")
+    status = bench.status(bench.c1)
+    result["dataplane"] = status.get("dataplane")
+    result["path"] = rows["c1"]["path"]
+    result["peer_state"] = rows["c1"]["state"]
+    result["counters_before"] = {"relay": status["relay"], "direct": status["direct"]}
+    result["udp_offloads"] = status.get("udp_offloads")
+    result["tun_offloads"] = {
+        n.name: bench.status(n).get("tun_offloads") for n in (bench.c1, bench.c2)
+    }
+    log(
+        f"  path: {result['path']} ({result['peer_state']}), {result['dataplane']} data plane, "
+        f"TUN offloads {result['tun_offloads']}"
+    )
+    if spec.dataplane != "auto" and result["dataplane"] != spec.dataplane:
+        raise BenchError(f"asked for {spec.dataplane}, status says {result['dataplane']}")
+    check_tun_offloads(spec, result["tun_offloads"])
+
+
+def check_tun_offloads(spec: Variant, offloads: dict[str, Any]) -> None:
+    """Both clients' `status --json` "tun_offloads" as the variant needs them: a
+    variant that measured the other configuration would make the targets lie."""
+    if spec.tun_offloads is None:
+        return
+    for name, value in offloads.items():
+        if not isinstance(value, list):
+            raise BenchError(f"{name}: status --json has no tun_offloads list (got {value!r})")
+        if spec.tun_offloads and not value:
+            raise BenchError(
+                f"{name}: TUN offloads are off (status tun_offloads []); "
+                "the kernel refused them, see the client log"
+            )
+        if not spec.tun_offloads and value:
+            raise BenchError(f"{name}: TUN offloads are on ({'+'.join(value)}), asked for off")
 
 
 def finish_vpn_variant(bench: Bench, spec: Variant, result: dict[str, Any]) -> None:
@@ -687,6 +744,83 @@ METRICS: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 
 
+@dataclass(frozen=True)
+class Target:
+    """Issue 13's targets: ``variant``'s metric over ``base``'s, against ``bound``."""
+
+    key: str
+    label: str
+    metric: tuple[str, ...]
+    variant: str
+    base: str
+    at_least: bool  # True: ratio >= bound; False: ratio <= bound
+    bound: float
+
+    def evaluate(self, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        value = ratio(
+            _measured(results, self.variant, self.metric),
+            _measured(results, self.base, self.metric),
+        )
+        met = (
+            None if value is None else value >= self.bound if self.at_least else value <= self.bound
+        )
+        return {
+            "key": self.key,
+            "label": self.label,
+            "ratio": value,
+            "target": f"{'>=' if self.at_least else '<='} {self.bound:g}",
+            "met": met,
+        }
+
+
+TARGETS = (
+    Target(
+        "fast_vs_no_offload_tcp",
+        "fast / fast-no-offload TCP throughput",
+        ("tcp", "bits_per_second"),
+        "fast",
+        "fast-no-offload",
+        True,
+        2.0,
+    ),
+    Target(
+        "fast_vs_no_offload_cpu_per_gb",
+        "fast / fast-no-offload CPU s per GB",
+        ("tcp", "cpu_seconds_per_gb"),
+        "fast",
+        "fast-no-offload",
+        False,
+        0.5,
+    ),
+    Target(
+        "fast_vs_no_offload_loaded_rtt_p99",
+        "fast / fast-no-offload loaded RTT p99 (no worse)",
+        ("ping_loaded", "p99_ms"),
+        "fast",
+        "fast-no-offload",
+        False,
+        1.0,
+    ),
+    Target(
+        "fast_vs_raw_tcp",
+        "fast / raw veth TCP throughput",
+        ("tcp", "bits_per_second"),
+        "fast",
+        "raw",
+        True,
+        0.30,
+    ),
+)
+
+
+def _measured(results: dict[str, dict[str, Any]], variant: str, metric: tuple[str, ...]) -> Any:
+    """A variant's metric, or None when the variant did not run or failed."""
+    result = results.get(variant, {})
+    if result.get("status") not in ("ok", "path changed"):
+        return None
+    return _get(result, *metric)
+
+
 def compute_ratios(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     raw = results.get("raw", {})
     ratios: dict[str, Any] = {}
@@ -704,12 +838,20 @@ def compute_ratios(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
         _get(results.get("fast", {}), "tcp", "bits_per_second"),
         _get(results.get("fast-base", {}), "tcp", "bits_per_second"),
     )
+    ratios["targets"] = [target.evaluate(results) for target in TARGETS]
     return ratios
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     """The names on the left, the numbers right-aligned."""
     return "\n".join(format_table(header, rows, right=range(1, len(header)), rule=True))
+
+
+def _dataplane_cell(result: dict[str, Any]) -> str:
+    """ "fast", or "fast tun csum+tso4+uso4" when c1's TUN offloads are on."""
+    offloads = (result.get("tun_offloads") or {}).get("c1")
+    dataplane = str(result.get("dataplane") or "-")
+    return f"{dataplane} tun {'+'.join(offloads)}" if offloads else dataplane
 
 
 def _absolute_row(name: str, result: dict[str, Any]) -> list[str]:
@@ -721,7 +863,7 @@ def _absolute_row(name: str, result: dict[str, Any]) -> list[str]:
     udp_loss = _get(result, "udp", "loss_percent")
     return [
         name + ("" if status == "ok" else " (!)"),
-        result.get("dataplane") or "-",
+        _dataplane_cell(result),
         _mbit(_get(result, "tcp", "bits_per_second")),
         _mbit(_get(result, "udp", "bits_per_second"))
         + ("*" if _get(result, "udp", "sender_limited") else ""),
@@ -771,6 +913,7 @@ def format_report(report: dict[str, Any]) -> str:
             f"fast / fast on the baseline code TCP throughput: "
             f"{ratios['fast_vs_baseline_tcp']:.3f}x"
         )
+    out += _target_lines(ratios.get("targets", []))
     out += _notes(results)
     out += _fragment_note(report)
     if any(_get(r, "udp", "sender_limited") for r in results.values()):
@@ -780,6 +923,22 @@ def format_report(report: dict[str, Any]) -> str:
         )
     out.append(f"\nelapsed {report['elapsed_seconds']:.0f} s; JSON: {report.get('json_path')}")
     return "\n".join(out)
+
+
+def _target_lines(targets: list[dict[str, Any]]) -> list[str]:
+    rows = [
+        [
+            target["label"],
+            _num(target["ratio"], "{:.3f}"),
+            target["target"],
+            "-" if target["met"] is None else "met" if target["met"] else "MISSED",
+        ]
+        for target in targets
+    ]
+    if all(row[1] == "-" for row in rows):
+        return []
+    title = "targets of issue 13 (same run; '-': a variant of the pair did not run or failed)"
+    return ["", title, _table(["ratio", "value", "target", "verdict"], rows)]
 
 
 def _fragment_note(report: dict[str, Any]) -> list[str]:
