@@ -44,8 +44,8 @@ GSO_ECN = 0x80
 TUN_F_CSUM = 0x01
 TUN_F_TSO4 = 0x02
 TUN_F_USO4 = 0x20
-# Linux takes USO only as USO4 and USO6 together (one device feature,
-# NETIF_F_GSO_UDP_L4, for both families) and refuses either one alone.
+# The kernel takes USO4 only together with USO6 (tun.c, set_offload); IPv6
+# packets are dropped by the data plane either way.
 TUN_F_USO6 = 0x40
 
 # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset: native byte
