@@ -64,18 +64,37 @@ def test_unknown_kind_is_refused() -> None:
         resolve_data_plane("quick")
 
 
-def test_pure_plane_has_no_tun_offloads(sockets: tuple[int, socket.socket]) -> None:
+def test_no_tun_offloads_by_default(backend: str, sockets: tuple[int, socket.socket]) -> None:
     tun_fd, udp = sockets
     plane = create_data_plane(
-        "pure",
+        backend,
         tun_fd=tun_fd,
         udp_socket=udp,
         tun_ip=TUN_IP,
         key=peer_key("selection", TUN_IP),
         events=Recorder(),
     )
-    assert plane.implementation == "pure"
+    assert plane.implementation == backend
     assert plane.tun_offloads == ()
+
+
+@pytest.mark.fastpath
+@pytest.mark.parametrize("offloads", [("csum", "tso4"), ("csum", "tso4", "uso4")])
+def test_fast_plane_gets_the_tun_offloads(
+    offloads: tuple[str, ...], sockets: tuple[int, socket.socket]
+) -> None:
+    tun_fd, udp = sockets
+    plane = create_data_plane(
+        "auto",
+        tun_fd=tun_fd,
+        udp_socket=udp,
+        tun_ip=TUN_IP,
+        key=peer_key("selection", TUN_IP),
+        events=Recorder(),
+        tun_offloads=offloads,
+    )
+    assert plane.implementation == "fast"
+    assert plane.tun_offloads == offloads
 
 
 @pytest.mark.parametrize("kind", ["pure", "auto"])

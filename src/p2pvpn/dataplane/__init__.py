@@ -13,7 +13,7 @@ import logging
 import socket
 from collections.abc import Callable
 from ipaddress import IPv4Address
-from typing import Literal, cast
+from typing import Literal
 
 from p2pvpn.dataplane.base import DataPlane, DataPlaneEvents
 from p2pvpn.dataplane.pure import PureDataPlane
@@ -39,9 +39,7 @@ def _fast_data_plane_class() -> Callable[..., DataPlane] | None:
     except ImportError as error:
         logger.debug("compiled data plane unavailable: %s", error)
         return None
-    # cast: until _fastpath.pyi declares tun_offloads (the lead's TUN offload core),
-    # mypy does not see FastDataPlane as a DataPlane.
-    return cast("Callable[..., DataPlane]", FastDataPlane)
+    return FastDataPlane
 
 
 def resolve_data_plane(kind: str) -> Literal["fast", "pure"]:
@@ -91,6 +89,6 @@ def create_data_plane(
         return PureDataPlane(tun_fd, udp_socket, tun_ip, key, events, relaying=relaying)
     fast = _fast_data_plane_class()
     assert fast is not None  # resolve_data_plane said "fast"
-    # Passed only when set, so a build from before TUN offloads still takes the call.
-    extra = {"tun_offloads": tun_offloads} if tun_offloads else {}
-    return fast(tun_fd, udp_socket, tun_ip, key, events, relaying=relaying, **extra)
+    return fast(
+        tun_fd, udp_socket, tun_ip, key, events, relaying=relaying, tun_offloads=tun_offloads
+    )
