@@ -386,9 +386,14 @@ cdef void _route_from_tun(Shared* s, Worker* w, unsigned char* packet, int lengt
     cdef SegmentPlan plan
     cdef unsigned char* segment
     cdef int index, segment_length
+    cdef int planned
     memcpy(&header, packet - VIRTIO_HEADER, VIRTIO_HEADER)
-    if _plan_segments(&header, packet, length, &plan) < 0:
-        _drop(&w.totals, DROP_MALFORMED)
+    planned = _plan_segments(&header, packet, length, &plan)
+    if planned < 0:
+        _count_tun_in(w, length)
+        # An IPv6 super-packet (USO comes for both or neither) is dropped as
+        # any IPv6 packet is.
+        _drop(&w.totals, DROP_NOT_IPV4 if planned == -PLAN_NOT_IPV4 else DROP_MALFORMED)
         return
     if not plan.is_gso:
         if header.flags & VIRTIO_NEEDS_CSUM:
