@@ -54,6 +54,7 @@ HASH_SENDER = """
 import hashlib, json, random, socket, sys, threading
 host, port, flows, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 failures = []
+lock = threading.Lock()  # print writes the line and its newline apart
 
 def send(flow):
     data = random.Random(flow * 7919 + size).randbytes(size)
@@ -68,7 +69,8 @@ def send(flow):
         failures.append(f"flow {flow}: {exc!r}")
         return
     line = {"flow": flow, "bytes": size, "sha256": hashlib.sha256(data).hexdigest()}
-    print(json.dumps(line), flush=True)
+    with lock:
+        print(json.dumps(line), flush=True)
 
 threads = [threading.Thread(target=send, args=(flow,)) for flow in range(flows)]
 for thread in threads:
