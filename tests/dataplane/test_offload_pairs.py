@@ -1,0 +1,235 @@
+"""TCP bursts through pairs of compiled planes with TUN offloads on one or both
+sides (fake TUN devices, real UDP on loopback): super-packets read at the
+sender arrive at the receiver as the same segments, coalesced again where the
+receiver has offloads, and as single IPv4 packets of at most the MTU where it
+has none (the wire of a Candy peer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from p2pvpn.wire.virtio import GSO_TCPV4, HEADER_LENGTH, NEEDS_CSUM
+from tests.dataplane.conftest import Node, eventually
+from tests.dataplane.offload_reference import (
+    ACK,
+    PSH,
+    TCP_CHECKSUM_OFFSET,
+    Ipv4Fields,
+    TcpFields,
+    check_packet,
+    parse_packet,
+    pseudo_header_sum,
+    same_packets,
+    segment_frame,
+    split_frame,
+    tcp_super_packet,
+)
+from tests.udp_offload import enlarge_receive_buffer, take_runs_whole
+
+pytestmark = pytest.mark.fastpath
+
+A, B = "10.9.0.1", "10.9.0.2"
+MTU = 1500
+MSS = MTU - 52  # IPv4 and TCP headers with timestamps
+SO_SNDBUFFORCE = 32  # <asm-generic/socket.h>
+
+
+def make_room(node: Node) -> None:
+    """Queues that hold a whole burst: the plane's coalesced writes are up to
+    64 KB each, and a unix socket's writer gets EAGAIN where a TUN would not."""
+    for sock in (node._tun, node.kernel):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, 1 << 24)
+        except PermissionError:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 24)
+    enlarge_receive_buffer(node.udp)
+
+
+@pytest.fixture
+def make_node() -> Iterator[Callable[[str, str], Node]]:
+    nodes: list[Node] = []
+
+    def make(backend: str, tun_ip: str) -> Node:
+        node = Node(backend, tun_ip)
+        make_room(node)
+        nodes.append(node)
+        return node
+
+    yield make
+    for node in nodes:
+        node.close()
+
+
+def burst(flows: int, super_packets: int, length: int) -> tuple[list[bytes], list[list[bytes]]]:
+    """TSO reads A -> B, the flows' super-packets interleaved, and the segments
+    of each flow in order (PSH ends each super-packet, as a sender's would)."""
+    frames: list[bytes] = []
+    segments: list[list[bytes]] = [[] for _ in range(flows)]
+    for round_ in range(super_packets):
+        for flow in range(flows):
+            ip = Ipv4Fields(A, B, ident=(65500 + round_ * 64) % 65536)
+            options = b"\x01\x01\x08\x0a" + (round_ + 1).to_bytes(4, "big") + bytes(4)
+            tcp = TcpFields(
+                source_port=40000 + flow,
+                seq=2**32 - 30000 + round_ * length,
+                flags=ACK | PSH,
+                options=options,
+            )
+            payload = bytes((flow * 7 + round_ + n) % 251 for n in range(length))
+            frame = tcp_super_packet(ip, tcp, payload, MSS)
+            frames.append(frame)
+            segments[flow] += segment_frame(frame)
+    return frames, segments
+
+
+def per_flow(packets: list[bytes], flows: int) -> list[list[bytes]]:
+    return [
+        [p for p in packets if parse_packet(p).tcp.source_port == 40000 + f] for f in range(flows)
+    ]
+
+
+def check_write(write: bytes) -> None:
+    """A write of a plane with offloads: a valid coalesced TCP packet, or a
+    packet alone behind an all-zero header."""
+    header, packet = split_frame(write)
+    if header.gso_type == GSO_TCPV4:
+        assert header.flags == NEEDS_CSUM
+        ihl = (packet[0] & 0x0F) * 4
+        assert header.checksum_start == ihl
+        assert header.checksum_offset == TCP_CHECKSUM_OFFSET
+        parsed = parse_packet(packet)
+        assert header.header_length == len(packet) - len(parsed.payload)
+        assert 0 < header.segment_size <= len(parsed.payload)
+        assert int.from_bytes(packet[ihl + 16 : ihl + 18], "big") == pseudo_header_sum(packet)
+    else:
+        assert write[:HEADER_LENGTH] == bytes(HEADER_LENGTH)
+
+
+async def collect_writes(node: Node, segments: int) -> list[bytes]:
+    """The node's TUN writes until they stand for `segments` packets."""
+    writes: list[bytes] = []
+
+    def arrived() -> bool:
+        writes.extend(node.writes())
+        return sum(len(segment_frame(write)) for write in writes) >= segments
+
+    await eventually(arrived, timeout=30)
+    return writes
+
+
+async def send_queued(sender: Node, receiver: Node, frames: list[bytes], count: int) -> None:
+    """The sender seals and sends the burst before the receiver starts, so
+    that the receiver's first reads hold it whole (UDP GRO runs)."""
+    take_runs_whole(receiver.udp)
+    sender.plane.set_peer(receiver.tun_ip, receiver.address, receiver.key)
+    sender.plane.start()
+    sender.inject_frames(*frames)
+
+    def sent() -> bool:
+        counters = sender.plane.stats().peers.get(receiver.tun_ip)
+        return counters is not None and counters.packets_out >= count
+
+    await eventually(sent, timeout=30)
+    receiver.plane.start()
+
+
+@pytest.mark.parametrize(("flows", "rounds", "length"), [(1, 4, 60000), (3, 3, 20000)])
+def test_super_packets_arrive_coalesced_at_a_peer_with_offloads(
+    make_node: Callable[[str, str], Node], flows: int, rounds: int, length: int
+) -> None:
+    frames, segments = burst(flows, rounds, length)
+    count = sum(map(len, segments))
+
+    async def body() -> None:
+        a, b = make_node("fast-offload", A), make_node("fast-offload", B)
+        await send_queued(a, b, frames, count)
+        writes = await collect_writes(b, count)
+        for write in writes:
+            check_write(write)
+        received = [packet for write in writes for packet in segment_frame(write)]
+        for got, sent in zip(per_flow(received, flows), segments, strict=True):
+            assert same_packets(got, sent)
+        assert len(received) == count
+        # One FORWARD per segment on the wire, a few writes into the TUN.
+        assert a.plane.stats().peers[b.tun_ip].packets_out == count
+        assert any(split_frame(write)[0].gso_type == GSO_TCPV4 for write in writes)
+        assert len(writes) < count / 4
+
+    asyncio.run(body())
+
+
+@pytest.mark.parametrize("receiver", ["fast", "pure"])
+def test_a_peer_without_offloads_gets_single_packets_of_at_most_the_mtu(
+    make_node: Callable[[str, str], Node], receiver: str
+) -> None:
+    flows = 2
+    frames, segments = burst(flows, 3, 30000)
+    count = sum(map(len, segments))
+
+    async def body() -> None:
+        a, b = make_node("fast-offload", A), make_node(receiver, B)
+        b.plane.start()
+        a.plane.start()
+        a.plane.set_peer(b.tun_ip, b.address, b.key)
+        a.inject_frames(*frames)
+        received: list[bytes] = []
+
+        def arrived() -> bool:
+            received.extend(b.writes())
+            return len(received) >= count
+
+        await eventually(arrived, timeout=30)
+        for packet in received:
+            assert len(packet) <= MTU
+            check_packet(packet)  # a plain IPv4 packet: no virtio header in front
+        for got, sent in zip(per_flow(received, flows), segments, strict=True):
+            assert same_packets(got, sent)
+        assert len(received) == count
+
+    asyncio.run(body())
+
+
+def test_single_packets_from_a_peer_without_offloads_are_coalesced(
+    make_node: Callable[[str, str], Node],
+) -> None:
+    flows = 2
+    _, segments = burst(flows, 3, 30000)
+    # As a Candy peer (or our plane without offloads) sends them: one by one.
+    packets = [packet for side_by_side in zip(*segments, strict=True) for packet in side_by_side]
+    count = len(packets)
+
+    async def body() -> None:
+        a, b = make_node("fast", A), make_node("fast-offload", B)
+        await send_queued(a, b, [a.frame(packet) for packet in packets], count)
+        writes = await collect_writes(b, count)
+        for write in writes:
+            check_write(write)
+        received = [packet for write in writes for packet in segment_frame(write)]
+        for got, sent in zip(per_flow(received, flows), segments, strict=True):
+            assert same_packets(got, sent)
+        assert len(writes) < count / 4
+
+    asyncio.run(body())
+
+
+def test_a_write_with_a_header_goes_to_the_tun_with_one(
+    make_node: Callable[[str, str], Node],
+) -> None:
+    """Packets from the server's relay (write_tun) need the virtio header, too."""
+
+    async def body() -> None:
+        b = make_node("fast-offload", B)
+        b.plane.start()
+        ip, tcp = Ipv4Fields(A, B), TcpFields(flags=ACK)
+        [packet] = segment_frame(tcp_super_packet(ip, tcp, b"relayed", MSS))
+        b.plane.write_tun(packet)
+        writes: list[bytes] = []
+        await eventually(lambda: bool(writes.extend(b.writes())) or bool(writes))
+        assert writes == [bytes(HEADER_LENGTH) + packet]
+
+    asyncio.run(body())
