@@ -55,6 +55,32 @@ cdef enum:
     REPLAY_MIN_SLOTS = 1024
     REPLAY_TABLES = 8            # 1024 slots times 4**7 holds REPLAY_LIMIT
 
+cdef enum:
+    # TUN offloads (IFF_VNET_HDR): wire.virtio is the reference for these.
+    VIRTIO_HEADER = 10           # wire.virtio.HEADER_LENGTH
+    VIRTIO_NEEDS_CSUM = 1        # wire.virtio.NEEDS_CSUM
+    VIRTIO_GSO_NONE = 0          # wire.virtio.GSO_NONE
+    VIRTIO_GSO_TCPV4 = 1         # wire.virtio.GSO_TCPV4
+    VIRTIO_GSO_UDP_L4 = 5        # wire.virtio.GSO_UDP_L4
+    VIRTIO_GSO_ECN = 0x80        # wire.virtio.GSO_ECN
+    IPPROTO_TCP_ = 6
+    IPPROTO_UDP_ = 17
+    TCP_FIN = 0x01
+    TCP_PSH = 0x08
+    TCP_ACK = 0x10
+    TCP_CWR = 0x80
+    # Segments cut from super-packets wait here, each with TUN_HEADROOM in
+    # front, until their batch is sent: room for four 64 KB super-packets.
+    SEGMENT_ARENA_BYTES = 524288
+    # Opened packets held back for coalescing before the TUN writes; a full
+    # table is written out early. A run is at most 64 segments, as in the
+    # kernel's GRO, and one writev takes the virtio header, the first
+    # segment and the payloads of the others.
+    TUN_WRITES = 1024
+    GRO_FLOWS = 16
+    GRO_MAX_SEGMENTS = 64
+    GRO_MAX_VECTOR = GRO_MAX_SEGMENTS + 1
+
 cdef enum:  # worker roles
     ROLE_TUN = 0
     ROLE_UDP = 1
@@ -177,6 +203,55 @@ cdef struct Tables:
     sockaddr_in stun
 
 
+# The virtio-net header in front of every packet of a TUN with IFF_VNET_HDR
+# (native byte order; no padding: 1 + 1 + 4 * 2 = VIRTIO_HEADER bytes).
+cdef struct VirtioHeader:
+    uint8_t flags
+    uint8_t gso_type
+    uint16_t header_length
+    uint16_t segment_size
+    uint16_t checksum_start
+    uint16_t checksum_offset
+
+
+# How a packet read from the TUN is cut into the packets that get sealed.
+cdef struct SegmentPlan:
+    int protocol                 # IPPROTO_TCP_ or IPPROTO_UDP_
+    int ip_header                # bytes
+    int headers                  # IP + TCP/UDP header bytes, copied into each segment
+    int payload                  # bytes after the headers
+    int segment_size             # payload bytes per segment (the last may be shorter)
+    int count                    # segments; 1 for a packet that is not GSO
+    bint is_gso
+
+
+# One packet waiting to be written to the TUN: alone, as the head of a run of
+# one TCP flow's segments (the writev carries them all), or as a member of a
+# run (count == 0: its head writes it).
+cdef struct TunWrite:
+    unsigned char* packet
+    int length
+    int headers                  # head of a coalescible run: IP + TCP header bytes
+    int next                     # the next member of the run; -1
+    int last                     # head: its last member (itself when alone)
+    int count                    # head: segments in the run; 0 for a member
+    int payload                  # head: payload bytes of the run
+    int segment_size             # head: the first segment's payload; 0: never joined
+    uint32_t next_sequence       # head: the sequence number that may join next
+    uint16_t next_id             # head: the IP ID that may join next
+    bint open                    # head: more segments may join
+    bint push                    # head: a member had PSH
+
+
+# The writes of one received batch; flows[] holds the heads of open runs.
+cdef struct GroState:
+    TunWrite writes[TUN_WRITES]
+    int count
+    int flows[GRO_FLOWS]
+    int flow_count
+    int next_eviction
+
+
 # Something for the event loop, found during a batch; points into the
 # worker's slots until the batch is pushed.
 cdef struct UpItem:
@@ -239,6 +314,9 @@ cdef struct Worker:
     int tx_count
     UpItem pending[BATCH]
     int pending_count
+    unsigned char* segments      # TUN worker: SEGMENT_ARENA_BYTES for cut super-packets
+    size_t segments_used
+    GroState gro                 # UDP worker: opened packets before their TUN writes
 
 
 cdef struct Shared:
@@ -253,6 +331,7 @@ cdef struct Shared:
     int udp_segmentation         # 1 while sends use UDP GSO; off for good once refused
     bint running                 # buffers and eventfds exist (start() .. close())
     bint relaying                # route FORWARDs for other addresses (route > 0)
+    bint tun_vnet_header         # the TUN fd carries a virtio-net header (TUN offloads)
     ReplayRecord replay
     EVP_CIPHER_CTX* open_ctx     # own key; only the UDP worker opens
     Tables tables

@@ -1,13 +1,23 @@
 """Type stub for the compiled data plane (src/p2pvpn/_fastpath.pyx)."""
 
 import socket
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from ipaddress import IPv4Address, IPv4Network
 from typing import final
 
 from p2pvpn.dataplane.base import DataPlaneEvents, DataPlaneStats, UdpAddress
 
-__all__ = ["FastDataPlane"]
+__all__ = ["FastDataPlane", "coalesce_tun_packets", "segment_tun_packet"]
+
+TUN_OFFLOAD_NAMES: tuple[str, ...]
+
+def segment_tun_packet(data: bytes) -> list[bytes]:
+    """virtio-net header + IPv4 packet as the TUN hands it over -> the IPv4
+    packets the plane seals, one per FORWARD; ValueError where it drops it."""
+
+def coalesce_tun_packets(packets: Iterable[bytes]) -> list[bytes]:
+    """The IPv4 packets one received batch opened -> the TUN writes (virtio-net
+    header + packet), the segments of a TCP flow coalesced."""
 
 @final
 class FastDataPlane:
@@ -24,6 +34,7 @@ class FastDataPlane:
         relaying: bool = False,
         replay_window: float = ...,
         udp_offload: bool = True,
+        tun_offloads: tuple[str, ...] = (),
     ) -> None: ...
     @property
     def implementation(self) -> str:
@@ -40,6 +51,10 @@ class FastDataPlane:
     @property
     def udp_offloads(self) -> tuple[str, ...]:
         """The kernel UDP offloads in use now: ``"gso"``, ``"gro"``."""
+
+    @property
+    def tun_offloads(self) -> tuple[str, ...]:
+        """The TUN offloads in use: ``"csum"``, ``"tso4"``, ``"uso4"``; empty without."""
 
     def start(self) -> None:
         """Start the workers; call on the event loop thread."""

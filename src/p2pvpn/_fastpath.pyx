@@ -22,6 +22,7 @@ from ipaddress import IPv4Address
 cimport cython
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytearray cimport PyByteArray_AS_STRING
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.errno cimport (
     EAGAIN,
@@ -39,8 +40,9 @@ from libc.errno cimport (
 from libc.limits cimport INT_MAX
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc, realloc
-from libc.string cimport memcpy, memset
+from libc.string cimport memcmp, memcpy, memset
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+from posix.uio cimport iovec, writev
 from posix.unistd cimport close, read, write
 
 from p2pvpn._gcm cimport (
@@ -120,8 +122,9 @@ from p2pvpn.dataplane.base import (
 )
 from p2pvpn.wire import ipv4 as _ipv4
 from p2pvpn.wire import stun as _stun
+from p2pvpn.wire import virtio as _virtio
 
-__all__ = ["FastDataPlane"]
+__all__ = ["FastDataPlane", "coalesce_tun_packets", "segment_tun_packet"]
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +133,7 @@ include "_fastpath_tables.pxi"
 include "_fastpath_replay.pxi"
 include "_fastpath_packets.pxi"
 include "_fastpath_send.pxi"
+include "_fastpath_offload.pxi"
 include "_fastpath_workers.pxi"
 include "_fastpath_run.pxi"
 
@@ -271,7 +275,17 @@ require_same_constants("p2pvpn._fastpath", (
     ("p2pvpn.wire.stun.BINDING_SUCCESS_RESPONSE", STUN_BINDING_RESPONSE,
      _stun.BINDING_SUCCESS_RESPONSE),
     ("p2pvpn.wire.stun.MAGIC_COOKIE", STUN_MAGIC_COOKIE, _stun.MAGIC_COOKIE),
+    ("p2pvpn.wire.virtio.HEADER_LENGTH", VIRTIO_HEADER, _virtio.HEADER_LENGTH),
+    ("sizeof(VirtioHeader)", VIRTIO_HEADER, sizeof(VirtioHeader)),
+    ("p2pvpn.wire.virtio.NEEDS_CSUM", VIRTIO_NEEDS_CSUM, _virtio.NEEDS_CSUM),
+    ("p2pvpn.wire.virtio.GSO_NONE", VIRTIO_GSO_NONE, _virtio.GSO_NONE),
+    ("p2pvpn.wire.virtio.GSO_TCPV4", VIRTIO_GSO_TCPV4, _virtio.GSO_TCPV4),
+    ("p2pvpn.wire.virtio.GSO_UDP_L4", VIRTIO_GSO_UDP_L4, _virtio.GSO_UDP_L4),
+    ("p2pvpn.wire.virtio.GSO_ECN", VIRTIO_GSO_ECN, _virtio.GSO_ECN),
 ))
+
+# What FastDataPlane(tun_offloads=...) may name: TUNSETOFFLOAD flags the TUN took.
+TUN_OFFLOAD_NAMES = ("csum", "tso4", "uso4")
 
 
 @cython.final
@@ -295,9 +309,10 @@ cdef class FastDataPlane:
     cdef bint _try_offload
     cdef bint _receive_offload
     cdef bint _segmentation_reported
+    cdef tuple _tun_offloads
 
     def __init__(self, tun_fd, udp_socket, tun_ip, key, events, *, relaying=False,
-                 replay_window=REPLAY_WINDOW_SECONDS, udp_offload=True):
+                 replay_window=REPLAY_WINDOW_SECONDS, udp_offload=True, tun_offloads=()):
         cdef Py_buffer view
         cdef Shared* s
         cdef uint64_t seed
@@ -305,6 +320,11 @@ cdef class FastDataPlane:
             raise ValueError(f"replay window must be > 0 seconds, got {replay_window}")
         if udp_socket.family != socket.AF_INET:
             raise ValueError("the fast data plane needs an AF_INET UDP socket")
+        tun_offloads = tuple(tun_offloads)
+        for name in tun_offloads:
+            if name not in TUN_OFFLOAD_NAMES:
+                raise ValueError(f"unknown TUN offload {name!r} (known: "
+                                 f"{', '.join(TUN_OFFLOAD_NAMES)})")
         self._core = _Core()
         self._tun_fd = tun_fd
         self._udp = udp_socket
@@ -312,7 +332,10 @@ cdef class FastDataPlane:
         self._threads = []
         self._control_contexts = {}
         self._try_offload = udp_offload
+        self._tun_offloads = tun_offloads
         s = self._core.s
+        # Any offload means the fd was opened with IFF_VNET_HDR.
+        s.tun_vnet_header = bool(tun_offloads)
         s.tun_fd = tun_fd
         s.udp_fd = udp_socket.fileno()
         s.own_ip = _ip_value(tun_ip)
@@ -358,6 +381,11 @@ cdef class FastDataPlane:
             offloads.append("gro")
         return tuple(offloads)
 
+    @property
+    def tun_offloads(self):
+        """The TUN offloads in use ("csum", "tso4", "uso4"); empty without."""
+        return self._tun_offloads
+
     # -- lifecycle --------------------------------------------------------
 
     def start(self):
@@ -375,9 +403,11 @@ cdef class FastDataPlane:
         flag_set(&s.udp_segmentation, self._try_offload and _kernel_segments_udp(self._udp))
         self._segmentation_reported = s.udp_segmentation
         self._receive_offload = self._try_offload and _set_receive_offload(self._udp, True)
-        logger.info("fast data plane: UDP segmentation offload %s, receive offload %s",
+        logger.info("fast data plane: UDP segmentation offload %s, receive offload %s, "
+                    "TUN offloads %s",
                     "on" if s.udp_segmentation else "off",
-                    "on" if self._receive_offload else "off")
+                    "on" if self._receive_offload else "off",
+                    "+".join(self._tun_offloads) or "off")
         self._loop = loop
         try:
             loop.add_reader(s.up_fd, self._drain_up_queue)
@@ -524,7 +554,8 @@ cdef class FastDataPlane:
                 _drop(&s.python_totals, DROP_TUN_WRITE_FAILED)
             else:
                 # From the server: IPIP is unwrapped whoever sent it (PROTOCOL 2.5).
-                _deliver(self._tun_fd, &s.python_totals, <const unsigned char*>view.buf,
+                _deliver(self._tun_fd, s.tun_vnet_header, &s.python_totals,
+                         <const unsigned char*>view.buf,
                          <int>view.len, NULL)
         finally:
             PyBuffer_Release(&view)

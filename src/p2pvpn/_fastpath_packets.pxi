@@ -105,25 +105,45 @@ cdef bint _may_wrap(const Tables* t, uint32_t outer_source, const unsigned char*
         _sysroute_for(t, inner_source, &nexthop) and nexthop == outer_source)
 
 
-cdef void _deliver(int tun_fd, Totals* totals, const unsigned char* packet, int length,
-                   const Tables* from_peer) noexcept nogil:
-    """pure._deliver: unwrap IPIP, write one packet to TUN.
+cdef bint _unwrap_for_delivery(Totals* totals, const unsigned char** packet, int* length,
+                               const Tables* from_peer) noexcept nogil:
+    """pure._deliver's IPIP step: unwrap, and check a peer's wrapping; False
+    (counted) for a packet that must not reach TUN.
 
     from_peer: the tables (read lock held) for a packet that came over UDP,
     whose IPIP must pass _may_wrap; NULL for one from the server.
     """
-    cdef ssize_t written
     cdef uint32_t outer_source
-    if length >= IPV4_HEADER and packet[IPV4_PROTOCOL] == IPPROTO_IPIP_:
-        outer_source = _load_be32(packet + 12)
-        if not _unwrap_ipip(&packet, &length):
+    if length[0] >= IPV4_HEADER and packet[0][IPV4_PROTOCOL] == IPPROTO_IPIP_:
+        outer_source = _load_be32(packet[0] + 12)
+        if not _unwrap_ipip(packet, length):
             _drop(totals, DROP_MALFORMED)
-            return
-        if from_peer != NULL and not _may_wrap(from_peer, outer_source, packet, length):
+            return False
+        if from_peer != NULL and not _may_wrap(from_peer, outer_source, packet[0], length[0]):
             _drop(totals, DROP_IPIP_SOURCE)
-            return
+            return False
+    return True
+
+
+cdef void _deliver(int tun_fd, bint vnet_header, Totals* totals, const unsigned char* packet,
+                   int length, const Tables* from_peer) noexcept nogil:
+    """pure._deliver: unwrap IPIP, write one packet to TUN (behind an all-zero
+    virtio header when the TUN has offloads: a finished, single packet)."""
+    cdef ssize_t written
+    cdef VirtioHeader header
+    cdef iovec vector[2]
+    if not _unwrap_for_delivery(totals, &packet, &length, from_peer):
+        return
+    memset(&header, 0, sizeof(VirtioHeader))
+    vector[0].iov_base = &header
+    vector[0].iov_len = VIRTIO_HEADER
+    vector[1].iov_base = <void*>packet
+    vector[1].iov_len = <size_t>length
     while True:
-        written = write(tun_fd, packet, <size_t>length)
+        if vnet_header:
+            written = writev(tun_fd, vector, 2)
+        else:
+            written = write(tun_fd, packet, <size_t>length)
         if written >= 0 or errno != EINTR:
             break
     if written < 0:
@@ -236,7 +256,11 @@ cdef void _handle_forward(Shared* s, Worker* w, unsigned char* packet, int lengt
         counter_add(&traffic.packets_in, 1)
         counter_add(&traffic.bytes_in, <uint64_t>length)
     if _load_be32(packet + 16) == s.own_ip:
-        _deliver(s.tun_fd, &w.totals, packet, length, &s.tables)
+        if not s.tun_vnet_header:
+            _deliver(s.tun_fd, False, &w.totals, packet, length, &s.tables)
+        elif _unwrap_for_delivery(&w.totals, <const unsigned char**>&packet, &length, &s.tables):
+            # Held for the batch's TUN writes, where a TCP flow's segments join.
+            _hold_for_tun(s, w, packet, length)
     elif not s.relaying:
         _drop(&w.totals, DROP_TRANSIT)
     elif not _decrement_ttl(packet):

@@ -24,6 +24,10 @@ cdef void _close_run(Shared* s) noexcept nogil:
     for i in range(N_WORKERS):
         free(s.workers[i].slots)
         s.workers[i].slots = NULL
+        free(s.workers[i].segments)
+        s.workers[i].segments = NULL
+        s.workers[i].segments_used = 0
+        _gro_reset(&s.workers[i].gro)
         s.workers[i].tx_count = s.workers[i].pending_count = 0
     for i in range(2):
         free(s.up.arenas[i].data)
@@ -54,7 +58,10 @@ cdef int _open_run(Shared* s) noexcept nogil:
     for i in range(N_WORKERS):
         # Untouched pages of these big blocks are never faulted in.
         s.workers[i].slots = <unsigned char*>malloc(<size_t>BATCH * SLOT_BYTES)
-        if s.workers[i].slots == NULL:
+        if s.tun_vnet_header and i == ROLE_TUN:
+            s.workers[i].segments = <unsigned char*>malloc(SEGMENT_ARENA_BYTES)
+        if s.workers[i].slots == NULL or (
+                s.tun_vnet_header and i == ROLE_TUN and s.workers[i].segments == NULL):
             _close_run(s)
             set_errno(ENOMEM)
             return -1

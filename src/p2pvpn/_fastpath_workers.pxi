@@ -41,18 +41,23 @@ cdef inline unsigned char* _slot(Worker* w, int i) noexcept nogil:
 
 
 cdef int _read_tun_batch(Shared* s, Worker* w) noexcept nogil:
+    """Packets at TUN_HEADROOM of their slots; a virtio header, when the TUN
+    has one, right before."""
     cdef int count = 0
+    cdef int header = VIRTIO_HEADER if s.tun_vnet_header else 0
     cdef ssize_t got
     while count < BATCH:
-        got = read(s.tun_fd, _slot(w, count) + TUN_HEADROOM, MAX_PACKET)
+        got = read(s.tun_fd, _slot(w, count) + TUN_HEADROOM - header,
+                   <size_t>(MAX_PACKET + header))
         if got < 0 and errno == EINTR:
             continue
         if got <= 0:
             # EAGAIN: drained. Errors and empty reads end the batch, as in pure.
             break
-        w.tun_lengths[count] = <int>got
-        counter_add(&w.totals.tun_packets_in, 1)
-        counter_add(&w.totals.tun_bytes_in, <uint64_t>got)
+        if got < header:
+            _drop(&w.totals, DROP_TOO_SHORT)
+            continue
+        w.tun_lengths[count] = <int>got - header
         count += 1
     return count
 
@@ -76,9 +81,14 @@ cdef void _tun_loop(Shared* s) noexcept nogil:
         count = _read_tun_batch(s, w)
         if count == 0:
             continue
+        w.segments_used = 0
         pthread_rwlock_rdlock(&s.tables.lock)
         for i in range(count):
-            _route_packet(s, w, _slot(w, i) + TUN_HEADROOM, w.tun_lengths[i], NULL)
+            if s.tun_vnet_header:
+                _route_from_tun(s, w, _slot(w, i) + TUN_HEADROOM, w.tun_lengths[i])
+            else:
+                _count_tun_in(w, w.tun_lengths[i])
+                _route_packet(s, w, _slot(w, i) + TUN_HEADROOM, w.tun_lengths[i], NULL)
         _send_batch(s, w)
         pthread_rwlock_unlock(&s.tables.lock)
         _push_up(s, w)
@@ -143,6 +153,8 @@ cdef void _udp_loop(Shared* s) noexcept nogil:
         pthread_rwlock_rdlock(&s.tables.lock)
         for i in range(count):
             _handle_received(s, w, i)
+        if w.gro.count:
+            _flush_tun_writes(s, w)
         _send_batch(s, w)
         pthread_rwlock_unlock(&s.tables.lock)
         _push_up(s, w)

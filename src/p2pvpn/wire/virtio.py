@@ -24,6 +24,7 @@ __all__ = [
     "TUN_F_CSUM",
     "TUN_F_TSO4",
     "TUN_F_USO4",
+    "TUN_F_USO6",
     "VirtioNetHeader",
     "decode_virtio_header",
     "encode_virtio_header",
@@ -43,6 +44,9 @@ GSO_ECN = 0x80
 TUN_F_CSUM = 0x01
 TUN_F_TSO4 = 0x02
 TUN_F_USO4 = 0x20
+# The kernel takes USO4 only together with USO6 (tun.c, set_offload); IPv6
+# packets are dropped by the data plane either way.
+TUN_F_USO6 = 0x40
 
 # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset: native byte
 # order, the TUN's order unless TUNSETVNETBE/LE says otherwise (we never do).
