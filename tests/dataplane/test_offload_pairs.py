@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from p2pvpn.wire.virtio import GSO_TCPV4, HEADER_LENGTH, NEEDS_CSUM
-from tests.dataplane.conftest import Node, eventually
+from tests.dataplane.conftest import TUN_OFFLOADS, Node, eventually
 from tests.dataplane.offload_reference import (
     ACK,
     PSH,
@@ -63,6 +63,13 @@ def make_node() -> Iterator[Callable[[str, str], Node]]:
     yield make
     for node in nodes:
         node.close()
+
+
+def test_the_plane_names_the_offloads_it_was_given(
+    make_node: Callable[[str, str], Node],
+) -> None:
+    assert make_node("fast-offload", A).plane.tun_offloads == TUN_OFFLOADS  # type: ignore[attr-defined]
+    assert make_node("fast", B).plane.tun_offloads == ()  # type: ignore[attr-defined]
 
 
 def burst(flows: int, super_packets: int, length: int) -> tuple[list[bytes], list[list[bytes]]]:

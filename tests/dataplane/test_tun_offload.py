@@ -407,6 +407,26 @@ def test_interleaved_flows_coalesce_per_flow_in_order(flow_count: int, data: Any
         assert same_packets(mine, flow)
 
 
+def test_more_flows_than_the_plane_tracks_still_come_out_whole_and_in_order() -> None:
+    """Past the plane's table of open runs (16 flows), a flow's run may be
+    written early; each flow's packets still come out valid and in order."""
+    flows = [
+        segment_frame(
+            tcp_super_packet(
+                Ipv4Fields(ident=n * 1000), TcpFields(source_port=n), payload_of(n, 4000), 500
+            )
+        )
+        for n in range(40)
+    ]
+    packets = [packet for side_by_side in zip(*flows, strict=True) for packet in side_by_side]
+    writes = coalesce_tun_packets(packets)
+    received = [packet for write in writes for packet in segment_tun_packet(write)]
+    for n, flow in enumerate(flows):
+        mine = [packet for packet in received if parse_packet(packet).tcp.source_port == n]
+        assert same_packets(mine, flow), n
+    assert len(received) == len(packets)
+
+
 def _set_ip(packet: bytes, **changes: Any) -> bytes:
     """`packet` with IPv4 fields changed, every checksum valid again."""
     parsed = parse_packet(packet)
