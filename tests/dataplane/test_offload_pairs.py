@@ -10,10 +10,21 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Callable, Iterator
+from dataclasses import replace
+from ipaddress import IPv4Network
 
 import pytest
 
-from p2pvpn.wire.virtio import GSO_TCPV4, HEADER_LENGTH, NEEDS_CSUM
+from p2pvpn.dataplane.base import DropReason
+from p2pvpn.wire.ipv4 import decapsulate_ipip
+from p2pvpn.wire.virtio import (
+    GSO_TCPV4,
+    GSO_UDP_L4,
+    HEADER_LENGTH,
+    NEEDS_CSUM,
+    VirtioNetHeader,
+    encode_virtio_header,
+)
 from tests.dataplane.conftest import TUN_OFFLOADS, Node, eventually
 from tests.dataplane.offload_reference import (
     ACK,
@@ -27,11 +38,17 @@ from tests.dataplane.offload_reference import (
     same_packets,
     segment_frame,
     split_frame,
+    tcp_packet,
     tcp_super_packet,
 )
 from tests.udp_offload import enlarge_receive_buffer, take_runs_whole
 
 pytestmark = pytest.mark.fastpath
+
+
+def payload_of(seed: int, length: int) -> bytes:
+    return bytes((seed * 31 + n * 7) % 256 for n in range(length))
+
 
 A, B = "10.9.0.1", "10.9.0.2"
 MTU = 1500
@@ -238,5 +255,77 @@ def test_a_write_with_a_header_goes_to_the_tun_with_one(
         writes: list[bytes] = []
         await eventually(lambda: bool(writes.extend(b.writes())) or bool(writes))
         assert writes == [bytes(HEADER_LENGTH) + packet]
+
+    asyncio.run(body())
+
+
+def test_a_super_packet_to_a_sysroute_goes_out_as_wrapped_segments(
+    make_node: Callable[[str, str], Node],
+) -> None:
+    """Each segment is wrapped in IPIP in the room the segmenter leaves before
+    it, toward the nexthop, and the nexthop takes the inner segments out."""
+    frame = tcp_super_packet(Ipv4Fields(A, "172.30.4.5"), TcpFields(), payload_of(21, 9000), MSS)
+    segments = segment_frame(frame)
+
+    async def body() -> None:
+        a, b = make_node("fast-offload", A), make_node("fast", B)
+        a.plane.start()
+        b.plane.start()
+        a.plane.set_peer(b.tun_ip, b.address, b.key)
+        a.plane.set_sysroutes([(IPv4Network("172.30.0.0/16"), b.tun_ip)])
+        a.inject_frames(frame)
+        received: list[bytes] = []
+        await eventually(lambda: bool(received.extend(b.delivered())) or len(received) >= 7)
+        assert same_packets(received, segments)
+        # Without the direct path: the wrapped segments go up for the server.
+        a.plane.drop_peer(b.tun_ip)
+        a.inject_frames(frame)
+        await eventually(lambda: len(a.events.relay) == len(segments))
+        assert same_packets([decapsulate_ipip(p) for p in a.events.relay], segments)
+
+    asyncio.run(body())
+
+
+def test_a_super_packet_without_a_path_goes_up_for_the_relay_as_segments(
+    make_node: Callable[[str, str], Node],
+) -> None:
+    frame = tcp_super_packet(Ipv4Fields(A, B), TcpFields(), payload_of(22, 5000), MSS)
+
+    async def body() -> None:
+        a = make_node("fast-offload", A)
+        a.plane.start()
+        a.inject_frames(frame)
+        await eventually(lambda: len(a.events.relay) == 4)
+        assert same_packets(a.events.relay, segment_frame(frame))
+        assert all(len(packet) <= MTU for packet in a.events.relay)
+
+    asyncio.run(body())
+
+
+def test_malformed_reads_are_dropped_and_counted_and_the_next_one_passes(
+    make_node: Callable[[str, str], Node],
+) -> None:
+    frame = tcp_super_packet(Ipv4Fields(A, B), TcpFields(), payload_of(23, 3000), MSS)
+    header, packet = split_frame(frame)
+    malformed = [
+        frame[:-1],  # the IPv4 total length says one byte more
+        encode_virtio_header(replace(header, segment_size=0)) + packet,
+        encode_virtio_header(replace(header, gso_type=4)) + packet,  # TCPV6
+        encode_virtio_header(replace(header, gso_type=GSO_UDP_L4)) + packet,
+    ]
+    partial = tcp_packet(Ipv4Fields(A, B), TcpFields(), b"partial", partial_checksum=True)
+    csum_only = encode_virtio_header(VirtioNetHeader(NEEDS_CSUM, 0, 0, 0, 20, 16)) + partial
+
+    async def body() -> None:
+        a, b = make_node("fast-offload", A), make_node("fast", B)
+        a.plane.start()
+        b.plane.start()
+        a.plane.set_peer(b.tun_ip, b.address, b.key)
+        a.inject_frames(*malformed, csum_only, frame)
+        received: list[bytes] = []
+        await eventually(lambda: bool(received.extend(b.delivered())) or len(received) >= 4)
+        expected = [tcp_packet(Ipv4Fields(A, B), TcpFields(), b"partial"), *segment_frame(frame)]
+        assert same_packets(received, expected)
+        assert a.plane.stats().drops == {DropReason.MALFORMED: len(malformed)}
 
     asyncio.run(body())
