@@ -11,11 +11,12 @@ import asyncio
 import socket
 from collections.abc import Callable, Iterator
 from dataclasses import replace
-from ipaddress import IPv4Network
+from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
 from p2pvpn.dataplane.base import DropReason
+from p2pvpn.wire.crypto import DatagramCipher, peer_key
 from p2pvpn.wire.ipv4 import decapsulate_ipip
 from p2pvpn.wire.virtio import (
     GSO_TCPV4,
@@ -25,7 +26,7 @@ from p2pvpn.wire.virtio import (
     VirtioNetHeader,
     encode_virtio_header,
 )
-from tests.dataplane.conftest import TUN_OFFLOADS, Node, eventually
+from tests.dataplane.conftest import PASSWORD, TUN_OFFLOADS, Node, eventually
 from tests.dataplane.offload_reference import (
     ACK,
     PSH,
@@ -41,6 +42,7 @@ from tests.dataplane.offload_reference import (
     tcp_packet,
     tcp_super_packet,
 )
+from tests.sockets import drain
 from tests.udp_offload import enlarge_receive_buffer, take_runs_whole
 
 pytestmark = pytest.mark.fastpath
@@ -370,5 +372,44 @@ def test_bursts_larger_than_the_segment_arena_arrive_whole(
         await eventually(arrived, timeout=60)
         assert same_packets(received, segments)
         assert a.plane.stats().drops == {}
+
+    asyncio.run(body())
+
+
+def test_the_wire_carries_one_ipv4_packet_of_at_most_the_mtu_per_forward(
+    make_node: Callable[[str, str], Node],
+) -> None:
+    """What a Candy peer sees of a sender with offloads: each datagram opens
+    to a FORWARD of one complete IPv4 packet, no larger than the MTU."""
+    frames, segments = burst(2, 3, 30000)
+    flat = [packet for flow in segments for packet in flow]
+
+    async def body() -> None:
+        a = make_node("fast-offload", A)
+        candy = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            candy.bind(("127.0.0.1", 0))
+            enlarge_receive_buffer(candy)
+            candy.setblocking(False)
+            key = peer_key(PASSWORD, IPv4Address(B))
+            a.plane.start()
+            a.plane.set_peer(IPv4Address(B), candy.getsockname(), key)
+            a.inject_frames(*frames)
+            datagrams: list[bytes] = []
+            await eventually(
+                lambda: bool(datagrams.extend(drain(candy))) or len(datagrams) >= len(flat)
+            )
+        finally:
+            candy.close()
+        cipher = DatagramCipher(key)
+        opened = [cipher.open(datagram) for datagram in datagrams]
+        assert all(plaintext[:1] == b"\x01" for plaintext in opened)
+        packets = [plaintext[1:] for plaintext in opened]
+        for packet in packets:
+            assert len(packet) <= MTU
+            check_packet(packet)
+        for got, sent in zip(per_flow(packets, 2), segments, strict=True):
+            assert same_packets(got, sent)
+        assert len(packets) == len(flat)
 
     asyncio.run(body())
