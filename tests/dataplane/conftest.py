@@ -123,9 +123,10 @@ class Node:
         *,
         relaying: bool = False,
         replay_window: float = REPLAY_WINDOW_SECONDS,
+        tun_offloads: tuple[str, ...] | None = None,
     ) -> None:
         self.backend = backend
-        self.tun_offloads = tun_offloads_of(backend)
+        self.tun_offloads = tun_offloads_of(backend) if tun_offloads is None else tun_offloads
         self.tun_ip = IPv4Address(tun_ip)
         self.key = peer_key(PASSWORD, self.tun_ip)
         self.kernel, tun = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)

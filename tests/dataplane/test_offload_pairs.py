@@ -41,6 +41,7 @@ from tests.dataplane.offload_reference import (
     split_frame,
     tcp_packet,
     tcp_super_packet,
+    udp_super_packet,
 )
 from tests.sockets import drain
 from tests.udp_offload import enlarge_receive_buffer, take_runs_whole
@@ -70,11 +71,11 @@ def make_room(node: Node) -> None:
 
 
 @pytest.fixture
-def make_node() -> Iterator[Callable[[str, str], Node]]:
+def make_node() -> Iterator[Callable[..., Node]]:
     nodes: list[Node] = []
 
-    def make(backend: str, tun_ip: str) -> Node:
-        node = Node(backend, tun_ip)
+    def make(backend: str, tun_ip: str, tun_offloads: tuple[str, ...] | None = None) -> Node:
+        node = Node(backend, tun_ip, tun_offloads=tun_offloads)
         make_room(node)
         nodes.append(node)
         return node
@@ -85,7 +86,7 @@ def make_node() -> Iterator[Callable[[str, str], Node]]:
 
 
 def test_the_plane_names_the_offloads_it_was_given(
-    make_node: Callable[[str, str], Node],
+    make_node: Callable[..., Node],
 ) -> None:
     assert make_node("fast-offload", A).plane.tun_offloads == TUN_OFFLOADS  # type: ignore[attr-defined]
     assert make_node("fast", B).plane.tun_offloads == ()  # type: ignore[attr-defined]
@@ -166,7 +167,7 @@ async def send_queued(sender: Node, receiver: Node, frames: list[bytes], count: 
 
 @pytest.mark.parametrize(("flows", "rounds", "length"), [(1, 4, 60000), (3, 3, 20000)])
 def test_super_packets_arrive_coalesced_at_a_peer_with_offloads(
-    make_node: Callable[[str, str], Node], flows: int, rounds: int, length: int
+    make_node: Callable[..., Node], flows: int, rounds: int, length: int
 ) -> None:
     frames, segments = burst(flows, rounds, length)
     count = sum(map(len, segments))
@@ -191,7 +192,7 @@ def test_super_packets_arrive_coalesced_at_a_peer_with_offloads(
 
 @pytest.mark.parametrize("receiver", ["fast", "pure"])
 def test_a_peer_without_offloads_gets_single_packets_of_at_most_the_mtu(
-    make_node: Callable[[str, str], Node], receiver: str
+    make_node: Callable[..., Node], receiver: str
 ) -> None:
     flows = 2
     frames, segments = burst(flows, 3, 30000)
@@ -221,7 +222,7 @@ def test_a_peer_without_offloads_gets_single_packets_of_at_most_the_mtu(
 
 
 def test_single_packets_from_a_peer_without_offloads_are_coalesced(
-    make_node: Callable[[str, str], Node],
+    make_node: Callable[..., Node],
 ) -> None:
     flows = 2
     _, segments = burst(flows, 3, 30000)
@@ -244,7 +245,7 @@ def test_single_packets_from_a_peer_without_offloads_are_coalesced(
 
 
 def test_a_write_with_a_header_goes_to_the_tun_with_one(
-    make_node: Callable[[str, str], Node],
+    make_node: Callable[..., Node],
 ) -> None:
     """Packets from the server's relay (write_tun) need the virtio header, too."""
 
@@ -262,7 +263,7 @@ def test_a_write_with_a_header_goes_to_the_tun_with_one(
 
 
 def test_a_super_packet_to_a_sysroute_goes_out_as_wrapped_segments(
-    make_node: Callable[[str, str], Node],
+    make_node: Callable[..., Node],
 ) -> None:
     """Each segment is wrapped in IPIP in the room the segmenter leaves before
     it, toward the nexthop, and the nexthop takes the inner segments out."""
@@ -289,7 +290,7 @@ def test_a_super_packet_to_a_sysroute_goes_out_as_wrapped_segments(
 
 
 def test_a_super_packet_without_a_path_goes_up_for_the_relay_as_segments(
-    make_node: Callable[[str, str], Node],
+    make_node: Callable[..., Node],
 ) -> None:
     frame = tcp_super_packet(Ipv4Fields(A, B), TcpFields(), payload_of(22, 5000), MSS)
 
@@ -305,7 +306,7 @@ def test_a_super_packet_without_a_path_goes_up_for_the_relay_as_segments(
 
 
 def test_malformed_reads_are_dropped_and_counted_and_the_next_one_passes(
-    make_node: Callable[[str, str], Node],
+    make_node: Callable[..., Node],
 ) -> None:
     frame = tcp_super_packet(Ipv4Fields(A, B), TcpFields(), payload_of(23, 3000), MSS)
     header, packet = split_frame(frame)
@@ -345,7 +346,7 @@ def long_flow(super_packets: int, length: int) -> tuple[list[bytes], list[bytes]
 
 @pytest.mark.parametrize("path", ["direct", "relay"])
 def test_bursts_larger_than_the_segment_arena_arrive_whole(
-    make_node: Callable[[str, str], Node], path: str
+    make_node: Callable[..., Node], path: str
 ) -> None:
     """Megabytes of segments: the arena they are cut into is sent (or handed
     up for the relay) and reused many times over, and no segment is lost or
@@ -377,7 +378,7 @@ def test_bursts_larger_than_the_segment_arena_arrive_whole(
 
 
 def test_the_wire_carries_one_ipv4_packet_of_at_most_the_mtu_per_forward(
-    make_node: Callable[[str, str], Node],
+    make_node: Callable[..., Node],
 ) -> None:
     """What a Candy peer sees of a sender with offloads: each datagram opens
     to a FORWARD of one complete IPv4 packet, no larger than the MTU."""
@@ -411,5 +412,28 @@ def test_the_wire_carries_one_ipv4_packet_of_at_most_the_mtu_per_forward(
         for got, sent in zip(per_flow(packets, 2), segments, strict=True):
             assert same_packets(got, sent)
         assert len(packets) == len(flat)
+
+    asyncio.run(body())
+
+
+def test_a_udp_super_packet_arrives_as_single_datagrams(make_node: Callable[..., Node]) -> None:
+    """USO: cut at the sender, and written one by one at a receiver with
+    offloads (only TCP is coalesced)."""
+    ip = Ipv4Fields(A, B, ident=65530)
+    frame = udp_super_packet(ip, payload_of(31, 20000), MSS + 24)
+    datagrams = segment_frame(frame)
+
+    async def body() -> None:
+        a = make_node("fast-offload", A, (*TUN_OFFLOADS, "uso4"))
+        b = make_node("fast-offload", B)
+        a.plane.start()
+        b.plane.start()
+        a.plane.set_peer(b.tun_ip, b.address, b.key)
+        a.inject_frames(frame)
+        writes = await collect_writes(b, len(datagrams))
+        assert all(write[:HEADER_LENGTH] == bytes(HEADER_LENGTH) for write in writes)
+        received = [write[HEADER_LENGTH:] for write in writes]
+        assert same_packets(received, datagrams)
+        assert all(len(datagram) <= MTU for datagram in received)
 
     asyncio.run(body())
