@@ -98,6 +98,8 @@ def test_bad_flag_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["run", "--bogus"]) == 2
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
     assert main(["run", "-w", "ws://h", "--dataplane", "turbo"]) == 2
+    assert main(["run", "-w", "ws://h", "--offload", "on"]) == 2
+    assert "argument --offload: invalid choice: 'on'" in capsys.readouterr().err
 
 
 def test_check_config_masks_the_password(
@@ -119,6 +121,7 @@ def test_check_config_masks_the_password(
     assert "route = 7" in settings
     assert "state_dir = /var/lib/p2pvpn/lab" in settings
     assert "password_file = (none)" in settings
+    assert "offload = auto (TUN offloads with the fast data plane)" in settings
     assert len({line.index(" = ") for line in lines}) == 1  # aligned
 
 
@@ -202,7 +205,7 @@ def test_run_flags_override_the_file(
     argv = ["run", "-c", str(path), "-r", "9", "-w", "wss://flag.example", "-p", PASSWORD]
     argv += ["-n", "two", "-s", "stun://s", "--port", "4000", "--discovery", "60"]
     argv += ["--localhost", "192.168.0.9", "--dataplane", "pure", "--no-tls-verify"]
-    argv += ["--accept-routes", "172.30.0.0/16"]
+    argv += ["--accept-routes", "172.30.0.0/16", "--offload", "off"]
     argv += ["--state-dir", str(tmp_path / "state"), "--metrics", "127.0.0.1:9100"]
     assert main(argv) == 0
     [(args, kwargs)] = run_calls
@@ -224,6 +227,7 @@ def test_run_flags_override_the_file(
         dataplane="pure",
         metrics=("127.0.0.1", 9100),
         accept_routes=(IPv4Network("172.30.0.0/16"),),
+        offload="off",
     )
     captured = capsys.readouterr()
     assert PASSWORD not in captured.out + captured.err

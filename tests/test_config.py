@@ -43,6 +43,7 @@ state_dir = "/tmp/p2pvpn-state"
 tls_verify = false
 dataplane = pure
 metrics = 127.0.0.1:9100
+offload = off
 """
 
 CLIENT_TOML = f"""\
@@ -62,6 +63,7 @@ state_dir = "/tmp/p2pvpn-state"
 tls_verify = false
 dataplane = "pure"
 metrics = "127.0.0.1:9100"
+offload = "off"
 """
 
 EXPECTED_CLIENT = ClientConfig(
@@ -80,6 +82,7 @@ EXPECTED_CLIENT = ClientConfig(
     tls_verify=False,
     dataplane="pure",
     metrics=("127.0.0.1", 9100),
+    offload="off",
 )
 
 SERVER_CFG = """\
@@ -168,6 +171,7 @@ def test_defaults(tmp_path: Path) -> None:
         "auto",
         None,
     )
+    assert config.offload == "auto"
     assert config.state_dir == DEFAULT_STATE_ROOT / "default"
     assert config.interface_name == "p2pvpn0"
     assert ClientConfig(websocket="ws://h", name="x").state_dir == DEFAULT_STATE_ROOT / "x"
@@ -263,6 +267,7 @@ def test_toml_line_numbers_in_errors(tmp_path: Path) -> None:
             "name: 'toolongna' is too long: 'p2pvpn-toolongna' exceeds 15 characters",
         ),
         ("dataplane = turbo", "dataplane: expected one of auto, fast, pure, got 'turbo'"),
+        ("offload = on", "offload: expected one of auto, off, got 'on'"),
         ("metrics = 9100", "metrics: expected host:port, got '9100'"),
         ("metrics = h:0", "metrics: expected host:port, got 'h:0'"),
         ("log_format = xml", "log_format: expected one of text, json, got 'xml'"),
@@ -470,6 +475,7 @@ def test_effective_items_mask_the_password() -> None:
         "metrics",
         "accept_routes",
         "tls_ca",
+        "offload",
     ]
     assert dict(items)["password"] == "********"
     assert "hunter2" not in repr(items)
@@ -664,3 +670,17 @@ def test_a_bad_tls_ca_is_named(tmp_path: Path, case: str, problem: str) -> None:
     path, error = load_error(tmp_path, "c.cfg", f"websocket = {url}\ntls_ca = {ca}\n{extra}")
     (message,) = error.problems
     assert message.startswith(f"{path}:2: " + problem.format(ca=ca))
+
+
+def test_offload_is_auto_or_off(tmp_path: Path) -> None:
+    for text, expected in (("auto", "auto"), ("off", "off"), (" OFF ", "off")):
+        config = load_config(write(tmp_path, "c.cfg", f"websocket=ws://h\noffload = {text}\n"))
+        assert isinstance(config, ClientConfig)
+        assert config.offload == expected
+    shown = dict(effective_items(ClientConfig(websocket="ws://h")))["offload"]
+    assert shown == "auto (TUN offloads with the fast data plane)"
+    assert (
+        dict(effective_items(ClientConfig(websocket="ws://h", offload="off")))["offload"] == "off"
+    )
+    path, error = load_error(tmp_path, "c.toml", 'websocket = "ws://h"\noffload = false\n')
+    assert str(error) == f"{path}:2: offload: expected a string, got bool"

@@ -138,11 +138,27 @@ def test_client_metrics_from_a_snapshot() -> None:
         "interface": "p2pvpn-lab",
         "address": "10.0.0.1/24",
         "dataplane": "pure",
+        "udp_offloads": "",
+        "tun_offloads": "",
     }
     assert value(samples, "p2pvpn_client_info", **info) == 1
     assert "# TYPE p2pvpn_bytes_total counter" in text
     assert "# TYPE p2pvpn_peers gauge" in text
     assert "secret-host" not in text
+
+
+def test_client_info_names_the_offloads_in_use() -> None:
+    snapshot = {
+        **CLIENT_SNAPSHOT,
+        "dataplane": "fast",
+        "udp_offloads": ["gso", "gro"],
+        "tun_offloads": ["csum", "tso4", "uso4"],
+    }
+    [info] = [f for f in ClientCollector(lambda: snapshot).collect() if f.name == "p2pvpn_client"]
+    [sample] = info.samples
+    assert sample.labels["dataplane"] == "fast"
+    assert sample.labels["udp_offloads"] == "gso+gro"
+    assert sample.labels["tun_offloads"] == "csum+tso4+uso4"
 
 
 def test_client_metrics_before_login_and_with_missing_keys() -> None:

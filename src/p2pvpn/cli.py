@@ -16,6 +16,7 @@ from p2pvpn import __version__
 from p2pvpn.config import (
     DATAPLANES,
     DEFAULT_STATE_ROOT,
+    OFFLOADS,
     ClientConfig,
     ConfigError,
     ConfigValue,
@@ -109,6 +110,11 @@ _RUN_FLAGS: tuple[_Flag, ...] = (
         {"metavar": "DIR", "help": f"state directory of this client ({DEFAULT_STATE_ROOT}/NAME)"},
     ),
     ("dataplane", ("--dataplane",), {"choices": DATAPLANES, "help": "data plane (auto)"}),
+    (
+        "offload",
+        ("--offload",),
+        {"choices": OFFLOADS, "help": "TUN offloads: auto (with the fast data plane) or off"},
+    ),
     (
         "tls_verify",
         ("--no-tls-verify",),

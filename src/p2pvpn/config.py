@@ -39,6 +39,7 @@ __all__ = [
     "DEFAULT_STUN_PORT",
     "INTERFACE_PREFIX",
     "LOG_FORMATS",
+    "OFFLOADS",
     "PASSWORD_ENV",
     "AcceptRoutes",
     "ClientConfig",
@@ -46,6 +47,7 @@ __all__ = [
     "ConfigValue",
     "Dataplane",
     "LogFormat",
+    "Offload",
     "SdwanRule",
     "ServerConfig",
     "StunServer",
@@ -85,6 +87,10 @@ IFNAMSIZ = 16  # Linux, including the terminating NUL
 Dataplane = Literal["auto", "fast", "pure"]
 DATAPLANES: tuple[Dataplane, ...] = ("auto", "fast", "pure")
 
+# TUN offloads: auto = on when the data plane is the fast one and the kernel takes them.
+Offload = Literal["auto", "off"]
+OFFLOADS: tuple[Offload, ...] = ("auto", "off")
+
 # accept_routes: a mode, or the networks that sdwan routes must lie inside.
 AcceptRoutesMode = Literal["none", "safe", "all"]
 ACCEPT_ROUTES_MODES: tuple[AcceptRoutesMode, ...] = ("none", "safe", "all")
@@ -121,6 +127,7 @@ _CLIENT_KEYS = (
     *("state_dir", "tls_verify", "dataplane", "metrics"),
     "accept_routes",
     "tls_ca",
+    "offload",
 )
 # Keys Candy knows that p2pvpn does not implement.
 _CANDY_ONLY_KEYS = ("restart", "workers")
@@ -226,6 +233,7 @@ class ClientConfig:
     log_format: LogFormat = "text"  # stderr logs: "text" or "json" (one object a line)
     accept_routes: AcceptRoutes = "safe"  # which sdwan routes from the server to install
     tls_ca: Path | None = None  # PEM CA certificate(s) to trust instead of the system's
+    offload: Offload = "auto"  # TUN offloads (fast data plane only)
 
     def __post_init__(self) -> None:
         if self.state_dir == Path():
@@ -500,6 +508,7 @@ def client_config_from_values(values: Mapping[str, ConfigValue], source: str) ->
         metrics=get("metrics", _endpoint, None),
         accept_routes=get("accept_routes", _accept_routes, "safe"),
         tls_ca=get.check("tls_ca", lambda: _client_tls_ca(values), None),
+        offload=get("offload", _offload, "auto"),
     )
     get.raise_problems()
     return config
@@ -900,6 +909,14 @@ def _dataplane(key: str, item: ConfigValue) -> Dataplane:
     return text
 
 
+def _offload(key: str, item: ConfigValue) -> Offload:
+    text = _string(key, item).strip().lower()
+    for offload in OFFLOADS:
+        if text == offload:
+            return offload
+    _fail(key, item, f"expected one of {', '.join(OFFLOADS)}, got {text!r}")
+
+
 # ------------------------------------------------------------------------ displaying
 
 
@@ -960,7 +977,12 @@ def effective_items(config: ClientConfig | ServerConfig) -> list[tuple[str, str]
         ("metrics", metrics),
         ("accept_routes", _show_accept_routes(config.accept_routes)),
         ("tls_ca", _show_path(config.tls_ca, "(the system's CAs)")),
+        ("offload", _show_offload(config.offload)),
     ]
+
+
+def _show_offload(offload: Offload) -> str:
+    return "auto (TUN offloads with the fast data plane)" if offload == "auto" else "off"
 
 
 def _show_path(path: Path | None, absent: str) -> str:

@@ -296,6 +296,8 @@ def _client_identity(snapshot: Mapping[str, Any]) -> Iterator[Metric]:
             "interface": str(snapshot.get("interface") or ""),
             "address": str(snapshot.get("address") or ""),
             "dataplane": str(snapshot.get("dataplane") or ""),
+            "udp_offloads": _offloads(snapshot.get("udp_offloads")),
+            "tun_offloads": _offloads(snapshot.get("tun_offloads")),
         },
     )
     yield info
@@ -305,6 +307,11 @@ def _client_identity(snapshot: Mapping[str, Any]) -> Iterator[Metric]:
             "When the client started, in seconds since the Unix epoch.",
             value=_number(snapshot["started"]),
         )
+
+
+def _offloads(names: object) -> str:
+    """``gso+gro``, as `p2pvpn status` shows them; empty when none (or not a list)."""
+    return "+".join(str(name) for name in names) if isinstance(names, list) else ""
 
 
 def _peer_states(peers: list[Mapping[str, Any]]) -> GaugeMetricFamily:

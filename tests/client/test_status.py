@@ -176,6 +176,21 @@ def test_header_names_the_udp_offloads_in_use() -> None:
     assert "(dataplane: fast, pid" in format_status(no_offloads, now=NOW)
 
 
+def test_header_names_the_tun_offloads_after_the_udp_ones() -> None:
+    snapshot = {
+        **EXAMPLE,
+        "dataplane": "fast",
+        "udp_offloads": ["gso", "gro"],
+        "tun_offloads": ["csum", "tso4", "uso4"],
+    }
+    header = format_status(snapshot, now=NOW).splitlines()[0]
+    assert "(dataplane: fast udp gso+gro tun csum+tso4+uso4, pid 1234," in header
+    tun_only = {**EXAMPLE, "dataplane": "fast", "udp_offloads": [], "tun_offloads": ["csum"]}
+    assert "(dataplane: fast tun csum, pid" in format_status(tun_only, now=NOW)
+    plain = {**snapshot, "tun_offloads": []}
+    assert "(dataplane: fast udp gso+gro, pid" in format_status(plain, now=NOW)
+
+
 def test_format_status_example() -> None:
     lines = format_status(EXAMPLE, now=NOW).splitlines()
     assert lines[0] == "p2pvpn-a  10.0.0.1/24  (dataplane: pure, pid 1234, up 1h02m, version 0.1.0)"

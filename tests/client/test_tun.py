@@ -6,7 +6,9 @@ host's interfaces. A TUN device lives as long as its fd, so every check on a
 device happens inside the child, which prints its findings as JSON.
 """
 
+import errno
 import json
+import os
 import textwrap
 from collections.abc import Iterator
 from typing import Any
@@ -98,6 +100,7 @@ def test_open_and_configure(ns: Namespace) -> None:
         """
         dev = TunDevice.open("p2pvpn0", 1400)
         result["name"], result["index"] = dev.name, dev.index
+        result["offloads"] = list(dev.offloads)
         result["nonblocking"] = bool(fcntl.fcntl(dev.fd, fcntl.F_GETFL) & os.O_NONBLOCK)
         result["mtu_after_open"] = ip_json("link", "show", "dev", "p2pvpn0")[0]["mtu"]
         dev.configure(IPv4Interface("10.77.0.2/24"), 1380)
@@ -127,6 +130,7 @@ def test_open_and_configure(ns: Namespace) -> None:
     link = result["link"]
     assert result["name"] == "p2pvpn0"
     assert result["index"] == link["ifindex"]
+    assert result["offloads"] == []
     assert result["nonblocking"] is True
     assert result["mtu_after_open"] == 1400
     assert link["mtu"] == 1380
@@ -318,3 +322,165 @@ def test_unprivileged_user_gets_a_clear_message(ns: Namespace) -> None:
     )
     assert "p2pvpn run needs root or CAP_NET_ADMIN" in result["error"]
     assert result["errno"] in (1, 13)  # EPERM (ioctl) or EACCES (open)
+
+
+# -- TUN offloads (IFF_VNET_HDR, TUNSETOFFLOAD) ----------------------------------------
+
+# The child's helpers: read one UDP datagram that a local socket sends into the
+# device, and count (or refuse) the ioctls that tun.py makes.
+OFFLOAD_HELPERS = """
+import struct
+from p2pvpn.client import tun
+from p2pvpn.wire.virtio import HEADER_LENGTH, decode_virtio_header
+
+def read_udp_from(dev, payload):
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.sendto(payload, ("10.77.0.9", 9999))
+    sock.close()
+    while True:
+        assert select.select([dev.fd], [], [], 10)[0], "nothing to read from the TUN fd"
+        data = os.read(dev.fd, 65535)
+        if data.endswith(payload):
+            return data
+
+def tun_flags(name):
+    with open(f"/sys/class/net/{name}/tun_flags") as flags:
+        return int(flags.read(), 16)
+
+ioctls = []
+real_ioctl = fcntl.ioctl
+
+def recording_ioctl(fd, request, arg=0, *rest):
+    if request == tun.TUNSETOFFLOAD:
+        ioctls.append(["offload", arg])
+        if refuse(arg):
+            raise OSError(REFUSED_ERRNO, os.strerror(REFUSED_ERRNO))
+    elif request == tun.TUNSETIFF:
+        ioctls.append(["iff", struct.unpack("16sH22x", arg)[1]])
+    return real_ioctl(fd, request, arg, *rest)
+
+fcntl.ioctl = recording_ioctl
+"""
+
+IFF_TUN_NO_PI = 0x1001
+IFF_VNET_HDR = 0x4000
+ALL_OFFLOADS = 0x63  # TUN_F_CSUM | TUN_F_TSO4 | TUN_F_USO4 | TUN_F_USO6 (Linux: both or none)
+TCP_OFFLOADS = 0x03  # TUN_F_CSUM | TUN_F_TSO4
+
+
+def run_offloaded(ns: Namespace, refuse: str, body: str) -> tuple[dict[str, Any], str]:
+    """`run_in` with OFFLOAD_HELPERS; ``refuse`` is a Python expression of ``arg``
+    (the TUNSETOFFLOAD flags) that makes the ioctl fail with ``REFUSED_ERRNO``."""
+    setup = f"def refuse(arg):\n    return {refuse}\n" + OFFLOAD_HELPERS
+    return run_in(ns, setup + textwrap.dedent(body))
+
+
+@pytest.mark.netns
+def test_offload_device_reads_start_with_a_virtio_header(ns: Namespace) -> None:
+    result, log = run_offloaded(
+        ns,
+        "False",
+        """
+        with TunDevice.open("p2pvpn0", 1400, offload=True) as dev:
+            result["offloads"] = list(dev.offloads)
+            result["vnet_hdr"] = bool(tun_flags("p2pvpn0") & tun.IFF_VNET_HDR)
+            dev.configure(IPv4Interface("10.77.0.2/24"), 1400)
+            data = read_udp_from(dev, b"hello offload")
+            header = decode_virtio_header(data)
+            result["gso_type"] = header.gso_type
+            packet = data[HEADER_LENGTH:]
+            result["version"], result["protocol"] = packet[0] >> 4, packet[9]
+            result["length_ok"] = int.from_bytes(packet[2:4], "big") == len(packet)
+        result["ioctls"] = ioctls
+        """,
+    )
+    # Linux 6.2 and later take USO4 as well; older kernels the TCP offloads only.
+    assert result["offloads"] in (["csum", "tso4", "uso4"], ["csum", "tso4"])
+    assert result["vnet_hdr"] is True
+    assert result["gso_type"] == 0  # one small datagram: nothing to segment
+    assert (result["version"], result["protocol"]) == (4, 17)
+    assert result["length_ok"] is True
+    # One probe per open: TUNSETIFF once, TUNSETOFFLOAD once or twice (without USO4).
+    assert result["ioctls"][:2] == [
+        ["iff", IFF_TUN_NO_PI | IFF_VNET_HDR],
+        ["offload", ALL_OFFLOADS],
+    ]
+    offloads = "+".join(result["offloads"])
+    assert f"TUN device p2pvpn0: offloads {offloads} (virtio-net header" in log
+    assert "WARNING" not in log
+    assert ns.interfaces() == ["lo"]
+
+
+@pytest.mark.netns
+def test_offload_without_uso4_keeps_csum_and_tso4(ns: Namespace) -> None:
+    result, log = run_offloaded(
+        ns,
+        "arg & 0x60",  # a kernel before 6.2: TUN_F_USO4/6 unknown, the set refused
+        """
+        REFUSED_ERRNO = errno.EINVAL
+        with TunDevice.open("p2pvpn0", 1400, offload=True) as dev:
+            result["offloads"] = list(dev.offloads)
+            result["vnet_hdr"] = bool(tun_flags("p2pvpn0") & tun.IFF_VNET_HDR)
+        result["ioctls"] = ioctls
+        """,
+    )
+    assert result["offloads"] == ["csum", "tso4"]
+    assert result["vnet_hdr"] is True
+    assert result["ioctls"] == [
+        ["iff", IFF_TUN_NO_PI | IFF_VNET_HDR],
+        ["offload", ALL_OFFLOADS],
+        ["offload", TCP_OFFLOADS],
+    ]
+    assert "TUN device p2pvpn0: offloads csum+tso4 (virtio-net header" in log
+    assert "WARNING" not in log
+    assert ns.interfaces() == ["lo"]
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize(
+    ("refused", "offload_calls"),
+    [
+        # EINVAL: the full set and then csum+tso4 are asked for before giving up.
+        ("EINVAL", [ALL_OFFLOADS, TCP_OFFLOADS]),
+        # Any other refusal is not about USO4: no second attempt.
+        ("EPERM", [ALL_OFFLOADS]),
+    ],
+)
+def test_refused_offloads_give_a_plain_device(
+    ns: Namespace, refused: str, offload_calls: list[int]
+) -> None:
+    result, log = run_offloaded(
+        ns,
+        "True",
+        f"""
+        REFUSED_ERRNO = errno.{refused}
+        with TunDevice.open("p2pt%d", 1400, offload=True) as dev:
+            result["name"] = dev.name
+            result["offloads"] = list(dev.offloads)
+            result["vnet_hdr"] = bool(tun_flags(dev.name) & tun.IFF_VNET_HDR)
+            result["links"] = [link["ifname"] for link in ip_json("link", "show")]
+            dev.configure(IPv4Interface("10.77.0.2/24"), 1400)
+            packet = read_udp_from(dev, b"hello plain")
+            result["version"], result["protocol"] = packet[0] >> 4, packet[9]
+        result["ioctls"] = ioctls
+        result["links_after"] = [link["ifname"] for link in ip_json("link", "show")]
+        """,
+    )
+    assert result["name"] == "p2pt0"  # the name the template gave the first device
+    assert result["offloads"] == []
+    assert result["vnet_hdr"] is False
+    assert result["links"] == ["lo", "p2pt0"]  # the refused device is gone
+    assert (result["version"], result["protocol"]) == (4, 17)  # a bare IPv4 packet
+    assert result["ioctls"] == [
+        ["iff", IFF_TUN_NO_PI | IFF_VNET_HDR],
+        *(["offload", flags] for flags in offload_calls),
+        ["iff", IFF_TUN_NO_PI],
+    ]
+    warnings = [line for line in log.splitlines() if line.startswith("WARNING")]
+    assert warnings == [
+        "WARNING p2pvpn.client.tun: TUN device p2pt0 refuses offloads (TUNSETOFFLOAD: "
+        f"{os.strerror(getattr(errno, refused))} ({refused})); opening it without them"
+    ]
+    assert "offloads csum" not in log
+    assert result["links_after"] == ["lo"]
+    assert ns.interfaces() == ["lo"]

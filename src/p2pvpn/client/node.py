@@ -27,7 +27,7 @@ from p2pvpn.client.store import StateStore
 from p2pvpn.client.sysroutes import SystemRouteManager, UnderlayProbe
 from p2pvpn.client.tun import TunDevice, TunError
 from p2pvpn.config import ClientConfig, display_url
-from p2pvpn.dataplane import create_data_plane
+from p2pvpn.dataplane import DataPlaneUnavailableError, create_data_plane, resolve_data_plane
 from p2pvpn.dataplane.base import DataPlane, DataPlaneStats, UdpAddress
 from p2pvpn.wire.crypto import peer_key
 from p2pvpn.wire.ws import Discovery, Forward, LanAddress, SystemRoutes, Udp4Conn, WsMessage
@@ -104,14 +104,14 @@ class ClientNode:
             # the interface, so a second client with our name changes nothing.
             await self.control.start()
             TunDevice.remove_stale(self.config.interface_name)
-            self.tun = TunDevice.open(self.config.interface_name, self.config.mtu)
+            self.tun = open_tun(self.config)
             if self.config.metrics is not None:
                 # Imported only when asked for: prometheus_client costs RSS.
                 from p2pvpn.metrics import serve_client_metrics
 
                 self.metrics = serve_client_metrics(self.config.metrics, self.snapshot)
             return await self._serve()
-        except (TunError, SignalingError, OSError) as error:
+        except (TunError, SignalingError, OSError, DataPlaneUnavailableError) as error:
             logger.error("%s", error)
             return 1
         finally:
@@ -182,7 +182,7 @@ class ClientNode:
             await self.routes.detach()
             self._stop_packet_path()
             self.tun.close()
-            self.tun = TunDevice.open(self.config.interface_name, self.config.mtu)
+            self.tun = open_tun(self.config)
         self.address = address
         self.tun.configure(address, self.config.mtu)
         self._start_packet_path(address)
@@ -229,6 +229,7 @@ class ClientNode:
             events=self,
             # Only a client that advertises routes (route > 0) forwards for others.
             relaying=self.config.route > 0,
+            tun_offloads=self.tun.offloads,
         )
         self.peers = PeerManager(
             self.config,
@@ -291,6 +292,7 @@ class ClientNode:
             "version": __version__,
             "dataplane": stats.implementation if stats else None,
             "udp_offloads": list(self.data_plane.udp_offloads) if self.data_plane else [],
+            "tun_offloads": list(self.data_plane.tun_offloads) if self.data_plane else [],
             "pid": os.getpid(),
             "started": self.started,
             "server": {
@@ -319,6 +321,18 @@ class ClientNode:
             },
             "stun_failures": self.peers.stun_failures if self.peers is not None else 0,
         }
+
+
+def open_tun(config: ClientConfig) -> TunDevice:
+    """The client's TUN device, with offloads where the data plane reads them.
+
+    Only the fast plane reads the virtio-net header that offloads put on every
+    packet, so the plane is resolved first; `offload = off` keeps the device plain.
+    """
+    offload = config.offload == "auto" and resolve_data_plane(config.dataplane) == "fast"
+    if config.offload == "auto" and not offload:
+        logger.debug("TUN offloads off: the pure data plane does not use them")
+    return TunDevice.open(config.interface_name, config.mtu, offload=offload)
 
 
 def _direct_totals(stats: DataPlaneStats | None) -> dict[str, int]:

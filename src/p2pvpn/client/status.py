@@ -249,9 +249,10 @@ def _header_line(snapshot: Snapshot, now: float) -> str:
     details = []
     dataplane = _text(snapshot.get("dataplane"), "")
     if dataplane:
-        offloads = snapshot.get("udp_offloads")
-        if isinstance(offloads, list) and offloads:
-            dataplane += " udp " + "+".join(_text(offload) for offload in offloads)
+        for kind in ("udp", "tun"):
+            offloads = snapshot.get(f"{kind}_offloads")
+            if isinstance(offloads, list) and offloads:
+                dataplane += f" {kind} " + "+".join(_text(offload) for offload in offloads)
         details.append(f"dataplane: {dataplane}")
     pid = _integer(snapshot.get("pid"))
     if pid is not None:

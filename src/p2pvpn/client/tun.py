@@ -4,6 +4,12 @@ The device is created non-persistent: it disappears as soon as its file
 descriptor is closed, so a crashed client leaves nothing behind except in the
 rare case of a persistent device of the same name (see `TunDevice.remove_stale`).
 
+With offloads (``TunDevice.open(..., offload=True)``) the device is opened with
+``IFF_VNET_HDR``: every packet read or written carries a virtio-net header
+(`p2pvpn.wire.virtio`), and ``TUNSETOFFLOAD`` lets the kernel hand over TCP (and
+UDP) super-packets with checksums left to finish. Only the compiled data plane
+speaks that format.
+
 Netlink calls go through pyroute2's synchronous ``IPRoute``. pyroute2 0.9 runs
 that API on an asyncio loop of its own and fails with "This event loop is
 already running" when called from a thread whose loop is running, so when a
@@ -26,6 +32,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 from p2pvpn.client import _pyroute2
+from p2pvpn.wire.virtio import TUN_F_CSUM, TUN_F_TSO4, TUN_F_USO4, TUN_F_USO6
 
 if TYPE_CHECKING:
     from pyroute2 import IPRoute
@@ -48,6 +55,17 @@ TUNSETIFF = 0x400454CA
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
 IFF_PERSIST = 0x0800
+IFF_VNET_HDR = 0x4000
+TUNSETOFFLOAD = 0x400454D0  # _IOW('T', 208, unsigned int)
+_PLAIN_FLAGS = IFF_TUN | IFF_NO_PI
+# What TUNSETOFFLOAD is asked for: all three, and where the kernel refuses that
+# (USO came with Linux 6.2; an older one refuses the whole set), TCP's alone.
+# USO is asked for as USO4|USO6: Linux refuses either alone. IPv6 packets that
+# this lets through are dropped by the data plane like any IPv6 packet.
+_TCP_OFFLOAD_FLAGS = TUN_F_CSUM | TUN_F_TSO4
+_TCP_OFFLOADS = ("csum", "tso4")
+_ALL_OFFLOAD_FLAGS = _TCP_OFFLOAD_FLAGS | TUN_F_USO4 | TUN_F_USO6
+_ALL_OFFLOADS = (*_TCP_OFFLOADS, "uso4")
 _IFREQ = struct.Struct("16sH22x")  # struct ifreq: name, flags, padding to 40 bytes
 
 _MAIN_TABLE = 254
@@ -201,13 +219,17 @@ class TunDevice:
     """An open, non-persistent TUN device (``IFF_TUN | IFF_NO_PI``, non-blocking fd).
 
     ``fd`` is read and written directly by the data plane with ``os.read`` /
-    ``os.write``, one IPv4 packet per call.
+    ``os.write``, one IPv4 packet per call. ``offloads`` names the TUNSETOFFLOAD
+    flags the kernel took (``"csum"``, ``"tso4"``, ``"uso4"``); when it is not
+    empty, the device was opened with ``IFF_VNET_HDR`` and every packet on the fd
+    is a virtio-net header followed by the IPv4 packet.
     """
 
-    def __init__(self, name: str, fd: int, index: int) -> None:
+    def __init__(self, name: str, fd: int, index: int, offloads: tuple[str, ...] = ()) -> None:
         self.name = name
         self.fd = fd
         self.index = index
+        self.offloads = offloads
         self.address: IPv4Interface | None = None
         self.mtu: int | None = None
         self._routes: list[IPv4Network] = []
@@ -230,51 +252,32 @@ class TunDevice:
         return self.fd
 
     @classmethod
-    def open(cls, name: str, mtu: int) -> Self:
-        """Create the device ``name`` (``%d`` templates like ``tun%d`` allowed) with ``mtu``."""
+    def open(cls, name: str, mtu: int, *, offload: bool = False) -> Self:
+        """Create the device ``name`` (``%d`` templates like ``tun%d`` allowed) with ``mtu``.
+
+        With ``offload`` the device carries a virtio-net header on every packet and
+        takes the offloads the kernel accepts (`offloads`); where it takes none, the
+        device is opened plain instead, with a warning.
+        """
         validate_name(name)
         _check_mtu(mtu)
+        if offload:
+            fd, actual, offloads = _create_offloaded(name)
+        else:
+            (fd, actual), offloads = _create(name, _PLAIN_FLAGS), ()
         try:
-            fd = os.open(TUN_PATH, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
-        except FileNotFoundError as exc:
-            raise TunError(
-                f"cannot open {TUN_PATH}: No such file or directory "
-                "(the tun kernel module is missing: modprobe tun, or create the node "
-                "with mknod /dev/net/tun c 10 200)",
-                exc.errno,
-            ) from exc
-        except PermissionError as exc:
-            raise TunError(
-                f"cannot open {TUN_PATH}: Permission denied ({_NEEDS_ROOT})", exc.errno
-            ) from exc
-        except OSError as exc:
-            raise TunError(f"cannot open {TUN_PATH}: {_describe(exc)}", exc.errno) from exc
-
-        try:
-            request = _IFREQ.pack(name.encode("utf-8", "surrogateescape"), IFF_TUN | IFF_NO_PI)
-            try:
-                answer = fcntl.ioctl(fd, TUNSETIFF, request)
-            except PermissionError as exc:
-                raise TunError(
-                    f"cannot create TUN device {name}: Operation not permitted ({_NEEDS_ROOT})",
-                    exc.errno,
-                ) from exc
-            except OSError as exc:
-                hint = ""
-                if exc.errno == errno.EBUSY:
-                    hint = " (a device of that name exists and is in use by another process)"
-                elif exc.errno == errno.EINVAL:
-                    hint = " (a non-TUN interface of that name probably exists)"
-                raise TunError(
-                    f"cannot create TUN device {name}: {_describe(exc)}{hint}", exc.errno
-                ) from exc
-            actual = _IFREQ.unpack(answer)[0].rstrip(b"\0").decode("utf-8", "surrogateescape")
-            device = cls(actual, fd, socket.if_nametoindex(actual))
+            device = cls(actual, fd, socket.if_nametoindex(actual), offloads)
             device._set_mtu(mtu)
         except BaseException:
             os.close(fd)
             raise
         logger.debug("opened TUN device %s (index %d, fd %d)", device.name, device.index, fd)
+        if offloads:
+            logger.info(
+                "TUN device %s: offloads %s (virtio-net header on every packet)",
+                device.name,
+                "+".join(offloads),
+            )
         return device
 
     def _set_mtu(self, mtu: int) -> None:
@@ -447,6 +450,98 @@ class TunDevice:
 def _check_mtu(mtu: int) -> None:
     if not 68 <= mtu <= 65535:
         raise ValueError(f"MTU {mtu} is out of range (68..65535)")
+
+
+def _create(name: str, flags: int) -> tuple[int, str]:
+    """Open the TUN node and attach a device with ``flags``: (fd, the device's name)."""
+    fd = _open_tun_node()
+    try:
+        return fd, _attach(fd, name, flags)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _create_offloaded(name: str) -> tuple[int, str, tuple[str, ...]]:
+    """`_create` with ``IFF_VNET_HDR`` and offloads; plain when the kernel takes none."""
+    fd, actual = _create(name, _PLAIN_FLAGS | IFF_VNET_HDR)
+    try:
+        return fd, actual, _enable_offloads(fd, actual)
+    except OSError as exc:
+        # Non-persistent: the device goes with its fd, and IFF_VNET_HDR cannot be
+        # dropped from an attached fd, so the plain device is a new one.
+        os.close(fd)
+        logger.warning(
+            "TUN device %s refuses offloads (TUNSETOFFLOAD: %s); opening it without them",
+            actual,
+            _describe_errno(exc),
+        )
+    except BaseException:
+        os.close(fd)
+        raise
+    fd, actual = _create(name, _PLAIN_FLAGS)
+    return fd, actual, ()
+
+
+def _enable_offloads(fd: int, name: str) -> tuple[str, ...]:
+    """Ask for the best offload set the kernel takes; its names. OSError when none."""
+    try:
+        fcntl.ioctl(fd, TUNSETOFFLOAD, _ALL_OFFLOAD_FLAGS)
+        return _ALL_OFFLOADS
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+        logger.debug("TUN device %s refuses USO4 (%s); trying csum+tso4", name, exc.strerror)
+    fcntl.ioctl(fd, TUNSETOFFLOAD, _TCP_OFFLOAD_FLAGS)
+    return _TCP_OFFLOADS
+
+
+def _open_tun_node() -> int:
+    try:
+        return os.open(TUN_PATH, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError as exc:
+        raise TunError(
+            f"cannot open {TUN_PATH}: No such file or directory "
+            "(the tun kernel module is missing: modprobe tun, or create the node "
+            "with mknod /dev/net/tun c 10 200)",
+            exc.errno,
+        ) from exc
+    except PermissionError as exc:
+        raise TunError(
+            f"cannot open {TUN_PATH}: Permission denied ({_NEEDS_ROOT})", exc.errno
+        ) from exc
+    except OSError as exc:
+        raise TunError(f"cannot open {TUN_PATH}: {_describe(exc)}", exc.errno) from exc
+
+
+def _attach(fd: int, name: str, flags: int) -> str:
+    """TUNSETIFF: create (or take) the device ``name`` on ``fd``; the name it got."""
+    request = _IFREQ.pack(name.encode("utf-8", "surrogateescape"), flags)
+    try:
+        answer = fcntl.ioctl(fd, TUNSETIFF, request)
+    except PermissionError as exc:
+        raise TunError(
+            f"cannot create TUN device {name}: Operation not permitted ({_NEEDS_ROOT})",
+            exc.errno,
+        ) from exc
+    except OSError as exc:
+        hint = ""
+        if exc.errno == errno.EBUSY:
+            hint = " (a device of that name exists and is in use by another process)"
+        elif exc.errno == errno.EINVAL:
+            hint = " (a non-TUN interface of that name probably exists)"
+        raise TunError(
+            f"cannot create TUN device {name}: {_describe(exc)}{hint}", exc.errno
+        ) from exc
+    actual: bytes = _IFREQ.unpack(answer)[0]
+    return actual.rstrip(b"\0").decode("utf-8", "surrogateescape")
+
+
+def _describe_errno(exc: OSError) -> str:
+    """``Invalid argument (EINVAL)``: the message and the errno's name."""
+    if exc.errno is None:
+        return str(exc)
+    return f"{os.strerror(exc.errno)} ({errno.errorcode.get(exc.errno, str(exc.errno))})"
 
 
 def _delete_route(ipr: IPRoute, index: int, network: IPv4Network) -> bool:

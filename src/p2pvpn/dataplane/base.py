@@ -155,6 +155,11 @@ class DataPlane(Protocol):
     def udp_offloads(self) -> tuple[str, ...]:
         """Kernel UDP offloads in use now (`"gso"`, `"gro"`); empty when none."""
 
+    @property
+    def tun_offloads(self) -> tuple[str, ...]:
+        """TUN offloads in use (`"csum"`, `"tso4"`, `"uso4"`): the virtio-net header
+        is on every TUN packet; empty for a plain TUN device."""
+
     def start(self) -> None:
         """Start moving packets (call on the event loop thread)."""
 

@@ -82,6 +82,10 @@ class PureDataPlane:
     def udp_offloads(self) -> tuple[str, ...]:
         return ()  # one datagram per system call
 
+    @property
+    def tun_offloads(self) -> tuple[str, ...]:
+        return ()  # one plain IPv4 packet per TUN read and write
+
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._udp.setblocking(False)
