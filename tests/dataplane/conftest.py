@@ -62,6 +62,11 @@ def tun_offloads_of(backend: str) -> tuple[str, ...]:
     return TUN_OFFLOADS if backend == "fast-offload" else ()
 
 
+def plane_kind(backend: str) -> str:
+    """The `dataplane` setting that builds `backend`'s plane: pure or fast."""
+    return "pure" if backend == "pure" else "fast"
+
+
 def ipv4_packet(
     source: str, destination: str, payload: bytes = b"x" * 32, ident: int = 0, ttl: int = 64
 ) -> bytes:

@@ -9,7 +9,6 @@ An attacker here is a plain UDP socket on loopback that holds the password
 from __future__ import annotations
 
 import asyncio
-import inspect
 import socket
 from collections.abc import Coroutine
 from ipaddress import IPv4Address, IPv4Network
@@ -30,6 +29,7 @@ from tests.dataplane.conftest import (
     after_hops,
     eventually,
     ipv4_packet,
+    plane_kind,
     settle,
 )
 from tests.udp_offload import enlarge_receive_buffer, send_run, take_runs_whole
@@ -423,12 +423,9 @@ def test_create_data_plane_passes_relaying_on(backend: str, relaying: bool) -> N
         sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         b = Node(backend, B)  # only for its key and offloads
         offloads = {"tun_offloads": b.tun_offloads} if b.tun_offloads else {}
-        if offloads and "tun_offloads" not in inspect.signature(create_data_plane).parameters:
-            b.close()
-            pytest.skip("create_data_plane takes no tun_offloads yet (the wiring part of issue 13)")
         try:
             plane = create_data_plane(
-                b.plane.implementation,
+                plane_kind(backend),
                 tun_fd=tun.fileno(),
                 udp_socket=udp,
                 tun_ip=b.tun_ip,
@@ -437,9 +434,8 @@ def test_create_data_plane_passes_relaying_on(backend: str, relaying: bool) -> N
                 relaying=relaying,
                 **offloads,
             )
-            assert plane.implementation == b.plane.implementation
-            if b.tun_offloads:
-                assert plane.tun_offloads == b.tun_offloads
+            assert plane.implementation == plane_kind(backend)
+            assert plane.tun_offloads == b.tun_offloads
             plane.start()
             try:
                 sender.sendto(DatagramCipher(b.key).seal(forward(A, X, 1)), udp.getsockname())
