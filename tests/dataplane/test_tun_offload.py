@@ -24,6 +24,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from p2pvpn.wire.virtio import (
+    GSO_ECN,
     GSO_NONE,
     GSO_TCPV4,
     GSO_UDP_L4,
@@ -270,6 +271,18 @@ def test_a_single_packet_without_flags_comes_back_as_it_is(packet: bytes) -> Non
     # Not even IPv4: the plane's later checks drop it, if this one does not.
     with contextlib.suppress(ValueError):
         assert segment_tun_packet(ZERO_HEADER + packet) == [packet]
+
+
+def test_a_super_packet_marked_ecn_is_cut_like_any_other() -> None:
+    """GSO_ECN (the sender's CWR must reach one segment only) is a flag on
+    GSO_TCPV4, not a type of its own."""
+    ip, tcp = Ipv4Fields(ident=65535), TcpFields(flags=ACK | CWR | ECE | PSH)
+    frame = tcp_super_packet(ip, tcp, payload_of(17, 4000), 1448)
+    header, packet = split_frame(frame)
+    marked = encode_virtio_header(replace(header, gso_type=GSO_TCPV4 | GSO_ECN)) + packet
+    segments = segment_tun_packet(marked)
+    check_tcp_segments(segments, ip, tcp, payload_of(17, 4000), 1448)
+    assert same_packets(segments, segment_frame(frame))
 
 
 def zero_checksum_payload(make: Callable[[bytes], bytes], offset: int) -> bytes:
