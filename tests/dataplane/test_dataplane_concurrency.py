@@ -60,7 +60,7 @@ class Injector(threading.Thread):
         for packet in self._packets:
             if self._halt is not None and self._halt.is_set():
                 return
-            if not send_waiting(self._node.kernel, packet, self._halt):
+            if not send_waiting(self._node.kernel, self._node.frame(packet), self._halt):
                 return
             self.sent += 1
 
@@ -225,13 +225,13 @@ def test_start_close_cycles_leak_no_fd_and_no_thread(make_node: NodeFactory) -> 
         b.plane.start()
         # One warm-up node: the first one may open lazily created fds
         # (e.g. the loop's self-pipe is already there; urandom, etc.).
-        warmup = Node(b.plane.implementation, A)
+        warmup = Node(b.backend, A)
         warmup.plane.start()
         warmup.close()
         fds = open_fds()
         threads = fast_threads()
         for round_ in range(30):
-            node = Node(b.plane.implementation, A)
+            node = Node(b.backend, A)
             node.plane.set_peer(b.tun_ip, b.address, b.key)
             node.plane.start()
             node.inject(ipv4_packet(A, B, ident=round_))
@@ -295,7 +295,8 @@ def test_python_threads_and_the_loop_keep_running_while_packets_flow(
                 # A bounded window keeps every buffer on the way from overflowing.
                 while n - progress["received"] >= window and not stop.is_set():
                     time.sleep(0.0002)
-                if not send_waiting(a.kernel, ipv4_packet(A, B, ident=n % 65536), stop):
+                packet = a.frame(ipv4_packet(A, B, ident=n % 65536))
+                if not send_waiting(a.kernel, packet, stop):
                     return
 
         threads = [threading.Thread(target=f, daemon=True) for f in (python_work, receive, inject)]

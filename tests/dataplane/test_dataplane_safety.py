@@ -29,6 +29,7 @@ from tests.dataplane.conftest import (
     after_hops,
     eventually,
     ipv4_packet,
+    plane_kind,
     settle,
 )
 from tests.udp_offload import enlarge_receive_buffer, send_run, take_runs_whole
@@ -98,7 +99,7 @@ def make_room(node: Node, backend: str) -> None:
     node._tun.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 23)
     node.kernel.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 23)
     enlarge_receive_buffer(node.udp)
-    if backend == "fast":
+    if backend != "pure":
         take_runs_whole(node.udp)
 
 
@@ -420,18 +421,21 @@ def test_create_data_plane_passes_relaying_on(backend: str, relaying: bool) -> N
         udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         udp.bind(("127.0.0.1", 0))
         sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        b = Node(backend, B)  # only for its key
+        b = Node(backend, B)  # only for its key and offloads
+        offloads = {"tun_offloads": b.tun_offloads} if b.tun_offloads else {}
         try:
             plane = create_data_plane(
-                backend,
+                plane_kind(backend),
                 tun_fd=tun.fileno(),
                 udp_socket=udp,
                 tun_ip=b.tun_ip,
                 key=b.key,
                 events=Recorder(),
                 relaying=relaying,
+                **offloads,
             )
-            assert plane.implementation == backend
+            assert plane.implementation == plane_kind(backend)
+            assert plane.tun_offloads == b.tun_offloads
             plane.start()
             try:
                 sender.sendto(DatagramCipher(b.key).seal(forward(A, X, 1)), udp.getsockname())

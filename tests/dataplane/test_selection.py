@@ -15,7 +15,7 @@ from p2pvpn.dataplane import (
     resolve_data_plane,
 )
 from p2pvpn.wire.crypto import peer_key
-from tests.dataplane.conftest import Recorder
+from tests.dataplane.conftest import Recorder, plane_kind
 
 TUN_IP = IPv4Address("10.9.0.2")
 
@@ -67,14 +67,14 @@ def test_unknown_kind_is_refused() -> None:
 def test_no_tun_offloads_by_default(backend: str, sockets: tuple[int, socket.socket]) -> None:
     tun_fd, udp = sockets
     plane = create_data_plane(
-        backend,
+        plane_kind(backend),
         tun_fd=tun_fd,
         udp_socket=udp,
         tun_ip=TUN_IP,
         key=peer_key("selection", TUN_IP),
         events=Recorder(),
     )
-    assert plane.implementation == backend
+    assert plane.implementation == plane_kind(backend)
     assert plane.tun_offloads == ()
 
 
