@@ -57,18 +57,21 @@ cdef inline uint64_t _pseudo_header_sum(const unsigned char* ip, int protocol,
             + htons(<uint16_t>transport_length))
 
 
-cdef inline void _store_checksum(unsigned char* field, uint16_t folded_sum) noexcept nogil:
-    """The complement, with 0 sent as 0xFFFF as the kernel does (a zero UDP
-    checksum would mean "none")."""
+cdef inline void _store_checksum(unsigned char* field, uint16_t folded_sum,
+                                 bint zero_as_ones) noexcept nogil:
+    """The complement. zero_as_ones: 0 goes out as 0xFFFF (the same in one's
+    complement), where a zero would mean "no checksum" (UDP) or where the
+    kernel writes it so (skb_checksum_help); elsewhere as the kernel, 0."""
     cdef uint16_t value = <uint16_t>(~folded_sum)
-    if value == 0:
+    if value == 0 and zero_as_ones:
         value = 0xFFFF
     memcpy(field, &value, 2)
 
 
 cdef inline void _set_ipv4_checksum(unsigned char* ip, int header_length) noexcept nogil:
     ip[IPV4_CHECKSUM] = ip[IPV4_CHECKSUM + 1] = 0
-    _store_checksum(ip + IPV4_CHECKSUM, _checksum_fold(_checksum_add(ip, <size_t>header_length, 0)))
+    _store_checksum(ip + IPV4_CHECKSUM,
+                    _checksum_fold(_checksum_add(ip, <size_t>header_length, 0)), False)
 
 
 cdef inline uint16_t _load_be16(const unsigned char* p) noexcept nogil:
@@ -154,7 +157,8 @@ cdef void _complete_checksum(const VirtioHeader* header, unsigned char* packet,
     the sum from checksum_start to the end finishes it (skb_checksum_help)."""
     cdef int start = header.checksum_start
     _store_checksum(packet + start + header.checksum_offset,
-                    _checksum_fold(_checksum_add(packet + start, <size_t>(length - start), 0)))
+                    _checksum_fold(_checksum_add(packet + start, <size_t>(length - start), 0)),
+                    True)
 
 
 cdef int _write_segment(const SegmentPlan* plan, const unsigned char* packet, int index,
@@ -186,7 +190,8 @@ cdef int _write_segment(const SegmentPlan* plan, const unsigned char* packet, in
     checksum_field[0] = checksum_field[1] = 0
     _store_checksum(checksum_field, _checksum_fold(
         _pseudo_header_sum(out, plan.protocol, transport_length)
-        + _checksum_add(transport, <size_t>transport_length, 0)))
+        + _checksum_add(transport, <size_t>transport_length, 0)),
+        plan.protocol == IPPROTO_UDP_)
     return total
 
 
@@ -220,6 +225,37 @@ cdef int _coalescible_headers(const unsigned char* p, int length) noexcept nogil
 cdef inline bint _same_flow(const unsigned char* a, const unsigned char* b) noexcept nogil:
     # Addresses (12..19) and ports (20..23).
     return memcmp(a + 12, b + 12, 12) == 0
+
+
+cdef bint _tcp_flow_key(const unsigned char* p, int length, unsigned char* key) noexcept nogil:
+    """The addresses and ports (12 bytes, laid out as in a packet without IP
+    options) of a well-formed TCP/IPv4 packet; False for anything else."""
+    cdef int ip_header, tcp_header
+    if length < IPV4_HEADER or (p[0] >> 4) != 4 or p[IPV4_PROTOCOL] != IPPROTO_TCP_:
+        return False
+    ip_header = (p[0] & 0x0F) * 4
+    if ip_header < IPV4_HEADER or _load_be16(p + 2) != length or ip_header + 20 > length:
+        return False
+    tcp_header = (p[ip_header + 12] >> 4) * 4
+    if tcp_header < 20 or ip_header + tcp_header > length:
+        return False
+    memcpy(key, p + 12, 8)
+    memcpy(key + 8, p + ip_header, 4)
+    return True
+
+
+cdef void _end_run_of(GroState* g, const unsigned char* packet, int length) noexcept nogil:
+    """A TCP packet that cannot join (RST, SYN, FIN, out of order...) ends its
+    flow's open run, so that what comes after it is not written before it."""
+    cdef unsigned char key[12]
+    cdef int slot
+    if not _tcp_flow_key(packet, length, key):
+        return
+    for slot in range(g.flow_count):
+        if memcmp(g.writes[g.flows[slot]].packet + 12, key, 12) == 0:
+            g.writes[g.flows[slot]].open = False
+            _forget_flow(g, slot)
+            return
 
 
 cdef bint _may_join(const TunWrite* head, const unsigned char* p, int headers,
@@ -289,6 +325,7 @@ cdef void _gro_add(GroState* g, unsigned char* packet, int length) noexcept nogi
     item.last = index
     item.count = 1
     if headers == 0:
+        _end_run_of(g, packet, length)
         return
     payload = length - headers
     for slot in range(g.flow_count):

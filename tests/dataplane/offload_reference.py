@@ -428,6 +428,22 @@ class _Run:
         self.closed = len(parsed.payload) < len(self.first.payload) or bool(parsed.tcp.flags & PSH)
 
 
+def tcp_flow(packet: bytes) -> tuple[str, str, int, int] | None:
+    """Addresses and ports of a well-formed TCP/IPv4 packet, else None."""
+    try:
+        parsed = parse_packet(packet)
+    except ValueError:
+        return None
+    if parsed.protocol != IPPROTO_TCP:
+        return None
+    return (
+        parsed.ip.source,
+        parsed.ip.destination,
+        parsed.tcp.source_port,
+        parsed.tcp.destination_port,
+    )
+
+
 def model_coalesce(packets: list[bytes]) -> list[list[bytes]]:
     """The groups of packets that make up each write, in the order written:
     each run where its first packet stood (see ISSUE13-API.md's rules).
@@ -439,6 +455,9 @@ def model_coalesce(packets: list[bytes]) -> list[list[bytes]]:
     for packet in packets:
         parsed = coalescable(packet)
         if parsed is None:
+            # A TCP packet that cannot join ends its flow's run: nothing of
+            # the flow after it may be written before it.
+            open_runs.pop(tcp_flow(packet), None)
             groups.append([packet])
             continue
         ip, tcp = parsed.ip, parsed.tcp
