@@ -894,27 +894,28 @@ def _show_accept_routes(value: AcceptRoutes) -> str:
     return value if isinstance(value, str) else ",".join(str(network) for network in value)
 
 
-def _log_format(key: str, item: ConfigValue) -> LogFormat:
+_Choice = TypeVar("_Choice", bound=str)
+
+
+def _one_of(key: str, item: ConfigValue, choices: tuple[_Choice, ...]) -> _Choice:
+    """One of `choices`, case-insensitively; the error lists them."""
     text = _string(key, item).strip().lower()
-    for log_format in LOG_FORMATS:
-        if text == log_format:
-            return log_format
-    _fail(key, item, f"expected one of {', '.join(LOG_FORMATS)}, got {text!r}")
+    for choice in choices:
+        if text == choice:
+            return choice
+    _fail(key, item, f"expected one of {', '.join(choices)}, got {text!r}")
+
+
+def _log_format(key: str, item: ConfigValue) -> LogFormat:
+    return _one_of(key, item, LOG_FORMATS)
 
 
 def _dataplane(key: str, item: ConfigValue) -> Dataplane:
-    text = _string(key, item).strip()
-    if text not in DATAPLANES:
-        _fail(key, item, f"expected one of {', '.join(DATAPLANES)}, got {text!r}")
-    return text
+    return _one_of(key, item, DATAPLANES)
 
 
 def _offload(key: str, item: ConfigValue) -> Offload:
-    text = _string(key, item).strip().lower()
-    for offload in OFFLOADS:
-        if text == offload:
-            return offload
-    _fail(key, item, f"expected one of {', '.join(OFFLOADS)}, got {text!r}")
+    return _one_of(key, item, OFFLOADS)
 
 
 # ------------------------------------------------------------------------ displaying
