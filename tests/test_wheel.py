@@ -189,11 +189,16 @@ def _run_unit_tests(python: Path, run: Path) -> str:
     for helper in (ROOT / "tests").glob("*.py"):
         if not helper.name.startswith("test_"):
             shutil.copy2(helper, project / "tests" / helper.name)
+    # And the helpers that live in a test package's __init__ (tests.fuzz's
+    # strategies, which the data-plane property tests use).
+    for package in (ROOT / "tests").glob("*/__init__.py"):
+        (project / "tests" / package.parent.name).mkdir(exist_ok=True)
+        shutil.copy2(package, project / "tests" / package.parent.name / "__init__.py")
     shutil.copytree(ROOT / "tests" / "vectors", project / "tests" / "vectors")
     for name in UNIT_TESTS:
         source = ROOT / name
         if source.is_dir():
-            shutil.copytree(source, project / name, ignore=BUILD_ARTIFACTS)
+            shutil.copytree(source, project / name, ignore=BUILD_ARTIFACTS, dirs_exist_ok=True)
         else:
             shutil.copy2(source, project / name)
     (project / "tests" / "test_installed.py").write_text(INSTALLED_CHECK)
