@@ -120,6 +120,17 @@ def per_flow(packets: list[bytes], flows: int) -> list[list[bytes]]:
     ]
 
 
+def check_writes_carry(writes: list[bytes], segments: list[list[bytes]], flows: int) -> list[bytes]:
+    """Every TUN write valid, and cut apart they carry each flow's segments
+    whole and in order; returns the packets cut out of them."""
+    for write in writes:
+        check_write(write)
+    received = [packet for write in writes for packet in segment_frame(write)]
+    for got, sent in zip(per_flow(received, flows), segments, strict=True):
+        assert same_packets(got, sent)
+    return received
+
+
 def check_write(write: bytes) -> None:
     """A write of a plane with offloads: a valid coalesced TCP packet, or a
     packet alone behind an all-zero header."""
@@ -176,11 +187,7 @@ def test_super_packets_arrive_coalesced_at_a_peer_with_offloads(
         a, b = make_node("fast-offload", A), make_node("fast-offload", B)
         await send_queued(a, b, frames, count)
         writes = await collect_writes(b, count)
-        for write in writes:
-            check_write(write)
-        received = [packet for write in writes for packet in segment_frame(write)]
-        for got, sent in zip(per_flow(received, flows), segments, strict=True):
-            assert same_packets(got, sent)
+        received = check_writes_carry(writes, segments, flows)
         assert len(received) == count
         # One FORWARD per segment on the wire, a few writes into the TUN.
         assert a.plane.stats().peers[b.tun_ip].packets_out == count
@@ -234,11 +241,7 @@ def test_single_packets_from_a_peer_without_offloads_are_coalesced(
         a, b = make_node("fast", A), make_node("fast-offload", B)
         await send_queued(a, b, [a.frame(packet) for packet in packets], count)
         writes = await collect_writes(b, count)
-        for write in writes:
-            check_write(write)
-        received = [packet for write in writes for packet in segment_frame(write)]
-        for got, sent in zip(per_flow(received, flows), segments, strict=True):
-            assert same_packets(got, sent)
+        check_writes_carry(writes, segments, flows)
         assert len(writes) < count / 4
 
     asyncio.run(body())
