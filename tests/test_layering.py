@@ -44,6 +44,7 @@ FLOORS: dict[str, int] = {
     "client": 2,
     "server": 2,
     "service": 2,
+    "bench": 2,
     "demo": 3,
     "cli": 4,
     "__main__": 5,

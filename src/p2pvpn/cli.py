@@ -1,6 +1,6 @@
 """Command-line entry point.
 
-``p2pvpn run | server | status | demo | check-config | install-service``.
+``p2pvpn run | server | status | demo | bench | check-config | install-service``.
 """
 
 import argparse
@@ -162,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_status_command(commands)
     _add_demo_command(commands)
+    from p2pvpn.bench.cli import add_bench_command
+
+    add_bench_command(commands, _cmd_bench)
     check = commands.add_parser("check-config", help="validate a config file and print it")
     check.add_argument("file", metavar="FILE")
     check.set_defaults(handler=_cmd_check_config)
@@ -370,6 +373,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         debug=bool(args.debug),
     )
     return run_demo(options)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from p2pvpn.bench.cli import run_bench_command
+
+    return run_bench_command(args)
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
