@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from p2pvpn.bench import crypto
+from p2pvpn.bench import crypto, crypto_measure
 from p2pvpn.bench.report import BenchError
 from p2pvpn.cli import main
 from p2pvpn.wire.crypto import DatagramCipher
@@ -22,7 +22,7 @@ def _no_compiled(monkeypatch: pytest.MonkeyPatch) -> None:
     def unavailable() -> ModuleType:
         raise ImportError("No module named 'p2pvpn._gcm'")
 
-    monkeypatch.setattr(crypto, "_import_gcm", unavailable)
+    monkeypatch.setattr(crypto_measure, "_import_gcm", unavailable)
 
 
 def _run_cli(tmp_path: Path, *extra: str) -> tuple[int, dict[str, Any]]:
@@ -34,14 +34,14 @@ def _run_cli(tmp_path: Path, *extra: str) -> tuple[int, dict[str, Any]]:
 @pytest.mark.fastpath
 @pytest.mark.parametrize("size", [1, 64, 1400, 9000])
 def test_compiled_gives_the_reference_bytes(size: int) -> None:
-    compiled, reason = crypto._compiled()
+    compiled, reason = crypto_measure.compiled_implementation()
     assert compiled is not None, reason
-    crypto._check(compiled, size)  # raises BenchError on any difference
+    crypto_measure.check(compiled, size)  # raises BenchError on any difference
 
 
 @pytest.mark.fastpath
 def test_compiled_seal_with_fixed_ivs_is_byte_for_byte_the_reference() -> None:
-    compiled, _ = crypto._compiled()
+    compiled, _ = crypto_measure.compiled_implementation()
     assert compiled is not None
     key, iv = bytes(range(32)), bytes(range(12))
     plaintexts = [bytes([n]) * 1400 for n in range(4)]
@@ -52,24 +52,27 @@ def test_compiled_seal_with_fixed_ivs_is_byte_for_byte_the_reference() -> None:
 
 
 def test_the_reference_passes_the_published_vector() -> None:
-    crypto._check_reference()
-    pure, reason = crypto._pure()
+    crypto_measure.check_reference()
+    pure, reason = crypto_measure.pure_implementation()
     assert pure is not None, reason
-    crypto._check(pure, 64)
+    crypto_measure.check(pure, 64)
 
 
+@pytest.mark.parametrize("fault", ["flipped bit", "raises"])
 def test_a_cipher_that_disagrees_is_refused_and_never_timed(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    fault: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     reference = DatagramCipher
 
     class OffByOne:
-        """Seals like the reference, except for one flipped bit in every ciphertext."""
+        """Seals like the reference, except for one flipped bit, or not at all."""
 
         def __init__(self, key: bytes) -> None:
             self._reference = reference(key)
 
         def seal(self, plaintext: bytes, iv: bytes | None = None) -> bytes:
+            if fault == "raises":
+                raise RuntimeError("EVP_EncryptUpdate failed")
             datagram = bytearray(self._reference.seal(plaintext, iv))
             datagram[-1] ^= 0x80
             return bytes(datagram)
@@ -83,16 +86,16 @@ def test_a_cipher_that_disagrees_is_refused_and_never_timed(
         return [cipher.seal(p, ivs[i * 12 : i * 12 + 12]) for i, p in enumerate(plaintexts)]
 
     def open_batch(cipher: Any, datagrams: list[bytes]) -> list[bytes | None]:
-        return [crypto._open_or_none(cipher, d) for d in datagrams]
+        return [crypto_measure.open_or_none(cipher, d) for d in datagrams]
 
     fake = SimpleNamespace(GcmContext=OffByOne, seal_batch=seal_batch, open_batch=open_batch)
-    monkeypatch.setattr(crypto, "_import_gcm", lambda: fake)
+    monkeypatch.setattr(crypto_measure, "_import_gcm", lambda: fake)
 
     def timed(*args: object) -> object:
         raise AssertionError("a cipher that failed the check was timed")
 
-    monkeypatch.setattr(crypto, "_time_rounds", timed)
-    monkeypatch.setattr(crypto, "_measure_threads", timed)
+    monkeypatch.setattr(crypto_measure, "_time_rounds", timed)
+    monkeypatch.setattr(crypto_measure, "_measure_threads", timed)
     args = argparse.Namespace(quick=True, seconds=None, sizes=(64,), threads=None)
     with pytest.raises(BenchError, match=r"compiled AES-256-GCM disagrees .* seal \(single\)"):
         crypto.run(args)
