@@ -269,7 +269,7 @@ def _bars(plan: list[Measurement], figures: dict[Measurement, Figure]) -> list[B
 
 def _label(measurement: Measurement, *, short: bool = False) -> str:
     if measurement.mode == "threads":
-        return f"compiled batch x{measurement.threads}" + ("" if short else " threads, per core")
+        return f"compiled batch, {measurement.threads} threads" + ("" if short else " (per core)")
     if measurement.implementation == "pure" and measurement.mode == "batch" and not short:
         return "pure batch (Python loop)"
     return f"{measurement.implementation} {measurement.mode}"
@@ -350,7 +350,7 @@ def _notes(
         )
     if options["threads"] and "compiled" in implementations:
         notes.append(
-            f"x{options['threads']} threads: {options['threads']} threads at once, each its own "
+            f"{options['threads']} threads: all at once, each its own "
             "key and packets; the figure is the total divided by the threads."
         )
     for name, reason in unavailable.items():
