@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 
 import pytest
 
-from p2pvpn.bench import peer, peer_serve, peer_server
+from p2pvpn.bench import peer, peer_run, peer_serve, peer_server
 from p2pvpn.bench.peer_run import UDP_FRACTION_OF_TCP, PeerOptions, udp_bytes, udp_rate
 from p2pvpn.bench.peer_status import (
     ClientView,
@@ -114,10 +114,16 @@ class FakeBench:
                 on_interval(interval)
         return result
 
-    def udp(self, rate_bps: float, seconds: float, *, reverse: bool = False, **_: Any) -> UdpResult:
+    def udp(
+        self, rate_bps: float, seconds: float, *, reverse: bool = False, on_interval: Any = None
+    ) -> UdpResult:
         self.calls.append(("udp", rate_bps))
         sent = int(rate_bps / 8000)
-        return udp_result("server" if reverse else "client", rate_bps, sent, sent * 99 // 100)
+        result = udp_result("server" if reverse else "client", rate_bps, sent, sent * 99 // 100)
+        for interval in result.intervals:
+            if on_interval is not None:
+                on_interval(interval)
+        return result
 
     def rtt(self, count: int, *, interval: float = 0.05) -> RttResult:
         self.calls.append(("rtt", count))
@@ -285,7 +291,7 @@ def test_the_udp_rate_is_a_fraction_of_tcp_unless_given() -> None:
     assert udp_rate(options, 100e6) == pytest.approx(100e6 * UDP_FRACTION_OF_TCP)
     assert udp_rate(options, None) == 10e6
     assert udp_rate(PeerOptions(seconds=1.0, udp_rate=5e6), 100e6) == 5e6
-    assert options.udp_rate_source() == "90% of TCP"
+    assert options.udp_rate_source() == "90% of TCP; over 5 % loss, again at 90% of what arrived"
 
 
 def test_udp_bytes_count_what_went_through_the_local_client() -> None:
@@ -335,7 +341,11 @@ def test_both_directions_are_measured_and_shown_side_by_side(
         "changed": False,
     }
     assert results["upload"]["tcp"] is not None and results["download"]["tcp"] is not None
-    assert results["upload"]["udp_rate_source"] == "90% of TCP"
+    assert (
+        results["upload"]["udp_rate_source"]
+        == "90% of TCP; over 5 % loss, again at 90% of what arrived"
+    )
+    assert results["upload"]["udp_first_try"] is None
     # Three tests per direction, 0.1 s of CPU each; upload moved 100 + 0.9*100*0.99... MB.
     assert results["upload"]["cpu_seconds"] == pytest.approx(0.3)
     upload_bytes = 100 * MB + int(720e6 / 8000) * 1000 + 10 * MB
@@ -351,9 +361,9 @@ def test_both_directions_are_measured_and_shown_side_by_side(
     assert report.bars[0].value == 800.0
     assert [series.label for series in report.series] == [
         "upload TCP",
-        "upload UDP",
+        "upload UDP 720 Mbit/s",
         "download TCP",
-        "download UDP",
+        "download UDP 360 Mbit/s",
     ]
     assert report.series[0].points == [(0.5, 800.0), (1.0, 800.0)]
     text = report.text
@@ -367,7 +377,7 @@ def test_both_directions_are_measured_and_shown_side_by_side(
     tcp_line = next(line for line in lines if line.startswith("TCP "))
     assert tcp_line.split()[1:] == ["800", "Mbit/s", "400", "Mbit/s"]
     assert any(line.startswith("UDP loss ") and "1.00 %" in line for line in lines)
-    assert "UDP rate: 90% of TCP" in text
+    assert "UDP rate: 90% of TCP; over 5 % loss, again at 90% of what arrived" in text
 
 
 def test_a_path_change_during_the_run_is_a_warning(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -393,6 +403,36 @@ def test_a_fixed_udp_rate_and_the_search(monkeypatch: pytest.MonkeyPatch) -> Non
     assert starts == [800e6, 400e6]
     assert report.to_json()["results"]["upload"]["udp_search"] is not None
     assert "UDP rate: search (3 steps from the TCP figure)" in report.text
+
+
+def test_a_lossy_default_udp_rate_is_tried_again_at_what_arrived(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    scenario = Scenario(monkeypatch, snapshot(row()))
+
+    def connect(address: str, port: int) -> FakeBench:
+        bench = FakeBench(address, port)
+        plain_udp = bench.udp
+
+        def udp(rate_bps: float, seconds: float, **kwargs: Any) -> UdpResult:
+            result = plain_udp(rate_bps, seconds, **kwargs)
+            if rate_bps < 300e6:
+                return result
+            sent = result.sent_packets  # above 300 Mbit/s, 3 in 4 are lost
+            return udp_result(result.sender, rate_bps, sent, sent // 4)
+
+        bench.udp = udp  # type: ignore[method-assign]
+        scenario.benches.append(bench)
+        return bench
+
+    report = peer.run(args_for(), connect=connect)
+    rates = [value for name, value in scenario.benches[0].calls if name == "udp"]
+    assert rates == pytest.approx([720e6, 720e6 / 4 * 0.9, 360e6, 360e6 / 4 * 0.9], rel=1e-3)
+    upload = report.to_json()["results"]["upload"]
+    assert upload["udp_first_try"] is not None
+    assert upload["udp_rate_bps"] == pytest.approx(162e6, rel=1e-3)
+    assert "  upload: first try at 720 Mbit/s lost 75.00 %" in report.text.splitlines()
+    assert report.ok
 
 
 def test_a_refused_peer_says_how_to_make_it_answer(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -425,6 +465,7 @@ def test_a_failed_test_is_reported_and_the_others_still_run(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     Scenario(monkeypatch, snapshot(row()))
+    monkeypatch.setattr(peer_run, "BUSY_WAIT", 0.05)
 
     def busy(*args: Any, **kwargs: Any) -> Any:
         raise BenchError("the bench server is busy with another test")
@@ -438,6 +479,30 @@ def test_a_failed_test_is_reported_and_the_others_still_run(
     assert not report.ok
     assert "failed: upload loaded RTT: the bench server is busy with another test" in report.text
     assert report.to_json()["results"]["download"]["tcp"] is not None
+
+
+def test_a_busy_server_is_asked_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    scenario = Scenario(monkeypatch, snapshot(row()))
+    monkeypatch.setattr(peer_run, "BUSY_RETRY", 0.01)
+    answers = [BenchError("refused tcp: busy: another test is running, try later")]
+
+    def connect(address: str, port: int) -> FakeBench:
+        bench = FakeBench(address, port)
+        plain_tcp = bench.tcp
+
+        def tcp(seconds: float, **kwargs: Any) -> TcpResult:
+            if answers:
+                raise answers.pop()
+            return plain_tcp(seconds, **kwargs)
+
+        bench.tcp = tcp  # type: ignore[method-assign]
+        scenario.benches.append(bench)
+        return bench
+
+    report = peer.run(args_for(), connect=connect)
+    assert report.ok, report.text
+    assert report.series[0].label == "upload TCP"  # one, though tried twice
+    assert len(report.series) == 4
 
 
 def test_unreadable_cpu_time_is_said_so(monkeypatch: pytest.MonkeyPatch) -> None:

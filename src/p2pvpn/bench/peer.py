@@ -88,7 +88,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         type=_udp_rate,
         default=None,
         help="UDP sending rate in bit/s (100M, 1.5G) or `search` for the highest rate with "
-        "little loss (3 trials); default: 90%% of the TCP figure of the same direction",
+        "little loss (3 trials); default: 90%% of the TCP figure of the same direction, and "
+        "when over 5%% was lost, again at 90%% of what arrived",
     )
 
 

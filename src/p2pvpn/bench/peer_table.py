@@ -68,6 +68,7 @@ def _direction_json(result: DirectionResult, options: PeerOptions) -> dict[str, 
         "udp": None if result.udp is None else result.udp.to_json(),
         "udp_rate_bps": result.udp_rate_bps,
         "udp_rate_source": options.udp_rate_source(),
+        "udp_first_try": None if result.udp_first_try is None else result.udp_first_try.to_json(),
         "udp_search": None if result.search is None else result.search.to_json(),
         "loaded": {
             "rtt": _rtt_json(result.loaded_rtt),
@@ -220,7 +221,15 @@ def _notes(summary: PeerSummary) -> list[str]:
         if per_gb is not None
         else f"client CPU: not readable (/proc/{pid if pid is not None else '?'}/stat)"
     )
-    lines = [f"UDP rate: {summary.options.udp_rate_source()}", cpu]
+    lines = [f"UDP rate: {summary.options.udp_rate_source()}"]
+    for direction, result in summary.measurement.directions.items():
+        first = result.udp_first_try
+        if first is not None:
+            lines.append(
+                f"  {direction}: first try at {format_rate(first.target_bps)} "
+                f"lost {first.loss_percent:.2f} %"
+            )
+    lines.append(cpu)
     lines += [f"failed: {error}" for error in summary.measurement.errors]
     return lines
 
