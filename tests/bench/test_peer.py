@@ -262,18 +262,33 @@ def test_cpu_seconds_add_user_and_system_time_of_all_threads(tmp_path: Path) -> 
     # A command name with a space and a parenthesis must not shift the fields.
     fields = ["S", *["0"] * 10, str(3 * ticks), str(ticks), *["0"] * 30]
     (tmp_path / "77" / "stat").write_text(f"77 (p2pvpn (x) y) {' '.join(fields)}\n")
+    (tmp_path / "77" / "cmdline").write_bytes(b"python3\0-m\0p2pvpn\0run\0")
     assert cpu_seconds(77, tmp_path) == pytest.approx(4.0)
     assert cpu_seconds(78, tmp_path) is None
     assert cpu_seconds(None, tmp_path) is None
     (tmp_path / "79").mkdir()
     (tmp_path / "79" / "stat").write_text("79 (short) S 1\n")
+    (tmp_path / "79" / "cmdline").write_bytes(b"p2pvpn\0run\0")
     assert cpu_seconds(79, tmp_path) is None
 
 
-def test_cpu_seconds_of_this_process_are_readable() -> None:
+def test_a_pid_that_is_not_a_p2pvpn_process_has_no_cpu_time(tmp_path: Path) -> None:
+    # The client's pid in its own PID namespace (a container) is another process here.
+    (tmp_path / "1").mkdir()
+    (tmp_path / "1" / "stat").write_text("1 (systemd) S " + " ".join(["100"] * 40) + "\n")
+    (tmp_path / "1" / "cmdline").write_bytes(b"/sbin/init\0")
+    assert cpu_seconds(1, tmp_path) is None
+
+
+def test_cpu_seconds_of_this_process_are_readable(tmp_path: Path) -> None:
     import os
 
-    seconds = cpu_seconds(os.getpid())
+    # /proc/self as the client would be: a p2pvpn command line, the real stat.
+    own = tmp_path / str(os.getpid())
+    own.mkdir()
+    (own / "cmdline").write_bytes(b"p2pvpn\0run\0")
+    (own / "stat").write_text(Path("/proc/self/stat").read_text())
+    seconds = cpu_seconds(os.getpid(), tmp_path)
     assert seconds is not None and seconds > 0
 
 

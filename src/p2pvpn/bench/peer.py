@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
+import platform
 import socket
 import time
 from collections.abc import Callable
@@ -206,7 +208,13 @@ def _machine() -> tuple[dict[str, Any], tuple[str, ...]]:
     try:
         machine = importlib.import_module("p2pvpn.bench.machine")
     except ImportError:
-        return {"hostname": socket.gethostname()}, ()
+        fallback = {
+            "hostname": socket.gethostname(),
+            "cpus": os.cpu_count(),
+            "kernel": platform.release(),
+            "python": platform.python_version(),
+        }
+        return fallback, ()
     facts: dict[str, Any] = machine.machine_facts()
     return facts, tuple(machine.describe_machine(facts))
 

@@ -168,11 +168,15 @@ def cpu_seconds(pid: int | None, proc: Path = Path("/proc")) -> float | None:
     """User + system CPU seconds of process ``pid``, all its threads; None when unreadable.
 
     /proc/PID/stat sums the threads' times (fields 14 and 15, in clock ticks).
-    A client in another PID namespace or of another user may not be readable.
+    A client in another PID namespace (a container) has a pid that means
+    another process here: a process whose command line does not name p2pvpn
+    is not taken for the client.
     """
     if pid is None:
         return None
     try:
+        if b"p2pvpn" not in (proc / str(pid) / "cmdline").read_bytes():
+            return None
         text = (proc / str(pid) / "stat").read_text()
     except OSError:
         return None
