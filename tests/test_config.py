@@ -476,6 +476,7 @@ def test_effective_items_mask_the_password() -> None:
         "accept_routes",
         "tls_ca",
         "offload",
+        "bench_server",
     ]
     assert dict(items)["password"] == "********"
     assert "hunter2" not in repr(items)

@@ -133,6 +133,15 @@ _RUN_FLAGS: tuple[_Flag, ...] = (
         ("--tls-ca",),
         {"metavar": "FILE", "help": "trust this CA (or self-signed) certificate for wss://"},
     ),
+    (
+        "bench_server",
+        ("--bench-server",),
+        {
+            "action": "store_const",
+            "const": True,
+            "help": "answer `p2pvpn bench peer` from other members, on the VPN address only",
+        },
+    ),
     _METRICS_FLAG,
     _DEBUG_FLAG,
     _LOG_FORMAT_FLAG,

@@ -128,6 +128,7 @@ _CLIENT_KEYS = (
     "accept_routes",
     "tls_ca",
     "offload",
+    "bench_server",
 )
 # Keys Candy knows that p2pvpn does not implement.
 _CANDY_ONLY_KEYS = ("restart", "workers")
@@ -234,6 +235,7 @@ class ClientConfig:
     accept_routes: AcceptRoutes = "safe"  # which sdwan routes from the server to install
     tls_ca: Path | None = None  # PEM CA certificate(s) to trust instead of the system's
     offload: Offload = "auto"  # TUN offloads (fast data plane only)
+    bench_server: bool = False  # answer `p2pvpn bench peer` on the VPN address
 
     def __post_init__(self) -> None:
         if self.state_dir == Path():
@@ -509,6 +511,7 @@ def client_config_from_values(values: Mapping[str, ConfigValue], source: str) ->
         accept_routes=get("accept_routes", _accept_routes, "safe"),
         tls_ca=get.check("tls_ca", lambda: _client_tls_ca(values), None),
         offload=get("offload", _offload, "auto"),
+        bench_server=get("bench_server", _bool, False),
     )
     get.raise_problems()
     return config
@@ -979,7 +982,12 @@ def effective_items(config: ClientConfig | ServerConfig) -> list[tuple[str, str]
         ("accept_routes", _show_accept_routes(config.accept_routes)),
         ("tls_ca", _show_path(config.tls_ca, "(the system's CAs)")),
         ("offload", _show_offload(config.offload)),
+        ("bench_server", _show_bench_server(config.bench_server)),
     ]
+
+
+def _show_bench_server(bench_server: bool) -> str:
+    return "true (answers p2pvpn bench peer on the VPN address)" if bench_server else "false"
 
 
 def _show_offload(offload: Offload) -> str:

@@ -33,6 +33,7 @@ from p2pvpn.wire.crypto import peer_key
 from p2pvpn.wire.ws import Discovery, Forward, LanAddress, SystemRoutes, Udp4Conn, WsMessage
 
 if TYPE_CHECKING:
+    from p2pvpn.bench.peer_server import FollowingBenchServer
     from p2pvpn.metrics import MetricsServer
 
 logger = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ UDP_BUFFER_BYTES = 4 * 1024 * 1024
 SO_SNDBUFFORCE = 32
 SO_RCVBUFFORCE = 33
 TICK_SECONDS = 1.0
+BENCH_PORT = 5301  # p2pvpn.bench.traffic.DEFAULT_PORT, without importing it unasked
 
 
 class ClientNode:
@@ -80,6 +82,7 @@ class ClientNode:
         )
         self.control = ControlServer(control_socket_path(config.state_dir), self.snapshot)
         self.metrics: MetricsServer | None = None  # set when metrics are served
+        self.bench_server: FollowingBenchServer | None = None  # bench_server = true
         self._stopping = asyncio.Event()
         # What the node does with each message from the server; a type not
         # here is ignored (the login messages, GENERAL subtypes we do not use,
@@ -163,6 +166,9 @@ class ClientNode:
             # Removing the sdwan routes is one netlink call each: keep the loop free.
             await asyncio.to_thread(self.tun.close)
         await self.control.close()
+        if self.bench_server is not None:
+            # Joining the server's threads blocks (briefly): keep the loop free.
+            await asyncio.to_thread(self.bench_server.stop)
         if self.metrics is not None:
             # Stopping the HTTP thread can block briefly; keep the loop free.
             await asyncio.to_thread(self.metrics.close)
@@ -188,6 +194,7 @@ class ClientNode:
         self._start_packet_path(address)
         assert self.data_plane is not None
         await self.routes.attach(self.tun, self.data_plane, address, self.peers)
+        await self._follow_bench_server(address)
 
     def on_message(self, message: WsMessage) -> None:
         handler = self._message_handlers.get(type(message))
@@ -253,6 +260,24 @@ class ClientNode:
         if self.data_plane is not None:
             self.data_plane.close()
             self.data_plane = None
+
+    async def _follow_bench_server(self, address: IPv4Interface) -> None:
+        """``bench_server = true``: answer `p2pvpn bench peer` on the new address alone."""
+        if not self.config.bench_server:
+            return
+        # Imported only when asked for, like the metrics: most clients never serve.
+        from p2pvpn.bench.peer_server import FollowingBenchServer
+        from p2pvpn.bench.report import BenchError
+
+        if self.bench_server is None:
+            self.bench_server = FollowingBenchServer(BENCH_PORT)
+        try:
+            # Binding and stopping the old server's threads block: off the loop.
+            await asyncio.to_thread(self.bench_server.follow, str(address.ip))
+        except (BenchError, OSError) as error:
+            logger.warning("bench server not started: %s", error)
+            return
+        logger.info("answering p2pvpn bench peer on %s", self.bench_server.endpoint)
 
     # -- messages from the server ------------------------------------------------
 
@@ -320,6 +345,7 @@ class ClientNode:
                 **(self.peers.drops if self.peers is not None else {}),
             },
             "stun_failures": self.peers.stun_failures if self.peers is not None else 0,
+            "bench_server": self.bench_server.endpoint if self.bench_server is not None else None,
         }
 
 

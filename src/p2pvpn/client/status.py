@@ -26,7 +26,13 @@ from p2pvpn.client.control import (
 )
 from p2pvpn.config import display_url
 
-__all__ = ["format_status", "print_status", "query_status", "snapshot_number"]
+__all__ = [
+    "find_control_socket",
+    "format_status",
+    "print_status",
+    "query_status",
+    "snapshot_number",
+]
 
 DEFAULT_NAME = "default"
 # Protects `status` from a runaway or hostile answer; real snapshots are a few KiB.
@@ -126,6 +132,11 @@ def print_status(name: str | None, as_json: bool, state_dir: Path) -> int:
     else:
         print(format_status(snapshot))
     return 0
+
+
+def find_control_socket(name: str | None, state_dir: Path) -> Path:
+    """The control socket `p2pvpn status -n NAME --state-dir DIR` asks; raises ControlError."""
+    return _resolve_socket(name, state_dir)
 
 
 def _resolve_socket(name: str | None, state_dir: Path) -> Path:
@@ -230,6 +241,10 @@ def format_status(snapshot: Snapshot, now: float | None = None) -> str:
     server = _mapping(snapshot.get("server"))
     if server:
         lines.append(_server_line(server, now))
+    bench_server = _text(snapshot.get("bench_server"), "")
+    if bench_server:
+        # Others can measure the link to us (`p2pvpn bench peer`) while this is on.
+        lines.append(f"bench server: on {bench_server}")
     lines.extend(_labelled("traffic", _traffic_lines(snapshot)))
     lines.extend(_drops_lines(snapshot))
     lines.append("")
