@@ -177,6 +177,27 @@ def _check_installed(venv: Path, cwd: Path) -> None:
     assert f"ExecStart={script} run -c /etc/p2pvpn/%i.cfg " in unit
 
 
+def _check_bench(venv: Path, cwd: Path) -> None:
+    """`p2pvpn bench crypto` from the wheel alone: the compiled rows measured, and --plot
+    without the `plot` extra says how to get it."""
+    script, out = venv / "bin" / "p2pvpn", cwd / "crypto.json"
+    _run([script, "bench", "crypto", "--quick", "--threads", "0", "--json", out], cwd=cwd)
+    report = json.loads(out.read_text(encoding="utf-8"))
+    assert report["machine"]["compiled"] is True
+    assert report["ok"] is True
+    plot = subprocess.run(
+        [script, "bench", "crypto", "--quick", "--threads", "0", "--plot", cwd / "c.png"],
+        cwd=cwd,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert plot.returncode == 1
+    assert "pip install 'p2pvpn[plot]'" in plot.stderr
+
+
 def _run_unit_tests(python: Path, run: Path) -> str:
     """The unit tests, from a copy, against the installed package.
 
@@ -225,6 +246,7 @@ def test_wheel_installs_into_a_fresh_venv_and_passes_the_unit_tests(tmp_path: Pa
     python = venv / "bin" / "python"
     _run([python, "-m", "pip", "install", "-q", wheel, "pytest", "hypothesis"], cwd=tmp_path)
     _check_installed(venv, tmp_path)
+    _check_bench(venv, tmp_path)
 
     out = _run_unit_tests(python, tmp_path / "run")
     assert " passed" in out

@@ -14,17 +14,14 @@ Split by job: `peer_status` (the client's status, the peer row, CPU time),
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
-import os
-import platform
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from p2pvpn.bench.machine import describe_machine, machine_facts
 from p2pvpn.bench.peer_run import PeerOptions, measure_peer, planned_seconds
 from p2pvpn.bench.peer_serve import serve_bench
 from p2pvpn.bench.peer_status import (
@@ -204,19 +201,9 @@ def _path(client: ClientView, address: str) -> str | None:
 
 
 def _machine() -> tuple[dict[str, Any], tuple[str, ...]]:
-    """The machine facts every report carries, from `p2pvpn.bench.machine` when present."""
-    try:
-        machine = importlib.import_module("p2pvpn.bench.machine")
-    except ImportError:
-        fallback = {
-            "hostname": socket.gethostname(),
-            "cpus": os.cpu_count(),
-            "kernel": platform.release(),
-            "python": platform.python_version(),
-        }
-        return fallback, ()
-    facts: dict[str, Any] = machine.machine_facts()
-    return facts, tuple(machine.describe_machine(facts))
+    """The machine facts every report carries, and their lines for the table."""
+    facts = machine_facts()
+    return facts, tuple(describe_machine(facts))
 
 
 def run(
