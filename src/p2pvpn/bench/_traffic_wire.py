@@ -98,7 +98,7 @@ def decode_line(line: bytes) -> dict[str, Any]:
         raise RequestError(f"line longer than {MAX_LINE} bytes")
     try:
         message = json.loads(line.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         raise RequestError("not a JSON line") from None
     if not isinstance(message, dict):
         raise RequestError("not a JSON object")

@@ -228,8 +228,10 @@ class _Lines:
         self._buffer = bytearray()
 
     def read(self, timeout: float | None = None) -> dict[str, Any] | None:
-        """The next line as a JSON object; None at EOF; TimeoutError after ``timeout``
-        (what was read so far stays); RequestError when it is not a bounded JSON line."""
+        """The next line as a JSON object; None at EOF; TimeoutError when it is not
+        complete after ``timeout`` seconds (None: the socket's own timeout per read;
+        what was read so far stays); RequestError when it is not a bounded JSON line."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             end = self._buffer.find(b"\n")
             if end >= 0:
@@ -238,8 +240,11 @@ class _Lines:
                 return decode_line(line)
             if len(self._buffer) >= MAX_LINE:
                 raise RequestError(f"line longer than {MAX_LINE} bytes")
-            if timeout is not None:
-                self._sock.settimeout(timeout)
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("no complete line in time")
+                self._sock.settimeout(left)
             chunk = self._sock.recv(MAX_LINE)
             if not chunk:
                 return None
@@ -297,6 +302,19 @@ def _drain(last_arrival: Callable[[], float | None]) -> None:
         if now - max(start, last_arrival() or start) >= DRAIN_QUIET:
             return
         time.sleep(0.02)
+
+
+def _close_gently(sock: socket.socket) -> None:
+    """Close after reading what the other side still sends (briefly): closing with
+    unread bytes resets the connection, and the reset can overtake the last answer."""
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + 0.5
+        while time.monotonic() < deadline:
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            if not sock.recv(RECV_BUFFER):
+                break
+    sock.close()
 
 
 def _join(threads: list[threading.Thread], timeout: float) -> None:
@@ -469,7 +487,7 @@ class BenchServer:
             with self._lock:
                 self._connections.discard(connection)
                 self._handlers.discard(threading.current_thread())
-            connection.close()
+            _close_gently(connection)
             self._slots.release()
 
     @staticmethod
@@ -648,15 +666,21 @@ def _summarize(result: dict[str, Any]) -> str:
 
 
 class _Control:
-    """The lines the server sends while data flows the other way, read in a thread:
-    intervals go to the callback, the last other message is kept."""
+    """The lines the server sends while data flows the other way, read in a thread
+    until ``deadline``: intervals go to the callback, the answer under ``key`` is kept."""
 
     def __init__(
-        self, lines: _Lines, on_interval: Callable[[Interval], None] | None, key: str
+        self,
+        lines: _Lines,
+        on_interval: Callable[[Interval], None] | None,
+        key: str,
+        deadline: float,
     ) -> None:
         self._lines = lines
         self._on_interval = on_interval
         self._key = key
+        self._deadline = deadline
+        self.reported = 0  # intervals handed to on_interval
         self.answer: dict[str, Any] | None = None
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="bench-control", daemon=True)
@@ -664,19 +688,29 @@ class _Control:
 
     def _run(self) -> None:
         try:
-            while (message := self._lines.read()) is not None:
+            while time.monotonic() < self._deadline:
+                try:
+                    message = self._lines.read(POLL * 5)
+                except TimeoutError:
+                    continue  # nothing arrives while nothing is received, e.g. all lost
+                if message is None:
+                    return
                 if "interval" in message:
-                    if self._on_interval is not None:
-                        self._on_interval(interval_from_json(message["interval"]))
+                    self._interval(interval_from_json(message["interval"]))
                 elif self._key in message or "error" in message:
                     self.answer = message
                     return
         except (OSError, RequestError) as exc:
             self.error = exc
 
-    def wait(self, timeout: float, where: str) -> dict[str, Any]:
+    def _interval(self, interval: Interval) -> None:
+        self.reported += 1
+        if self._on_interval is not None:
+            self._on_interval(interval)
+
+    def wait(self, where: str) -> dict[str, Any]:
         """The server's answer under ``key``; BenchError if it gives none in time."""
-        self._thread.join(timeout)
+        self._thread.join(max(0.0, self._deadline - time.monotonic()) + POLL * 5)
         answer = self.answer
         if answer is not None and "error" in answer:
             raise BenchError(f"the bench server at {where} stopped the test: {answer['error']}")
@@ -685,6 +719,11 @@ class _Control:
             raise BenchError(f"the bench server at {where} sent no {self._key}{reason}")
         result: dict[str, Any] = answer[self._key]
         return result
+
+    def finish(self, intervals: tuple[Interval, ...]) -> None:
+        """The result's intervals the server did not send one by one (the last one)."""
+        for interval in intervals[self.reported :]:
+            self._interval(interval)
 
 
 class BenchClient:
@@ -787,13 +826,15 @@ class BenchClient:
         seconds: float,
         on_interval: Callable[[Interval], None] | None,
     ) -> TcpResult:
-        control = _Control(lines, on_interval, "result")
-        payload = bytes(TCP_CHUNK)
         end = time.monotonic() + seconds
+        control = _Control(lines, on_interval, "result", end + GRACE + self.timeout)
+        payload = bytes(TCP_CHUNK)
         while time.monotonic() < end:
             sock.sendall(payload)
         sock.shutdown(socket.SHUT_WR)
-        return _tcp_result("client", control.wait(GRACE + self.timeout, self.where))
+        result = _tcp_result("client", control.wait(self.where))
+        control.finish(result.intervals)
+        return result
 
     def _tcp_receive(
         self,
@@ -867,11 +908,13 @@ class BenchClient:
         session: int,
         on_interval: Callable[[Interval], None] | None,
     ) -> UdpResult:
-        control = _Control(lines, on_interval, "result")
+        deadline = time.monotonic() + request.seconds + DRAIN_MAX + GRACE + self.timeout
+        control = _Control(lines, on_interval, "result", deadline)
         sent, seconds = _send_paced(udp.send, request, session, threading.Event())
         _send_line(sock, {"sent": sent, "seconds": seconds})
-        summary = control.wait(DRAIN_MAX + GRACE + self.timeout, self.where)
-        return _udp_result(request, "client", sent, seconds, summary)
+        result = _udp_result(request, "client", sent, seconds, control.wait(self.where))
+        control.finish(result.intervals)
+        return result
 
     def _udp_receive(  # noqa: PLR0917 - one test's sockets and what it asked for
         self,
@@ -1143,7 +1186,7 @@ def _collect_echoes(
     stop: threading.Event,
 ) -> None:
     buffer = bytearray(ECHO_LENGTH + 1)
-    udp.settimeout(POLL)
+    udp.settimeout(0.02)  # the caller joins this thread when it has all answers
     while not stop.is_set():
         try:
             size = udp.recv_into(buffer)
