@@ -26,6 +26,7 @@ import math
 import secrets
 import signal
 import socket
+import struct
 import sys
 import threading
 import time
@@ -76,7 +77,7 @@ log = logging.getLogger(__name__)
 DEFAULT_PORT = 5301
 TCP_CHUNK = 256 * 1024  # bytes per sendall: big enough for tens of Gbit/s, small for slow links
 RECV_BUFFER = 1024 * 1024
-UDP_BUFFER = 4 * 1024 * 1024  # asked for; the kernel caps it at net.core.[rw]mem_max
+UDP_BUFFER = 4 * 1024 * 1024  # bytes of datagrams the receiver may fall behind by
 ECHO_LENGTH = MIN_LENGTH
 ECHO_TIMEOUT = 1.0  # an echo answered later than this counts as lost
 DRAIN_QUIET = 0.2  # the receiver stops waiting for late datagrams after this much quiet...
@@ -87,6 +88,7 @@ GRACE = 5.0  # seconds a test may take beyond the seconds it asked for
 REQUEST_TIMEOUT = 5.0  # for the first line of a connection
 MAX_CONNECTIONS = 8
 JOIN_TIMEOUT = 2.0
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # Linux's; Python has it from 3.12
 MAX_BURST = 256  # datagrams sent back to back before the pacer looks at the clock again
 
 
@@ -257,6 +259,27 @@ class _Lines:
         return count
 
 
+def _big_receive_buffer(udp: socket.socket) -> None:
+    """`UDP_BUFFER` bytes to receive into: past net.core.rmem_max when we may (root),
+    so that a moment without the CPU does not drop a burst of datagrams."""
+    try:
+        udp.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, UDP_BUFFER)
+    except OSError:
+        udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_BUFFER)
+
+
+def _bulk_mode(sock: socket.socket, *, receive: float, send: float) -> None:
+    """Blocking with the kernel's own timeouts, one per direction: no poll() before
+    every call as with Python's timeouts (it costs throughput), and a thread reading
+    control lines with a short timeout no longer shortens another one's sendall.
+    A timed-out call raises BlockingIOError."""
+    sock.settimeout(None)
+    for option, seconds in ((socket.SO_RCVTIMEO, receive), (socket.SO_SNDTIMEO, send)):
+        whole = int(seconds)
+        timeval = struct.pack("ll", whole, int((seconds - whole) * 1e6))
+        sock.setsockopt(socket.SOL_SOCKET, option, timeval)
+
+
 def _send_line(sock: socket.socket, message: dict[str, Any]) -> None:
     sock.sendall(encode_line(message))
 
@@ -377,7 +400,7 @@ class BenchServer:
             tcp.close()
             udp.close()
             raise BenchError(f"cannot listen for benchmarks on {host}:{port}/udp: {exc}") from None
-        udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_BUFFER)
+        _big_receive_buffer(udp)
         tcp.settimeout(POLL)
         udp.settimeout(POLL)
         self._tcp, self._udp = tcp, udp
@@ -559,13 +582,13 @@ class BenchServer:
         buffer = bytearray(RECV_BUFFER)
         deadline = self._deadline(test)
         reported = 0
-        connection.settimeout(POLL * 5)
+        _bulk_mode(connection, receive=POLL * 5, send=GRACE)
         while True:
             if time.monotonic() > deadline or self._stopping.is_set():
                 raise RequestError("the client sent for longer than it asked for")
             try:
                 size = connection.recv_into(buffer)
-            except TimeoutError:
+            except BlockingIOError:
                 continue
             if not size:
                 break
@@ -581,6 +604,7 @@ class BenchServer:
     def _tcp_send(self, connection: socket.socket, lines: _Lines, test: _Test) -> str:
         payload = bytes(TCP_CHUNK)
         end = time.monotonic() + test.request.seconds
+        _bulk_mode(connection, receive=GRACE, send=GRACE)
         while time.monotonic() < end and not self._stopping.is_set():
             connection.sendall(payload)
         connection.shutdown(socket.SHUT_WR)
@@ -690,8 +714,8 @@ class _Control:
         try:
             while time.monotonic() < self._deadline:
                 try:
-                    message = self._lines.read(POLL * 5)
-                except TimeoutError:
+                    message = self._lines.read()  # the socket is in `_bulk_mode`
+                except BlockingIOError:
                     continue  # nothing arrives while nothing is received, e.g. all lost
                 if message is None:
                     return
@@ -774,7 +798,7 @@ class BenchClient:
     def _udp_socket(self, control: socket.socket) -> socket.socket:
         """A UDP socket connected to the server's port on the control connection's IP."""
         udp = socket.socket(control.family, socket.SOCK_DGRAM)
-        udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_BUFFER)
+        _big_receive_buffer(udp)
         udp.connect((control.getpeername()[0], self.port))
         return udp
 
@@ -808,7 +832,6 @@ class BenchClient:
         with sock:
             if on_session is not None:
                 on_session(self._session(answer), str(sock.getpeername()[0]))
-            sock.settimeout(max(self.timeout, GRACE))
             try:
                 if reverse:
                     result = self._tcp_receive(sock, lines, seconds, on_interval)
@@ -827,6 +850,7 @@ class BenchClient:
         on_interval: Callable[[Interval], None] | None,
     ) -> TcpResult:
         end = time.monotonic() + seconds
+        _bulk_mode(sock, receive=POLL * 5, send=GRACE + self.timeout)
         control = _Control(lines, on_interval, "result", end + GRACE + self.timeout)
         payload = bytes(TCP_CHUNK)
         while time.monotonic() < end:
@@ -849,6 +873,7 @@ class BenchClient:
         buffer = bytearray(RECV_BUFFER)
         deadline = time.monotonic() + seconds + GRACE + self.timeout
         reported = 0
+        _bulk_mode(sock, receive=GRACE + self.timeout, send=GRACE)
         while size := sock.recv_into(buffer):
             meter.add(time.monotonic(), size)
             while reported < len(meter.done):
@@ -909,6 +934,7 @@ class BenchClient:
         on_interval: Callable[[Interval], None] | None,
     ) -> UdpResult:
         deadline = time.monotonic() + request.seconds + DRAIN_MAX + GRACE + self.timeout
+        _bulk_mode(sock, receive=POLL * 5, send=GRACE + self.timeout)
         control = _Control(lines, on_interval, "result", deadline)
         sent, seconds = _send_paced(udp.send, request, session, threading.Event())
         _send_line(sock, {"sent": sent, "seconds": seconds})
