@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from p2pvpn.bench import traffic
+from p2pvpn.bench import _traffic_server, traffic
 from p2pvpn.bench._traffic_wire import (
     ECHO,
     HELLO,
@@ -293,7 +293,7 @@ def test_reverse_udp_and_echo_go_only_to_the_control_connections_ip(
     server: BenchServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Hello and echo from another address are ignored: nothing is sent there."""
-    monkeypatch.setattr(traffic, "GRACE", 0.5)
+    monkeypatch.setattr(_traffic_server, "GRACE", 0.5)
     control = _Control(server)  # from 127.0.0.1
     try:
         request = {"test": "udp", "seconds": 0.3, "rate": 1e6, "length": 100, "reverse": True}

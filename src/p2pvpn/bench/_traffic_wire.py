@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
+    "DEFAULT_PORT",
     "ECHO",
     "HEADER",
     "HELLO",
@@ -46,6 +47,7 @@ __all__ = [
     "parse_request",
 ]
 
+DEFAULT_PORT = 5301  # TCP and UDP
 INTERVAL = 0.5  # seconds per reported interval
 MAX_LINE = 4096  # bytes of one control line, newline included
 MIN_LENGTH = 64  # bytes of a datagram: room for the header and then some
