@@ -5,6 +5,7 @@ few seconds. Loss accounting is tested on the sans-I/O counter with gaps made
 on purpose: how much loopback drops at a high rate depends on the machine.
 """
 
+import contextlib
 import json
 import socket
 import subprocess
@@ -14,6 +15,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from p2pvpn.bench import _traffic_server, traffic
 from p2pvpn.bench._traffic_wire import (
@@ -379,3 +382,30 @@ def test_agent_prints_an_error_line_when_nobody_answers() -> None:
     )  # fmt: skip
     assert done.returncode == 1
     assert "nobody answers benchmarks at 127.0.0.1:" in json.loads(done.stdout)["error"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200) | st.text(max_size=200).map(str.encode))
+def test_any_request_line_is_a_request_or_a_request_error(line: bytes) -> None:
+    with contextlib.suppress(RequestError):
+        parse_request(decode_line(line), max_seconds=5)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.dictionaries(
+        st.sampled_from(["test", "seconds", "rate", "length", "reverse"]),
+        st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
+    )
+)
+def test_any_json_request_is_bounded_or_refused(message: dict[str, Any]) -> None:
+    try:
+        request = parse_request(message, max_seconds=5)
+    except RequestError:
+        return
+    assert request.test in ("hello", "tcp", "udp", "rtt")
+    if request.test != "hello":
+        assert 0 < request.seconds <= 5
+    if request.test == "udp":
+        assert MIN_LENGTH <= request.length <= MAX_LENGTH
+        assert 1 <= request.rate <= 100e9

@@ -385,9 +385,13 @@ class BenchClient:
         bulk_mode(sock, receive=POLL * 5, send=GRACE + self.timeout)
         control = _Control(lines, on_interval, "result", end + GRACE + self.timeout)
         payload = bytes(TCP_CHUNK)
-        while time.monotonic() < end:
-            sock.sendall(payload)
-        sock.shutdown(socket.SHUT_WR)
+        try:
+            while time.monotonic() < end:
+                sock.sendall(payload)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            control.wait(self.where)  # raises the server's reason when it gave one
+            raise
         result = _tcp_result("client", control.wait(self.where))
         control.finish(result.intervals)
         return result
