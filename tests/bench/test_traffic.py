@@ -409,3 +409,46 @@ def test_any_json_request_is_bounded_or_refused(message: dict[str, Any]) -> None
     if request.test == "udp":
         assert MIN_LENGTH <= request.length <= MAX_LENGTH
         assert 1 <= request.rate <= 100e9
+
+
+class _MadeUpPath(BenchClient):
+    """`udp_search` against a made-up path: ``capacity`` bit/s, a sender that tops out at 900M."""
+
+    capacity = 300e6
+
+    def udp(self, rate_bps: float, seconds: float, **kwargs: Any) -> traffic.UdpResult:
+        sent_bps = min(rate_bps, 900e6)
+        received_bps = min(sent_bps, self.capacity)
+        loss = 100 * (1 - received_bps / sent_bps)
+        return traffic.UdpResult(
+            "client", rate_bps, 1400, 100, 100, 0, loss, sent_bps, received_bps, seconds, None, ()
+        )
+
+
+def test_udp_search_doubles_then_bisects() -> None:
+    trials: list[traffic.UdpResult] = []
+    found = _MadeUpPath(LOCAL).udp_search(100e6, seconds=1, steps=6, on_trial=trials.append)
+    rates = [round(trial.target_bps / 1e6) for trial in found.trials]
+    assert rates == [100, 200, 400, 300, 350, 325]  # doubling, then bisecting 300..400
+    assert trials == list(found.trials)
+    assert found.bits_per_second == 300e6
+    assert found.loss_percent == 0
+    assert found.sender_limited is False
+    json.dumps(found.to_json())
+
+
+def test_udp_search_lowers_the_rate_until_one_passes() -> None:
+    found = _MadeUpPath(LOCAL).udp_search(1000e6, seconds=1, steps=4)
+    # each loss halves (90 % of what was sent, at most half) until 250 passes; then bisects
+    assert [round(t.target_bps / 1e6) for t in found.trials] == [1000, 500, 250, 375]
+    assert found.bits_per_second == 250e6
+    assert found.sender_limited is False
+
+
+def test_udp_search_says_when_the_sender_was_the_limit() -> None:
+    path = _MadeUpPath(LOCAL)
+    path.capacity = 2e9
+    found = path.udp_search(500e6, seconds=1, steps=4)
+    assert [round(t.target_bps / 1e6) for t in found.trials] == [500, 1000, 700, 800]
+    assert found.bits_per_second == 900e6  # the step at 1000 that sent only 900, lossless
+    assert found.sender_limited is True
