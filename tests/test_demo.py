@@ -684,3 +684,23 @@ def test_ctrl_c_stops_the_demo_and_removes_everything(demo_env: dict[str, str]) 
     assert "Traceback" not in text
     assert _namespaces() == []
     assert not Path("/run/p2pvpn-demo.json").exists()
+
+
+@pytest.mark.netns
+def test_throughput_meter_without_iperf3_between_namespaces(tmp_path: Path) -> None:
+    """The demo's measurement when iperf3 is missing: the traffic agent in namespaces."""
+    from ipaddress import IPv4Address
+
+    from p2pvpn.demo.measure import ThroughputMeter
+    from tests.integration.conftest import open_testbed
+
+    with open_testbed(tmp_path / "logs") as bed:
+        sender, receiver = bed.namespace("tx"), bed.namespace("rx")
+        bed.link(sender, receiver, "10.202.0.1/24", "10.202.0.2/24")
+        meter = ThroughputMeter(iperf3=False, log_dir=tmp_path / "logs")
+        throughput = meter.measure(
+            receiver, sender, IPv4Address("10.202.0.2"), 1, label="test", tick=lambda: None
+        )
+    assert throughput.tool == "p2pvpn traffic"
+    assert throughput.bits_per_second > 0
+    assert 0.5 < throughput.seconds < 2

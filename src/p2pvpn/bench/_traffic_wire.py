@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
+    "DEFAULT_PORT",
     "ECHO",
     "HEADER",
     "HELLO",
@@ -46,6 +47,7 @@ __all__ = [
     "parse_request",
 ]
 
+DEFAULT_PORT = 5301  # TCP and UDP
 INTERVAL = 0.5  # seconds per reported interval
 MAX_LINE = 4096  # bytes of one control line, newline included
 MIN_LENGTH = 64  # bytes of a datagram: room for the header and then some
@@ -98,7 +100,7 @@ def decode_line(line: bytes) -> dict[str, Any]:
         raise RequestError(f"line longer than {MAX_LINE} bytes")
     try:
         message = json.loads(line.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         raise RequestError("not a JSON line") from None
     if not isinstance(message, dict):
         raise RequestError("not a JSON object")

@@ -3,57 +3,76 @@
 `BenchServer` answers tests on one port number (TCP for control and TCP
 data, UDP for datagrams and echo); `BenchClient` asks for them. Each test
 starts with a JSON request line on a new TCP connection; the server answers
-``{"ok": true, "session": N}`` or ``{"error": "..."}``. The receiving side
-measures and, when it is the server, reports back over that connection.
+``{"ok": true, "session": N}`` or ``{"error": "..."}`` (e.g. "busy"). The
+receiving side measures and, when it is the server, reports back over that
+connection; the client returns when the server has hung up, so the next
+test can start at once.
 
 A member of the VPN may be hostile, so the server runs one test at a time,
-bounds every request (`parse_request`), sends (reverse tests, echo) only to
-the IP of the control connection that asked, echoes never more than it got,
-and a bad request closes only its own connection.
+bounds every request, sends (reverse tests, echo) only to the IP of the
+control connection that asked, echoes never more than it got, and a bad
+request closes only its own connection.
 
 Blocking sockets and threads: the GIL is released in the socket calls, and
 big buffers keep Python from being the bottleneck. Run as an agent with
-``python -m p2pvpn.bench.traffic serve|tcp|udp|rtt|loaded-rtt|udp-search``.
+``python -m p2pvpn.bench.traffic serve|tcp|udp|rtt|loaded-rtt|udp-search``
+(JSON lines on stdout: ``{"interval": ...}`` as the test goes, ``{"trial":
+...}`` per udp-search step, then ``{"result": ...}`` or ``{"error": ...}``).
+
+The parts: `_traffic_wire` (the sans-I/O codec and receiver counting),
+`_traffic_io` (control lines, pacing, socket timeouts), `_traffic_server`
+(`BenchServer`); this module has the results, the client and the agent.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import logging
 import math
-import secrets
 import signal
 import socket
 import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from p2pvpn import __version__
 from p2pvpn._stats import percentile
+from p2pvpn.bench._traffic_io import (
+    DRAIN_MAX,
+    GRACE,
+    JOIN_TIMEOUT,
+    POLL,
+    RECV_BUFFER,
+    TCP_CHUNK,
+    Lines,
+    big_receive_buffer,
+    bits_per_second,
+    bulk_mode,
+    drain,
+    send_line,
+    send_paced,
+)
+from p2pvpn.bench._traffic_server import BenchServer
 from p2pvpn.bench._traffic_wire import (
+    DEFAULT_PORT,
     ECHO,
     HELLO,
     INTERVAL,
     MAX_LINE,
     MIN_LENGTH,
-    UDP_DATA,
     Interval,
     IntervalMeter,
     Request,
     RequestError,
     UdpCounter,
-    decode_line,
     encode_line,
     interval_from_json,
     interval_json,
     pack_datagram,
     parse_datagram,
-    parse_request,
 )
 from p2pvpn.bench.report import BenchError
 
@@ -71,23 +90,9 @@ __all__ = [
     "main",
 ]
 
-log = logging.getLogger(__name__)
-
-DEFAULT_PORT = 5301
-TCP_CHUNK = 256 * 1024  # bytes per sendall: big enough for tens of Gbit/s, small for slow links
-RECV_BUFFER = 1024 * 1024
-UDP_BUFFER = 4 * 1024 * 1024  # asked for; the kernel caps it at net.core.[rw]mem_max
 ECHO_LENGTH = MIN_LENGTH
 ECHO_TIMEOUT = 1.0  # an echo answered later than this counts as lost
-DRAIN_QUIET = 0.2  # the receiver stops waiting for late datagrams after this much quiet...
-DRAIN_MAX = 1.0  # ...or this long after the sender said it is done
 HELLO_EVERY = 0.1
-POLL = 0.1
-GRACE = 5.0  # seconds a test may take beyond the seconds it asked for
-REQUEST_TIMEOUT = 5.0  # for the first line of a connection
-MAX_CONNECTIONS = 8
-JOIN_TIMEOUT = 2.0
-MAX_BURST = 256  # datagrams sent back to back before the pacer looks at the clock again
 
 
 class BenchRefusedError(BenchError):
@@ -173,10 +178,6 @@ class SearchResult:
         }
 
 
-def _rate(count: int, seconds: float) -> float:
-    return count * 8 / seconds if seconds > 0 else 0.0
-
-
 def _tcp_result(sender: str, data: dict[str, Any]) -> TcpResult:
     """A TCP result from the receiver's report (a dict with bytes, seconds, intervals)."""
     try:
@@ -184,7 +185,7 @@ def _tcp_result(sender: str, data: dict[str, Any]) -> TcpResult:
         intervals = tuple(interval_from_json(item) for item in data["intervals"])
     except (KeyError, TypeError, ValueError):
         raise BenchError(f"the bench server sent a bad TCP result: {data!r}") from None
-    return TcpResult(sender, total, seconds, _rate(total, seconds), intervals)
+    return TcpResult(sender, total, seconds, bits_per_second(total, seconds), intervals)
 
 
 def _udp_result(
@@ -209,454 +210,33 @@ def _udp_result(
         received_packets=received,
         lost_packets=lost,
         loss_percent=100.0 * lost / sent if sent else 0.0,
-        sent_bps=_rate(sent * request.length, seconds),
-        received_bps=_rate(received_bytes, seconds),
+        sent_bps=bits_per_second(sent * request.length, seconds),
+        received_bps=bits_per_second(received_bytes, seconds),
         seconds=seconds,
         jitter_ms=jitter_ms,
         intervals=intervals,
     )
 
 
-# -- socket helpers ------------------------------------------------------------------
-
-
-class _Lines:
-    """JSON lines from a socket, at most `MAX_LINE` bytes each; bytes after a line stay."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self._sock = sock
-        self._buffer = bytearray()
-
-    def read(self, timeout: float | None = None) -> dict[str, Any] | None:
-        """The next line as a JSON object; None at EOF; TimeoutError after ``timeout``
-        (what was read so far stays); RequestError when it is not a bounded JSON line."""
-        while True:
-            end = self._buffer.find(b"\n")
-            if end >= 0:
-                line = bytes(self._buffer[:end])
-                del self._buffer[: end + 1]
-                return decode_line(line)
-            if len(self._buffer) >= MAX_LINE:
-                raise RequestError(f"line longer than {MAX_LINE} bytes")
-            if timeout is not None:
-                self._sock.settimeout(timeout)
-            chunk = self._sock.recv(MAX_LINE)
-            if not chunk:
-                return None
-            self._buffer += chunk
-
-    def take_rest(self) -> int:
-        """How many bytes after the last line were read already (they are data)."""
-        count = len(self._buffer)
-        self._buffer.clear()
-        return count
-
-
-def _send_line(sock: socket.socket, message: dict[str, Any]) -> None:
-    sock.sendall(encode_line(message))
-
-
-def _send_paced(
-    send: Callable[[bytearray], object],
-    request: Request,
-    session: int,
-    stop: threading.Event,
-) -> tuple[int, float]:
-    """Send ``request.rate`` bit/s of ``request.length``-byte datagrams for
-    ``request.seconds``: in bursts of what is due by the clock, sleeping the rest
-    of the time. Returns (datagrams sent, seconds)."""
-    clock = time.monotonic
-    buffer = bytearray(request.length)
-    per_second = request.rate / (8 * request.length)
-    start = clock()
-    sent = 0
-    while not stop.is_set():
-        elapsed = clock() - start
-        if elapsed >= request.seconds:
-            break
-        due = int(elapsed * per_second) + 1
-        if sent >= due:
-            time.sleep(max(0.0, min(sent / per_second - elapsed, request.seconds - elapsed, 0.01)))
-            continue
-        for _ in range(min(due - sent, MAX_BURST)):
-            pack_datagram(buffer, UDP_DATA, session, sent, clock())
-            try:
-                send(buffer)
-            except OSError as exc:
-                if exc.errno not in (errno.ENOBUFS, errno.EAGAIN):
-                    raise
-                break  # the queue is full: try again after a look at the clock
-            sent += 1
-    return sent, clock() - start
-
-
-def _drain(last_arrival: Callable[[], float | None]) -> None:
-    """Wait for late datagrams: until `DRAIN_QUIET` without one, at most `DRAIN_MAX`."""
-    start = time.monotonic()
-    while (now := time.monotonic()) < start + DRAIN_MAX:
-        if now - max(start, last_arrival() or start) >= DRAIN_QUIET:
-            return
-        time.sleep(0.02)
-
-
-def _join(threads: list[threading.Thread], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    for thread in threads:
-        thread.join(max(0.0, deadline - time.monotonic()))
-
-
-# -- the server ----------------------------------------------------------------------
-
-
-@dataclass
-class _Test:
-    """The one test the server runs; datagrams count only with its session and IP."""
-
-    session: int
-    client_ip: str
-    request: Request
-    counter: UdpCounter | None = None
-    udp_peer: tuple[str, int] | None = None
-    peer_known: threading.Event = field(default_factory=threading.Event)
-
-
-class BenchServer:
-    """Answers bench tests on ``address:port`` (TCP and UDP), one test at a time."""
-
-    def __init__(
-        self, address: str, port: int = DEFAULT_PORT, *, max_seconds: float = 60.0
-    ) -> None:
-        self._bind = (address, port)
-        self.max_seconds = max_seconds
-        self._tcp: socket.socket | None = None
-        self._udp: socket.socket | None = None
-        self._lock = threading.Lock()
-        self._current: _Test | None = None
-        self._stopping = threading.Event()
-        self._threads: list[threading.Thread] = []
-        self._handlers: set[threading.Thread] = set()
-        self._connections: set[socket.socket] = set()
-        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
-
-    @property
-    def address(self) -> tuple[str, int]:
-        if self._tcp is None:
-            return self._bind
-        host, port = self._tcp.getsockname()[:2]
-        return str(host), int(port)
-
-    def start(self) -> None:
-        """Bind TCP and UDP on the same port and serve in daemon threads."""
-        host, port = self._bind
-        try:
-            tcp = socket.create_server((host, port))
-        except OSError as exc:
-            raise BenchError(f"cannot listen for benchmarks on {host}:{port}: {exc}") from None
-        udp = socket.socket(tcp.family, socket.SOCK_DGRAM)
-        try:
-            udp.bind((host, tcp.getsockname()[1]))
-        except OSError as exc:
-            tcp.close()
-            udp.close()
-            raise BenchError(f"cannot listen for benchmarks on {host}:{port}/udp: {exc}") from None
-        udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_BUFFER)
-        tcp.settimeout(POLL)
-        udp.settimeout(POLL)
-        self._tcp, self._udp = tcp, udp
-        for target, name in ((self._accept_loop, "accept"), (self._udp_loop, "udp")):
-            thread = threading.Thread(target=target, name=f"bench-{name}", daemon=True)
-            thread.start()
-            self._threads.append(thread)
-        log.info("bench server listening on %s:%d (TCP and UDP)", *self.address)
-
-    def stop(self) -> None:
-        """Close every socket and join the threads (bounded); a second call does nothing."""
-        if self._stopping.is_set():
-            return
-        self._stopping.set()
-        with self._lock:
-            connections = list(self._connections)
-            handlers = list(self._handlers)
-        for connection in connections:
-            with contextlib.suppress(OSError):
-                connection.shutdown(socket.SHUT_RDWR)
-        _join(self._threads + handlers, JOIN_TIMEOUT)
-        for sock in (self._tcp, self._udp):
-            if sock is not None:
-                sock.close()
-
-    def __enter__(self) -> BenchServer:
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    # -- accepting and datagrams ---------------------------------------------------
-
-    def _accept_loop(self) -> None:
-        assert self._tcp is not None
-        while not self._stopping.is_set():
-            try:
-                connection, peer = self._tcp.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                if self._stopping.is_set():
-                    return
-                time.sleep(POLL)  # e.g. out of file descriptors: do not spin
-                continue
-            if not self._slots.acquire(blocking=False):
-                log.info("bench: too many connections, closing the one from %s", peer[0])
-                connection.close()
-                continue
-            thread = threading.Thread(
-                target=self._handle, args=(connection, str(peer[0])), daemon=True
-            )
-            with self._lock:
-                self._connections.add(connection)
-                self._handlers.add(thread)
-            thread.start()
-
-    def _udp_loop(self) -> None:
-        assert self._udp is not None
-        udp = self._udp
-        buffer = bytearray(65536)
-        view = memoryview(buffer)
-        while not self._stopping.is_set():
-            try:
-                size, source = udp.recvfrom_into(buffer)
-            except TimeoutError:
-                continue
-            except OSError:
-                if self._stopping.is_set():
-                    return
-                continue
-            now = time.monotonic()
-            datagram = parse_datagram(view[:size])
-            test = self._current
-            if datagram is None or test is None or datagram.session != test.session:
-                continue
-            if source[0] != test.client_ip:
-                continue  # never answer or count another address: no reflection
-            if datagram.kind == UDP_DATA:
-                with self._lock:
-                    if test.counter is not None:
-                        test.counter.feed(datagram, size, now)
-            elif datagram.kind == ECHO:
-                with contextlib.suppress(OSError):
-                    udp.sendto(view[:size], source)
-            elif datagram.kind == HELLO and test.udp_peer is None:
-                test.udp_peer = (str(source[0]), int(source[1]))
-                test.peer_known.set()
-
-    # -- one connection --------------------------------------------------------------
-
-    def _handle(self, connection: socket.socket, client_ip: str) -> None:
-        lines = _Lines(connection)
-        try:
-            request_line = lines.read(REQUEST_TIMEOUT)
-            if request_line is None:
-                return
-            request = parse_request(request_line, max_seconds=self.max_seconds)
-            self._serve(connection, lines, request, client_ip)
-        except RequestError as exc:
-            log.info("bench: refused a request from %s: %s", client_ip, exc)
-            self._try_send(connection, {"error": str(exc)})
-        except (OSError, BenchError) as exc:
-            log.info("bench: the test of %s ended early: %s", client_ip, exc)
-        finally:
-            with self._lock:
-                self._connections.discard(connection)
-                self._handlers.discard(threading.current_thread())
-            connection.close()
-            self._slots.release()
-
-    @staticmethod
-    def _try_send(connection: socket.socket, message: dict[str, Any]) -> None:
-        try:
-            connection.settimeout(1.0)
-            _send_line(connection, message)
-        except OSError:
-            pass
-
-    def _serve(
-        self, connection: socket.socket, lines: _Lines, request: Request, client_ip: str
-    ) -> None:
-        if request.test == "hello":
-            _send_line(connection, {"version": __version__, "hostname": socket.gethostname()})
-            return
-        test = self._claim(request, client_ip)
-        if test is None:
-            log.info("bench: %s asked for %s while busy", client_ip, _describe(request))
-            self._try_send(connection, {"error": "busy: another test is running, try later"})
-            return
-        log.info("bench: %s asked for %s", client_ip, _describe(request))
-        try:
-            connection.settimeout(GRACE)
-            _send_line(connection, {"ok": True, "session": test.session})
-            outcome = self._run(connection, lines, test)
-            log.info("bench: %s %s: %s", client_ip, _describe(request), outcome)
-        finally:
-            with self._lock:
-                self._current = None
-
-    def _claim(self, request: Request, client_ip: str) -> _Test | None:
-        with self._lock:
-            if self._current is not None:
-                return None
-            self._current = _Test(secrets.randbits(32), client_ip, request)
-            return self._current
-
-    def _run(self, connection: socket.socket, lines: _Lines, test: _Test) -> str:
-        request = test.request
-        if request.test == "rtt":
-            return self._serve_echo(lines, test)
-        if request.test == "tcp":
-            if request.reverse:
-                return self._tcp_send(connection, lines, test)
-            return self._tcp_receive(connection, lines, test)
-        if request.reverse:
-            return self._udp_send(connection, lines, test)
-        return self._udp_receive(connection, lines, test)
-
-    def _deadline(self, test: _Test) -> float:
-        return time.monotonic() + test.request.seconds + GRACE
-
-    def _serve_echo(self, lines: _Lines, test: _Test) -> str:
-        """Echo answers run in the UDP thread; this waits for the client to hang up."""
-        deadline = self._deadline(test)
-        while not self._stopping.is_set() and time.monotonic() < deadline:
-            try:
-                if lines.read(POLL) is None:
-                    return "done"
-            except TimeoutError:
-                continue
-        return "ended by the server"
-
-    def _tcp_receive(self, connection: socket.socket, lines: _Lines, test: _Test) -> str:
-        meter = IntervalMeter()
-        if rest := lines.take_rest():
-            meter.add(time.monotonic(), rest)
-        buffer = bytearray(RECV_BUFFER)
-        deadline = self._deadline(test)
-        reported = 0
-        connection.settimeout(POLL * 5)
-        while True:
-            if time.monotonic() > deadline or self._stopping.is_set():
-                raise RequestError("the client sent for longer than it asked for")
-            try:
-                size = connection.recv_into(buffer)
-            except TimeoutError:
-                continue
-            if not size:
-                break
-            meter.add(time.monotonic(), size)
-            while reported < len(meter.done):
-                _send_line(connection, {"interval": interval_json(meter.done[reported])})
-                reported += 1
-        intervals = meter.finish()
-        result = {"bytes": meter.total, "seconds": meter.seconds}
-        _send_line(connection, {"result": {**result, "intervals": _intervals_json(intervals)}})
-        return _mbit(_rate(meter.total, meter.seconds))
-
-    def _tcp_send(self, connection: socket.socket, lines: _Lines, test: _Test) -> str:
-        payload = bytes(TCP_CHUNK)
-        end = time.monotonic() + test.request.seconds
-        while time.monotonic() < end and not self._stopping.is_set():
-            connection.sendall(payload)
-        connection.shutdown(socket.SHUT_WR)
-        return self._client_report(lines)
-
-    def _client_report(self, lines: _Lines) -> str:
-        """What the client measured (it sends a summary before it hangs up), for the log."""
-        try:
-            report = lines.read(GRACE + DRAIN_MAX)
-        except TimeoutError:
-            report = None
-        result = report.get("result") if report else None
-        if not isinstance(result, dict):
-            return "the client reported nothing"
-        return _summarize(result)
-
-    def _udp_receive(self, connection: socket.socket, lines: _Lines, test: _Test) -> str:
-        counter = UdpCounter(test.session)
-        with self._lock:
-            test.counter = counter
-        deadline = self._deadline(test)
-        reported = 0
-        while True:
-            while reported < len(counter.meter.done):
-                _send_line(connection, {"interval": interval_json(counter.meter.done[reported])})
-                reported += 1
-            if time.monotonic() > deadline or self._stopping.is_set():
-                raise RequestError("the client sent for longer than it asked for")
-            try:
-                message = lines.read(POLL)
-            except TimeoutError:
-                continue
-            if message is None:
-                return "the client hung up"
-            break
-        sent = message.get("sent")
-        _drain(lambda: counter.meter.last)
-        with self._lock:
-            test.counter = None
-            summary = counter.summary()
-        _send_line(connection, {"result": summary})
-        loss = counter.lost(sent if isinstance(sent, int) else None)
-        return f"{counter.received} datagrams received, {loss} lost"
-
-    def _udp_send(self, connection: socket.socket, lines: _Lines, test: _Test) -> str:
-        if not test.peer_known.wait(GRACE) or test.udp_peer is None:
-            raise RequestError("no UDP hello from the client (is UDP blocked?)")
-        _send_line(connection, {"started": True})
-        udp = self._udp
-        assert udp is not None
-        peer = test.udp_peer
-        sent, seconds = _send_paced(
-            lambda data: udp.sendto(data, peer), test.request, test.session, self._stopping
-        )
-        _send_line(connection, {"sent": sent, "seconds": seconds})
-        return f"{sent} datagrams sent; {self._client_report(lines)}"
-
-
-def _describe(request: Request) -> str:
-    direction = " reverse" if request.reverse else ""
-    if request.test == "udp":
-        return (
-            f"udp{direction} {request.rate / 1e6:g} Mbit/s x {request.length} B "
-            f"for {request.seconds:g} s"
-        )
-    return f"{request.test}{direction} for {request.seconds:g} s"
-
-
-def _mbit(value: object) -> str:
-    return f"{value / 1e6:.1f} Mbit/s" if isinstance(value, int | float) else "?"
-
-
-def _summarize(result: dict[str, Any]) -> str:
-    """One log line's worth of a TCP or UDP result (its `to_json` or the server's own)."""
-    if "loss_percent" in result:
-        loss = result["loss_percent"]
-        loss_text = f"{loss:.2f}" if isinstance(loss, int | float) else "?"
-        return f"{_mbit(result.get('received_bps'))} received, loss {loss_text} %"
-    return _mbit(result.get("bits_per_second"))
-
-
 # -- the client ----------------------------------------------------------------------
 
 
 class _Control:
-    """The lines the server sends while data flows the other way, read in a thread:
-    intervals go to the callback, the last other message is kept."""
+    """The lines the server sends while data flows the other way, read in a thread
+    until ``deadline``: intervals go to the callback, the answer under ``key`` is kept."""
 
     def __init__(
-        self, lines: _Lines, on_interval: Callable[[Interval], None] | None, key: str
+        self,
+        lines: Lines,
+        on_interval: Callable[[Interval], None] | None,
+        key: str,
+        deadline: float,
     ) -> None:
         self._lines = lines
         self._on_interval = on_interval
         self._key = key
+        self._deadline = deadline
+        self.reported = 0  # intervals handed to on_interval
         self.answer: dict[str, Any] | None = None
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="bench-control", daemon=True)
@@ -664,19 +244,29 @@ class _Control:
 
     def _run(self) -> None:
         try:
-            while (message := self._lines.read()) is not None:
+            while time.monotonic() < self._deadline:
+                try:
+                    message = self._lines.read()  # the socket is in `bulk_mode`
+                except BlockingIOError:
+                    continue  # nothing arrives while nothing is received, e.g. all lost
+                if message is None:
+                    return
                 if "interval" in message:
-                    if self._on_interval is not None:
-                        self._on_interval(interval_from_json(message["interval"]))
+                    self._interval(interval_from_json(message["interval"]))
                 elif self._key in message or "error" in message:
                     self.answer = message
                     return
         except (OSError, RequestError) as exc:
             self.error = exc
 
-    def wait(self, timeout: float, where: str) -> dict[str, Any]:
+    def _interval(self, interval: Interval) -> None:
+        self.reported += 1
+        if self._on_interval is not None:
+            self._on_interval(interval)
+
+    def wait(self, where: str) -> dict[str, Any]:
         """The server's answer under ``key``; BenchError if it gives none in time."""
-        self._thread.join(timeout)
+        self._thread.join(max(0.0, self._deadline - time.monotonic()) + POLL * 5)
         answer = self.answer
         if answer is not None and "error" in answer:
             raise BenchError(f"the bench server at {where} stopped the test: {answer['error']}")
@@ -685,6 +275,11 @@ class _Control:
             raise BenchError(f"the bench server at {where} sent no {self._key}{reason}")
         result: dict[str, Any] = answer[self._key]
         return result
+
+    def finish(self, intervals: tuple[Interval, ...]) -> None:
+        """The result's intervals the server did not send one by one (the last one)."""
+        for interval in intervals[self.reported :]:
+            self._interval(interval)
 
 
 class BenchClient:
@@ -710,12 +305,12 @@ class BenchClient:
             reason = exc.strerror or str(exc)
         raise BenchRefusedError(f"nobody answers benchmarks at {self.where} ({reason})")
 
-    def _open(self, request: dict[str, Any]) -> tuple[socket.socket, _Lines, dict[str, Any]]:
+    def _open(self, request: dict[str, Any]) -> tuple[socket.socket, Lines, dict[str, Any]]:
         """A connection whose request the server accepted, and its answer."""
         sock = self._connect()
-        lines = _Lines(sock)
+        lines = Lines(sock)
         try:
-            _send_line(sock, request)
+            send_line(sock, request)
             answer = lines.read(self.timeout)
         except (OSError, RequestError) as exc:
             sock.close()
@@ -735,7 +330,7 @@ class BenchClient:
     def _udp_socket(self, control: socket.socket) -> socket.socket:
         """A UDP socket connected to the server's port on the control connection's IP."""
         udp = socket.socket(control.family, socket.SOCK_DGRAM)
-        udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_BUFFER)
+        big_receive_buffer(udp)
         udp.connect((control.getpeername()[0], self.port))
         return udp
 
@@ -769,7 +364,6 @@ class BenchClient:
         with sock:
             if on_session is not None:
                 on_session(self._session(answer), str(sock.getpeername()[0]))
-            sock.settimeout(max(self.timeout, GRACE))
             try:
                 if reverse:
                     result = self._tcp_receive(sock, lines, seconds, on_interval)
@@ -783,22 +377,29 @@ class BenchClient:
     def _tcp_send(
         self,
         sock: socket.socket,
-        lines: _Lines,
+        lines: Lines,
         seconds: float,
         on_interval: Callable[[Interval], None] | None,
     ) -> TcpResult:
-        control = _Control(lines, on_interval, "result")
-        payload = bytes(TCP_CHUNK)
         end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            sock.sendall(payload)
-        sock.shutdown(socket.SHUT_WR)
-        return _tcp_result("client", control.wait(GRACE + self.timeout, self.where))
+        bulk_mode(sock, receive=POLL * 5, send=GRACE + self.timeout)
+        control = _Control(lines, on_interval, "result", end + GRACE + self.timeout)
+        payload = bytes(TCP_CHUNK)
+        try:
+            while time.monotonic() < end:
+                sock.sendall(payload)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            control.wait(self.where)  # raises the server's reason when it gave one
+            raise
+        result = _tcp_result("client", control.wait(self.where))
+        control.finish(result.intervals)
+        return result
 
     def _tcp_receive(
         self,
         sock: socket.socket,
-        lines: _Lines,
+        lines: Lines,
         seconds: float,
         on_interval: Callable[[Interval], None] | None,
     ) -> TcpResult:
@@ -808,6 +409,7 @@ class BenchClient:
         buffer = bytearray(RECV_BUFFER)
         deadline = time.monotonic() + seconds + GRACE + self.timeout
         reported = 0
+        bulk_mode(sock, receive=GRACE + self.timeout, send=GRACE)
         while size := sock.recv_into(buffer):
             meter.add(time.monotonic(), size)
             while reported < len(meter.done):
@@ -821,7 +423,11 @@ class BenchClient:
             for interval in intervals[reported:]:
                 on_interval(interval)
         result = TcpResult(
-            "server", meter.total, meter.seconds, _rate(meter.total, meter.seconds), intervals
+            "server",
+            meter.total,
+            meter.seconds,
+            bits_per_second(meter.total, meter.seconds),
+            intervals,
         )
         _report_back(sock, result.to_json())
         return result
@@ -861,22 +467,25 @@ class BenchClient:
     def _udp_send(  # noqa: PLR0917 - one test's sockets and what it asked for
         self,
         sock: socket.socket,
-        lines: _Lines,
+        lines: Lines,
         udp: socket.socket,
         request: Request,
         session: int,
         on_interval: Callable[[Interval], None] | None,
     ) -> UdpResult:
-        control = _Control(lines, on_interval, "result")
-        sent, seconds = _send_paced(udp.send, request, session, threading.Event())
-        _send_line(sock, {"sent": sent, "seconds": seconds})
-        summary = control.wait(DRAIN_MAX + GRACE + self.timeout, self.where)
-        return _udp_result(request, "client", sent, seconds, summary)
+        deadline = time.monotonic() + request.seconds + DRAIN_MAX + GRACE + self.timeout
+        bulk_mode(sock, receive=POLL * 5, send=GRACE + self.timeout)
+        control = _Control(lines, on_interval, "result", deadline)
+        sent, seconds = send_paced(udp.send, request, session, threading.Event())
+        send_line(sock, {"sent": sent, "seconds": seconds})
+        result = _udp_result(request, "client", sent, seconds, control.wait(self.where))
+        control.finish(result.intervals)
+        return result
 
     def _udp_receive(  # noqa: PLR0917 - one test's sockets and what it asked for
         self,
         sock: socket.socket,
-        lines: _Lines,
+        lines: Lines,
         udp: socket.socket,
         request: Request,
         session: int,
@@ -886,7 +495,7 @@ class BenchClient:
         try:
             self._say_hello(lines, udp, session)
             done = self._wait_sent(lines, receiver, request, on_interval)
-            _drain(lambda: receiver.counter.meter.last)
+            drain(lambda: receiver.counter.meter.last)
         finally:
             receiver.stop()
         sent, seconds = done
@@ -899,7 +508,7 @@ class BenchClient:
         _report_back(sock, result.to_json())
         return result
 
-    def _say_hello(self, lines: _Lines, udp: socket.socket, session: int) -> None:
+    def _say_hello(self, lines: Lines, udp: socket.socket, session: int) -> None:
         """Hello datagrams until the server says it has started sending to us."""
         hello = bytearray(MIN_LENGTH)
         deadline = time.monotonic() + GRACE + self.timeout
@@ -922,7 +531,7 @@ class BenchClient:
 
     def _wait_sent(
         self,
-        lines: _Lines,
+        lines: Lines,
         receiver: _UdpReceiver,
         request: Request,
         on_interval: Callable[[Interval], None] | None,
@@ -1143,7 +752,7 @@ def _collect_echoes(
     stop: threading.Event,
 ) -> None:
     buffer = bytearray(ECHO_LENGTH + 1)
-    udp.settimeout(POLL)
+    udp.settimeout(0.02)  # the caller joins this thread when it has all answers
     while not stop.is_set():
         try:
             size = udp.recv_into(buffer)
@@ -1176,7 +785,7 @@ def _report_back(sock: socket.socket, result: dict[str, Any]) -> None:
     result.pop("intervals", None)
     result.pop("rtts_ms", None)
     with contextlib.suppress(OSError):
-        _send_line(sock, {"result": result})
+        send_line(sock, {"result": result})
 
 
 # -- the agent -----------------------------------------------------------------------
