@@ -72,6 +72,17 @@ class Interval:
     end: float
     bytes: int
 
+    @property
+    def bits_per_second(self) -> float:
+        seconds = self.end - self.start
+        return self.bytes * 8 / seconds if seconds > 0 else 0.0
+
+    @property
+    def partial(self) -> bool:
+        """The tail of a run, under half an INTERVAL: too short for a rate worth plotting
+        (a few milliseconds of a burst would show as a spike)."""
+        return self.end - self.start < INTERVAL / 2
+
 
 @dataclass(frozen=True)
 class Request:

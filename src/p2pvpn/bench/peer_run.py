@@ -168,12 +168,13 @@ class _Runner:
         series = Series(label, "Mbit/s")
 
         def on_interval(interval: Interval) -> None:
+            bps = interval.bits_per_second
+            self.progress.advance(interval.end - interval.start, f"{label} {format_rate(bps)}")
+            if interval.partial:
+                return
             if not series.points:  # not before: a refused try leaves no empty series
                 self.measurement.series.append(series)
-            seconds = interval.end - interval.start
-            bps = interval.bytes * 8 / seconds if seconds > 0 else 0.0
             series.points.append((round(interval.end, 3), round(bps / 1e6, 3)))
-            self.progress.advance(seconds, f"{label} {format_rate(bps)}")
 
         return on_interval
 
@@ -234,6 +235,8 @@ class _Runner:
             # Far above what the path carries, the loss only says the sender outran
             # it (UDP has no TSO/GRO to batch like TCP): try again at what arrived.
             result.udp_first_try = first
+            if self.progress.total is not None:
+                self.progress.total += options.seconds  # the bar keeps its meaning
             self._udp_at(
                 result, max(first.received_bps * UDP_FRACTION_OF_TCP, UDP_MIN_BPS), reverse
             )

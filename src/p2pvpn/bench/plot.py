@@ -103,6 +103,13 @@ def _draw_series(ax: Axes, series: list[dict[str, Any]], unit: str) -> None:
     ax.legend(fontsize="small", loc="best")
 
 
+def _bar_value(value: float) -> str:
+    """3880.5 -> "3,880", 16.45 -> "16.4", 0.123 -> "0.123": no exponents on a bar."""
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.3g}"
+
+
 def _draw_bars(ax: Axes, bars: list[dict[str, Any]], unit: str, colors: dict[str, str]) -> None:
     """Groups along x, one bar per label; a bar without a value (did not run) says "n/a"."""
     groups = list(dict.fromkeys(str(bar.get("group", "")) for bar in bars))
@@ -124,7 +131,7 @@ def _draw_bars(ax: Axes, bars: list[dict[str, Any]], unit: str, colors: dict[str
             color=colors[label],
         )
         if annotate:
-            ax.bar_label(container, fmt="%.3g", fontsize="x-small")
+            ax.bar_label(container, fmt=_bar_value, fontsize="x-small")
         for g, value in slots:
             if value is None:
                 ax.text(g + offset, 0, "n/a", ha="center", va="bottom", fontsize="x-small")
@@ -133,7 +140,7 @@ def _draw_bars(ax: Axes, bars: list[dict[str, Any]], unit: str, colors: dict[str
     highest = max((float(v) for v in values.values() if v is not None), default=1.0)
     ax.set_ylim(0, highest * _HEADROOM)
     ax.set_ylabel(unit)
-    ax.set_title("per variant")
+    ax.set_title("comparison")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize="small", ncols=min(len(labels), 5), loc="upper left")
 
