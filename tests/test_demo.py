@@ -27,9 +27,8 @@ import p2pvpn.demo
 from p2pvpn.cli import main
 from p2pvpn.client.control import ControlError
 from p2pvpn.demo import DemoOptions, run_demo
-from p2pvpn.demo.bulk import receive, send
 from p2pvpn.demo.checks import missing_requirements
-from p2pvpn.demo.measure import PingResult, Throughput, parse_bulk, parse_iperf3, parse_ping
+from p2pvpn.demo.measure import PingResult, Throughput, parse_iperf3, parse_ping, parse_traffic
 from p2pvpn.demo.monitor import StateTracker, StatusPoller, peer_views
 from p2pvpn.demo.output import Console, DemoError, use_color
 from p2pvpn.demo.state import DemoLock, DemoRecord, StateFile
@@ -360,36 +359,30 @@ def test_parse_iperf3() -> None:
         parse_iperf3("{}")
 
 
-def test_parse_bulk() -> None:
-    assert parse_bulk('noise\n{"bytes": 1000000, "seconds": 2.0}\n').bits_per_second == 4e6
-    with pytest.raises(ValueError):
-        parse_bulk("")
+def test_parse_traffic() -> None:
+    result = {"result": {"bits_per_second": 4e6, "seconds": 2.0, "bytes": 1000000}}
+    assert parse_traffic('{"interval": {}}\n' + json.dumps(result) + "\n").bits_per_second == 4e6
+    with pytest.raises(ValueError, match="no result"):
+        parse_traffic("")
     with pytest.raises(ValueError, match="received nothing"):
-        parse_bulk('{"bytes": 0, "seconds": 0}')
+        parse_traffic('{"result": {"bits_per_second": 0, "seconds": 0}}')
+    with pytest.raises(ValueError, match="nobody answers"):
+        parse_traffic('{"error": "nobody answers benchmarks at 10.0.0.2:5201"}')
 
 
-def test_bulk_transfer_over_loopback() -> None:
-    import socket
+def test_traffic_tool_measures_over_loopback() -> None:
+    """What the demo runs without iperf3: the bench traffic agent's TCP test."""
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    results: list[dict[str, float]] = []
-    receiver = threading.Thread(target=lambda: results.append(receive(port)), daemon=True)
-    receiver.start()
-    answer = wait_for(lambda: _try_send(port), timeout=10)
-    receiver.join(10)
-    assert answer is not None
-    throughput = parse_bulk(answer)
-    assert throughput.bits_per_second > 0
-    assert results and results[0]["bytes"] > 0
+    from p2pvpn.bench.traffic import BenchServer
 
-
-def _try_send(port: int) -> str | None:
-    try:
-        return send("127.0.0.1", port, 0.2)
-    except ConnectionRefusedError:
-        return None
+    with BenchServer("127.0.0.1", 0) as server:
+        argv = [sys.executable, "-m", "p2pvpn.bench.traffic", "tcp", "127.0.0.1"]
+        argv += ["--port", str(server.address[1]), "--seconds", "0.3"]
+        done = subprocess.run(
+            argv, capture_output=True, text=True, timeout=30, check=False, env=process_env()
+        )
+    assert done.returncode == 0, done.stderr
+    assert parse_traffic(done.stdout).bits_per_second > 0
 
 
 def test_wait_for_polls_until_true_or_deadline() -> None:

@@ -1,4 +1,4 @@
-"""Ping and throughput between namespaces: iperf3 when installed, else a Python TCP transfer."""
+"""Ping and throughput between namespaces: iperf3 when installed, else `p2pvpn.bench.traffic`."""
 
 import json
 import re
@@ -17,9 +17,9 @@ __all__ = [
     "PingResult",
     "Throughput",
     "ThroughputMeter",
-    "parse_bulk",
     "parse_iperf3",
     "parse_ping",
+    "parse_traffic",
     "ping",
     "ping_many",
 ]
@@ -129,17 +129,24 @@ def parse_iperf3(text: str) -> Throughput:
         raise ValueError("iperf3 result has no end.sum_received") from None
 
 
-def parse_bulk(text: str) -> Throughput:
-    """The receiver's answer of `p2pvpn.demo.bulk` (``{"bytes": N, "seconds": S}``)."""
+def parse_traffic(text: str) -> Throughput:
+    """The last line of ``python -m p2pvpn.bench.traffic tcp`` (``{"result": {...}}``
+    or ``{"error": "..."}``); ValueError with the tool's own message."""
     lines = text.strip().splitlines()
     try:
         data = json.loads(lines[-1]) if lines else None
-        total, seconds = float(data["bytes"]), float(data["seconds"])  # type: ignore[index]
-    except (ValueError, TypeError, KeyError):
+    except ValueError:
+        data = None
+    if isinstance(data, dict) and isinstance(data.get("error"), str):
+        raise ValueError(data["error"])
+    try:
+        result = data["result"]  # type: ignore[index]
+        bits_per_second, seconds = float(result["bits_per_second"]), float(result["seconds"])
+    except (TypeError, KeyError, ValueError):
         raise ValueError("the TCP transfer printed no result") from None
-    if seconds <= 0:
+    if seconds <= 0 or bits_per_second <= 0:
         raise ValueError("the TCP transfer received nothing")
-    return Throughput(total * 8 / seconds, seconds, "python TCP")
+    return Throughput(bits_per_second, seconds, "p2pvpn traffic")
 
 
 class ThroughputMeter:
@@ -158,12 +165,15 @@ class ThroughputMeter:
 
     @property
     def tool(self) -> str:
-        return "iperf3" if self.iperf3 else "a Python TCP transfer"
+        return "iperf3" if self.iperf3 else "the p2pvpn traffic tool"
 
-    def _server_argv(self) -> list[str]:
+    def _server_argv(self, duration: int) -> list[str]:
         if self.iperf3:
             return ["iperf3", "-s", "-1", "-p", str(THROUGHPUT_PORT)]
-        return [sys.executable, "-m", "p2pvpn.demo.bulk", "server", str(THROUGHPUT_PORT)]
+        return [
+            sys.executable, "-m", "p2pvpn.bench.traffic", "serve", "0.0.0.0",
+            "--port", str(THROUGHPUT_PORT), "--max-seconds", str(duration + 1),
+        ]  # fmt: skip
 
     def _client_argv(self, address: IPv4Address, duration: int) -> list[str]:
         if self.iperf3:
@@ -171,8 +181,8 @@ class ThroughputMeter:
                 "iperf3", "-c", str(address), "-p", str(THROUGHPUT_PORT), "-t", str(duration), "-J",
             ]  # fmt: skip
         return [
-            sys.executable, "-m", "p2pvpn.demo.bulk", "client",
-            str(address), str(THROUGHPUT_PORT), str(duration),
+            sys.executable, "-m", "p2pvpn.bench.traffic", "tcp", str(address),
+            "--port", str(THROUGHPUT_PORT), "--seconds", str(duration), "--timeout", "10",
         ]  # fmt: skip
 
     def measure(
@@ -187,7 +197,9 @@ class ThroughputMeter:
     ) -> Throughput:
         """Send from ``sender`` to ``address`` (``receiver``'s VPN address) for ``duration`` s."""
         name = f"throughput-{label}"
-        server = receiver.start(self._server_argv(), self.log_dir / f"{name}.log", name=name)
+        server = receiver.start(
+            self._server_argv(duration), self.log_dir / f"{name}.log", name=name
+        )
         if self._on_start is not None:
             self._on_start(server)
         try:
@@ -209,7 +221,7 @@ class ThroughputMeter:
         try:
             if self.iperf3:
                 return parse_iperf3(result.stdout)
-            return parse_bulk(result.stdout)
+            return parse_traffic(result.stdout)
         except ValueError as exc:
             details = (result.stderr.strip() or result.stdout.strip()).splitlines()[-5:]
             raise DemoError(str(exc), details) from None

@@ -579,7 +579,7 @@ class Demo:
         if not iperf3:
             self.console.dim(
                 "iperf3 is not installed (apt-get install iperf3): "
-                "measuring with a built-in Python TCP transfer instead"
+                "measuring with the built-in traffic tool (p2pvpn.bench.traffic) instead"
             )
         direct = PathResult("direct")
         self.results.paths.append(direct)
