@@ -159,7 +159,8 @@ class OwnTool:
 
     def start_server(self, address: str) -> None:
         self.stop_server()
-        argv = python_argv("-m", AGENT_MODULE, "serve", address)
+        # A TCP run of --duration 120 must not be refused as too long.
+        argv = python_argv("-m", AGENT_MODULE, "serve", address, "--max-seconds", "150")
         self.server = self.net.bed.start(self.net.c2.ns, argv, self.net.name("traffic-server"))
         try:
             self.server.wait_for_log(r"listening", timeout=30)
