@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 from p2pvpn.bench import local
 from p2pvpn.bench.local_report import compute_ratios, result_bars, result_series
 from p2pvpn.bench.report import BenchError
-from p2pvpn.netns import process_env
+from p2pvpn.netns import PREFIX, list_namespaces, process_env
 from tests.integration.conftest import require_netns, require_tool
 
 VARIANTS = ("raw", "pure", "fast-no-offload", "fast", "relay")
@@ -158,6 +159,31 @@ def test_without_privileges_it_says_what_is_missing() -> None:
     assert result.returncode == 1, result
     assert result.stderr.startswith("p2pvpn bench local: error: "), result.stderr
     assert "network namespaces" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.netns
+def test_sigterm_removes_the_namespaces() -> None:
+    """Stopped in the middle of a measurement: exit 130, nothing of the run left behind."""
+    require_netns()
+    argv = [sys.executable, "-m", "p2pvpn", "bench", "local", "--quick", "--only", "raw"]
+    bench = subprocess.Popen(
+        argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=process_env()
+    )
+    prefix = f"{PREFIX}{bench.pid:x}-"
+    try:
+        assert bench.stderr is not None
+        for line in bench.stderr:  # the progress lines: measuring means the namespaces exist
+            if "raw: TCP" in line:
+                break
+        assert list_namespaces(prefix), "the run made no namespaces"
+        bench.send_signal(signal.SIGTERM)
+        assert bench.wait(timeout=60) == 130
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+            bench.wait()
+    assert list_namespaces(prefix) == []
 
 
 # -- without namespaces ----------------------------------------------------------------
