@@ -230,7 +230,10 @@ def _row(tcp_bps: float, intervals: list[dict[str, float]] | None = None) -> dic
 
 
 def test_ratios_targets_series_and_bars() -> None:
-    intervals = [{"start": 0.0, "end": 0.5, "bytes": 62_500_000}]
+    intervals = [
+        {"start": 0.0, "end": 0.5, "bytes": 62_500_000},
+        {"start": 0.5, "end": 0.51, "bytes": 9_000_000},  # the sliver at the end: left out
+    ]
     results = {
         "raw": _row(10e9, intervals),
         "fast-no-offload": _row(1e9),

@@ -25,6 +25,7 @@ __all__ = [
 ]
 
 UDP_HEADERS = 28  # IPv4 + UDP
+MIN_SERIES_INTERVAL = 0.2  # seconds; the intervals are 0.5 s
 _MEASURED = ("ok", "path changed")
 
 METRICS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -161,7 +162,8 @@ def result_series(results: dict[str, dict[str, Any]]) -> list[Series]:
         points = []
         for interval in run.get("intervals") or []:
             seconds = float(interval["end"]) - float(interval["start"])
-            if seconds > 0:
+            # The last interval of a run can be a sliver of a few ms whose rate is noise.
+            if seconds >= MIN_SERIES_INTERVAL:
                 mbit = float(interval["bytes"]) * 8 / seconds / 1e6
                 points.append((round(float(interval["end"]), 3), round(mbit, 3)))
         series.append(Series(f"{name} TCP", "Mbit/s", points))
