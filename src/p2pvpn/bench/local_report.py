@@ -13,6 +13,7 @@ from typing import Any
 
 from p2pvpn._format import format_table
 from p2pvpn.bench.report import Bar, Series
+from p2pvpn.bench.traffic import Interval
 
 __all__ = [
     "METRICS",
@@ -25,7 +26,6 @@ __all__ = [
 ]
 
 UDP_HEADERS = 28  # IPv4 + UDP
-MIN_SERIES_INTERVAL = 0.2  # seconds; the intervals are 0.5 s
 _MEASURED = ("ok", "path changed")
 
 METRICS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -159,13 +159,15 @@ def result_series(results: dict[str, dict[str, Any]]) -> list[Series]:
         run = _median_run(result.get("tcp") or {})
         if run is None:
             continue
-        points = []
-        for interval in run.get("intervals") or []:
-            seconds = float(interval["end"]) - float(interval["start"])
-            # The last interval of a run can be a sliver of a few ms whose rate is noise.
-            if seconds >= MIN_SERIES_INTERVAL:
-                mbit = float(interval["bytes"]) * 8 / seconds / 1e6
-                points.append((round(float(interval["end"]), 3), round(mbit, 3)))
+        intervals = [
+            Interval(float(item["start"]), float(item["end"]), int(item["bytes"]))
+            for item in run.get("intervals") or []
+        ]
+        points = [
+            (round(interval.end, 3), round(interval.bits_per_second / 1e6, 3))
+            for interval in intervals
+            if not interval.partial
+        ]
         series.append(Series(f"{name} TCP", "Mbit/s", points))
     return series
 
