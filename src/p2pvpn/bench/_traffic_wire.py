@@ -17,7 +17,9 @@ of arrival so that the tests can drive them with made-up clocks.
 from __future__ import annotations
 
 import json
+import math
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,10 +33,12 @@ __all__ = [
     "MAX_LINE",
     "MAX_RATE",
     "MIN_LENGTH",
+    "SENT_FRACTION",
     "UDP_DATA",
     "Datagram",
     "Interval",
     "IntervalMeter",
+    "RateTrial",
     "Request",
     "RequestError",
     "UdpCounter",
@@ -45,6 +49,7 @@ __all__ = [
     "pack_datagram",
     "parse_datagram",
     "parse_request",
+    "search_udp_rate",
 ]
 
 DEFAULT_PORT = 5301  # TCP and UDP
@@ -256,3 +261,67 @@ def interval_from_json(data: Any) -> Interval:
         return Interval(float(data["start"]), float(data["end"]), int(data["bytes"]))
     except (KeyError, TypeError, ValueError):
         raise RequestError(f"bad interval {data!r}") from None
+
+
+# -- the UDP rate search ------------------------------------------------------------------
+
+SENT_FRACTION = 0.95  # of the target: a sender below it was the limit, not the path
+
+
+@dataclass(frozen=True)
+class RateTrial:
+    """What one UDP run at a target rate gave, as the search needs it."""
+
+    target_bps: float
+    sent_bps: float
+    received_bps: float
+    loss_percent: float
+
+    @property
+    def sender_limited(self) -> bool:
+        return self.sent_bps < SENT_FRACTION * self.target_bps
+
+
+def search_udp_rate(
+    start_bps: float, steps: int, loss_limit: float, run: Callable[[float], RateTrial]
+) -> tuple[int | None, list[RateTrial]]:
+    """Highest UDP goodput with loss < ``loss_limit`` %, in at most ``steps`` calls of ``run``.
+
+    A step at target rate R passes when the loss stays under the limit and the
+    sender really sent at 95 % of R: R becomes the lower bound. Otherwise the
+    rate actually sent is an upper bound (lossy there, or the sender's limit).
+    From ``start_bps`` the rate doubles while steps pass, drops to 90 % of that
+    upper bound (at least halving) while none has passed, then bisects until
+    the bounds are 5 % apart. Returns the index of the best step under the loss
+    limit (a sender-limited one counts: nothing was lost, the path was not the
+    bottleneck) or None, and every step. The same search for the own tool and
+    for iperf3, so their figures mean the same.
+    """
+    low: float | None = None
+    high: float | None = None
+    best: int | None = None
+    rate: float | None = max(start_bps, 1e6)
+    trials: list[RateTrial] = []
+    while rate is not None and len(trials) < steps:
+        trial = run(rate)
+        trials.append(trial)
+        lossless = trial.loss_percent < loss_limit
+        if lossless and (best is None or trial.received_bps > trials[best].received_bps):
+            best = len(trials) - 1
+        if lossless and not trial.sender_limited:
+            low = max(low or 0.0, rate)
+        else:
+            high = min(high if high is not None else math.inf, trial.sent_bps)
+        rate = _next_rate(rate, low, high)
+    return best, trials
+
+
+def _next_rate(rate: float, low: float | None, high: float | None) -> float | None:
+    """The search's next target rate; None when the bounds are 5 % apart."""
+    if high is None:
+        return rate * 2
+    if low is None:
+        return min(rate / 2, 0.9 * high)
+    if high <= low * 1.05:
+        return None
+    return (low + high) / 2

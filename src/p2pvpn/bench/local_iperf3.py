@@ -8,13 +8,13 @@ UDP search here is the same algorithm the own agent runs (`udp_search`).
 from __future__ import annotations
 
 import json
-import math
 import re
 import shutil
 import subprocess
 from typing import Any
 
 from p2pvpn._stats import percentile
+from p2pvpn.bench._traffic_wire import RateTrial, search_udp_rate
 from p2pvpn.bench.local_net import LocalNet
 from p2pvpn.bench.local_tools import LOSS_LIMIT, IntervalCallback, TrialCallback, interval_bps
 from p2pvpn.bench.report import BenchError
@@ -103,17 +103,6 @@ def iperf_udp(ns: Namespace, dst: str, rate: float, seconds: float, length: int)
     }
 
 
-def _next_rate(rate: float, low: float | None, high: float | None) -> float | None:
-    """The search's next target rate; None when the bounds are 5 % apart."""
-    if high is None:
-        return rate * 2
-    if low is None:
-        return min(rate / 2, 0.9 * high)
-    if high <= low * 1.05:
-        return None
-    return (low + high) / 2
-
-
 def udp_search(
     ns: Namespace,
     dst: str,
@@ -124,36 +113,21 @@ def udp_search(
     length: int,
     on_trial: TrialCallback,
 ) -> dict[str, Any]:
-    """Highest UDP goodput with loss < LOSS_LIMIT, in at most ``steps`` iperf3 runs.
-
-    A step at target rate R passes when the loss stays under the limit and
-    iperf3 really sent at 95 % of R: R becomes the lower bound. Otherwise the
-    rate iperf3 did send is an upper bound (lossy there, or the sender's
-    limit). From ``start_bps`` the rate doubles while steps pass, drops to 90 %
-    of that upper bound (at least halving) while none has passed, then
-    bisects. The result is the best goodput of any step under the loss limit
-    (a sender-limited step counts: nothing was lost, the path was not the
-    bottleneck; ``sender_limited`` says so).
-    """
-    low: float | None = None
-    high: float | None = None
-    best: dict[str, Any] | None = None
-    rate: float | None = max(start_bps, 1e6)
+    """Highest UDP goodput with loss < LOSS_LIMIT in at most ``steps`` iperf3 runs,
+    by the own tool's search (`search_udp_rate`)."""
     trials: list[dict[str, Any]] = []
-    while rate is not None and len(trials) < steps:
+
+    def run(rate: float) -> RateTrial:
         trial = iperf_udp(ns, dst, rate, seconds, length)
-        lossless = trial["loss_percent"] < LOSS_LIMIT
-        trial["sender_limited"] = trial["sent_bps"] < 0.95 * rate
-        trial["passed"] = lossless and not trial["sender_limited"]
+        verdict = RateTrial(rate, trial["sent_bps"], trial["received_bps"], trial["loss_percent"])
+        trial["sender_limited"] = verdict.sender_limited
+        trial["passed"] = trial["loss_percent"] < LOSS_LIMIT and not verdict.sender_limited
         trials.append(trial)
         on_trial(trial)
-        if lossless and (best is None or trial["received_bps"] > best["received_bps"]):
-            best = trial
-        if trial["passed"]:
-            low = max(low or 0.0, rate)
-        else:
-            high = min(high or math.inf, trial["sent_bps"])
-        rate = _next_rate(rate, low, high)
+        return verdict
+
+    index, _ = search_udp_rate(start_bps, steps, LOSS_LIMIT, run)
+    best = trials[index] if index is not None else None
     return {
         "best": best,
         "bits_per_second": best["received_bps"] if best else None,

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import math
 import signal
 import socket
 import sys
@@ -65,6 +64,7 @@ from p2pvpn.bench._traffic_wire import (
     MIN_LENGTH,
     Interval,
     IntervalMeter,
+    RateTrial,
     Request,
     RequestError,
     UdpCounter,
@@ -73,6 +73,7 @@ from p2pvpn.bench._traffic_wire import (
     interval_json,
     pack_datagram,
     parse_datagram,
+    search_udp_rate,
 )
 from p2pvpn.bench.report import BenchError
 
@@ -651,38 +652,23 @@ class BenchClient:
         the loss limit (a sender-limited step counts: nothing was lost, the path
         was not the bottleneck; ``sender_limited`` says so).
         """
-        low: float | None = None
-        high: float | None = None
-        best: UdpResult | None = None
-        rate = max(start_bps, 1e6)
-        trials: list[UdpResult] = []
-        for _ in range(steps):
+
+        def run(rate: float) -> RateTrial:
             trial = self.udp(rate, seconds, length=length, reverse=reverse)
             trials.append(trial)
             if on_trial is not None:
                 on_trial(trial)
-            lossless = trial.loss_percent < loss_limit
-            passed = lossless and trial.sent_bps >= 0.95 * rate
-            if lossless and (best is None or trial.received_bps > best.received_bps):
-                best = trial
-            if passed:
-                low = max(low or 0.0, rate)
-            else:
-                high = min(high or math.inf, trial.sent_bps)
-            if high is None:
-                rate = rate * 2
-            elif low is None:
-                rate = min(rate / 2, 0.9 * high)
-            elif high <= low * 1.05:
-                break
-            else:
-                rate = (low + high) / 2
+            return RateTrial(rate, trial.sent_bps, trial.received_bps, trial.loss_percent)
+
+        trials: list[UdpResult] = []
+        index, steps_taken = search_udp_rate(start_bps, steps, loss_limit, run)
+        best = trials[index] if index is not None else None
         return SearchResult(
             best,
             tuple(trials),
             best.received_bps if best else None,
             best.loss_percent if best else None,
-            best.sent_bps < 0.95 * best.target_bps if best else None,
+            steps_taken[index].sender_limited if index is not None else None,
         )
 
 
