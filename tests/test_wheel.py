@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 import p2pvpn
+from p2pvpn.netns import missing_requirements
 
 pytestmark = pytest.mark.slow
 
@@ -178,8 +179,9 @@ def _check_installed(venv: Path, cwd: Path) -> None:
 
 
 def _check_bench(venv: Path, cwd: Path) -> None:
-    """`p2pvpn bench crypto` from the wheel alone: the compiled rows measured, and --plot
-    without the `plot` extra says how to get it."""
+    """`p2pvpn bench` from the wheel alone (no checkout, no iperf3 needed): crypto with
+    the compiled rows measured, --plot without the `plot` extra saying how to get it,
+    and (as root) a local run measured by the package's own traffic tool."""
     script, out = venv / "bin" / "p2pvpn", cwd / "crypto.json"
     _run([script, "bench", "crypto", "--quick", "--threads", "0", "--json", out], cwd=cwd)
     report = json.loads(out.read_text(encoding="utf-8"))
@@ -196,6 +198,15 @@ def _check_bench(venv: Path, cwd: Path) -> None:
     )
     assert plot.returncode == 1
     assert "pip install 'p2pvpn[plot]'" in plot.stderr
+    if not missing_requirements():
+        # Root and namespaces: the local bench's traffic agents run from the wheel too
+        # (the raw path only, to stay short; tests/bench/test_local.py runs every variant).
+        out = cwd / "local.json"
+        argv = [script, "bench", "local", "--quick", "--only", "raw", "--no-udp", "--json", out]
+        _run(argv, cwd=cwd)
+        local = json.loads(out.read_text(encoding="utf-8"))
+        assert local["options"]["tool"] == "own"
+        assert local["results"]["raw"]["tcp"]["bits_per_second"] > 0
 
 
 def _run_unit_tests(python: Path, run: Path) -> str:
