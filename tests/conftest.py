@@ -1,12 +1,15 @@
 """Fixtures shared by the whole test suite."""
 
 import json
+import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from p2pvpn.logs import secret_filter
 from tests import REPO_ROOT
 
 # The evidence of wire compatibility travels with the code (tests/vectors/README.md).
@@ -68,3 +71,16 @@ def candy_vectors() -> dict[str, Any]:
 def rfc5769_vector() -> dict[str, Any]:
     """The RFC 5769 section 2.2 sample IPv4 binding response."""
     return _load_vectors("rfc5769-ipv4-response.json")
+
+
+@pytest.fixture(autouse=True)
+def restore_logging() -> Iterator[None]:
+    """Every test that runs `p2pvpn.cli.main` installs a stderr handler on the
+    captured stream of that test; without this, a later test's log line (a
+    bench server's thread, say) would go to that closed stream."""
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    yield
+    root.setLevel(level)
+    root.handlers[:] = handlers
+    secret_filter().clear()  # `run -p ...` registered the password

@@ -7,7 +7,6 @@ import re
 import subprocess
 import sys
 import types
-from collections.abc import Iterator
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
 from typing import Any
@@ -18,21 +17,10 @@ import p2pvpn
 from p2pvpn.cli import LOG_FORMAT, configure_logging, main
 from p2pvpn.client.control import control_socket_path
 from p2pvpn.config import DEFAULT_STATE_ROOT, ClientConfig, ServerConfig, StunServer
-from p2pvpn.logs import secret_filter
 from tests.client.control_support import EXAMPLE, serving, short_tmp_dir
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 PASSWORD = "correct horse battery staple"
-
-
-@pytest.fixture(autouse=True)
-def restore_logging() -> Iterator[None]:
-    root = logging.getLogger()
-    level, handlers = root.level, list(root.handlers)
-    yield
-    root.setLevel(level)
-    root.handlers[:] = handlers
-    secret_filter().clear()  # `run -p ...` registered the password
 
 
 def fake_module(monkeypatch: pytest.MonkeyPatch, name: str, attribute: str) -> list[Any]:
