@@ -1,7 +1,5 @@
 """The client key ``bench_server`` (issue 14): file, TOML, flag, default, errors, display."""
 
-import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -9,18 +7,7 @@ import pytest
 
 from p2pvpn.cli import main
 from p2pvpn.config import ClientConfig, ConfigError, effective_items, load_config
-from p2pvpn.logs import secret_filter
 from tests.test_cli import fake_module
-
-
-@pytest.fixture(autouse=True)
-def restore_logging() -> Iterator[None]:
-    root = logging.getLogger()
-    level, handlers = root.level, list(root.handlers)
-    yield
-    root.setLevel(level)
-    root.handlers[:] = handlers
-    secret_filter().clear()
 
 
 def write(tmp_path: Path, name: str, text: str) -> Path:

@@ -11,7 +11,6 @@ import os
 import stat
 import sys
 import types
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,20 +31,14 @@ from p2pvpn.config import (
     overlay_values,
     server_config_from_values,
 )
-from p2pvpn.logs import secret_filter
 
 SECRET = "pw-Zq8#not in any output"
 
 
 @pytest.fixture(autouse=True)
-def restore_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def no_password_in_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Logging is restored after each test by tests/conftest.py's restore_logging."""
     monkeypatch.delenv(PASSWORD_ENV, raising=False)
-    root = logging.getLogger()
-    level, handlers = root.level, list(root.handlers)
-    yield
-    root.setLevel(level)
-    root.handlers[:] = handlers
-    secret_filter().clear()
 
 
 def write(path: Path, text: str, mode: int = 0o600) -> Path:
