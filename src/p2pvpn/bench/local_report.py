@@ -193,9 +193,9 @@ def _num(value: float | None, fmt: str = "{:.2f}") -> str:
     return "-" if value is None else fmt.format(value)
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """The names on the left, the numbers right-aligned."""
-    return "\n".join(format_table(header, rows, right=range(1, len(header)), rule=True))
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], names: int = 1) -> str:
+    """The first ``names`` columns (text) on the left, the numbers right-aligned."""
+    return "\n".join(format_table(header, rows, right=range(names, len(header)), rule=True))
 
 
 def _dataplane_cell(result: dict[str, Any]) -> str:
@@ -233,7 +233,7 @@ def _absolute_table(results: dict[str, dict[str, Any]]) -> str:
     header = ["variant", "dataplane", "TCP Mbit/s", "UDP Mbit/s", "loss %"]
     header += ["idle RTT p50/p99 ms", "loaded RTT p50/p99 ms", "CPU s/GB"]
     header += ["RSS MiB srv", "c1", "c2"]
-    return _table(header, [_absolute_row(n, r) for n, r in results.items()])
+    return _table(header, [_absolute_row(n, r) for n, r in results.items()], names=2)
 
 
 def _ratio_lines(ratios: dict[str, Any]) -> list[str]:
