@@ -152,8 +152,7 @@ def test_iperf3_tool_measures_raw_and_fast(tmp_path_factory: pytest.TempPathFact
 def test_without_privileges_it_says_what_is_missing() -> None:
     """Root without capabilities cannot make namespaces: one clear line, exit 1, no traceback."""
     require_netns()
-    if shutil.which("setpriv") is None:
-        pytest.skip("needs setpriv (util-linux) to drop the capabilities")
+    require_tool("setpriv", "util-linux")  # fails, not skips, under CI=true
     drop = ("setpriv", "--bounding-set", "-all", "--inh-caps", "-all")
     result = bench_local("--quick", prefix=drop)
     assert result.returncode == 1, result
