@@ -123,7 +123,7 @@ def _read_line(sock: socket.socket, deadline: float, name: str) -> bytes:
 def print_status(name: str | None, as_json: bool, state_dir: Path) -> int:
     """`p2pvpn status`: print client `name`'s snapshot; returns the exit code."""
     try:
-        snapshot = query_status(_resolve_socket(name, state_dir))
+        snapshot = query_status(find_control_socket(name, state_dir))
     except ControlError as exc:
         print(f"p2pvpn: error: {exc}", file=sys.stderr)
         return 1
@@ -135,11 +135,6 @@ def print_status(name: str | None, as_json: bool, state_dir: Path) -> int:
 
 
 def find_control_socket(name: str | None, state_dir: Path) -> Path:
-    """The control socket `p2pvpn status -n NAME --state-dir DIR` asks; raises ControlError."""
-    return _resolve_socket(name, state_dir)
-
-
-def _resolve_socket(name: str | None, state_dir: Path) -> Path:
     """The control socket of client `name` (None: the only one there is) in `state_dir`.
 
     A `state_dir` that holds a control socket is one client's own directory
