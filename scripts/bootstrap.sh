@@ -24,7 +24,7 @@ export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends \
     python3 python3-venv python3-dev gcc libssl-dev \
-    iproute2 nftables iperf3 iputils-ping procps kmod >/dev/null
+    iproute2 nftables iperf3 iputils-ping procps kmod nats-server >/dev/null
 
 echo "== python environment (.venv) with p2pvpn and its test tools"
 [ -x .venv/bin/python ] || python3 -m venv .venv

@@ -11,6 +11,8 @@ product's ``p2pvpn demo``, the integration tests and the benchmarks.
 * `Process`, `terminate_all`, `process_env`: long-running processes in a
   namespace, logging to a file, in a session of their own; their environment
   makes this very p2pvpn importable.
+* `LocalNatsServer`, `nats_server_argv`: a JetStream nats-server for relay
+  clusters, on loopback or in a namespace.
 * `wait_for`, `wait_until`: polling with a deadline.
 * `TestBed`, `run_namespace`, `cleanup_run`, `sweep_stale_namespaces`:
   namespaces named for this run (``p2t-<pid>-<n>-<name>``) and everything
@@ -48,6 +50,13 @@ from p2pvpn.netns._nat import (
     nat_ruleset,
     nat_site,
     unblock,
+)
+from p2pvpn.netns._nats import (
+    NATS_PORT,
+    NATS_SERVER,
+    LocalNatsServer,
+    free_tcp_port,
+    nats_server_argv,
 )
 from p2pvpn.netns._observe import (
     Resources,
@@ -93,6 +102,8 @@ __all__ = [
     "COMMAND_TIMEOUT",
     "CUT_TABLE",
     "DHCP",
+    "NATS_PORT",
+    "NATS_SERVER",
     "NAT_TABLE",
     "NETNS_DIR",
     "PREFIX",
@@ -104,6 +115,7 @@ __all__ = [
     "Client",
     "CommandError",
     "Link",
+    "LocalNatsServer",
     "Namespace",
     "NatMode",
     "NatSite",
@@ -120,6 +132,7 @@ __all__ = [
     "cleanup_run",
     "delete_namespace",
     "first_change",
+    "free_tcp_port",
     "list_namespaces",
     "make_link",
     "make_nat_router",
@@ -127,6 +140,7 @@ __all__ = [
     "nat_client",
     "nat_ruleset",
     "nat_site",
+    "nats_server_argv",
     "p2pvpn_argv",
     "peer_state",
     "ping_argv",
