@@ -159,6 +159,76 @@ def test_all_dead_waits_per_round_then_recovers(
     run(test)
 
 
+def test_losing_a_working_server_gives_every_other_one_a_turn_before_waiting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The attempts before a working login do not count against the round after it."""
+    monkeypatch.setattr(signaling_module, "WORKING_LOGIN", 0.0)
+    events: list[str] = []
+    real_connect = signaling_module.connect
+
+    def recording_connect(url: str, **options: Any) -> Any:
+        events.append(url)
+        return real_connect(url, **options)
+
+    monkeypatch.setattr(signaling_module, "connect", recording_connect)
+    real_delay = SignalingSession._backoff_delay
+
+    def recording_delay(self: SignalingSession, failures: int) -> float:
+        events.append("wait")
+        return real_delay(self, failures)
+
+    monkeypatch.setattr(SignalingSession, "_backoff_delay", recording_delay)
+
+    async def test() -> None:
+        handler = Recorder()
+        first_dead, last_dead = dead_url(), dead_url()
+        server = RelayServer(Relay(PASSWORD, dhcp=POOL), "127.0.0.1", 0)
+        await server.start()
+        urls = [first_dead, relay_url(server), last_dead]
+        session = failover_session(urls, tmp_path, handler, reconnect_initial=0.05)
+        async with running(session):
+            await wait_until(lambda: bool(handler.logins), "a login on the second URL")
+            await server.close()
+            await wait_until(lambda: "wait" in events, "a back-off wait")
+        rounds = "".join("w" if event == "wait" else str(urls.index(event)) for event in events)
+        assert rounds.startswith("01201w")
+
+    run(test)
+
+
+def test_servers_that_drop_every_login_at_once_still_get_a_back_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Brief logins count as failed attempts: no switching in a tight loop between them."""
+    waits: list[int] = []
+    real_delay = SignalingSession._backoff_delay
+
+    def recording_delay(self: SignalingSession, failures: int) -> float:
+        waits.append(self.switches)
+        return real_delay(self, failures)
+
+    monkeypatch.setattr(SignalingSession, "_backoff_delay", recording_delay)
+
+    async def drop_after_login(connection: FakeConnection) -> None:
+        await connection.login()
+        await connection.ws.close(1001, "going away")
+
+    async def test() -> None:
+        handler = Recorder()
+        async with FakeServer(drop_after_login) as one, FakeServer(drop_after_login) as two:
+            session = failover_session(
+                [one.url, two.url], tmp_path, handler, reconnect_initial=0.02, reconnect_max=0.05
+            )
+            async with running(session):
+                await wait_until(lambda: len(waits) >= 3, "three back-off waits")
+            # One wait after each round of both servers.
+            assert waits[:3] == [1, 3, 5]
+            assert len(handler.logins) >= 6
+
+    run(test)
+
+
 def test_a_retryable_refusal_moves_on_at_once(tmp_path: Path) -> None:
     """TRY_AGAIN_LATER (say the pool is full there) is worth another server, not a wait."""
 

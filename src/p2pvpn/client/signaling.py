@@ -68,6 +68,10 @@ CLOSE_TIMEOUT = 2.0  # closing handshake; a healthy server answers in one round 
 RECONNECT_INITIAL = 1.0
 RECONNECT_MAX = 30.0
 STABLE_LOGIN = 60.0  # a login that lasted this long resets the back-off and the kick count
+# Losing a login that lasted this long starts a fresh round of the other servers at once;
+# a shorter one counts as a failed attempt, so servers that drop us right away cannot
+# make the session switch between them without a back-off.
+WORKING_LOGIN = 5.0
 EARLY_CLOSE_WINDOW = 5.0
 EARLY_CLOSE_LIMIT = 3
 SEND_QUEUE_SIZE = 2048
@@ -336,7 +340,9 @@ class SignalingSession:
 
     async def _run_loop(self) -> None:
         failures = 0  # back-off waits since the last stable login, drives the back-off
-        failed_in_round = 0  # attempts that failed since the last login or back-off wait
+        # Attempts that failed (or logged in only briefly) since a working server was
+        # lost or the last back-off wait; a whole round of them means waiting.
+        failed_in_round = 0
         while not self._closing:
             started = self._clock()
             attempt = await self._attempt()
@@ -688,12 +694,16 @@ class SignalingSession:
 
 
 def _lost_working_server(attempt: _Attempt) -> bool:
-    """Logged in, then the connection ended without the server refusing us.
+    """Logged in for WORKING_LOGIN, then the connection ended without the server refusing us.
 
     A kick or a refusal after login (a p2pvpn close code) is a failed attempt
     like any other, so that it never skips the back-off.
     """
-    return attempt.logged_in_at is not None and attempt.close_code not in _P2PVPN_CLOSE_CODES
+    return (
+        attempt.logged_in_at is not None
+        and attempt.ended_at - attempt.logged_in_at >= WORKING_LOGIN
+        and attempt.close_code not in _P2PVPN_CLOSE_CODES
+    )
 
 
 def _was_stable(attempt: _Attempt) -> bool:
