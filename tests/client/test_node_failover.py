@@ -20,6 +20,7 @@ import pytest
 from p2pvpn.client import node as node_module
 from p2pvpn.client import sysroutes
 from p2pvpn.client.node import ClientNode
+from p2pvpn.client.peer_manager import PeerManager
 from p2pvpn.config import ClientConfig, StunServer
 from p2pvpn.server import Relay, RelayServer, start_stun_responder
 from tests.client.test_signaling import PASSWORD, ipv4_packet, run, wait_until
@@ -214,3 +215,12 @@ def test_the_fake_tun_keeps_packet_boundaries() -> None:
         assert os.read(tun.fileno(), 100) == b"two"
     finally:
         tun.close()
+
+
+def test_the_lan_address_comes_from_a_server_that_is_routed() -> None:
+    """The first URL may be unusable now (here: IPv6 only); a later one gives the address."""
+    config = ClientConfig(websocket="", websockets=("ws://[::1]:9/", "ws://127.0.0.1:9/"))
+    # Finding the LAN address uses neither the data plane nor the signaling.
+    unused: Any = None
+    manager = PeerManager(config, IPv4Interface("10.9.0.5/24"), unused, unused, local_port=40001)
+    assert manager._detect_lan_address() == ("127.0.0.1", 40001)
