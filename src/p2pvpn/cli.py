@@ -63,7 +63,6 @@ def configure_logging(debug: bool, log_format: LogFormat = "text") -> None:
 _Flag = tuple[str, tuple[str, ...], dict[str, Any]]
 
 _COMMON_FLAGS: tuple[_Flag, ...] = (
-    ("websocket", ("-w", "--websocket"), {"metavar": "URL", "help": "server URL"}),
     (
         "password",
         ("-p", "--password"),
@@ -95,6 +94,16 @@ _METRICS_FLAG: _Flag = (
     {"metavar": "HOST:PORT", "help": "serve metrics on HOST:PORT"},
 )
 _RUN_FLAGS: tuple[_Flag, ...] = (
+    (
+        "websocket",
+        ("-w", "--websocket"),
+        {
+            "metavar": "URL",
+            "action": "append",
+            "help": "server URL; repeat it for servers to fail over to, tried in order "
+            "(replaces the config file's list)",
+        },
+    ),
     *_COMMON_FLAGS,
     ("tun", ("-t", "--tun"), {"metavar": "CIDR", "help": "static address, e.g. 10.0.0.1/24"}),
     ("name", ("-n", "--name"), {"help": "interface suffix: the device is p2pvpn-NAME"}),
@@ -147,6 +156,7 @@ _RUN_FLAGS: tuple[_Flag, ...] = (
     _LOG_FORMAT_FLAG,
 )
 _SERVER_FLAGS: tuple[_Flag, ...] = (
+    ("websocket", ("-w", "--websocket"), {"metavar": "URL", "help": "URL to listen on"}),
     *_COMMON_FLAGS,
     ("dhcp", ("--dhcp",), {"metavar": "CIDR", "help": "address pool, e.g. 10.0.0.0/24"}),
     ("sdwan", ("--sdwan",), {"metavar": "RULES", "help": "dev_cidr,dst_cidr,nexthop;..."}),
@@ -310,10 +320,12 @@ def _values(args: argparse.Namespace, flags: Sequence[_Flag]) -> tuple[dict[str,
     file_values = read_config_values(path) if path else {}
     flag_values: dict[str, ConfigValue] = {}
     for key, names, _ in flags:
-        value: str | bool | None = getattr(args, key)
+        value: str | bool | list[str] | None = getattr(args, key)
         if key == "password" and value == "-":
             value = _read_password_from_stdin()
-        if value is not None:
+        if isinstance(value, list):  # a repeated flag (action="append")
+            flag_values[key] = ConfigValue(tuple(value), names[-1])
+        elif value is not None:
             flag_values[key] = ConfigValue(value, names[-1])
     return overlay_values(file_values, flag_values, os.environ), path or "command line"
 

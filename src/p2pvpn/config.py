@@ -130,6 +130,11 @@ _CLIENT_KEYS = (
     "offload",
     "bench_server",
 )
+# Keys whose TOML array is a list of values in their own right (not joined with commas):
+# a URL may hold a comma. candy.cfg has no lists; a flag repeats instead.
+_LIST_KEYS = (
+    "websocket",  # the client's servers, tried in order
+)
 # Keys Candy knows that p2pvpn does not implement.
 _CANDY_ONLY_KEYS = ("restart", "workers")
 
@@ -160,7 +165,7 @@ class ConfigValue:
     ``"file"`` for TOML, or the flag name (``"--route"``) for a command-line flag.
     """
 
-    value: str | int | bool
+    value: str | int | bool | tuple[str, ...]  # a tuple only for the keys of _LIST_KEYS
     origin: str
 
 
@@ -213,7 +218,9 @@ class ServerConfig:
 
 @dataclass(frozen=True, slots=True)
 class ClientConfig:
-    websocket: str  # ws:// or wss:// URL of the server
+    websocket: str  # ws:// or wss:// URL of the server: the first of `websockets`
+    # Every server URL in the order the client tries them; () means (websocket,).
+    websockets: tuple[str, ...] = ()
     password: str = field(default="", repr=False)
     password_file: Path | None = None  # where the password was read from, if from a file
     password_origin: str = field(default="", compare=False)  # file:line, flag or PASSWORD_ENV
@@ -240,6 +247,14 @@ class ClientConfig:
     def __post_init__(self) -> None:
         if self.state_dir == Path():
             object.__setattr__(self, "state_dir", default_state_dir(self.name))
+        if not self.websockets:
+            object.__setattr__(self, "websockets", (self.websocket,))
+        elif not self.websocket:
+            object.__setattr__(self, "websocket", self.websockets[0])
+        elif self.websocket != self.websockets[0]:
+            # Every user of the single URL (status, sdwan safety, LAN detection) takes
+            # `websocket`: it must be the URL the client tries first.
+            raise ValueError("ClientConfig: websocket must be the first of websockets")
 
     @property
     def interface_name(self) -> str:
@@ -315,15 +330,24 @@ def parse_toml_text(text: str, source_name: str) -> dict[str, ConfigValue]:
     for key, raw in document.items():
         line = lines.get(key)
         origin = f"{source_name}:{line}" if line else source_name
-        value = _joined(raw)
-        if not isinstance(value, str | int | bool):
+        value = _listed(raw) if key in _LIST_KEYS else _joined(raw)
+        if not isinstance(value, str | int | bool | tuple):
             kind = "table" if isinstance(value, dict) else type(value).__name__
-            problems.append(f"{origin}: {key}: expected a string, integer or boolean, got {kind}")
+            wanted = "a string or an array of strings" if key in _LIST_KEYS else None
+            wanted = wanted or "a string, integer or boolean"
+            problems.append(f"{origin}: {key}: expected {wanted}, got {kind}")
             continue
         values[key] = ConfigValue(value, origin)
     if problems:
         raise ConfigError(*problems)
     return values
+
+
+def _listed(value: object) -> object:
+    """An array of strings as a tuple of its elements, for the keys of _LIST_KEYS."""
+    if isinstance(value, list) and all(isinstance(element, str) for element in value):
+        return tuple(value)
+    return value
 
 
 def _joined(value: object) -> object:
@@ -489,8 +513,11 @@ def client_config_from_values(values: Mapping[str, ConfigValue], source: str) ->
     name = get("name", validate_name, "")
     state_dir = get("state_dir", _path, None)
     secret = get.check("password", lambda: _password(values), _Password())
+    no_urls: tuple[str, ...] = ()
+    websockets = get.check("websocket", lambda: _client_websockets(values, source), no_urls)
     config = ClientConfig(
-        websocket=get.check("websocket", lambda: _websocket(values, source, ("ws", "wss")), ""),
+        websocket=websockets[0] if websockets else "",
+        websockets=websockets,
         password=secret.text,
         password_file=secret.file,
         password_origin=secret.origin,
@@ -663,28 +690,79 @@ def _warn_unknown(
 
 
 def _websocket(values: Mapping[str, ConfigValue], source: str, schemes: tuple[str, ...]) -> str:
-    wanted = " or ".join(f"{scheme}://" for scheme in schemes)
+    """The server's one URL to listen on."""
     item = values.get("websocket")
+    if item is not None and isinstance(item.value, tuple):
+        if len(item.value) != 1:
+            _fail("websocket", item, f"a server listens on one URL, got {len(item.value)}")
+        item = ConfigValue(item.value[0], item.origin)
     url = "" if item is None else _string("websocket", item).strip()
     if item is None or not url:
-        raise ConfigError(f"{source}: missing websocket (a {wanted} URL)")
+        raise ConfigError(f"{source}: missing websocket (a {_wanted(schemes)} URL)")
+    _check_url(item, url, schemes)
+    return url
+
+
+def _client_websockets(values: Mapping[str, ConfigValue], source: str) -> tuple[str, ...]:
+    """The client's server URLs, in order: one string or a list; no URL twice."""
+    item = values.get("websocket")
+    if item is None:
+        raise ConfigError(f"{source}: missing websocket (a ws:// or wss:// URL)")
+    texts = item.value if isinstance(item.value, tuple) else (_string("websocket", item),)
+    urls = tuple(text.strip() for text in texts)
+    if not any(urls):
+        raise ConfigError(f"{source}: missing websocket (a ws:// or wss:// URL)")
+    seen: dict[tuple[object, ...], int] = {}
+    for number, url in enumerate(urls, start=1):
+        position = f"URL {number} of {len(urls)}: " if len(urls) > 1 else ""
+        if not url:
+            _fail("websocket", item, f"{position}empty")
+        _check_url(item, url, ("ws", "wss"), position)
+        identity = _url_identity(url)
+        if identity in seen:
+            _fail(
+                "websocket",
+                item,
+                f"{position}{display_url(url)!r} is the same server as URL {seen[identity]}",
+            )
+        seen[identity] = number
+    return urls
+
+
+def _wanted(schemes: tuple[str, ...]) -> str:
+    return " or ".join(f"{scheme}://" for scheme in schemes)
+
+
+def _check_url(item: ConfigValue, url: str, schemes: tuple[str, ...], position: str = "") -> None:
+    """A WebSocket URL with one of ``schemes``; ``position`` names it within a list."""
+    shown = display_url(url)
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError for a bad port
     except ValueError:
-        _fail("websocket", item, f"{display_url(url)!r} is not a valid URL")
+        _fail("websocket", item, f"{position}{shown!r} is not a valid URL")
     if parts.scheme not in schemes:
-        _fail("websocket", item, f"expected a {wanted} URL, got {display_url(url)!r}")
+        _fail("websocket", item, f"{position}expected a {_wanted(schemes)} URL, got {shown!r}")
     if not parts.hostname:
-        _fail("websocket", item, f"{display_url(url)!r} has no host")
+        _fail("websocket", item, f"{position}{shown!r} has no host")
     if "#" in url:
-        _fail("websocket", item, f"{display_url(url)!r}: a WebSocket URL has no #fragment")
-    return url
+        _fail("websocket", item, f"{position}{shown!r}: a WebSocket URL has no #fragment")
 
 
-def _scheme(values: Mapping[str, ConfigValue]) -> str:
+def _url_identity(url: str) -> tuple[object, ...]:
+    """What makes two URLs the same server: credentials and the default port aside."""
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "wss" else 80)
+    return (parts.scheme, parts.hostname, port, parts.path or "/", parts.query)
+
+
+def _schemes(values: Mapping[str, ConfigValue]) -> set[str]:
+    """The schemes of the websocket URL(s) as given, before validation."""
     item = values.get("websocket")
-    return urlsplit(str(item.value).strip()).scheme if item is not None else ""
+    if item is None:
+        return set()
+    urls = item.value if isinstance(item.value, tuple) else (str(item.value),)
+    return {urlsplit(url.strip()).scheme for url in urls}
 
 
 def _server_tls_file(values: Mapping[str, ConfigValue], key: str) -> Path | None:
@@ -694,7 +772,7 @@ def _server_tls_file(values: Mapping[str, ConfigValue], key: str) -> Path | None
     """
     item = values.get(key)
     path = None if item is None else _path(key, item)
-    wss = _scheme(values) == "wss"
+    wss = "wss" in _schemes(values)
     if path is None and wss:
         _fail("websocket", values["websocket"], f"a wss:// URL needs {key} (a PEM file)")
     if item is not None and path is not None and not wss:
@@ -708,7 +786,7 @@ def _client_tls_ca(values: Mapping[str, ConfigValue]) -> Path | None:
     path = None if item is None else _path("tls_ca", item)
     if item is None or path is None:
         return None
-    if _scheme(values) != "wss":
+    if "wss" not in _schemes(values):
         _fail("tls_ca", item, "only used with a wss:// websocket URL")
     verify = values.get("tls_verify")
     if verify is not None and str(verify.value).strip().lower() in _FALSE:
@@ -753,7 +831,7 @@ def _int(key: str, item: ConfigValue) -> int:
         _fail(key, item, f"expected an integer, got {value!r}")
     if isinstance(value, int):
         return value
-    if not _INT_RE.fullmatch(value.strip()):
+    if not isinstance(value, str) or not _INT_RE.fullmatch(value.strip()):
         _fail(key, item, f"expected an integer, got {value!r}")
     return int(value)
 
@@ -771,7 +849,7 @@ def _int_range(low: int, high: int) -> Callable[[str, ConfigValue], int]:
 def _seconds(low: float, high: float) -> Callable[[str, ConfigValue], float]:
     def parse(key: str, item: ConfigValue) -> float:
         value = item.value
-        if isinstance(value, bool):
+        if isinstance(value, bool | tuple):
             _fail(key, item, f"expected a number of seconds, got {value!r}")
         try:
             number = float(value)
@@ -962,7 +1040,7 @@ def effective_items(config: ClientConfig | ServerConfig) -> list[tuple[str, str]
         ]
     return [
         ("mode", "client"),
-        ("websocket", display_url(config.websocket)),
+        ("websocket", ", ".join(display_url(url) for url in config.websockets)),
         ("password", password),
         ("password_file", password_file),
         ("debug", _show_bool(config.debug)),

@@ -287,11 +287,17 @@ def _server_line(server: Snapshot, now: float) -> str:
     if connected and since is not None:
         state += f" for {format_duration(now - since)}"
     url = display_url(_text(server.get("url")))  # also from a client that did not redact it
+    index, count = _integer(server.get("index")), _integer(server.get("servers"))
+    if index is not None and count is not None and count > 1:
+        url += f" ({index} of {count})"
     line = "server".ljust(_LABEL_WIDTH) + f"{url}{_GAP}{state}"
     notes = [] if connected else _retry_notes(server, now)
     reconnects = _integer(server.get("reconnects"))
     if reconnects is not None:
         notes.append(f"reconnects: {reconnects}")
+    switches = _integer(server.get("switches"))
+    if switches:
+        notes.append(f"server switches: {switches}")
     if notes:
         line += f"{_GAP}({'; '.join(notes)})"
     return line
