@@ -19,6 +19,7 @@ import os
 import re
 import ssl
 import stat
+import tempfile
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -53,6 +54,7 @@ __all__ = [
     "StunServer",
     "client_config_from_values",
     "config_from_values",
+    "default_server_control_socket",
     "default_state_dir",
     "display_url",
     "effective_items",
@@ -62,6 +64,7 @@ __all__ = [
     "parse_toml_text",
     "read_config_values",
     "server_config_from_values",
+    "server_control_socket_from_values",
     "validate_name",
     "warn_if_exposed",
 ]
@@ -69,6 +72,7 @@ __all__ = [
 DEFAULT_STUN_PORT = 3478
 DEFAULT_MTU = 1400
 DEFAULT_STATE_ROOT = Path("/var/lib/p2pvpn")
+DEFAULT_SERVER_RUN_DIR = Path("/run/p2pvpn")
 # The server's resource caps; p2pvpn.server.limits.ServerLimits has the same
 # defaults (tests/test_config.py checks) and says what each one bounds.
 DEFAULT_SEND_QUEUE_BYTES = 4 * 1024 * 1024
@@ -120,6 +124,7 @@ _SERVER_KEYS = (
     "max_leases_per_ip",
     "stun_rate",
     "junk_rate",
+    "control_socket",
 )
 _CLIENT_KEYS = (
     *_COMMON_KEYS,
@@ -209,6 +214,13 @@ class ServerConfig:
     max_leases_per_ip: int = DEFAULT_MAX_LEASES_PER_IP
     stun_rate: int = DEFAULT_STUN_RATE
     junk_rate: int = DEFAULT_JUNK_RATE
+    # Where `p2pvpn server status` asks; None: default_server_control_socket().
+    control_socket: Path | None = None
+
+    @property
+    def control_socket_path(self) -> Path:
+        """The control socket this server serves (``control_socket`` or the default)."""
+        return self.control_socket or default_server_control_socket()
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,6 +261,22 @@ class ClientConfig:
 
 def default_state_dir(name: str) -> Path:
     return DEFAULT_STATE_ROOT / (name or "default")
+
+
+def default_server_control_socket() -> Path:
+    """The server's control socket when ``control_socket`` is not set.
+
+    Root's is in /run/p2pvpn; a user's in $XDG_RUNTIME_DIR (private to that user),
+    else in the temp directory under a name with the uid, so that two users'
+    servers do not meet there.
+    """
+    uid = os.geteuid()
+    if uid == 0:
+        return DEFAULT_SERVER_RUN_DIR / "server.sock"
+    runtime_dir = os.environ.get("XDG_RUNTIME_DIR", "")
+    if runtime_dir and os.path.isabs(runtime_dir):
+        return Path(runtime_dir) / "p2pvpn-server.sock"
+    return Path(tempfile.gettempdir()) / f"p2pvpn-server-{uid}.sock"
 
 
 # --------------------------------------------------------------------------- reading
@@ -562,9 +590,23 @@ def server_config_from_values(values: Mapping[str, ConfigValue], source: str) ->
         ),
         stun_rate=get("stun_rate", _int_range(1, 1_000_000), DEFAULT_STUN_RATE),
         junk_rate=get("junk_rate", _int_range(1, 1_000_000), DEFAULT_JUNK_RATE),
+        control_socket=get("control_socket", _path, None),
     )
     get.raise_problems()
     return config
+
+
+def server_control_socket_from_values(values: Mapping[str, ConfigValue]) -> Path:
+    """The control socket a server with ``values`` serves, checking only that key.
+
+    For `p2pvpn server status`, which must not need what only running a server
+    needs (the password file, the certificate).
+    """
+    _expect_mode(values, "server")
+    get = _Checker(values)
+    path = get("control_socket", _path, None)
+    get.raise_problems()
+    return path or default_server_control_socket()
 
 
 def validate_name(key: str, item: ConfigValue) -> str:
@@ -959,6 +1001,7 @@ def effective_items(config: ClientConfig | ServerConfig) -> list[tuple[str, str]
             ("max_leases_per_ip", str(config.max_leases_per_ip)),
             ("stun_rate", f"{config.stun_rate}/s"),
             ("junk_rate", f"{config.junk_rate}/s"),
+            ("control_socket", _show_control_socket(config)),
         ]
     return [
         ("mode", "client"),
@@ -984,6 +1027,12 @@ def effective_items(config: ClientConfig | ServerConfig) -> list[tuple[str, str]
         ("offload", _show_offload(config.offload)),
         ("bench_server", _show_bench_server(config.bench_server)),
     ]
+
+
+def _show_control_socket(config: ServerConfig) -> str:
+    if config.control_socket is None:
+        return f"{config.control_socket_path} (default)"
+    return str(config.control_socket)
 
 
 def _show_bench_server(bench_server: bool) -> str:

@@ -11,11 +11,14 @@ import logging
 import os
 import resource
 import signal
+import time
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
+from p2pvpn import __version__
 from p2pvpn.config import ServerConfig, display_url
+from p2pvpn.control import ControlError, ControlInUseError, ControlServer, Snapshot
 from p2pvpn.logs import install_secret_filter
 from p2pvpn.metrics import MetricsServer, serve_server_metrics
 from p2pvpn.server.limits import ServerLimits
@@ -42,7 +45,7 @@ class ListenError(Exception):
 
 
 # What keeps `p2pvpn server` from starting (exit 1); each message names what to fix.
-_START_ERRORS = (ListenError, TlsError)
+_START_ERRORS = (ListenError, TlsError, ControlError)
 _DEFAULT_PORTS = {"ws": 80, "wss": 443}
 
 
@@ -152,6 +155,9 @@ class ServerRuntime:
         self._stun_host = stun_host
         self._stun: tuple[asyncio.DatagramTransport, StunResponder] | None = None
         self._metrics: MetricsServer | None = None
+        # `p2pvpn server status` asks here for snapshot().
+        self.control = ControlServer(config.control_socket_path, self.snapshot, role="server")
+        self.started: float | None = None
 
     @property
     def ws_port(self) -> int:
@@ -195,6 +201,22 @@ class ServerRuntime:
                 raise ListenError(
                     f"cannot serve metrics on {address}: {_os_error_text(exc)}"
                 ) from exc
+        await self._start_control()
+        self.started = time.time()
+
+    async def _start_control(self) -> None:
+        """Serve the control socket; raises ControlError when it cannot be made at all."""
+        try:
+            await self.control.start()
+        except ControlInUseError as exc:
+            # Several servers on one host (tests, a cluster on one machine) are fine
+            # as relays: only `server status` cannot reach this one.
+            logger.warning(
+                "%s: `p2pvpn server status` will not show this server (set control_socket)", exc
+            )
+        except ControlError:
+            await self.close()
+            raise
 
     def reload_tls(self) -> None:
         """SIGHUP: new connections get the certificate now in the files; sessions stay."""
@@ -204,6 +226,7 @@ class ServerRuntime:
         self.tls.reload()
 
     async def close(self) -> None:
+        await self.control.close()
         if self._metrics is not None:
             metrics, self._metrics = self._metrics, None
             await asyncio.to_thread(metrics.close)  # waits for the HTTP thread
@@ -217,6 +240,24 @@ class ServerRuntime:
         if stun is not None:
             stats["stun"] = stun.stats()
         return stats
+
+    def snapshot(self) -> Snapshot:
+        """What `p2pvpn server status` shows: this server, its sessions, the cluster."""
+        now = time.time()
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return {
+            "server": {
+                "websocket": display_url(self.config.websocket),
+                "listening": f"{self.scheme}://{host}:{self.ws_port}",
+                "started": self.started,
+                "tls": self.tls is not None,
+                "version": __version__,
+                "pid": os.getpid(),
+            },
+            "sessions": self.relay.session_rows(now),
+            "stats": self.stats(),
+            "cluster": None,
+        }
 
 
 async def serve(
@@ -238,6 +279,8 @@ async def serve(
         logger.info(
             "TLS certificate %s: %s", runtime.tls.cert_file, runtime.tls.certificate.describe()
         )
+    if runtime.control.serving:
+        logger.info("control socket %s (p2pvpn server status)", runtime.control.path)
     if config.stun_port:
         logger.info("STUN responder on udp port %d", config.stun_port)
     else:
