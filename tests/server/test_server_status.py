@@ -4,6 +4,7 @@ import asyncio
 import json
 import logging
 import os
+import ssl
 import stat
 import time
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from p2pvpn.config import ServerConfig
 from p2pvpn.control import ControlError, query_snapshot
 from p2pvpn.server.runtime import ServerRuntime
 from p2pvpn.server.status import format_server_status, print_server_status
+from p2pvpn.server.tls import make_self_signed_certificate, write_certificate
 from tests.client.control_support import short_tmp_dir
 from tests.server import PASSWORD, auth_frame, forward, wait_until
 
@@ -87,6 +89,38 @@ def test_a_logged_in_client_shows_in_status(root: Path, capsys: pytest.CaptureFi
     assert "ADDRESS   VMAC  REMOTE" in table
     assert "10.1.0.1  -     127.0.0.1:" in table
     assert "nats" not in table
+
+
+def test_a_wss_session_shows_tls(root: Path, tmp_path: Path) -> None:
+    cert, key = write_certificate(make_self_signed_certificate(), tmp_path)
+    path = root / "server.sock"
+    config = ServerConfig(
+        websocket="wss://127.0.0.1:0/",
+        password=PASSWORD,
+        stun_port=0,
+        tls_cert=cert,
+        tls_key=key,
+        control_socket=path,
+    )
+    client_context = ssl.create_default_context(cafile=cert)
+    client_context.check_hostname = False
+
+    async def scenario() -> dict[str, object]:
+        runtime = ServerRuntime(config)
+        await runtime.start()
+        try:
+            url = f"wss://127.0.0.1:{runtime.ws_port}/"
+            async with connect(url, ssl=client_context) as connection:
+                await connection.send(auth_frame("10.1.0.1", int(time.time())))
+                await wait_until(lambda: runtime.stats()["sessions_authenticated"] == 1)
+                return await asyncio.to_thread(query_snapshot, path, peer="server", role="server")
+        finally:
+            await runtime.close()
+
+    snapshot = asyncio.run(scenario())
+    server, sessions = snapshot["server"], snapshot["sessions"]
+    assert isinstance(server, dict) and server["tls"] is True
+    assert isinstance(sessions, list) and [session["tls"] for session in sessions] == [True]
 
 
 def test_the_socket_is_0600_and_removed_on_shutdown(root: Path) -> None:

@@ -316,6 +316,7 @@ class RelayServer:
 
     async def _handle(self, connection: ServerConnection) -> None:
         session = _WsSession(connection, self.relay, self._queue_bytes)
+        session.tls = self._ssl is not None  # shown by `p2pvpn server status`
         self.relay.on_connect(session)
         loop = asyncio.get_running_loop()
         writer = loop.create_task(session.write_loop())
