@@ -516,6 +516,10 @@ def test_effective_items_mask_the_password() -> None:
         "max_leases_per_ip",
         "stun_rate",
         "junk_rate",
+        "cluster",
+        "cluster_network",
+        "cluster_ttl",
+        "cluster_credentials",
         "control_socket",
     ]
     assert server_items["password"] == "********"

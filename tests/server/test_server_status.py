@@ -4,6 +4,7 @@ import asyncio
 import json
 import logging
 import os
+import shutil
 import ssl
 import stat
 import time
@@ -16,8 +17,9 @@ from websockets.asyncio.client import connect
 from p2pvpn import __version__
 from p2pvpn.config import ServerConfig
 from p2pvpn.control import ControlError, query_snapshot
+from p2pvpn.netns import LocalNatsServer
 from p2pvpn.server.runtime import ServerRuntime
-from p2pvpn.server.status import format_server_status, print_server_status
+from p2pvpn.server.status import format_server_status, print_server_status, query_server_status
 from p2pvpn.server.tls import make_self_signed_certificate, write_certificate
 from tests.client.control_support import short_tmp_dir
 from tests.server import PASSWORD, auth_frame, forward, wait_until
@@ -212,6 +214,80 @@ def test_no_server_is_exit_1_naming_the_socket(
     assert err.startswith(f"p2pvpn: error: no p2pvpn server answers on {path} (no control socket)")
     assert "`p2pvpn server -c FILE`" in err
     assert "--control-socket PATH" in err
+
+
+@pytest.fixture
+def nats(tmp_path: Path) -> Iterator[LocalNatsServer]:
+    if shutil.which("nats-server") is None:
+        message = "test needs nats-server (apt-get install nats-server)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    with LocalNatsServer(tmp_path / "nats") as server:
+        yield server
+
+
+def test_a_cluster_shows_nats_and_the_other_servers(root: Path, nats: LocalNatsServer) -> None:
+    def config(name: str) -> ServerConfig:
+        return ServerConfig(
+            websocket="ws://127.0.0.1:0/",
+            password=PASSWORD,
+            stun_port=0,
+            cluster=(nats.url,),
+            cluster_ttl=6.0,
+            control_socket=root / f"{name}.sock",
+        )
+
+    async def status_of(name: str) -> dict[str, object]:
+        return await asyncio.to_thread(query_server_status, root / f"{name}.sock")
+
+    async def scenario() -> tuple[dict[str, object], str]:
+        first, second = ServerRuntime(config("a")), ServerRuntime(config("b"))
+        await first.start()
+        try:
+            await second.start()
+            try:
+                url = f"ws://127.0.0.1:{second.ws_port}/"
+                async with connect(url) as client:
+                    await client.send(auth_frame("10.1.0.7", int(time.time())))
+                    # The second server's record, with its session, reaches the first.
+                    deadline = time.monotonic() + 20
+                    while True:
+                        snapshot = await status_of("a")
+                        cluster = snapshot["cluster"]
+                        assert isinstance(cluster, dict)
+                        counts = [server["sessions"] for server in cluster["servers"]]
+                        if sorted(counts) == [0, 1] or time.monotonic() > deadline:
+                            break
+                        await asyncio.sleep(0.1)
+                    return snapshot, format_server_status(snapshot)
+            finally:
+                await second.close()
+        finally:
+            await first.close()
+
+    snapshot, table = asyncio.run(scenario())
+    cluster = snapshot["cluster"]
+    assert isinstance(cluster, dict)
+    assert (cluster["state"], cluster["network"], cluster["refused"]) == ("joined", "p2pvpn", None)
+    assert cluster["nats_url"] == nats.url
+    mine, other = sorted(cluster["servers"], key=lambda server: not server["self"])
+    assert (mine["self"], mine["sessions"], other["self"], other["sessions"]) == (
+        True,
+        0,
+        False,
+        1,
+    )
+    assert snapshot["sessions"] == []  # the client is the other server's
+    lines = table.splitlines()
+    assert lines[1].startswith("nats      joined for ")
+    assert f"  {nats.url}  (network p2pvpn, outages: 0" in lines[1]
+    mine_row = next(line for line in lines if mine["id"] in line)
+    other_row = next(line for line in lines if other["id"] in line)
+    assert mine_row.startswith("*  ")
+    assert other_row.startswith("   ")
+    assert other_row.endswith(" ago")
+    assert lines[-1] == "(* this server)"
 
 
 # --------------------------------------------------------------------------- the table
