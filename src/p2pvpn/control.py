@@ -71,10 +71,11 @@ class NotListeningError(ControlError):
     """
 
     def __init__(self, path: Path, *, stale: bool) -> None:
-        what = "stale control socket" if stale else "no control socket"
-        super().__init__(f"nothing answers on {path} ({what})")
         self.path = path
         self.stale = stale
+        # For the caller's own message: "... (no control socket at PATH)".
+        self.reason = "stale control socket" if stale else "no control socket"
+        super().__init__(f"nothing answers on {path} ({self.reason})")
 
 
 def make_parent_directory(path: Path) -> None:

@@ -1,9 +1,10 @@
 """`p2pvpn status`: ask a running client for its snapshot and print it.
 
-The client answers on its control socket (`p2pvpn.client.control`) with one
-line of JSON; this prints it as JSON or as a table. The directory given with
-``--state-dir`` is either one client's state directory (as given to ``run
---state-dir``) or the root of several clients' directories, one per name.
+The client answers on its control socket (`p2pvpn.control`, in its state
+directory: `p2pvpn.client.control`) with one line of JSON; this prints it as
+JSON or as a table. The directory given with ``--state-dir`` is either one
+client's state directory (as given to ``run --state-dir``) or the root of
+several clients' directories, one per name.
 """
 
 import ipaddress
@@ -47,8 +48,7 @@ def query_status(path: Path, timeout: float = 3.0) -> Snapshot:
     try:
         return query_snapshot(path, peer=f"client {name}", role="client", timeout=timeout)
     except NotListeningError as exc:
-        what = "stale control socket" if exc.stale else "no control socket"
-        raise ControlError(f"no p2pvpn client running for {name} ({what} at {path})") from exc
+        raise ControlError(f"no p2pvpn client running for {name} ({exc.reason} at {path})") from exc
 
 
 def print_status(name: str | None, as_json: bool, state_dir: Path) -> int:

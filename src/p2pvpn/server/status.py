@@ -35,9 +35,8 @@ def query_server_status(path: Path, timeout: float = 3.0) -> Snapshot:
     try:
         return query_snapshot(path, peer="server", role="server", timeout=timeout)
     except NotListeningError as exc:
-        what = "stale control socket" if exc.stale else "no control socket"
         raise ControlError(
-            f"no p2pvpn server answers on {path} ({what}): start one with "
+            f"no p2pvpn server answers on {path} ({exc.reason}): start one with "
             "`p2pvpn server -c FILE`, or name the socket of the running one with "
             "--control-socket PATH (or -c with its config file)"
         ) from exc
