@@ -19,6 +19,7 @@ import os
 import re
 import ssl
 import stat
+import tempfile
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -33,7 +34,10 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "ACCEPT_ROUTES_MODES",
+    "CLUSTER_SCHEMES",
     "DATAPLANES",
+    "DEFAULT_CLUSTER_NETWORK",
+    "DEFAULT_CLUSTER_TTL",
     "DEFAULT_MTU",
     "DEFAULT_STATE_ROOT",
     "DEFAULT_STUN_PORT",
@@ -53,6 +57,7 @@ __all__ = [
     "StunServer",
     "client_config_from_values",
     "config_from_values",
+    "default_server_control_socket",
     "default_state_dir",
     "display_url",
     "effective_items",
@@ -62,6 +67,7 @@ __all__ = [
     "parse_toml_text",
     "read_config_values",
     "server_config_from_values",
+    "server_control_socket_from_values",
     "validate_name",
     "warn_if_exposed",
 ]
@@ -69,6 +75,7 @@ __all__ = [
 DEFAULT_STUN_PORT = 3478
 DEFAULT_MTU = 1400
 DEFAULT_STATE_ROOT = Path("/var/lib/p2pvpn")
+DEFAULT_SERVER_RUN_DIR = Path("/run/p2pvpn")
 # The server's resource caps; p2pvpn.server.limits.ServerLimits has the same
 # defaults (tests/test_config.py checks) and says what each one bounds.
 DEFAULT_SEND_QUEUE_BYTES = 4 * 1024 * 1024
@@ -81,6 +88,11 @@ DEFAULT_MAX_BROADCAST_SIZE = 2048
 DEFAULT_MAX_LEASES_PER_IP = 4
 DEFAULT_STUN_RATE = 20
 DEFAULT_JUNK_RATE = 200
+DEFAULT_CLUSTER_NETWORK = "p2pvpn"
+DEFAULT_CLUSTER_TTL = 15.0
+# What nats-py connects with: nats/tls over TCP, ws/wss over WebSocket (not mixed).
+CLUSTER_SCHEMES = ("nats", "tls", "ws", "wss")
+_CLUSTER_NETWORK_RE = re.compile(r"[A-Za-z0-9_-]{1,32}")
 INTERFACE_PREFIX = "p2pvpn"
 IFNAMSIZ = 16  # Linux, including the terminating NUL
 
@@ -120,6 +132,12 @@ _SERVER_KEYS = (
     "max_leases_per_ip",
     "stun_rate",
     "junk_rate",
+    # The relay cluster (p2pvpn.server.cluster), one a line.
+    "cluster",
+    "cluster_network",
+    "cluster_ttl",
+    "cluster_credentials",
+    "control_socket",
 )
 _CLIENT_KEYS = (
     *_COMMON_KEYS,
@@ -134,6 +152,7 @@ _CLIENT_KEYS = (
 # a URL may hold a comma. candy.cfg has no lists; a flag repeats instead.
 _LIST_KEYS = (
     "websocket",  # the client's servers, tried in order
+    "cluster",  # the server's NATS URLs
 )
 # Keys Candy knows that p2pvpn does not implement.
 _CANDY_ONLY_KEYS = ("restart", "workers")
@@ -214,6 +233,17 @@ class ServerConfig:
     max_leases_per_ip: int = DEFAULT_MAX_LEASES_PER_IP
     stun_rate: int = DEFAULT_STUN_RATE
     junk_rate: int = DEFAULT_JUNK_RATE
+    cluster: tuple[str, ...] = ()  # NATS URLs; empty: a server on its own, no NATS anywhere
+    cluster_network: str = DEFAULT_CLUSTER_NETWORK  # names the subjects and buckets on NATS
+    cluster_ttl: float = DEFAULT_CLUSTER_TTL  # seconds an address outlives its silent holder
+    cluster_credentials: Path | None = None  # a NATS .creds file (JWT + nkey seed)
+    # Where `p2pvpn server status` asks; None: default_server_control_socket().
+    control_socket: Path | None = None
+
+    @property
+    def control_socket_path(self) -> Path:
+        """The control socket this server serves (``control_socket`` or the default)."""
+        return self.control_socket or default_server_control_socket()
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,6 +294,22 @@ class ClientConfig:
 
 def default_state_dir(name: str) -> Path:
     return DEFAULT_STATE_ROOT / (name or "default")
+
+
+def default_server_control_socket() -> Path:
+    """The server's control socket when ``control_socket`` is not set.
+
+    Root's is in /run/p2pvpn; a user's in $XDG_RUNTIME_DIR (private to that user),
+    else in the temp directory under a name with the uid, so that two users'
+    servers do not meet there.
+    """
+    uid = os.geteuid()
+    if uid == 0:
+        return DEFAULT_SERVER_RUN_DIR / "server.sock"
+    runtime_dir = os.environ.get("XDG_RUNTIME_DIR", "")
+    if runtime_dir and os.path.isabs(runtime_dir):
+        return Path(runtime_dir) / "p2pvpn-server.sock"
+    return Path(tempfile.gettempdir()) / f"p2pvpn-server-{uid}.sock"
 
 
 # --------------------------------------------------------------------------- reading
@@ -589,9 +635,29 @@ def server_config_from_values(values: Mapping[str, ConfigValue], source: str) ->
         ),
         stun_rate=get("stun_rate", _int_range(1, 1_000_000), DEFAULT_STUN_RATE),
         junk_rate=get("junk_rate", _int_range(1, 1_000_000), DEFAULT_JUNK_RATE),
+        cluster=get("cluster", _cluster_urls, ()),
+        cluster_network=get("cluster_network", _cluster_network, DEFAULT_CLUSTER_NETWORK),
+        cluster_ttl=get("cluster_ttl", _seconds(2.0, 300.0), DEFAULT_CLUSTER_TTL),
+        cluster_credentials=get.check(
+            "cluster_credentials", lambda: _cluster_credentials(values), None
+        ),
+        control_socket=get("control_socket", _path, None),
     )
     get.raise_problems()
     return config
+
+
+def server_control_socket_from_values(values: Mapping[str, ConfigValue]) -> Path:
+    """The control socket a server with ``values`` serves, checking only that key.
+
+    For `p2pvpn server status`, which must not need what only running a server
+    needs (the password file, the certificate).
+    """
+    _expect_mode(values, "server")
+    get = _Checker(values)
+    path = get("control_socket", _path, None)
+    get.raise_problems()
+    return path or default_server_control_socket()
 
 
 def validate_name(key: str, item: ConfigValue) -> str:
@@ -929,6 +995,59 @@ def _sdwan(key: str, item: ConfigValue) -> tuple[SdwanRule, ...]:
     return tuple(rules)
 
 
+def _cluster_urls(key: str, item: ConfigValue) -> tuple[str, ...]:
+    """NATS URLs: a TOML array, repeated flags or one comma-separated string; empty: no cluster."""
+    listed = item.value if isinstance(item.value, tuple) else _string(key, item).split(",")
+    urls = tuple(part.strip() for part in listed if part.strip())
+    for url in urls:
+        shown = display_url(url)
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 - raises ValueError for a bad port
+        except ValueError:
+            _fail(key, item, f"{shown!r} is not a valid URL")
+        if parts.scheme not in CLUSTER_SCHEMES:
+            wanted = ", ".join(f"{scheme}://" for scheme in CLUSTER_SCHEMES)
+            _fail(key, item, f"expected a NATS URL ({wanted}), got {shown!r}")
+        if not parts.hostname:
+            _fail(key, item, f"{shown!r} has no host")
+    websocket = {urlsplit(url).scheme in {"ws", "wss"} for url in urls}
+    if len(websocket) > 1:
+        _fail(key, item, "nats:// or tls:// URLs cannot be mixed with ws:// or wss:// ones")
+    return urls
+
+
+def _cluster_network(key: str, item: ConfigValue) -> str:
+    name = _string(key, item).strip()
+    if not _CLUSTER_NETWORK_RE.fullmatch(name):
+        _fail(key, item, f"{name!r} must be 1 to 32 letters, digits, '_' or '-'")
+    return name
+
+
+def _as_tuple(value: object) -> tuple[object, ...]:
+    return value if isinstance(value, tuple) else (value,)
+
+
+def _cluster_credentials(values: Mapping[str, ConfigValue]) -> Path | None:
+    """``cluster_credentials``: a readable NATS .creds file, only with ``cluster``."""
+    item = values.get("cluster_credentials")
+    path = None if item is None else _path("cluster_credentials", item)
+    if item is None or path is None:
+        return None
+    cluster = values.get("cluster")
+    if cluster is None or not any(str(url).strip() for url in _as_tuple(cluster.value)):
+        _fail("cluster_credentials", item, "only used with cluster (NATS URLs)")
+    try:
+        with path.open("rb"):
+            pass
+    except FileNotFoundError:
+        _fail("cluster_credentials", item, f"{path}: no such file")
+    except OSError as exc:
+        _fail("cluster_credentials", item, f"{path}: cannot read: {exc.strerror or exc}")
+    warn_if_exposed(path, "holds NATS credentials (cluster_credentials)")
+    return path
+
+
 def _stun(key: str, item: ConfigValue) -> StunServer | None:
     text = _string(key, item).strip()
     if not text:
@@ -1037,6 +1156,11 @@ def effective_items(config: ClientConfig | ServerConfig) -> list[tuple[str, str]
             ("max_leases_per_ip", str(config.max_leases_per_ip)),
             ("stun_rate", f"{config.stun_rate}/s"),
             ("junk_rate", f"{config.junk_rate}/s"),
+            ("cluster", ",".join(display_url(url) for url in config.cluster) or "(off)"),
+            ("cluster_network", config.cluster_network),
+            ("cluster_ttl", f"{config.cluster_ttl:g} s"),
+            ("cluster_credentials", _show_path(config.cluster_credentials, "(none)")),
+            ("control_socket", _show_control_socket(config)),
         ]
     return [
         ("mode", "client"),
@@ -1062,6 +1186,12 @@ def effective_items(config: ClientConfig | ServerConfig) -> list[tuple[str, str]
         ("offload", _show_offload(config.offload)),
         ("bench_server", _show_bench_server(config.bench_server)),
     ]
+
+
+def _show_control_socket(config: ServerConfig) -> str:
+    if config.control_socket is None:
+        return f"{config.control_socket_path} (default)"
+    return str(config.control_socket)
 
 
 def _show_bench_server(bench_server: bool) -> str:

@@ -20,7 +20,7 @@ from ipaddress import IPv4Address, IPv4Interface
 from typing import TYPE_CHECKING, Any
 
 from p2pvpn import __version__
-from p2pvpn.client.control import ControlServer, control_socket_path
+from p2pvpn.client.control import client_control_server, control_socket_path
 from p2pvpn.client.peer_manager import PeerManager
 from p2pvpn.client.signaling import SignalingError, SignalingSession
 from p2pvpn.client.store import StateStore
@@ -80,7 +80,7 @@ class ClientNode:
             tls_verify=config.tls_verify,
             tls_ca=config.tls_ca,
         )
-        self.control = ControlServer(control_socket_path(config.state_dir), self.snapshot)
+        self.control = client_control_server(control_socket_path(config.state_dir), self.snapshot)
         self.metrics: MetricsServer | None = None  # set when metrics are served
         self.bench_server: FollowingBenchServer | None = None  # bench_server = true
         self._stopping = asyncio.Event()

@@ -10,14 +10,21 @@ import asyncio
 import logging
 import os
 import resource
+import secrets
 import signal
+import socket
+import time
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
+from p2pvpn import __version__
 from p2pvpn.config import ServerConfig, display_url
+from p2pvpn.control import ControlError, ControlInUseError, ControlServer, Snapshot
 from p2pvpn.logs import install_secret_filter
 from p2pvpn.metrics import MetricsServer, serve_server_metrics
+from p2pvpn.server.cluster import ClusterError, ClusterLink, require_nats
+from p2pvpn.server.cluster_state import ClusterView
 from p2pvpn.server.limits import ServerLimits
 from p2pvpn.server.relay import Relay
 from p2pvpn.server.stun import StunResponder, start_stun_responder
@@ -42,7 +49,7 @@ class ListenError(Exception):
 
 
 # What keeps `p2pvpn server` from starting (exit 1); each message names what to fix.
-_START_ERRORS = (ListenError, TlsError)
+_START_ERRORS = (ListenError, TlsError, ClusterError, ControlError)
 _DEFAULT_PORTS = {"ws": 80, "wss": 443}
 
 
@@ -141,17 +148,30 @@ class ServerRuntime:
         self.tls = _server_tls(config)
         self.scheme = "ws" if self.tls is None else "wss"
         limits = server_limits(config)
-        self.relay = Relay(config.password, dhcp=config.dhcp, sdwan=config.sdwan, limits=limits)
+        view = None
+        if config.cluster:
+            require_nats(config)  # ClusterError naming the extra to install
+            view = ClusterView(secrets.token_hex(4), config.cluster_ttl)
+        self.relay = Relay(
+            config.password, dhcp=config.dhcp, sdwan=config.sdwan, limits=limits, cluster=view
+        )
+        self.cluster = _cluster_link(config, self.relay)
         self.ws = RelayServer(
             self.relay,
             self.host,
             port,
             limits=limits,
             ssl_context=None if self.tls is None else self.tls.listener,
+            cluster=self.cluster,
         )
+        if self.cluster is not None:
+            self.cluster.bind(self.ws.perform)
         self._stun_host = stun_host
         self._stun: tuple[asyncio.DatagramTransport, StunResponder] | None = None
         self._metrics: MetricsServer | None = None
+        # `p2pvpn server status` asks here for snapshot().
+        self.control = ControlServer(config.control_socket_path, self.snapshot, role="server")
+        self.started: float | None = None
 
     @property
     def ws_port(self) -> int:
@@ -173,6 +193,14 @@ class ServerRuntime:
         except OSError as exc:
             address = f"{self.scheme}://{self.host}:{self.ws.requested_port}"
             raise ListenError(f"cannot listen on {address}: {_os_error_text(exc)}") from exc
+        if self.cluster is not None:
+            # The servers table shows the port actually bound (port 0 in tests).
+            self.cluster.websocket = _public_url(self.config.websocket, self.ws_port)
+            try:
+                await self.cluster.start()
+            except ClusterError:
+                await self.ws.close()
+                raise
         if self.config.stun_port:
             try:
                 self._stun = await start_stun_responder(
@@ -180,6 +208,8 @@ class ServerRuntime:
                 )
             except OSError as exc:
                 await self.ws.close()
+                if self.cluster is not None:
+                    await self.cluster.close()
                 address = f"udp {self._stun_host}:{self.config.stun_port}"
                 raise ListenError(
                     f"cannot start the STUN responder on {address}: {_os_error_text(exc)}"
@@ -195,6 +225,22 @@ class ServerRuntime:
                 raise ListenError(
                     f"cannot serve metrics on {address}: {_os_error_text(exc)}"
                 ) from exc
+        await self._start_control()
+        self.started = time.time()
+
+    async def _start_control(self) -> None:
+        """Serve the control socket; raises ControlError when it cannot be made at all."""
+        try:
+            await self.control.start()
+        except ControlInUseError as exc:
+            # Several servers on one host (tests, a cluster on one machine) are fine
+            # as relays: only `server status` cannot reach this one.
+            logger.warning(
+                "%s: `p2pvpn server status` will not show this server (set control_socket)", exc
+            )
+        except ControlError:
+            await self.close()
+            raise
 
     def reload_tls(self) -> None:
         """SIGHUP: new connections get the certificate now in the files; sessions stay."""
@@ -204,19 +250,63 @@ class ServerRuntime:
         self.tls.reload()
 
     async def close(self) -> None:
+        await self.control.close()
         if self._metrics is not None:
             metrics, self._metrics = self._metrics, None
             await asyncio.to_thread(metrics.close)  # waits for the HTTP thread
         if self._stun is not None:
             self._stun[0].close()
         await self.ws.close()
+        if self.cluster is not None:
+            # After the sessions: the link deletes every record they left on NATS.
+            await self.cluster.close()
 
     def stats(self) -> dict[str, Any]:
         stats = self.relay.stats()
         stun = self.stun
         if stun is not None:
             stats["stun"] = stun.stats()
+        if self.cluster is not None:
+            stats["cluster"] = self.cluster.stats()
         return stats
+
+    def snapshot(self) -> Snapshot:
+        """What `p2pvpn server status` shows: this server, its sessions, the cluster."""
+        now = time.time()
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return {
+            "server": {
+                "websocket": display_url(self.config.websocket),
+                "listening": f"{self.scheme}://{host}:{self.ws_port}",
+                "started": self.started,
+                "tls": self.tls is not None,
+                "version": __version__,
+                "pid": os.getpid(),
+            },
+            "sessions": self.relay.session_rows(now),
+            "stats": self.stats(),
+            "cluster": None if self.cluster is None else self.cluster.status(),
+        }
+
+
+def _cluster_link(config: ServerConfig, relay: Relay) -> ClusterLink | None:
+    """The link to NATS when ``config.cluster`` names it (the relay carries its view)."""
+    if not config.cluster:
+        return None
+    return ClusterLink(
+        config,
+        relay,
+        server_name=socket.gethostname(),
+        websocket=display_url(config.websocket),
+    )
+
+
+def _public_url(url: str, port: int) -> str:
+    """``url`` as clients may use it: the bound port, no credentials."""
+    parts = urlsplit(display_url(url))
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    return parts._replace(netloc=f"{host}:{port}").geturl()
 
 
 async def serve(
@@ -238,6 +328,8 @@ async def serve(
         logger.info(
             "TLS certificate %s: %s", runtime.tls.cert_file, runtime.tls.certificate.describe()
         )
+    if runtime.control.serving:
+        logger.info("control socket %s (p2pvpn server status)", runtime.control.path)
     if config.stun_port:
         logger.info("STUN responder on udp port %d", config.stun_port)
     else:
