@@ -9,6 +9,7 @@ import asyncio
 import logging
 import os
 import shutil
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -266,6 +267,32 @@ def test_a_different_configuration_is_refused_naming_the_key(
     assert "another" not in caplog.text
 
 
+def test_a_late_join_with_another_configuration_is_refused_and_serves_alone(
+    nats: LocalNatsServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def scenario() -> None:
+        async with servers(nats.url, 1):
+            # start() stops waiting at once: the check happens after it, in the background.
+            monkeypatch.setattr(cluster_module, "START_DEADLINE", 0.0)
+            other = ServerRuntime(cluster_config(nats.url, dhcp=IPv4Network("10.78.0.0/24")))
+            await other.start()
+            try:
+                await wait_until(lambda: link(other).state == "refused", DEADLINE)
+                refused = link(other).status()["refused"]
+                assert isinstance(refused, str)
+                assert "dhcp is 10.77.0.0/24 on the cluster, 10.78.0.0/24 here" in refused
+                a = await login(other, "10.78.0.1", VMAC_A)
+                c = await login(other, "10.78.0.3", VMAC_C)
+                await exchange(a, c, b"alone")
+            finally:
+                await other.close()
+
+    with caplog.at_level(logging.ERROR, logger="p2pvpn.server.cluster"):
+        asyncio.run(scenario())
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert any("serving this server's clients alone" in message for message in errors)
+
+
 def test_nats_outage_keeps_local_relaying_and_cross_server_relaying_resumes(
     nats: LocalNatsServer, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -329,6 +356,49 @@ def test_unreachable_nats_at_start_serves_alone_and_joins_later(
         asyncio.run(scenario())
     finally:
         nats.stop()
+
+
+def test_a_server_that_stops_deletes_its_records_at_once(nats: LocalNatsServer) -> None:
+    async def scenario() -> None:
+        # A ttl far beyond the deadline: only the deletion can make the records go.
+        async with servers(nats.url, 2, cluster_ttl=300.0) as (one, two):
+            a = await login(one, "10.77.0.1", VMAC_A)
+            b = await login(two, "10.77.0.2", VMAC_B)
+            await known_everywhere([one, two], a, b)
+            await wait_until(lambda: link(two).stats()["servers"] == 2, DEADLINE)
+            await a.connection.close()
+            view = two.relay.cluster
+            assert view is not None
+            await wait_until(lambda: view.remote_owner(ip("10.77.0.1")) is None, DEADLINE)
+            c = await login(one, "10.77.0.3", VMAC_C)
+            await known_everywhere([one, two], c)
+            await one.close()
+            await wait_until(lambda: view.remote_owner(ip("10.77.0.3")) is None, DEADLINE)
+            await wait_until(lambda: link(two).stats()["servers"] == 1, DEADLINE)
+
+    asyncio.run(scenario())
+
+
+def test_a_server_that_never_reached_nats_closes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cluster_module, "START_DEADLINE", 0.5)
+
+    async def scenario() -> None:
+        with socket.socket() as closed_port:
+            closed_port.bind(("127.0.0.1", 0))
+            port = closed_port.getsockname()[1]
+        runtime = ServerRuntime(cluster_config(f"nats://user:secret@127.0.0.1:{port}"))
+        await runtime.start()
+        try:
+            assert link(runtime).state == "unreachable"
+            status = link(runtime).status()
+            assert status["nats_url"] == f"nats://127.0.0.1:{port}"
+            assert runtime.stats()["cluster"]["connected"] == 0
+        finally:
+            await asyncio.wait_for(runtime.close(), DEADLINE)
+
+    asyncio.run(scenario())
 
 
 def test_a_cluster_without_nats_py_says_how_to_install_it(

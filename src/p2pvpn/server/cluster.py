@@ -163,6 +163,7 @@ class ClusterLink:
         self._refused: str | None = None
         self._joined = False
         self._closing = False
+        self._in_start = False  # start() is waiting to join: it reports a refusal itself
         self._connected_since: float | None = None
         self._lost_at: float | None = None
         self._outages = 0
@@ -210,9 +211,14 @@ class ClusterLink:
             loop.create_task(self._work(), name="cluster writes"),
             loop.create_task(self._refresh_loop(), name="cluster refresh"),
         ]
-        with contextlib.suppress(TimeoutError):
+        self._in_start = True
+        try:
             async with asyncio.timeout(START_DEADLINE):
                 await self._settled.wait()
+        except TimeoutError:
+            pass
+        finally:
+            self._in_start = False
         if self._state == "refused":
             reason = self._refused or "refused"
             await self.close()
@@ -405,7 +411,7 @@ class ClusterLink:
         try:
             await self._nc.connect(**self._connect_options())
         except Exception as exc:  # a URL or option nats-py refuses at once
-            self._refuse(f"cluster: cannot connect to {self.nats_url}: {exc}")
+            self._refuse(self._scrub(f"cluster: cannot connect to {self.nats_url}: {exc}"))
             return
         self._up.set()
         while True:
@@ -417,7 +423,8 @@ class ClusterLink:
                 return
             except Exception as exc:
                 # Connected, but JetStream does not answer (yet, or not enabled).
-                self._last_error = f"{type(exc).__name__}: {exc}" if str(exc) else repr(exc)
+                error = f"{type(exc).__name__}: {exc}" if str(exc) else repr(exc)
+                self._last_error = self._scrub(error)
                 self._throttled_warning("join", "cluster: cannot join yet: %s", self._last_error)
                 await asyncio.sleep(JOIN_RETRY)
                 continue
@@ -447,22 +454,30 @@ class ClusterLink:
         self._up.set()
 
     async def _on_error(self, exc: Exception) -> None:
-        self._last_error = str(exc) or type(exc).__name__
+        self._last_error = self._scrub(str(exc) or type(exc).__name__)
         logger.debug("cluster: NATS: %s", self._last_error)
         if type(exc).__name__ == "SlowConsumerError":
             self._throttled_warning(
                 "slow_consumer", "cluster: frames from NATS dropped: %s", self._last_error
             )
 
+    def _scrub(self, text: str) -> str:
+        """``text`` without the userinfo of any configured URL (an error may quote one)."""
+        for url in self._config.cluster:
+            userinfo = urlsplit(url).netloc.rpartition("@")[0]
+            if userinfo:
+                text = text.replace(userinfo, "***")
+        return text
+
     def _refuse(self, reason: str) -> None:
         """Stop using the cluster for good: configuration mismatch or an unusable URL."""
-        was_starting = not self._settled.is_set()
         self._state = "refused"
         self._refused = reason
         self._joined = False
         self._view.clear_remote()
         self._settled.set()
-        if not was_starting:
+        if not self._in_start:
+            # start() raises it as a ClusterError; after start() nobody else reports it.
             logger.error("%s: serving this server's clients alone", reason)
         nc = self._nc
         if nc is not None and not self._closing:
@@ -649,9 +664,12 @@ class ClusterLink:
             if subscription is not None:
                 with contextlib.suppress(Exception):
                     await subscription.unsubscribe()
-            written = self._written.pop(address, None)
+            written = self._written.get(address)
             if written is not None:
+                # Forgotten only once deleted: a shutdown in between still deletes it.
                 await self._delete_if_ours(address, written.session_id)
+                if self._written.get(address) is written:
+                    del self._written[address]
             return
         if address not in self._subscriptions:
             self._subscriptions[address] = await nc.subscribe(
@@ -698,12 +716,16 @@ class ClusterLink:
         self._dirty[address] = None  # contended: the next refresh tries again
 
     def _lose(self, address: IPv4Address, record: OwnerRecord) -> None:
-        """Another server's session holds ``address`` now: close ours there, keep their key."""
-        claim = self._claims.pop(address, None)
-        self._written.pop(address, None)
-        self._mark(address)  # unsubscribes
-        if claim is not None:
-            self._perform(self._relay.kick(address, record, time.time()))
+        """Another server's session holds ``address`` now: close ours, keep their key."""
+        claim = self._claims.get(address)
+        if claim is None:
+            return
+        actions = self._relay.kick(address, record, time.time())
+        self._perform(actions)
+        if actions or claim.session.closed:
+            del self._claims[address]
+            self._written.pop(address, None)  # the key is theirs: not deleted
+        self._mark(address)  # unsubscribes, or writes ours back if the relay kept it
 
     async def _delete_if_ours(self, address: IPv4Address, session_id: str) -> None:
         """Delete the owner record of ``address`` if it still names ``session_id``."""
