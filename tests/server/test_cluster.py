@@ -379,6 +379,27 @@ def test_a_server_that_stops_deletes_its_records_at_once(nats: LocalNatsServer) 
     asyncio.run(scenario())
 
 
+def test_a_dead_servers_addresses_run_out_after_the_ttl(nats: LocalNatsServer) -> None:
+    async def scenario() -> None:
+        async with servers(nats.url, 2, cluster_ttl=3.0) as (one, two):
+            a = await login(one, "10.77.0.1", VMAC_A)
+            b = await login(two, "10.77.0.2", VMAC_B)
+            await known_everywhere([one, two], a, b)
+            # The first server dies without a word: its records stay on NATS.
+            nc = link(one)._nc
+            assert nc is not None
+            await nc.close()
+            view = two.relay.cluster
+            assert view is not None
+            await wait_until(lambda: view.remote_owner(ip("10.77.0.1")) is None, DEADLINE)
+            await wait_until(lambda: link(two).stats()["servers"] == 1, DEADLINE)
+            # Its client comes back on the other server with the same address.
+            moved = await login(two, "10.77.0.1", VMAC_A, now=int(time.time()) + 1)
+            await exchange(moved, b, b"moved")
+
+    asyncio.run(scenario())
+
+
 def test_a_server_that_never_reached_nats_closes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
