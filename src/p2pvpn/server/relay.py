@@ -13,6 +13,13 @@ The resource caps of :class:`~p2pvpn.server.limits.ServerLimits` that need
 no socket are kept here too: one login message of each kind per connection,
 the replay cache's size, a token bucket and a size cap on broadcasts, and
 the dynamic addresses per source address.
+
+With a :class:`~p2pvpn.server.cluster_state.ClusterView` (a relay cluster on
+NATS) the relay also returns :class:`Publish`, :class:`Claim`,
+:class:`Release` and :class:`RecordLease` for :mod:`p2pvpn.server.cluster` to
+perform, reads the view to route frames and grant addresses, and takes the
+other servers' frames and claims through :meth:`Relay.deliver_from_cluster`
+and :meth:`Relay.kick`. Without one, none of that happens.
 """
 
 import hashlib
@@ -149,6 +156,7 @@ class Close:
     reason: str
 
 
+# Not frozen either: one per frame for an address held by another server.
 @dataclass(slots=True)
 class Publish:
     """Publish ``frame`` to the cluster: for ``address``'s holder, or to all (None)."""
@@ -401,10 +409,9 @@ class Relay:
     def session_rows(self, now: float) -> list[dict[str, object]]:
         """One row per logged-in session, by address, for `p2pvpn server status`.
 
-        ``since`` is the login time (Unix seconds); ``now`` is taken for
-        symmetry with the other calls, rows carry no ages.
+        ``since`` is the login time (Unix seconds), not an age: ``now`` is
+        taken for symmetry with the other calls and not used.
         """
-        del now
         return [
             {
                 "address": str(address),
@@ -459,7 +466,9 @@ class Relay:
 
         No Release follows from here: the owner record is the other server's now.
         A record of ours, of the same session, or older than our login (a late
-        refresh from before our claim) kicks nobody.
+        refresh from before our claim) kicks nobody. Comparing login times
+        across servers assumes their clocks agree to well within the time a
+        client takes to log in again (NTP does).
         """
         session = self._sessions.get(address)
         if session is None or self._cluster is None or record.server == self._cluster.server_id:
@@ -877,7 +886,12 @@ class Relay:
         elif is_broadcast_or_multicast(destination, self._dhcp):
             self._fan_out(session, frame, now)
         else:
-            self._publish_or_drop(session, destination, frame)
+            # Inline, not _publish_or_drop: a relay without a cluster pays no call.
+            cluster = self._cluster
+            if cluster is not None and cluster.remote_owner(destination) is not None:
+                self._publish(session, destination, frame)
+            else:
+                self._drop(session, "unknown_destination")
 
     def _may_route(self, session: RelaySession, source: IPv4Address) -> bool:
         assert session.tun_ip is not None  # only called for authenticated sessions
@@ -929,7 +943,10 @@ class Relay:
         cluster = self._cluster
         if cluster is None or cluster.remote_owner(destination) is None:
             self._drop(sender, "unknown_destination")
-            return
+        else:
+            self._publish(sender, destination, frame)
+
+    def _publish(self, sender: RelaySession, destination: IPv4Address, frame: bytes) -> None:
         sender.frames_relayed += 1
         sender.bytes_relayed += len(frame)
         self._counters["frames_published"] += 1
@@ -1027,8 +1044,15 @@ def _parse_cluster_frame(
 
 
 def _replay_digest(key: tuple[object, ...]) -> str:
-    """The hex sha256 of a replay key: the same on every server for the same message."""
-    parts = [part.hex() if isinstance(part, bytes) else part for part in key]
+    """The hex sha256 of a replay key: the same on every server for the same message.
+
+    Servers of different versions may share a cluster, so the form is fixed:
+    the JSON list [type number, (vmac or null, EXPTTUN only,) hash as hex].
+    """
+    parts = [
+        part.hex() if isinstance(part, bytes) else int(part) if isinstance(part, WsType) else part
+        for part in key
+    ]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 
