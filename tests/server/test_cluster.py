@@ -256,6 +256,9 @@ def test_a_different_configuration_is_refused_naming_the_key(
             other_sdwan = ServerRuntime(cluster_config(nats.url, sdwan=(rule,)))
             with pytest.raises(ClusterError, match=r"differs: sdwan is '\(none\)' on the cluster"):
                 await other_sdwan.start()
+            other_ttl = ServerRuntime(cluster_config(nats.url, cluster_ttl=9.0))
+            with pytest.raises(ClusterError, match="cluster_ttl is 6 s on the cluster, 9 s here"):
+                await other_ttl.start()
 
     asyncio.run(scenario())
     # The configuration record outlives the first server by the ttl: `p2pvpn server` exits 1.
@@ -291,6 +294,32 @@ def test_a_late_join_with_another_configuration_is_refused_and_serves_alone(
         asyncio.run(scenario())
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert any("serving this server's clients alone" in message for message in errors)
+
+
+def test_a_cluster_restarted_with_another_ttl_takes_its_buckets_over(
+    nats: LocalNatsServer,
+) -> None:
+    async def scenario() -> None:
+        async with servers(nats.url, 1, cluster_ttl=2.0):
+            pass  # its buckets stay on NATS with a ttl of 2 s
+        deadline = time.monotonic() + DEADLINE
+        while True:  # refused while the first server's configuration record lives
+            runtime = ServerRuntime(cluster_config(nats.url, cluster_ttl=4.0))
+            try:
+                await runtime.start()
+                break
+            except ClusterError as exc:
+                assert "cluster_ttl is 2 s on the cluster, 4 s here" in str(exc)
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.2)
+        try:
+            assert link(runtime).state == "joined"
+            status = await link(runtime)._bucket("addresses").status()
+            assert status.ttl == 4.0
+        finally:
+            await runtime.close()
+
+    asyncio.run(scenario())
 
 
 def test_nats_outage_keeps_local_relaying_and_cross_server_relaying_resumes(

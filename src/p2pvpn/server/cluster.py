@@ -173,6 +173,7 @@ class ClusterLink:
         self._settled = asyncio.Event()  # joined or refused: start() stops waiting
         self._buckets: dict[str, KeyValue] = {}
         self._config_record = b""
+        self._made_config_record = False  # no running server had one: we wrote it
         self._sessions_written = -1  # the session count in our server record
         self._watches: list[tuple[Any, asyncio.Task[None]]] = []
         self._broadcast_subscription: Subscription | None = None
@@ -426,6 +427,8 @@ class ClusterLink:
                 error = f"{type(exc).__name__}: {exc}" if str(exc) else repr(exc)
                 self._last_error = self._scrub(error)
                 self._throttled_warning("join", "cluster: cannot join yet: %s", self._last_error)
+                if not self._in_start:
+                    self._state = "unreachable"
                 await asyncio.sleep(JOIN_RETRY)
                 continue
             await self._down.wait()
@@ -435,9 +438,10 @@ class ClusterLink:
             return
         self._up.clear()
         self._down.set()
+        if not self._in_start:
+            self._state = "unreachable"
         if self._joined:
             self._joined = False
-            self._state = "unreachable"
             self._outages += 1
             self._lost_at = time.time()
             self._replay_warned = False
@@ -494,8 +498,9 @@ class ClusterLink:
         assert nc is not None
         self._state = "connecting"
         js = nc.jetstream(timeout=REQUEST_TIMEOUT)
-        await self._open_buckets(js)
+        differing = await self._open_buckets(js)
         await self._check_config()
+        await self._settle_ttl(js, differing)
         await self._put_server_record()
         if self._broadcast_subscription is None:
             self._broadcast_subscription = await nc.subscribe(
@@ -529,17 +534,14 @@ class ClusterLink:
                 self.server_id,
             )
 
-    async def _open_buckets(self, js: "JetStreamContext") -> None:
-        """Create the buckets (or bind those another server made, with the same ttl)."""
+    async def _open_buckets(self, js: "JetStreamContext") -> dict[str, float]:
+        """Create the buckets, or bind those another server made; the ttls that differ.
+
+        Returns kind -> the bucket's ttl for the buckets whose ttl is not ours.
+        """
         nats_errors = _nats_errors()
-        ttls = {
-            "addresses": self._ttl,
-            "leases": LEASE_TTL,
-            "replay": 2 * REPLAY_WINDOW,
-            "servers": self._ttl,
-            "config": self._ttl,
-        }
-        for kind, ttl in ttls.items():
+        differing: dict[str, float] = {}
+        for kind, ttl in self._bucket_ttls().items():
             name = bucket_name(self._network, kind)
             try:
                 bucket = await js.create_key_value(bucket=name, ttl=ttl, history=1)
@@ -548,12 +550,39 @@ class ClusterLink:
                     raise
                 bucket = await js.key_value(name)
                 theirs = (await bucket.status()).ttl
-                if theirs is not None and abs(theirs - ttl) > 0.001 and kind == "addresses":
-                    raise _MismatchError(
-                        f"cluster configuration differs: cluster_ttl is {theirs:g} s "
-                        f"on the cluster, {ttl:g} s here"
-                    ) from None
+                if theirs is not None and abs(theirs - ttl) > 0.001:
+                    differing[kind] = theirs
             self._buckets[kind] = bucket
+        return differing
+
+    def _bucket_ttls(self) -> dict[str, float]:
+        return {
+            "addresses": self._ttl,
+            "leases": LEASE_TTL,
+            "replay": 2 * REPLAY_WINDOW,
+            "servers": self._ttl,
+            "config": self._ttl,
+        }
+
+    async def _settle_ttl(self, js: "JetStreamContext", differing: dict[str, float]) -> None:
+        """Buckets made with another cluster_ttl: ours if no server runs, else refuse.
+
+        The buckets outlive their servers, so a cluster restarted with a new
+        cluster_ttl takes it over; a running cluster refreshes at its own pace.
+        """
+        if "addresses" in differing and not self._made_config_record:
+            raise _MismatchError(
+                f"cluster configuration differs: cluster_ttl is {differing['addresses']:g} s "
+                f"on the cluster, {self._ttl:g} s here"
+            )
+        ttls = self._bucket_ttls()
+        for kind in differing:
+            info = await js.stream_info(f"KV_{bucket_name(self._network, kind)}")
+            ttl = ttls[kind]
+            duplicate_window = min(info.config.duplicate_window or ttl, ttl)
+            await js.update_stream(info.config, max_age=ttl, duplicate_window=duplicate_window)
+        if differing:
+            logger.info("cluster: the buckets of %r now have ttl %g s", self._network, self._ttl)
 
     def _bucket(self, kind: str) -> "KeyValue":
         return self._buckets[kind]
@@ -572,6 +601,7 @@ class ClusterLink:
                 pass
             else:
                 self._config_record = data
+                self._made_config_record = True
                 return
             entry = await _get(bucket, CONFIG_KEY)
             if entry is None:
@@ -586,6 +616,7 @@ class ClusterLink:
             if key is not None:
                 raise _MismatchError(_describe_difference(key, theirs, ours))
             self._config_record = entry
+            self._made_config_record = False
             return
         raise _MismatchError("cluster configuration record keeps changing")
 
