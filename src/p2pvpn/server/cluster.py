@@ -393,7 +393,7 @@ class ClusterLink:
             "connect_timeout": CONNECT_TIMEOUT,
             # A server never needs its own broadcasts back.
             "no_echo": True,
-            # A silent NATS (a cut link, not a closed socket) is noticed within ~2/3 ttl.
+            # A silent NATS (a cut link, not a closed socket) is noticed within about a ttl.
             "ping_interval": max(1, int(self._ttl / 3)),
             "max_outstanding_pings": 2,
             "disconnected_cb": self._on_disconnected,
@@ -664,12 +664,14 @@ class ClusterLink:
                 continue  # the next join writes everything
             addresses = list(self._dirty)
             self._dirty.clear()
-            await self._reconcile_all(addresses)
-            await self._write_leases()
-            if self._session_count() != self._sessions_written:
-                # Logins and logouts show in the other servers' status without waiting.
-                with contextlib.suppress(Exception):
+            try:
+                await self._reconcile_all(addresses)
+                await self._write_leases()
+                if self._session_count() != self._sessions_written:
+                    # Logins and logouts show in the other servers' status without waiting.
                     await self._put_server_record()
+            except Exception as exc:  # NATS went away meanwhile: the next join writes all
+                logger.debug("cluster: writes interrupted: %r", exc)
 
     async def _reconcile_all(self, addresses: Iterable[IPv4Address]) -> None:
         unique = list(dict.fromkeys(addresses))
