@@ -193,6 +193,7 @@ class ClusterLink:
         self._received = 0
         self._warned: dict[str, float] = {}
         self._replay_warned = False
+        self._join_warned = False  # a failed join was logged; again after the next join
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -226,6 +227,7 @@ class ClusterLink:
             raise ClusterError(reason)
         if not self._joined:
             self._state = "unreachable"
+            self._join_warned = True  # this warning says it
             detail = f" ({self._last_error})" if self._last_error else ""
             logger.warning(
                 "cannot join the cluster at %s%s: serving this server's clients alone, "
@@ -424,11 +426,12 @@ class ClusterLink:
                 return
             except Exception as exc:
                 # Connected, but JetStream does not answer (yet, or not enabled).
-                error = f"{type(exc).__name__}: {exc}" if str(exc) else repr(exc)
-                self._last_error = self._scrub(error)
-                self._throttled_warning("join", "cluster: cannot join yet: %s", self._last_error)
-                if not self._in_start:
+                self._last_error = self._scrub(_join_error_text(exc))
+                if not self._in_start:  # start() reports it itself
                     self._state = "unreachable"
+                    if not self._join_warned:
+                        self._join_warned = True
+                        logger.warning("cluster: cannot join yet: %s", self._last_error)
                 await asyncio.sleep(JOIN_RETRY)
                 continue
             await self._down.wait()
@@ -445,6 +448,7 @@ class ClusterLink:
             self._outages += 1
             self._lost_at = time.time()
             self._replay_warned = False
+            self._join_warned = True  # until it is back, this warning says it
             logger.warning(
                 "lost NATS at %s: serving this server's clients alone, "
                 "cross-server relaying stops until it is back",
@@ -517,6 +521,7 @@ class ClusterLink:
         self._state = "joined"
         self._connected_since = time.time()
         self._last_error = None
+        self._join_warned = False
         self._settled.set()
         self._wake.set()
         if self._lost_at is not None:
@@ -910,6 +915,14 @@ class ClusterLink:
 
 
 # -- helpers -------------------------------------------------------------------
+
+
+def _join_error_text(exc: Exception) -> str:
+    """Why a join failed, with the likely fix when JetStream does not answer."""
+    name = type(exc).__name__
+    if name in {"ServiceUnavailableError", "NoRespondersError"}:
+        return "JetStream is not available on this NATS server (run nats-server with -js)"
+    return f"{name}: {exc}" if str(exc) else repr(exc)
 
 
 def _perform_nothing(actions: list[Action]) -> None:
