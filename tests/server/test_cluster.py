@@ -9,6 +9,7 @@ import asyncio
 import logging
 import os
 import shutil
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -255,6 +256,9 @@ def test_a_different_configuration_is_refused_naming_the_key(
             other_sdwan = ServerRuntime(cluster_config(nats.url, sdwan=(rule,)))
             with pytest.raises(ClusterError, match=r"differs: sdwan is '\(none\)' on the cluster"):
                 await other_sdwan.start()
+            other_ttl = ServerRuntime(cluster_config(nats.url, cluster_ttl=9.0))
+            with pytest.raises(ClusterError, match="cluster_ttl is 6 s on the cluster, 9 s here"):
+                await other_ttl.start()
 
     asyncio.run(scenario())
     # The configuration record outlives the first server by the ttl: `p2pvpn server` exits 1.
@@ -264,6 +268,58 @@ def test_a_different_configuration_is_refused_naming_the_key(
     assert "cluster configuration differs: dhcp is 10.77.0.0/24 on the cluster" in caplog.text
     assert "10.78.0.0/24 here" in caplog.text
     assert "another" not in caplog.text
+
+
+def test_a_late_join_with_another_configuration_is_refused_and_serves_alone(
+    nats: LocalNatsServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def scenario() -> None:
+        async with servers(nats.url, 1):
+            # start() stops waiting at once: the check happens after it, in the background.
+            monkeypatch.setattr(cluster_module, "START_DEADLINE", 0.0)
+            other = ServerRuntime(cluster_config(nats.url, dhcp=IPv4Network("10.78.0.0/24")))
+            await other.start()
+            try:
+                await wait_until(lambda: link(other).state == "refused", DEADLINE)
+                refused = link(other).status()["refused"]
+                assert isinstance(refused, str)
+                assert "dhcp is 10.77.0.0/24 on the cluster, 10.78.0.0/24 here" in refused
+                a = await login(other, "10.78.0.1", VMAC_A)
+                c = await login(other, "10.78.0.3", VMAC_C)
+                await exchange(a, c, b"alone")
+            finally:
+                await other.close()
+
+    with caplog.at_level(logging.ERROR, logger="p2pvpn.server.cluster"):
+        asyncio.run(scenario())
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert any("serving this server's clients alone" in message for message in errors)
+
+
+def test_a_cluster_restarted_with_another_ttl_takes_its_buckets_over(
+    nats: LocalNatsServer,
+) -> None:
+    async def scenario() -> None:
+        async with servers(nats.url, 1, cluster_ttl=2.0):
+            pass  # its buckets stay on NATS with a ttl of 2 s
+        deadline = time.monotonic() + DEADLINE
+        while True:  # refused while the first server's configuration record lives
+            runtime = ServerRuntime(cluster_config(nats.url, cluster_ttl=4.0))
+            try:
+                await runtime.start()
+                break
+            except ClusterError as exc:
+                assert "cluster_ttl is 2 s on the cluster, 4 s here" in str(exc)
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.2)
+        try:
+            assert link(runtime).state == "joined"
+            status = await link(runtime)._bucket("addresses").status()
+            assert status.ttl == 4.0
+        finally:
+            await runtime.close()
+
+    asyncio.run(scenario())
 
 
 def test_nats_outage_keeps_local_relaying_and_cross_server_relaying_resumes(
@@ -282,11 +338,15 @@ def test_nats_outage_keeps_local_relaying_and_cross_server_relaying_resumes(
             assert one.stats()["cluster"]["connected"] == 0
             await exchange(a, c, b"during, on one server")
             await exchange(c, a, b"back, on one server")
+            # Logins go on; replays to other servers cannot be checked meanwhile.
+            d = await login(one, "10.77.0.4", "0a0b0c0d0e0f1011")
+            await exchange(d, a, b"logged in during the outage")
             await asyncio.to_thread(nats.start)
             await wait_until(lambda: link(one).state == "joined", DEADLINE)
             await wait_until(lambda: link(two).state == "joined", DEADLINE)
-            await known_everywhere([one, two], a, b, c)
+            await known_everywhere([one, two], a, b, c, d)
             await exchange(a, b, b"after")
+            await exchange(b, d, b"to the one who came during the outage")
             await exchange(b, c, b"after, the other way")
             status = link(one).status()
             assert status["outages"] == 1
@@ -297,6 +357,8 @@ def test_nats_outage_keeps_local_relaying_and_cross_server_relaying_resumes(
     lost = [r for r in caplog.records if r.getMessage().startswith("lost NATS")]
     assert len(lost) == 2  # once per server
     assert all(record.levelno == logging.WARNING for record in lost)
+    unchecked = [r for r in caplog.records if "cannot be checked" in r.getMessage()]
+    assert len(unchecked) == 1  # one login frame per kind, one line
     back = [r for r in caplog.records if r.getMessage().startswith("rejoined the cluster")]
     assert len(back) == 2
     assert all(record.levelno == logging.INFO for record in back)
@@ -329,6 +391,70 @@ def test_unreachable_nats_at_start_serves_alone_and_joins_later(
         asyncio.run(scenario())
     finally:
         nats.stop()
+
+
+def test_a_server_that_stops_deletes_its_records_at_once(nats: LocalNatsServer) -> None:
+    async def scenario() -> None:
+        # A ttl far beyond the deadline: only the deletion can make the records go.
+        async with servers(nats.url, 2, cluster_ttl=300.0) as (one, two):
+            a = await login(one, "10.77.0.1", VMAC_A)
+            b = await login(two, "10.77.0.2", VMAC_B)
+            await known_everywhere([one, two], a, b)
+            await wait_until(lambda: link(two).stats()["servers"] == 2, DEADLINE)
+            await a.connection.close()
+            view = two.relay.cluster
+            assert view is not None
+            await wait_until(lambda: view.remote_owner(ip("10.77.0.1")) is None, DEADLINE)
+            c = await login(one, "10.77.0.3", VMAC_C)
+            await known_everywhere([one, two], c)
+            await one.close()
+            await wait_until(lambda: view.remote_owner(ip("10.77.0.3")) is None, DEADLINE)
+            await wait_until(lambda: link(two).stats()["servers"] == 1, DEADLINE)
+
+    asyncio.run(scenario())
+
+
+def test_a_dead_servers_addresses_run_out_after_the_ttl(nats: LocalNatsServer) -> None:
+    async def scenario() -> None:
+        async with servers(nats.url, 2, cluster_ttl=3.0) as (one, two):
+            a = await login(one, "10.77.0.1", VMAC_A)
+            b = await login(two, "10.77.0.2", VMAC_B)
+            await known_everywhere([one, two], a, b)
+            # The first server dies without a word: its records stay on NATS.
+            nc = link(one)._nc
+            assert nc is not None
+            await nc.close()
+            view = two.relay.cluster
+            assert view is not None
+            await wait_until(lambda: view.remote_owner(ip("10.77.0.1")) is None, DEADLINE)
+            await wait_until(lambda: link(two).stats()["servers"] == 1, DEADLINE)
+            # Its client comes back on the other server with the same address.
+            moved = await login(two, "10.77.0.1", VMAC_A, now=int(time.time()) + 1)
+            await exchange(moved, b, b"moved")
+
+    asyncio.run(scenario())
+
+
+def test_a_server_that_never_reached_nats_closes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cluster_module, "START_DEADLINE", 0.5)
+
+    async def scenario() -> None:
+        with socket.socket() as closed_port:
+            closed_port.bind(("127.0.0.1", 0))
+            port = closed_port.getsockname()[1]
+        runtime = ServerRuntime(cluster_config(f"nats://user:secret@127.0.0.1:{port}"))
+        await runtime.start()
+        try:
+            assert link(runtime).state == "unreachable"
+            status = link(runtime).status()
+            assert status["nats_url"] == f"nats://127.0.0.1:{port}"
+            assert runtime.stats()["cluster"]["connected"] == 0
+        finally:
+            await asyncio.wait_for(runtime.close(), DEADLINE)
+
+    asyncio.run(scenario())
 
 
 def test_a_cluster_without_nats_py_says_how_to_install_it(

@@ -163,6 +163,7 @@ class ClusterLink:
         self._refused: str | None = None
         self._joined = False
         self._closing = False
+        self._in_start = False  # start() is waiting to join: it reports a refusal itself
         self._connected_since: float | None = None
         self._lost_at: float | None = None
         self._outages = 0
@@ -172,6 +173,7 @@ class ClusterLink:
         self._settled = asyncio.Event()  # joined or refused: start() stops waiting
         self._buckets: dict[str, KeyValue] = {}
         self._config_record = b""
+        self._made_config_record = False  # no running server had one: we wrote it
         self._sessions_written = -1  # the session count in our server record
         self._watches: list[tuple[Any, asyncio.Task[None]]] = []
         self._broadcast_subscription: Subscription | None = None
@@ -191,6 +193,7 @@ class ClusterLink:
         self._received = 0
         self._warned: dict[str, float] = {}
         self._replay_warned = False
+        self._join_warned = False  # a failed join was logged; again after the next join
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -210,15 +213,21 @@ class ClusterLink:
             loop.create_task(self._work(), name="cluster writes"),
             loop.create_task(self._refresh_loop(), name="cluster refresh"),
         ]
-        with contextlib.suppress(TimeoutError):
+        self._in_start = True
+        try:
             async with asyncio.timeout(START_DEADLINE):
                 await self._settled.wait()
+        except TimeoutError:
+            pass
+        finally:
+            self._in_start = False
         if self._state == "refused":
             reason = self._refused or "refused"
             await self.close()
             raise ClusterError(reason)
         if not self._joined:
             self._state = "unreachable"
+            self._join_warned = True  # this warning says it
             detail = f" ({self._last_error})" if self._last_error else ""
             logger.warning(
                 "cannot join the cluster at %s%s: serving this server's clients alone, "
@@ -386,7 +395,7 @@ class ClusterLink:
             "connect_timeout": CONNECT_TIMEOUT,
             # A server never needs its own broadcasts back.
             "no_echo": True,
-            # A silent NATS (a cut link, not a closed socket) is noticed within ~2/3 ttl.
+            # A silent NATS (a cut link, not a closed socket) is noticed within about a ttl.
             "ping_interval": max(1, int(self._ttl / 3)),
             "max_outstanding_pings": 2,
             "disconnected_cb": self._on_disconnected,
@@ -405,7 +414,7 @@ class ClusterLink:
         try:
             await self._nc.connect(**self._connect_options())
         except Exception as exc:  # a URL or option nats-py refuses at once
-            self._refuse(f"cluster: cannot connect to {self.nats_url}: {exc}")
+            self._refuse(self._scrub(f"cluster: cannot connect to {self.nats_url}: {exc}"))
             return
         self._up.set()
         while True:
@@ -417,8 +426,12 @@ class ClusterLink:
                 return
             except Exception as exc:
                 # Connected, but JetStream does not answer (yet, or not enabled).
-                self._last_error = f"{type(exc).__name__}: {exc}" if str(exc) else repr(exc)
-                self._throttled_warning("join", "cluster: cannot join yet: %s", self._last_error)
+                self._last_error = self._scrub(_join_error_text(exc))
+                if not self._in_start:  # start() reports it itself
+                    self._state = "unreachable"
+                    if not self._join_warned:
+                        self._join_warned = True
+                        logger.warning("cluster: cannot join yet: %s", self._last_error)
                 await asyncio.sleep(JOIN_RETRY)
                 continue
             await self._down.wait()
@@ -428,12 +441,14 @@ class ClusterLink:
             return
         self._up.clear()
         self._down.set()
+        if not self._in_start:
+            self._state = "unreachable"
         if self._joined:
             self._joined = False
-            self._state = "unreachable"
             self._outages += 1
             self._lost_at = time.time()
             self._replay_warned = False
+            self._join_warned = True  # until it is back, this warning says it
             logger.warning(
                 "lost NATS at %s: serving this server's clients alone, "
                 "cross-server relaying stops until it is back",
@@ -447,22 +462,30 @@ class ClusterLink:
         self._up.set()
 
     async def _on_error(self, exc: Exception) -> None:
-        self._last_error = str(exc) or type(exc).__name__
+        self._last_error = self._scrub(str(exc) or type(exc).__name__)
         logger.debug("cluster: NATS: %s", self._last_error)
         if type(exc).__name__ == "SlowConsumerError":
             self._throttled_warning(
                 "slow_consumer", "cluster: frames from NATS dropped: %s", self._last_error
             )
 
+    def _scrub(self, text: str) -> str:
+        """``text`` without the userinfo of any configured URL (an error may quote one)."""
+        for url in self._config.cluster:
+            userinfo = urlsplit(url).netloc.rpartition("@")[0]
+            if userinfo:
+                text = text.replace(userinfo, "***")
+        return text
+
     def _refuse(self, reason: str) -> None:
         """Stop using the cluster for good: configuration mismatch or an unusable URL."""
-        was_starting = not self._settled.is_set()
         self._state = "refused"
         self._refused = reason
         self._joined = False
         self._view.clear_remote()
         self._settled.set()
-        if not was_starting:
+        if not self._in_start:
+            # start() raises it as a ClusterError; after start() nobody else reports it.
             logger.error("%s: serving this server's clients alone", reason)
         nc = self._nc
         if nc is not None and not self._closing:
@@ -479,8 +502,9 @@ class ClusterLink:
         assert nc is not None
         self._state = "connecting"
         js = nc.jetstream(timeout=REQUEST_TIMEOUT)
-        await self._open_buckets(js)
+        differing = await self._open_buckets(js)
         await self._check_config()
+        await self._settle_ttl(js, differing)
         await self._put_server_record()
         if self._broadcast_subscription is None:
             self._broadcast_subscription = await nc.subscribe(
@@ -497,6 +521,7 @@ class ClusterLink:
         self._state = "joined"
         self._connected_since = time.time()
         self._last_error = None
+        self._join_warned = False
         self._settled.set()
         self._wake.set()
         if self._lost_at is not None:
@@ -514,17 +539,14 @@ class ClusterLink:
                 self.server_id,
             )
 
-    async def _open_buckets(self, js: "JetStreamContext") -> None:
-        """Create the buckets (or bind those another server made, with the same ttl)."""
+    async def _open_buckets(self, js: "JetStreamContext") -> dict[str, float]:
+        """Create the buckets, or bind those another server made; the ttls that differ.
+
+        Returns kind -> the bucket's ttl for the buckets whose ttl is not ours.
+        """
         nats_errors = _nats_errors()
-        ttls = {
-            "addresses": self._ttl,
-            "leases": LEASE_TTL,
-            "replay": 2 * REPLAY_WINDOW,
-            "servers": self._ttl,
-            "config": self._ttl,
-        }
-        for kind, ttl in ttls.items():
+        differing: dict[str, float] = {}
+        for kind, ttl in self._bucket_ttls().items():
             name = bucket_name(self._network, kind)
             try:
                 bucket = await js.create_key_value(bucket=name, ttl=ttl, history=1)
@@ -533,12 +555,39 @@ class ClusterLink:
                     raise
                 bucket = await js.key_value(name)
                 theirs = (await bucket.status()).ttl
-                if theirs is not None and abs(theirs - ttl) > 0.001 and kind == "addresses":
-                    raise _MismatchError(
-                        f"cluster configuration differs: cluster_ttl is {theirs:g} s "
-                        f"on the cluster, {ttl:g} s here"
-                    ) from None
+                if theirs is not None and abs(theirs - ttl) > 0.001:
+                    differing[kind] = theirs
             self._buckets[kind] = bucket
+        return differing
+
+    def _bucket_ttls(self) -> dict[str, float]:
+        return {
+            "addresses": self._ttl,
+            "leases": LEASE_TTL,
+            "replay": 2 * REPLAY_WINDOW,
+            "servers": self._ttl,
+            "config": self._ttl,
+        }
+
+    async def _settle_ttl(self, js: "JetStreamContext", differing: dict[str, float]) -> None:
+        """Buckets made with another cluster_ttl: ours if no server runs, else refuse.
+
+        The buckets outlive their servers, so a cluster restarted with a new
+        cluster_ttl takes it over; a running cluster refreshes at its own pace.
+        """
+        if "addresses" in differing and not self._made_config_record:
+            raise _MismatchError(
+                f"cluster configuration differs: cluster_ttl is {differing['addresses']:g} s "
+                f"on the cluster, {self._ttl:g} s here"
+            )
+        ttls = self._bucket_ttls()
+        for kind in differing:
+            info = await js.stream_info(f"KV_{bucket_name(self._network, kind)}")
+            ttl = ttls[kind]
+            duplicate_window = min(info.config.duplicate_window or ttl, ttl)
+            await js.update_stream(info.config, max_age=ttl, duplicate_window=duplicate_window)
+        if differing:
+            logger.info("cluster: the buckets of %r now have ttl %g s", self._network, self._ttl)
 
     def _bucket(self, kind: str) -> "KeyValue":
         return self._buckets[kind]
@@ -557,6 +606,7 @@ class ClusterLink:
                 pass
             else:
                 self._config_record = data
+                self._made_config_record = True
                 return
             entry = await _get(bucket, CONFIG_KEY)
             if entry is None:
@@ -571,6 +621,7 @@ class ClusterLink:
             if key is not None:
                 raise _MismatchError(_describe_difference(key, theirs, ours))
             self._config_record = entry
+            self._made_config_record = False
             return
         raise _MismatchError("cluster configuration record keeps changing")
 
@@ -618,12 +669,14 @@ class ClusterLink:
                 continue  # the next join writes everything
             addresses = list(self._dirty)
             self._dirty.clear()
-            await self._reconcile_all(addresses)
-            await self._write_leases()
-            if self._session_count() != self._sessions_written:
-                # Logins and logouts show in the other servers' status without waiting.
-                with contextlib.suppress(Exception):
+            try:
+                await self._reconcile_all(addresses)
+                await self._write_leases()
+                if self._session_count() != self._sessions_written:
+                    # Logins and logouts show in the other servers' status without waiting.
                     await self._put_server_record()
+            except Exception as exc:  # NATS went away meanwhile: the next join writes all
+                logger.debug("cluster: writes interrupted: %r", exc)
 
     async def _reconcile_all(self, addresses: Iterable[IPv4Address]) -> None:
         unique = list(dict.fromkeys(addresses))
@@ -649,9 +702,12 @@ class ClusterLink:
             if subscription is not None:
                 with contextlib.suppress(Exception):
                     await subscription.unsubscribe()
-            written = self._written.pop(address, None)
+            written = self._written.get(address)
             if written is not None:
+                # Forgotten only once deleted: a shutdown in between still deletes it.
                 await self._delete_if_ours(address, written.session_id)
+                if self._written.get(address) is written:
+                    del self._written[address]
             return
         if address not in self._subscriptions:
             self._subscriptions[address] = await nc.subscribe(
@@ -698,12 +754,16 @@ class ClusterLink:
         self._dirty[address] = None  # contended: the next refresh tries again
 
     def _lose(self, address: IPv4Address, record: OwnerRecord) -> None:
-        """Another server's session holds ``address`` now: close ours there, keep their key."""
-        claim = self._claims.pop(address, None)
-        self._written.pop(address, None)
-        self._mark(address)  # unsubscribes
-        if claim is not None:
-            self._perform(self._relay.kick(address, record, time.time()))
+        """Another server's session holds ``address`` now: close ours, keep their key."""
+        claim = self._claims.get(address)
+        if claim is None:
+            return
+        actions = self._relay.kick(address, record, time.time())
+        self._perform(actions)
+        if actions or claim.session.closed:
+            del self._claims[address]
+            self._written.pop(address, None)  # the key is theirs: not deleted
+        self._mark(address)  # unsubscribes, or writes ours back if the relay kept it
 
     async def _delete_if_ours(self, address: IPv4Address, session_id: str) -> None:
         """Delete the owner record of ``address`` if it still names ``session_id``."""
@@ -855,6 +915,14 @@ class ClusterLink:
 
 
 # -- helpers -------------------------------------------------------------------
+
+
+def _join_error_text(exc: Exception) -> str:
+    """Why a join failed, with the likely fix when JetStream does not answer."""
+    name = type(exc).__name__
+    if name in {"ServiceUnavailableError", "NoRespondersError"}:
+        return "JetStream is not available on this NATS server (run nats-server with -js)"
+    return f"{name}: {exc}" if str(exc) else repr(exc)
 
 
 def _perform_nothing(actions: list[Action]) -> None:
