@@ -1,0 +1,270 @@
+"""A relay cluster on NATS end to end (issue 15): three servers, one NATS, four clients.
+
+One topology for the whole module (cluster_support.py draws it), built once
+because it takes a while; the tests run in file order and the last two
+break things on purpose: NATS goes away and comes back, then a server is
+SIGKILLed for good. Each test first checks that what it needs still runs.
+
+Measurements are printed as ``MEASURED ...`` lines, kept as test properties,
+and merged into ``cluster-measurements.json`` in the test bed's log
+directory (the failover time goes to bench/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from ipaddress import IPv4Address
+from pathlib import Path
+
+import pytest
+
+from p2pvpn.netns import PingLog, TestBed, wait_connected
+from p2pvpn.wire.ws import Auth
+from tests.integration.cluster_support import (
+    A_IP,
+    B_IP,
+    C_IP,
+    D_IP,
+    Cluster,
+    build_cluster,
+    candy,
+    record_measurements,
+)
+from tests.integration.conftest import BED_KEY, open_testbed, require_tool
+from tests.integration.faults_support import Record, bulk_transfer, flaps
+
+pytestmark = [pytest.mark.netns, pytest.mark.usefixtures("no_namespace_left_behind")]
+
+BULK_BYTES = 20_000_000
+DUPLICATE_IP = "10.77.0.50"
+REPLAY_IP = "10.77.0.60"
+CANDY_IP = "10.77.0.70"
+CANDY_VMAC = "candycluster0001"  # 16 ASCII characters, like Candy's own
+KICKED = "another client logged in with the same address"
+
+
+@pytest.fixture(scope="module")
+def cluster_bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestBed]:
+    require_tool("nats-server")
+    with open_testbed(tmp_path_factory.mktemp("cluster") / "logs") as bed:
+        yield bed
+
+
+@pytest.fixture(autouse=True)
+def _logs_on_failure(request: pytest.FixtureRequest, cluster_bed: TestBed) -> None:
+    """A failing test's report gets the process logs (conftest's hook reads the stash)."""
+    request.node.stash[BED_KEY] = cluster_bed
+
+
+@pytest.fixture(scope="module")
+def cluster(cluster_bed: TestBed) -> Cluster:
+    return build_cluster(cluster_bed, cluster_bed.log_dir.parent)
+
+
+def _running(cluster: Cluster, *indexes: int) -> None:
+    cluster.check_alive()
+    for index in indexes:
+        assert cluster.net.servers[index].alive(), f"srv{index + 1} is not running"
+
+
+def test_relayed_ping_and_bulk_transfer_between_servers(cluster: Cluster, measured: Record) -> None:
+    net, a, b = cluster.net, cluster.a, cluster.b
+    _running(cluster)
+    assert (net.server_of(A_IP), net.server_of(B_IP)) == (0, 1)
+    net.wait_ping(a, B_IP)
+    net.wait_ping(b, A_IP)
+    row = a.peer(B_IP)
+    assert row is not None and row["path"] == "relay server", row
+    before = net.server_status(0)["stats"]["frames_published"]
+    seconds = bulk_transfer(net, a, b, B_IP, BULK_BYTES)
+    after = net.server_status(0)["stats"]["frames_published"]
+    measured("cross_server_bulk_mbit_s", BULK_BYTES * 8 / seconds / 1e6)
+    measured("srv1_frames_published", after - before)
+    # 20 MB of TCP are some 14 000 segments: every one crossed NATS.
+    assert after - before > 10_000
+    assert b.peer(A_IP)["path"] == "relay server"  # type: ignore[index]
+
+
+def test_dynamic_address_stays_when_its_client_moves_to_another_server(cluster: Cluster) -> None:
+    net = cluster.net
+    _running(cluster)
+    dyn = net.add_client("dyn", home=0)
+    address = net.wait_for_tun(dyn)
+    assert net.server_of(address.ip) == 0
+    vmac = net.sessions(0)[str(address.ip)]["vmac"]
+    assert dyn.process is not None and dyn.process.terminate() == 0
+    net.bed.wait_until(
+        lambda: net.server_of(address.ip) is None, message="srv1 kept the session of dyn"
+    )
+    # Same state directory, so the same vmac; srv2 first this time.
+    moved = net.add_client("dyn", ns=dyn.ns, home=1)
+    assert net.wait_for_tun(moved) == address
+    net.bed.wait_until(lambda: net.server_of(address.ip) == 1, message="dyn is not on srv2")
+    assert net.sessions(1)[str(address.ip)]["vmac"] == vmac
+    net.wait_ping(cluster.c, address.ip)  # c is on srv3
+    assert moved.process is not None and moved.process.terminate() == 0
+
+
+def test_duplicate_static_address_on_another_server_kicks_the_old_one(cluster: Cluster) -> None:
+    net, b = cluster.net, cluster.b
+    _running(cluster)
+    old = net.add_client("old", tun=f"{DUPLICATE_IP}/24", urls=[net.servers[0].url])
+    net.wait_for_tun(old)
+    net.wait_ping(b, DUPLICATE_IP)
+    new = net.add_client("new", tun=f"{DUPLICATE_IP}/24", urls=[net.servers[2].url])
+    assert old.process is not None and new.process is not None
+    # They fight with kicks across the servers until the one kicked first gives up.
+    assert old.process.wait(timeout=60) != 0
+    assert KICKED in old.process.log_text()
+    net.wait_for_tun(new)
+    net.bed.wait_until(lambda: net.server_of(DUPLICATE_IP) == 2, message="new is not on srv3")
+    net.wait_ping(b, DUPLICATE_IP)
+    assert new.process.alive()
+    assert new.process.terminate() == 0
+
+
+def test_replayed_auth_on_a_second_server_is_refused(cluster: Cluster) -> None:
+    net = cluster.net
+    _running(cluster)
+    timestamp = int(time.time())
+    auth = Auth.create(net.password, IPv4Address(REPLAY_IP), timestamp).encode()
+    job = {"job": "replay", "tun_ip": REPLAY_IP, "target": C_IP, "auth": auth.hex()}
+    result = candy(cluster, {**job, "first": net.servers[0].url, "second": net.servers[1].url})
+    # The first login relays to srv3 and back; the same bytes on srv2 are a replay,
+    # and refusing them must not kick the first session.
+    assert result["first_rtt_ms"] > 0
+    assert result["second"] == {"code": 4002, "reason": "replayed"}, result
+    assert result["first_rtt_after_ms"] > 0
+
+
+def test_candy_client_with_one_url_works_against_every_server(
+    cluster: Cluster, measured: Record
+) -> None:
+    net = cluster.net
+    _running(cluster)
+    homes = {ip: net.server_of(ip) for ip in (A_IP, B_IP, C_IP, D_IP)}
+    first_timestamp = int(time.time())
+    for server in net.servers:
+        target = next(ip for ip, home in homes.items() if home not in (None, server.index))
+        job: dict[str, object] = {"job": "ping", "url": server.url, "target": target}
+        # A timestamp of its own per login: the same second twice would be a replay.
+        job.update(tun_ip=CANDY_IP, vmac=CANDY_VMAC, timestamp=first_timestamp + server.index)
+        result = candy(cluster, job)
+        measured(f"candy_via_{server.name}_to_{target}_rtt_ms", result["rtt_ms"])
+        assert result["undecodable"] == 0, result
+
+
+def test_nats_outage_keeps_local_relaying_and_rejoins(cluster: Cluster, measured: Record) -> None:
+    net, bed, a = cluster.net, cluster.bed, cluster.a
+    _running(cluster, 0, 1, 2)
+    assert net.server_of(D_IP) == 0  # a and d share srv1
+    processes = [server.process for server in net.servers] + [c.process for c in cluster.clients()]
+    pids = [process.pid for process in processes if process is not None]
+    logins = {c.name: c.status()["server"]["reconnects"] for c in cluster.clients()}
+    local = PingLog(bed, a.ns, D_IP, name="ping-local")
+    cross = PingLog(bed, a.ns, B_IP, name="ping-cross")
+    started = time.time()
+    bed.wait_until(lambda: local.replies_after(started, 3) and cross.replies_after(started, 3))
+
+    net.stop_nats()
+    stopped_at = time.time()
+    for server in net.servers:
+        bed.wait_until(
+            lambda i=server.index: net.cluster_state(i) == "unreachable",  # type: ignore[misc]
+            timeout=30,
+            message=f"{server.name} never reported NATS unreachable",
+        )
+    unreachable_after = time.time() - stopped_at
+    bed.wait_until(
+        lambda: len(local.replies(stopped_at)) >= 15,
+        timeout=30,
+        message="local relaying stopped with NATS",
+    )
+    local_gap = local.max_gap(stopped_at, time.time())
+
+    net.start_nats()
+    restarted_at = time.time()
+    net.wait_joined(timeout=60)
+    joined_after = time.time() - restarted_at
+    bed.wait_until(
+        lambda: cross.resumed_at(restarted_at, streak=3),
+        timeout=60,
+        message="cross-server relaying did not resume after NATS came back",
+    )
+    resumed = cross.resumed_at(restarted_at, streak=3)
+    assert resumed is not None
+    local.stop()
+    cross.stop()
+    measured("servers_unreachable_after_s", unreachable_after)
+    measured("local_ping_max_gap_during_outage_s", local_gap)
+    measured("servers_joined_after_nats_restart_s", joined_after)
+    measured("cross_server_ping_resumed_after_nats_restart_s", resumed - restarted_at)
+    record_measurements(
+        bed.log_dir,
+        nats_restart_rejoin_s=joined_after,
+        nats_restart_cross_server_resumed_s=resumed - restarted_at,
+    )
+    # Nothing restarted: the same processes, and no client had to log in again.
+    assert all(process is not None and process.alive() for process in processes)
+    assert [process.pid for process in processes if process is not None] == pids
+    assert {c.name: c.status()["server"]["reconnects"] for c in cluster.clients()} == logins
+
+
+def test_server_killed_clients_move_and_relaying_resumes(
+    cluster: Cluster, measured: Record
+) -> None:
+    net, bed, a, c, d = cluster.net, cluster.bed, cluster.a, cluster.c, cluster.d
+    _running(cluster, 0, 1, 2)
+    assert [net.server_of(ip) for ip in (A_IP, C_IP, D_IP)] == [0, 2, 0]
+    wait_connected(net, c, d)
+    watched_from = time.time()
+    direct = PingLog(bed, c.ns, D_IP, name="ping-direct")
+    relayed = PingLog(bed, a.ns, C_IP, name="ping-relayed")
+    bed.wait_until(
+        lambda: direct.replies_after(watched_from, 3) and relayed.replies_after(watched_from, 3)
+    )
+    assert a.peer(C_IP)["path"] == "relay server"  # type: ignore[index]
+    assert d.peer(C_IP)["path"].startswith("direct ")  # type: ignore[index]
+
+    net.kill(0)
+    killed_at = time.time()
+    # srv1's clients log in on srv2, the next URL in their lists.
+    bed.wait_until(
+        lambda: net.server_of(A_IP) == 1 and net.server_of(D_IP) == 1,
+        timeout=60,
+        interval=0.2,
+        message="the clients of srv1 never logged in on srv2",
+    )
+    moved_after = time.time() - killed_at
+    bed.wait_until(
+        lambda: relayed.resumed_at(killed_at, streak=3),
+        timeout=60,
+        message="relayed pings a -> c never resumed",
+    )
+    resumed = relayed.resumed_at(killed_at, streak=3)
+    assert resumed is not None
+    failover = resumed - killed_at
+    # srv1's record ages out of the others' picture of the cluster.
+    bed.wait_until(
+        lambda: all(len(net.server_status(i)["cluster"]["servers"]) == 2 for i in (1, 2)),
+        timeout=net.ttl * 3 + 15,
+        message="srv2/srv3 still list the dead srv1",
+    )
+    bed.wait_until(lambda: len(direct.replies(killed_at)) >= 25, timeout=30)
+    direct_gap = direct.max_gap(killed_at, time.time())
+    direct.stop()
+    relayed.stop()
+    path = Path(record_measurements(bed.log_dir, failover_kill_to_relayed_ping_s=failover))
+    measured("failover_kill_to_relayed_ping_s", failover)
+    measured("failover_clients_on_srv2_after_s", moved_after)
+    measured("direct_ping_max_gap_s", direct_gap)
+    measured("measurements_file", str(path))
+    # The direct path c <-> d never noticed: no state change away from CONNECTED.
+    assert not flaps(d.process, C_IP, after=watched_from), "d left CONNECTED"
+    assert not flaps(c.process, D_IP, after=watched_from), "c left CONNECTED"
+    for client, peer in ((c, D_IP), (d, C_IP)):
+        row = client.peer(peer)
+        assert row is not None and row["state"] == "CONNECTED", row
+        assert row["path"].startswith("direct "), row
+    net.wait_ping(a, B_IP)  # a and b share srv2 now
