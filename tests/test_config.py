@@ -520,6 +520,7 @@ def test_effective_items_mask_the_password() -> None:
         "cluster_network",
         "cluster_ttl",
         "cluster_credentials",
+        "control_socket",
     ]
     assert server_items["password"] == "********"
     assert server_items["sdwan"] == "10.0.0.1/32,10.1.0.0/16,10.0.0.1"

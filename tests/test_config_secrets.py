@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from p2pvpn.cli import main
-from p2pvpn.client.control import ControlServer, control_socket_path
+from p2pvpn.client.control import client_control_server, control_socket_path
 from p2pvpn.client.store import StateDirectoryError, StateStore, prepare_state_directory
 from p2pvpn.config import (
     PASSWORD_ENV,
@@ -359,7 +359,7 @@ def test_a_state_dir_owned_by_another_user_is_refused(tmp_path: Path) -> None:
     assert stat.S_IMODE(directory.stat().st_mode) == 0o700  # left alone
 
     # The client refuses to start: the control socket is taken first.
-    server = ControlServer(control_socket_path(directory), dict)
+    server = client_control_server(control_socket_path(directory), dict)
     with pytest.raises(OSError, match="refusing to keep state there"):
         asyncio.run(server.start())
     assert not control_socket_path(directory).exists()
@@ -367,7 +367,7 @@ def test_a_state_dir_owned_by_another_user_is_refused(tmp_path: Path) -> None:
 
 def test_the_control_socket_directory_is_created_0700(tmp_path: Path) -> None:
     directory = tmp_path / "new"
-    server = ControlServer(control_socket_path(directory), dict)
+    server = client_control_server(control_socket_path(directory), dict)
 
     async def scenario() -> None:
         await server.start()

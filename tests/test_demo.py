@@ -25,7 +25,7 @@ import pytest
 
 import p2pvpn.demo
 from p2pvpn.cli import main
-from p2pvpn.client.control import ControlError
+from p2pvpn.control import ControlError
 from p2pvpn.demo import DemoOptions, run_demo
 from p2pvpn.demo.checks import missing_requirements
 from p2pvpn.demo.measure import PingResult, Throughput, parse_iperf3, parse_ping, parse_traffic

@@ -40,6 +40,7 @@ FLOORS: dict[str, int] = {
     "logs": 0,
     "dataplane": 1,
     "config": 1,
+    "control": 1,
     "metrics": 1,
     "netns": 1,
     "client": 2,

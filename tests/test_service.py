@@ -89,7 +89,10 @@ def test_server_unit() -> None:
     assert service["ExecStart"] == (
         "/opt/p2pvpn/bin/p2pvpn server -c ${CREDENTIALS_DIRECTORY}/server.cfg"
         " --password-file ${CREDENTIALS_DIRECTORY}/password"
+        " --control-socket %t/p2pvpn/server.sock"
     )
+    # Where `p2pvpn server status` run by root asks by default.
+    assert service["RuntimeDirectory"] == "p2pvpn"
     assert service["Restart"] == "on-failure"
     assert service["PrivateDevices"] == "yes"
     assert service["ExecReload"] == "kill -HUP $MAINPID"  # rereads the TLS certificate

@@ -27,6 +27,7 @@ from p2pvpn.config import (
     overlay_values,
     read_config_values,
     server_config_from_values,
+    server_control_socket_from_values,
     validate_name,
 )
 from p2pvpn.logs import LOG_FORMATS, TEXT_FORMAT, LogFormat, install_secret_filter, make_formatter
@@ -63,7 +64,6 @@ def configure_logging(debug: bool, log_format: LogFormat = "text") -> None:
 _Flag = tuple[str, tuple[str, ...], dict[str, Any]]
 
 _COMMON_FLAGS: tuple[_Flag, ...] = (
-    ("websocket", ("-w", "--websocket"), {"metavar": "URL", "help": "server URL"}),
     (
         "password",
         ("-p", "--password"),
@@ -95,6 +95,16 @@ _METRICS_FLAG: _Flag = (
     {"metavar": "HOST:PORT", "help": "serve metrics on HOST:PORT"},
 )
 _RUN_FLAGS: tuple[_Flag, ...] = (
+    (
+        "websocket",
+        ("-w", "--websocket"),
+        {
+            "metavar": "URL",
+            "action": "append",
+            "help": "server URL; repeat it for servers to fail over to, tried in order "
+            "(replaces the config file's list)",
+        },
+    ),
     *_COMMON_FLAGS,
     ("tun", ("-t", "--tun"), {"metavar": "CIDR", "help": "static address, e.g. 10.0.0.1/24"}),
     ("name", ("-n", "--name"), {"help": "interface suffix: the device is p2pvpn-NAME"}),
@@ -147,6 +157,7 @@ _RUN_FLAGS: tuple[_Flag, ...] = (
     _LOG_FORMAT_FLAG,
 )
 _SERVER_FLAGS: tuple[_Flag, ...] = (
+    ("websocket", ("-w", "--websocket"), {"metavar": "URL", "help": "URL to listen on"}),
     *_COMMON_FLAGS,
     ("dhcp", ("--dhcp",), {"metavar": "CIDR", "help": "address pool, e.g. 10.0.0.0/24"}),
     ("sdwan", ("--sdwan",), {"metavar": "RULES", "help": "dev_cidr,dst_cidr,nexthop;..."}),
@@ -180,7 +191,15 @@ _SERVER_FLAGS: tuple[_Flag, ...] = (
         ("--cluster-credentials",),
         {"metavar": "FILE", "help": "NATS credentials (.creds) file"},
     ),
+    (
+        "control_socket",
+        ("--control-socket",),
+        {"metavar": "PATH", "help": "unix socket that `p2pvpn server status` asks"},
+    ),
 )
+# What `p2pvpn server status` takes besides -c: the rest only goes with running a server.
+_SERVER_STATUS_KEYS = ("control_socket", "debug", "log_format")
+SERVER_STATUS = "status"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -190,9 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"p2pvpn {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_daemon_command(commands, "run", "run a client", _RUN_FLAGS, _cmd_run)
-    _add_daemon_command(
+    server = _add_daemon_command(
         commands, "server", "run the signaling/relay server", _SERVER_FLAGS, _cmd_server
     )
+    _add_server_status_arguments(server)
     _add_status_command(commands)
     _add_demo_command(commands)
     from p2pvpn.bench.cli import add_bench_command
@@ -215,11 +235,25 @@ def _add_daemon_command(
     help_text: str,
     flags: tuple[_Flag, ...],
     handler: Callable[[argparse.Namespace], int],
-) -> None:
+) -> argparse.ArgumentParser:
     daemon = commands.add_parser(name, help=help_text)
     daemon.add_argument("-c", "--config", metavar="FILE", help="candy.cfg-style or .toml file")
     _add_flags(daemon, flags)
     daemon.set_defaults(handler=handler)
+    return daemon
+
+
+def _add_server_status_arguments(server: argparse.ArgumentParser) -> None:
+    # An optional word rather than a sub-command: `p2pvpn server -w URL` runs a
+    # server as it always did, `p2pvpn server status` asks the running one.
+    server.add_argument(
+        "action",
+        nargs="?",
+        choices=(SERVER_STATUS,),
+        metavar=SERVER_STATUS,
+        help="show what the running server is doing (sessions, cluster) instead of running one",
+    )
+    server.add_argument("--json", action="store_true", help="status: print JSON")
 
 
 def _add_directory_option(
@@ -335,11 +369,11 @@ def _values(args: argparse.Namespace, flags: Sequence[_Flag]) -> tuple[dict[str,
     flag_values: dict[str, ConfigValue] = {}
     for key, names, _ in flags:
         value: str | bool | list[str] | None = getattr(args, key)
-        if isinstance(value, list):  # a repeatable flag: the config file's comma-separated list
-            value = ",".join(value)
         if key == "password" and value == "-":
             value = _read_password_from_stdin()
-        if value is not None:
+        if isinstance(value, list):  # a repeated flag (action="append")
+            flag_values[key] = ConfigValue(tuple(value), names[-1])
+        elif value is not None:
             flag_values[key] = ConfigValue(value, names[-1])
     return overlay_values(file_values, flag_values, os.environ), path or "command line"
 
@@ -380,12 +414,41 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_server(args: argparse.Namespace) -> int:
+    if args.action == SERVER_STATUS:
+        return _cmd_server_status(args)
+    if args.json:
+        print("p2pvpn: error: --json only goes with `p2pvpn server status`", file=sys.stderr)
+        return EXIT_USAGE
     values, source = _values(args, _SERVER_FLAGS)
     config = server_config_from_values(values, source)
     _apply_logging(config)
     from p2pvpn.server.runtime import run_server
 
     return run_server(config)
+
+
+def _cmd_server_status(args: argparse.Namespace) -> int:
+    running_only = [
+        names[-1]
+        for key, names, _ in _SERVER_FLAGS
+        if key not in _SERVER_STATUS_KEYS and getattr(args, key) is not None
+    ]
+    if running_only:
+        flags = ", ".join(running_only)
+        print(
+            f"p2pvpn: error: server status: {flags} only go with running a server "
+            "(status takes -c, --control-socket and --json)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    # Only the socket's key: status must not need the password file or the certificate.
+    values = read_config_values(args.config) if args.config else {}
+    if args.control_socket is not None:
+        values["control_socket"] = ConfigValue(args.control_socket, "--control-socket")
+    path = server_control_socket_from_values(values)
+    from p2pvpn.server.status import print_server_status
+
+    return print_server_status(path, as_json=bool(args.json))
 
 
 def _cmd_status(args: argparse.Namespace) -> int:

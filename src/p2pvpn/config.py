@@ -19,6 +19,7 @@ import os
 import re
 import ssl
 import stat
+import tempfile
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -56,6 +57,7 @@ __all__ = [
     "StunServer",
     "client_config_from_values",
     "config_from_values",
+    "default_server_control_socket",
     "default_state_dir",
     "display_url",
     "effective_items",
@@ -65,6 +67,7 @@ __all__ = [
     "parse_toml_text",
     "read_config_values",
     "server_config_from_values",
+    "server_control_socket_from_values",
     "validate_name",
     "warn_if_exposed",
 ]
@@ -72,6 +75,7 @@ __all__ = [
 DEFAULT_STUN_PORT = 3478
 DEFAULT_MTU = 1400
 DEFAULT_STATE_ROOT = Path("/var/lib/p2pvpn")
+DEFAULT_SERVER_RUN_DIR = Path("/run/p2pvpn")
 # The server's resource caps; p2pvpn.server.limits.ServerLimits has the same
 # defaults (tests/test_config.py checks) and says what each one bounds.
 DEFAULT_SEND_QUEUE_BYTES = 4 * 1024 * 1024
@@ -133,6 +137,7 @@ _SERVER_KEYS = (
     "cluster_network",
     "cluster_ttl",
     "cluster_credentials",
+    "control_socket",
 )
 _CLIENT_KEYS = (
     *_COMMON_KEYS,
@@ -142,6 +147,12 @@ _CLIENT_KEYS = (
     "tls_ca",
     "offload",
     "bench_server",
+)
+# Keys whose TOML array is a list of values in their own right (not joined with commas):
+# a URL may hold a comma. candy.cfg has no lists; a flag repeats instead.
+_LIST_KEYS = (
+    "websocket",  # the client's servers, tried in order
+    "cluster",  # the server's NATS URLs
 )
 # Keys Candy knows that p2pvpn does not implement.
 _CANDY_ONLY_KEYS = ("restart", "workers")
@@ -173,7 +184,7 @@ class ConfigValue:
     ``"file"`` for TOML, or the flag name (``"--route"``) for a command-line flag.
     """
 
-    value: str | int | bool
+    value: str | int | bool | tuple[str, ...]  # a tuple only for the keys of _LIST_KEYS
     origin: str
 
 
@@ -226,11 +237,20 @@ class ServerConfig:
     cluster_network: str = DEFAULT_CLUSTER_NETWORK  # names the subjects and buckets on NATS
     cluster_ttl: float = DEFAULT_CLUSTER_TTL  # seconds an address outlives its silent holder
     cluster_credentials: Path | None = None  # a NATS .creds file (JWT + nkey seed)
+    # Where `p2pvpn server status` asks; None: default_server_control_socket().
+    control_socket: Path | None = None
+
+    @property
+    def control_socket_path(self) -> Path:
+        """The control socket this server serves (``control_socket`` or the default)."""
+        return self.control_socket or default_server_control_socket()
 
 
 @dataclass(frozen=True, slots=True)
 class ClientConfig:
-    websocket: str  # ws:// or wss:// URL of the server
+    websocket: str  # ws:// or wss:// URL of the server: the first of `websockets`
+    # Every server URL in the order the client tries them; () means (websocket,).
+    websockets: tuple[str, ...] = ()
     password: str = field(default="", repr=False)
     password_file: Path | None = None  # where the password was read from, if from a file
     password_origin: str = field(default="", compare=False)  # file:line, flag or PASSWORD_ENV
@@ -257,6 +277,14 @@ class ClientConfig:
     def __post_init__(self) -> None:
         if self.state_dir == Path():
             object.__setattr__(self, "state_dir", default_state_dir(self.name))
+        if not self.websockets:
+            object.__setattr__(self, "websockets", (self.websocket,))
+        elif not self.websocket:
+            object.__setattr__(self, "websocket", self.websockets[0])
+        elif self.websocket != self.websockets[0]:
+            # Every user of the single URL (status, sdwan safety, LAN detection) takes
+            # `websocket`: it must be the URL the client tries first.
+            raise ValueError("ClientConfig: websocket must be the first of websockets")
 
     @property
     def interface_name(self) -> str:
@@ -266,6 +294,22 @@ class ClientConfig:
 
 def default_state_dir(name: str) -> Path:
     return DEFAULT_STATE_ROOT / (name or "default")
+
+
+def default_server_control_socket() -> Path:
+    """The server's control socket when ``control_socket`` is not set.
+
+    Root's is in /run/p2pvpn; a user's in $XDG_RUNTIME_DIR (private to that user),
+    else in the temp directory under a name with the uid, so that two users'
+    servers do not meet there.
+    """
+    uid = os.geteuid()
+    if uid == 0:
+        return DEFAULT_SERVER_RUN_DIR / "server.sock"
+    runtime_dir = os.environ.get("XDG_RUNTIME_DIR", "")
+    if runtime_dir and os.path.isabs(runtime_dir):
+        return Path(runtime_dir) / "p2pvpn-server.sock"
+    return Path(tempfile.gettempdir()) / f"p2pvpn-server-{uid}.sock"
 
 
 # --------------------------------------------------------------------------- reading
@@ -332,15 +376,24 @@ def parse_toml_text(text: str, source_name: str) -> dict[str, ConfigValue]:
     for key, raw in document.items():
         line = lines.get(key)
         origin = f"{source_name}:{line}" if line else source_name
-        value = _joined(raw)
-        if not isinstance(value, str | int | bool):
+        value = _listed(raw) if key in _LIST_KEYS else _joined(raw)
+        if not isinstance(value, str | int | bool | tuple):
             kind = "table" if isinstance(value, dict) else type(value).__name__
-            problems.append(f"{origin}: {key}: expected a string, integer or boolean, got {kind}")
+            wanted = "a string or an array of strings" if key in _LIST_KEYS else None
+            wanted = wanted or "a string, integer or boolean"
+            problems.append(f"{origin}: {key}: expected {wanted}, got {kind}")
             continue
         values[key] = ConfigValue(value, origin)
     if problems:
         raise ConfigError(*problems)
     return values
+
+
+def _listed(value: object) -> object:
+    """An array of strings as a tuple of its elements, for the keys of _LIST_KEYS."""
+    if isinstance(value, list) and all(isinstance(element, str) for element in value):
+        return tuple(value)
+    return value
 
 
 def _joined(value: object) -> object:
@@ -506,8 +559,11 @@ def client_config_from_values(values: Mapping[str, ConfigValue], source: str) ->
     name = get("name", validate_name, "")
     state_dir = get("state_dir", _path, None)
     secret = get.check("password", lambda: _password(values), _Password())
+    no_urls: tuple[str, ...] = ()
+    websockets = get.check("websocket", lambda: _client_websockets(values, source), no_urls)
     config = ClientConfig(
-        websocket=get.check("websocket", lambda: _websocket(values, source, ("ws", "wss")), ""),
+        websocket=websockets[0] if websockets else "",
+        websockets=websockets,
         password=secret.text,
         password_file=secret.file,
         password_origin=secret.origin,
@@ -585,9 +641,23 @@ def server_config_from_values(values: Mapping[str, ConfigValue], source: str) ->
         cluster_credentials=get.check(
             "cluster_credentials", lambda: _cluster_credentials(values), None
         ),
+        control_socket=get("control_socket", _path, None),
     )
     get.raise_problems()
     return config
+
+
+def server_control_socket_from_values(values: Mapping[str, ConfigValue]) -> Path:
+    """The control socket a server with ``values`` serves, checking only that key.
+
+    For `p2pvpn server status`, which must not need what only running a server
+    needs (the password file, the certificate).
+    """
+    _expect_mode(values, "server")
+    get = _Checker(values)
+    path = get("control_socket", _path, None)
+    get.raise_problems()
+    return path or default_server_control_socket()
 
 
 def validate_name(key: str, item: ConfigValue) -> str:
@@ -686,28 +756,79 @@ def _warn_unknown(
 
 
 def _websocket(values: Mapping[str, ConfigValue], source: str, schemes: tuple[str, ...]) -> str:
-    wanted = " or ".join(f"{scheme}://" for scheme in schemes)
+    """The server's one URL to listen on."""
     item = values.get("websocket")
+    if item is not None and isinstance(item.value, tuple):
+        if len(item.value) != 1:
+            _fail("websocket", item, f"a server listens on one URL, got {len(item.value)}")
+        item = ConfigValue(item.value[0], item.origin)
     url = "" if item is None else _string("websocket", item).strip()
     if item is None or not url:
-        raise ConfigError(f"{source}: missing websocket (a {wanted} URL)")
+        raise ConfigError(f"{source}: missing websocket (a {_wanted(schemes)} URL)")
+    _check_url(item, url, schemes)
+    return url
+
+
+def _client_websockets(values: Mapping[str, ConfigValue], source: str) -> tuple[str, ...]:
+    """The client's server URLs, in order: one string or a list; no URL twice."""
+    item = values.get("websocket")
+    if item is None:
+        raise ConfigError(f"{source}: missing websocket (a ws:// or wss:// URL)")
+    texts = item.value if isinstance(item.value, tuple) else (_string("websocket", item),)
+    urls = tuple(text.strip() for text in texts)
+    if not any(urls):
+        raise ConfigError(f"{source}: missing websocket (a ws:// or wss:// URL)")
+    seen: dict[tuple[object, ...], int] = {}
+    for number, url in enumerate(urls, start=1):
+        position = f"URL {number} of {len(urls)}: " if len(urls) > 1 else ""
+        if not url:
+            _fail("websocket", item, f"{position}empty")
+        _check_url(item, url, ("ws", "wss"), position)
+        identity = _url_identity(url)
+        if identity in seen:
+            _fail(
+                "websocket",
+                item,
+                f"{position}{display_url(url)!r} is the same server as URL {seen[identity]}",
+            )
+        seen[identity] = number
+    return urls
+
+
+def _wanted(schemes: tuple[str, ...]) -> str:
+    return " or ".join(f"{scheme}://" for scheme in schemes)
+
+
+def _check_url(item: ConfigValue, url: str, schemes: tuple[str, ...], position: str = "") -> None:
+    """A WebSocket URL with one of ``schemes``; ``position`` names it within a list."""
+    shown = display_url(url)
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError for a bad port
     except ValueError:
-        _fail("websocket", item, f"{display_url(url)!r} is not a valid URL")
+        _fail("websocket", item, f"{position}{shown!r} is not a valid URL")
     if parts.scheme not in schemes:
-        _fail("websocket", item, f"expected a {wanted} URL, got {display_url(url)!r}")
+        _fail("websocket", item, f"{position}expected a {_wanted(schemes)} URL, got {shown!r}")
     if not parts.hostname:
-        _fail("websocket", item, f"{display_url(url)!r} has no host")
+        _fail("websocket", item, f"{position}{shown!r} has no host")
     if "#" in url:
-        _fail("websocket", item, f"{display_url(url)!r}: a WebSocket URL has no #fragment")
-    return url
+        _fail("websocket", item, f"{position}{shown!r}: a WebSocket URL has no #fragment")
 
 
-def _scheme(values: Mapping[str, ConfigValue]) -> str:
+def _url_identity(url: str) -> tuple[object, ...]:
+    """What makes two URLs the same server: credentials and the default port aside."""
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "wss" else 80)
+    return (parts.scheme, parts.hostname, port, parts.path or "/", parts.query)
+
+
+def _schemes(values: Mapping[str, ConfigValue]) -> set[str]:
+    """The schemes of the websocket URL(s) as given, before validation."""
     item = values.get("websocket")
-    return urlsplit(str(item.value).strip()).scheme if item is not None else ""
+    if item is None:
+        return set()
+    urls = item.value if isinstance(item.value, tuple) else (str(item.value),)
+    return {urlsplit(url.strip()).scheme for url in urls}
 
 
 def _server_tls_file(values: Mapping[str, ConfigValue], key: str) -> Path | None:
@@ -717,7 +838,7 @@ def _server_tls_file(values: Mapping[str, ConfigValue], key: str) -> Path | None
     """
     item = values.get(key)
     path = None if item is None else _path(key, item)
-    wss = _scheme(values) == "wss"
+    wss = "wss" in _schemes(values)
     if path is None and wss:
         _fail("websocket", values["websocket"], f"a wss:// URL needs {key} (a PEM file)")
     if item is not None and path is not None and not wss:
@@ -731,7 +852,7 @@ def _client_tls_ca(values: Mapping[str, ConfigValue]) -> Path | None:
     path = None if item is None else _path("tls_ca", item)
     if item is None or path is None:
         return None
-    if _scheme(values) != "wss":
+    if "wss" not in _schemes(values):
         _fail("tls_ca", item, "only used with a wss:// websocket URL")
     verify = values.get("tls_verify")
     if verify is not None and str(verify.value).strip().lower() in _FALSE:
@@ -776,7 +897,7 @@ def _int(key: str, item: ConfigValue) -> int:
         _fail(key, item, f"expected an integer, got {value!r}")
     if isinstance(value, int):
         return value
-    if not _INT_RE.fullmatch(value.strip()):
+    if not isinstance(value, str) or not _INT_RE.fullmatch(value.strip()):
         _fail(key, item, f"expected an integer, got {value!r}")
     return int(value)
 
@@ -794,7 +915,7 @@ def _int_range(low: int, high: int) -> Callable[[str, ConfigValue], int]:
 def _seconds(low: float, high: float) -> Callable[[str, ConfigValue], float]:
     def parse(key: str, item: ConfigValue) -> float:
         value = item.value
-        if isinstance(value, bool):
+        if isinstance(value, bool | tuple):
             _fail(key, item, f"expected a number of seconds, got {value!r}")
         try:
             number = float(value)
@@ -875,8 +996,9 @@ def _sdwan(key: str, item: ConfigValue) -> tuple[SdwanRule, ...]:
 
 
 def _cluster_urls(key: str, item: ConfigValue) -> tuple[str, ...]:
-    """NATS URLs, comma-separated (a TOML array is joined so); empty: no cluster."""
-    urls = tuple(part.strip() for part in _string(key, item).split(",") if part.strip())
+    """NATS URLs: a TOML array, repeated flags or one comma-separated string; empty: no cluster."""
+    listed = item.value if isinstance(item.value, tuple) else _string(key, item).split(",")
+    urls = tuple(part.strip() for part in listed if part.strip())
     for url in urls:
         shown = display_url(url)
         try:
@@ -902,6 +1024,10 @@ def _cluster_network(key: str, item: ConfigValue) -> str:
     return name
 
 
+def _as_tuple(value: object) -> tuple[object, ...]:
+    return value if isinstance(value, tuple) else (value,)
+
+
 def _cluster_credentials(values: Mapping[str, ConfigValue]) -> Path | None:
     """``cluster_credentials``: a readable NATS .creds file, only with ``cluster``."""
     item = values.get("cluster_credentials")
@@ -909,7 +1035,7 @@ def _cluster_credentials(values: Mapping[str, ConfigValue]) -> Path | None:
     if item is None or path is None:
         return None
     cluster = values.get("cluster")
-    if cluster is None or not str(cluster.value).strip():
+    if cluster is None or not any(str(url).strip() for url in _as_tuple(cluster.value)):
         _fail("cluster_credentials", item, "only used with cluster (NATS URLs)")
     try:
         with path.open("rb"):
@@ -1034,10 +1160,11 @@ def effective_items(config: ClientConfig | ServerConfig) -> list[tuple[str, str]
             ("cluster_network", config.cluster_network),
             ("cluster_ttl", f"{config.cluster_ttl:g} s"),
             ("cluster_credentials", _show_path(config.cluster_credentials, "(none)")),
+            ("control_socket", _show_control_socket(config)),
         ]
     return [
         ("mode", "client"),
-        ("websocket", display_url(config.websocket)),
+        ("websocket", ", ".join(display_url(url) for url in config.websockets)),
         ("password", password),
         ("password_file", password_file),
         ("debug", _show_bool(config.debug)),
@@ -1059,6 +1186,12 @@ def effective_items(config: ClientConfig | ServerConfig) -> list[tuple[str, str]
         ("offload", _show_offload(config.offload)),
         ("bench_server", _show_bench_server(config.bench_server)),
     ]
+
+
+def _show_control_socket(config: ServerConfig) -> str:
+    if config.control_socket is None:
+        return f"{config.control_socket_path} (default)"
+    return str(config.control_socket)
 
 
 def _show_bench_server(bench_server: bool) -> str:

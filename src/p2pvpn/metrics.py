@@ -421,6 +421,11 @@ def _client_links(snapshot: Mapping[str, Any]) -> Iterator[Metric]:
         value=_number(server.get("reconnects")),
     )
     yield CounterMetricFamily(
+        "p2pvpn_server_switches",
+        "Moves to another of the configured server URLs (failover).",
+        value=_number(server.get("switches")),
+    )
+    yield CounterMetricFamily(
         "p2pvpn_stun_failures",
         "STUN requests that got no usable answer.",
         value=_number(snapshot.get("stun_failures")),

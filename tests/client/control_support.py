@@ -10,7 +10,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from p2pvpn.client.control import ControlServer
+from p2pvpn.client.control import client_control_server
+from p2pvpn.control import ControlServer
 
 NOW = 1764003720.0
 
@@ -69,10 +70,15 @@ class BackgroundLoop:
 
 @contextlib.contextmanager
 def serving(
-    path: Path, snapshot: Callable[[], dict[str, object]] = lambda: EXAMPLE
+    path: Path,
+    snapshot: Callable[[], dict[str, object]] = lambda: EXAMPLE,
+    make_server: Callable[[Path, Callable[[], dict[str, object]]], ControlServer] = (
+        client_control_server
+    ),
 ) -> Iterator[ControlServer]:
+    """`make_server(path, snapshot)` serving on a background loop (default: a client's)."""
     background = BackgroundLoop()
-    server = ControlServer(path, snapshot)
+    server = make_server(path, snapshot)
     try:
         background.run(server.start())
         yield server

@@ -1,4 +1,4 @@
-"""The control socket's server side (ControlServer)."""
+"""The client's control socket: served in its state directory, asked by `p2pvpn status`."""
 
 import asyncio
 import contextlib
@@ -10,13 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from p2pvpn.client.control import (
-    ControlError,
-    ControlServer,
-    control_socket_path,
-    socket_answers,
-)
+from p2pvpn.client.control import client_control_server, control_socket_path
 from p2pvpn.client.status import query_status
+from p2pvpn.control import ControlError, socket_answers
 from tests.client.control_support import EXAMPLE, raw_request, serving, stale_socket
 
 # --------------------------------------------------------------------------- server
@@ -130,7 +126,7 @@ def test_close_is_idempotent_and_start_creates_directory(state_root: Path) -> No
     path = control_socket_path(state_root / "new" / "dir")
 
     async def scenario() -> None:
-        server = ControlServer(path, lambda: {})
+        server = client_control_server(path, lambda: {})
         await server.close()  # never started: nothing to do
         async with server:
             assert path.is_socket()
@@ -153,7 +149,7 @@ def test_live_socket_is_not_stolen(state_root: Path) -> None:
     with serving(path):
 
         async def second() -> None:
-            await ControlServer(path, lambda: {}).start()
+            await client_control_server(path, lambda: {}).start()
 
         with pytest.raises(ControlError, match="already running"):
             asyncio.run(second())
@@ -165,7 +161,7 @@ def test_regular_file_is_not_removed(state_root: Path) -> None:
     path.parent.mkdir()
     path.write_text("keep me")
     with pytest.raises(ControlError, match="not a socket"):
-        asyncio.run(ControlServer(path, lambda: {}).start())
+        asyncio.run(client_control_server(path, lambda: {}).start())
     assert path.read_text() == "keep me"
 
 
@@ -173,7 +169,7 @@ def test_close_leaves_a_newer_socket_alone(state_root: Path) -> None:
     path = control_socket_path(state_root / "a")
 
     async def scenario() -> None:
-        server = ControlServer(path, lambda: {})
+        server = client_control_server(path, lambda: {})
         await server.start()
         path.unlink()  # someone else took over the path
         stale_socket(path)

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from p2pvpn.client.control import ControlError, control_socket_path
+from p2pvpn.client.control import control_socket_path
 from p2pvpn.client.status import format_status, print_status, query_status
+from p2pvpn.control import ControlError
 from tests.client.control_support import EXAMPLE, NOW, serving, stale_socket
 
 # --------------------------------------------------------------------------- client

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from p2pvpn.bench.report import BenchError
-from p2pvpn.client.control import ControlError
-from p2pvpn.client.status import find_control_socket, query_status, snapshot_number
+from p2pvpn.client.status import find_control_socket, query_status
+from p2pvpn.control import ControlError, snapshot_number
 
 __all__ = [
     "ClientView",

@@ -20,13 +20,13 @@ from ipaddress import IPv4Address, IPv4Interface
 from typing import TYPE_CHECKING, Any
 
 from p2pvpn import __version__
-from p2pvpn.client.control import ControlServer, control_socket_path
+from p2pvpn.client.control import client_control_server, control_socket_path
 from p2pvpn.client.peer_manager import PeerManager
 from p2pvpn.client.signaling import SignalingError, SignalingSession
 from p2pvpn.client.store import StateStore
 from p2pvpn.client.sysroutes import SystemRouteManager, UnderlayProbe
 from p2pvpn.client.tun import TunDevice, TunError
-from p2pvpn.config import ClientConfig, display_url
+from p2pvpn.config import ClientConfig
 from p2pvpn.dataplane import DataPlaneUnavailableError, create_data_plane, resolve_data_plane
 from p2pvpn.dataplane.base import DataPlane, DataPlaneStats, UdpAddress
 from p2pvpn.wire.crypto import peer_key
@@ -72,7 +72,7 @@ class ClientNode:
         self._peer_endpoints_seen: frozenset[IPv4Address] = frozenset()
         self.udp = _open_udp_socket(config.port)
         self.signaling = SignalingSession(
-            config.websocket,
+            config.websockets,
             config.password,
             config.tun,
             self.store,
@@ -80,7 +80,7 @@ class ClientNode:
             tls_verify=config.tls_verify,
             tls_ca=config.tls_ca,
         )
-        self.control = ControlServer(control_socket_path(config.state_dir), self.snapshot)
+        self.control = client_control_server(control_socket_path(config.state_dir), self.snapshot)
         self.metrics: MetricsServer | None = None  # set when metrics are served
         self.bench_server: FollowingBenchServer | None = None  # bench_server = true
         self._stopping = asyncio.Event()
@@ -321,7 +321,10 @@ class ClientNode:
             "pid": os.getpid(),
             "started": self.started,
             "server": {
-                "url": display_url(self.config.websocket),
+                "url": self.signaling.url,  # the current one, in display form
+                "index": self.signaling.url_index + 1,
+                "servers": self.signaling.url_count,
+                "switches": self.signaling.switches,
                 "state": self.signaling.state,
                 "connected_since": self.signaling.connected_since,
                 "reconnects": self.signaling.reconnects,

@@ -577,18 +577,21 @@ class PeerManager:
     def _detect_lan_address(self) -> UdpAddress | None:
         if self._config.localhost is not None:
             return (str(self._config.localhost), self._local_port)
-        host = urlparse(self._config.websocket).hostname
-        if not host:
-            return None
-        # connect() on a UDP socket sends nothing; it only asks the kernel
-        # which source address it would use to reach the server.
-        with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_DGRAM)) as probe:
-            try:
-                probe.connect((host, 9))
-                ip = probe.getsockname()[0]
-            except OSError:
-                return None
-        return (str(ip), self._local_port)
+        # The first server whose name resolves and is routed answers it: with several
+        # servers the first one may be the one that is down (or unknown to DNS) now.
+        for url in self._config.websockets:
+            host = urlparse(url).hostname
+            if not host:
+                continue
+            # connect() on a UDP socket sends nothing; it only asks the kernel
+            # which source address it would use to reach the server.
+            with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_DGRAM)) as probe:
+                try:
+                    probe.connect((host, 9))
+                except OSError:
+                    continue
+                return (str(probe.getsockname()[0]), self._local_port)
+        return None
 
     def _spawn(self, coroutine: Any) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)

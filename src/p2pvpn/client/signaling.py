@@ -6,6 +6,12 @@ condition occurs that retrying cannot fix (wrong password, refused address,
 kicked): that ends run() with SignalingError, whose message is meant for the
 user as is.
 
+With several server URLs (a cluster) it tries them in order: an attempt that
+fails moves on to the next URL at once, and the back-off waits only after a
+whole round of them failed, so losing a working server costs one connection
+set-up, not a back-off delay. A login keeps the session on its URL until that
+connection ends.
+
 The data plane hands packets to send_frames() synchronously from its
 callbacks, so outgoing frames go through a bounded queue drained by a writer
 task; when the queue is full or the session is not logged in they are
@@ -20,7 +26,7 @@ import logging
 import random
 import ssl
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Interface
 from pathlib import Path
@@ -62,6 +68,10 @@ CLOSE_TIMEOUT = 2.0  # closing handshake; a healthy server answers in one round 
 RECONNECT_INITIAL = 1.0
 RECONNECT_MAX = 30.0
 STABLE_LOGIN = 60.0  # a login that lasted this long resets the back-off and the kick count
+# Losing a login that lasted this long starts a fresh round of the other servers at once;
+# a shorter one counts as a failed attempt, so servers that drop us right away cannot
+# make the session switch between them without a back-off.
+WORKING_LOGIN = 5.0
 EARLY_CLOSE_WINDOW = 5.0
 EARLY_CLOSE_LIMIT = 3
 SEND_QUEUE_SIZE = 2048
@@ -143,12 +153,22 @@ class _Attempt:
     peer_closed: bool = False  # the server (or the network) ended it, not us
 
 
+@dataclass(frozen=True, slots=True)
+class _Server:
+    """One server URL, parsed once."""
+
+    url: str
+    display: str  # display_url(url): no credentials
+    host: str
+    secure: bool  # wss://
+
+
 class SignalingSession:
     """A WebSocket session that logs in, keeps the connection alive and reconnects."""
 
     def __init__(
         self,
-        url: str,
+        urls: str | Sequence[str],
         password: str,
         static_address: IPv4Interface | None,
         store: StateStore,
@@ -163,18 +183,12 @@ class SignalingSession:
         reconnect_initial: float = RECONNECT_INITIAL,
         reconnect_max: float = RECONNECT_MAX,
     ) -> None:
-        self._url = url
-        self._display_url = display_url(url)
-        try:
-            parsed = parse_uri(url)
-        except InvalidURI:
-            # Not chained: InvalidURI's text is the whole URL, credentials and all.
-            raise SignalingError(
-                f"invalid server URL {self._display_url!r}: expected ws://host[:port]/path "
-                "or wss://host[:port]/path"
-            ) from None
-        self._ssl = _ssl_context(tls_verify, tls_ca) if parsed.secure else None
-        self._host = parsed.host
+        self._servers = _parse_servers((urls,) if isinstance(urls, str) else tuple(urls))
+        secure = any(server.secure for server in self._servers)
+        # One context for every wss:// URL: the same trust settings apply to all of them.
+        self._ssl = _ssl_context(tls_verify, tls_ca) if secure else None
+        self._index = 0  # the server of the current (or next) attempt
+        self._switches = 0
         self._password = password
         self._static_address = static_address
         self._store = store
@@ -230,6 +244,25 @@ class SignalingSession:
         return self._retrying_since
 
     @property
+    def url(self) -> str:
+        """The URL of the current (or next) attempt, in display form (no credentials)."""
+        return self._servers[self._index].display
+
+    @property
+    def url_index(self) -> int:
+        """The position of `url` among the configured URLs, from 0."""
+        return self._index
+
+    @property
+    def url_count(self) -> int:
+        return len(self._servers)
+
+    @property
+    def switches(self) -> int:
+        """How many times the session moved on to another server URL."""
+        return self._switches
+
+    @property
     def server_ip(self) -> str | None:
         """The address of the server we are connected to (None between connections)."""
         ws = self._ws
@@ -276,15 +309,8 @@ class SignalingSession:
         """
         if self._closing:
             return
-        if self._ssl is not None and self._ssl.verify_mode == ssl.CERT_NONE:
-            logger.warning("TLS certificate verification is disabled for %s", self._display_url)
-        if self._ssl is None and not _is_loopback(self._host):
-            logger.warning(
-                "%s is plain ws://: relayed packets, routes and address grants cross the "
-                "network in clear and unauthenticated, and the login hashes let an "
-                "eavesdropper guess the password offline; use wss://",
-                self._display_url,
-            )
+        for server in self._servers:
+            _warn_insecure(server, self._ssl)
         self._run_task = asyncio.current_task()
         inner = asyncio.create_task(self._run_loop(), name="signaling-session")
         self._inner = inner
@@ -313,7 +339,10 @@ class SignalingSession:
             await asyncio.wait({self._run_task})
 
     async def _run_loop(self) -> None:
-        failures = 0  # attempts since the last stable login, drives the back-off
+        failures = 0  # back-off waits since the last stable login, drives the back-off
+        # Attempts that failed (or logged in only briefly) since a working server was
+        # lost or the last back-off wait; a whole round of them means waiting.
+        failed_in_round = 0
         while not self._closing:
             started = self._clock()
             attempt = await self._attempt()
@@ -326,10 +355,37 @@ class SignalingSession:
                     self._retrying_since = started
             if _was_stable(attempt):
                 failures = 0
+            if _lost_working_server(attempt):
+                failed_in_round = 0  # a fresh round: every other server gets its turn at once
+            else:
+                failed_in_round += 1
+            if len(self._servers) > 1 and failed_in_round < len(self._servers):
+                self._move_on(attempt)
+                continue
+            failed_in_round = 0
             delay = self._backoff_delay(failures)
             failures += 1
-            logger.info("reconnecting in %.1f s", delay)
+            if len(self._servers) == 1:
+                logger.info("reconnecting in %.1f s", delay)
+            else:
+                logger.warning(
+                    "none of the %d servers took us; trying again in %.1f s",
+                    len(self._servers),
+                    delay,
+                )
             await asyncio.sleep(delay)
+            if len(self._servers) > 1:
+                self._move_on(None)
+
+    def _move_on(self, attempt: _Attempt | None) -> None:
+        """Switch to the next server URL (after ``attempt`` on the current one, if any)."""
+        previous = self._servers[self._index].display
+        self._index = (self._index + 1) % len(self._servers)
+        self._switches += 1
+        if attempt is not None and attempt.logged_in_at is not None:
+            logger.warning("server %s lost, trying %s", previous, self.url)
+        else:
+            logger.info("trying %s", self.url)
 
     def _backoff_delay(self, failures: int) -> float:
         nominal = min(self._reconnect_max, self._reconnect_initial * 2.0 ** min(failures, 30))
@@ -340,12 +396,13 @@ class SignalingSession:
 
     async def _attempt(self) -> _Attempt:
         attempt = _Attempt()
+        server = self._servers[self._index]
         self._state = "connecting"
-        logger.info("connecting to %s", self._display_url)
+        logger.info("connecting to %s", server.display)
         try:
             ws = await connect(
-                self._url,
-                ssl=self._ssl,
+                server.url,
+                ssl=self._ssl if server.secure else None,
                 compression=None,
                 max_size=MAX_FRAME_SIZE,
                 ping_interval=None,  # keepalive is ours (PROTOCOL 2.3 step 6)
@@ -594,9 +651,9 @@ class SignalingSession:
     def _judge(self, attempt: _Attempt) -> None:
         """Log how the attempt ended; raise SignalingError if retrying cannot help."""
         if not attempt.connected:
-            logger.warning("cannot connect to %s: %s", self._display_url, attempt.cause)
+            logger.warning("cannot connect to %s: %s", self.url, attempt.cause)
             return
-        logger.info("connection lost (%s)", attempt.cause)
+        logger.info("connection to %s lost (%s)", self.url, attempt.cause)
         code = attempt.close_code
         if code in FATAL_CLOSE_CODES:
             raise SignalingError(_refusal_message(CloseCode(code), attempt))
@@ -634,6 +691,19 @@ class SignalingSession:
         logger.warning(
             "%s; retrying (the client stops after %d in a row)", message, REPEATED_CLOSE_LIMIT
         )
+
+
+def _lost_working_server(attempt: _Attempt) -> bool:
+    """Logged in for WORKING_LOGIN, then the connection ended without the server refusing us.
+
+    A kick or a refusal after login (a p2pvpn close code) is a failed attempt
+    like any other, so that it never skips the back-off.
+    """
+    return (
+        attempt.logged_in_at is not None
+        and attempt.ended_at - attempt.logged_in_at >= WORKING_LOGIN
+        and attempt.close_code not in _P2PVPN_CLOSE_CODES
+    )
 
 
 def _was_stable(attempt: _Attempt) -> bool:
@@ -687,6 +757,38 @@ def _refusal_message(code: CloseCode, attempt: _Attempt) -> str:
         details.append(f"server said: {attempt.close_reason}")
     text = CLOSE_REASONS[code]
     return f"{text} ({'; '.join(details)})" if details else text
+
+
+def _parse_servers(urls: tuple[str, ...]) -> tuple[_Server, ...]:
+    """The URLs parsed; SignalingError names a bad one."""
+    if not urls:
+        raise SignalingError("no server URL given")
+    servers = []
+    for number, url in enumerate(urls, start=1):
+        shown = display_url(url)
+        try:
+            parsed = parse_uri(url)
+        except (InvalidURI, ValueError):  # urllib's ValueError for a broken [IPv6] host
+            position = f" (URL {number} of {len(urls)})" if len(urls) > 1 else ""
+            # Not chained: InvalidURI's text is the whole URL, credentials and all.
+            raise SignalingError(
+                f"invalid server URL {shown!r}{position}: expected ws://host[:port]/path "
+                "or wss://host[:port]/path"
+            ) from None
+        servers.append(_Server(url, shown, parsed.host, parsed.secure))
+    return tuple(servers)
+
+
+def _warn_insecure(server: _Server, context: ssl.SSLContext | None) -> None:
+    if server.secure and context is not None and context.verify_mode == ssl.CERT_NONE:
+        logger.warning("TLS certificate verification is disabled for %s", server.display)
+    if not server.secure and not _is_loopback(server.host):
+        logger.warning(
+            "%s is plain ws://: relayed packets, routes and address grants cross the "
+            "network in clear and unauthenticated, and the login hashes let an "
+            "eavesdropper guess the password offline; use wss://",
+            server.display,
+        )
 
 
 def _unusable_address(cidr: IPv4Interface) -> str | None:

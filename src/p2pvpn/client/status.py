@@ -1,42 +1,40 @@
 """`p2pvpn status`: ask a running client for its snapshot and print it.
 
-The client answers on its control socket (`p2pvpn.client.control`) with one
-line of JSON; this prints it as JSON or as a table. The directory given with
-``--state-dir`` is either one client's state directory (as given to ``run
---state-dir``) or the root of several clients' directories, one per name.
+The client answers on its control socket (`p2pvpn.control`, in its state
+directory: `p2pvpn.client.control`) with one line of JSON; this prints it as
+JSON or as a table. The directory given with ``--state-dir`` is either one
+client's state directory (as given to ``run --state-dir``) or the root of
+several clients' directories, one per name.
 """
 
 import ipaddress
 import json
-import math
-import os
-import socket
 import sys
 import time
 from pathlib import Path
 
 from p2pvpn._format import format_duration, format_size, format_table
-from p2pvpn.client.control import (
-    SOCKET_NAME,
+from p2pvpn.client.control import SOCKET_NAME, control_socket_path
+from p2pvpn.config import display_url
+from p2pvpn.control import (
     ControlError,
+    NotListeningError,
     Snapshot,
-    control_socket_path,
+    query_snapshot,
     scrub_snapshot,
+    snapshot_number,
+    snapshot_text,
     socket_answers,
 )
-from p2pvpn.config import display_url
 
 __all__ = [
     "find_control_socket",
     "format_status",
     "print_status",
     "query_status",
-    "snapshot_number",
 ]
 
 DEFAULT_NAME = "default"
-# Protects `status` from a runaway or hostile answer; real snapshots are a few KiB.
-_MAX_RESPONSE = 16 * 1024 * 1024
 _LABEL_WIDTH = 10
 _GAP = "  "
 
@@ -47,77 +45,10 @@ _GAP = "  "
 def query_status(path: Path, timeout: float = 3.0) -> Snapshot:
     """Ask the client serving `path` for its snapshot; raises ControlError."""
     name = path.parent.name or DEFAULT_NAME
-    response = _request(path, b"status\n", timeout, name)
     try:
-        answer = json.loads(response)
-    except ValueError as exc:
-        raise ControlError(f"client {name} sent a malformed answer on {path}") from exc
-    if not isinstance(answer, dict):
-        raise ControlError(f"client {name} sent a malformed answer on {path}")
-    if set(answer) == {"error"}:
-        raise ControlError(f"client {name} answered: {answer['error']}")
-    return scrub_snapshot(answer)
-
-
-def _request(path: Path, request: bytes, timeout: float, name: str) -> bytes:
-    deadline = time.monotonic() + timeout
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        try:
-            sock.connect(os.fspath(path))
-        except FileNotFoundError as exc:
-            raise ControlError(
-                f"no p2pvpn client running for {name} (no control socket at {path})"
-            ) from exc
-        except ConnectionRefusedError as exc:
-            raise ControlError(
-                f"no p2pvpn client running for {name} (stale control socket at {path})"
-            ) from exc
-        except PermissionError as exc:
-            raise ControlError(
-                f"permission denied on {path} (run as the user that started the client)"
-            ) from exc
-        except TimeoutError as exc:
-            raise ControlError(
-                f"client {name} did not accept within {timeout:g}s ({path})"
-            ) from exc
-        except OSError as exc:
-            raise ControlError(f"cannot connect to {path}: {exc.strerror or exc}") from exc
-        try:
-            sock.sendall(request)
-            return _read_line(sock, deadline, name)
-        except ControlError:
-            raise  # already worded for the user (and an OSError, like the cases below)
-        except TimeoutError as exc:
-            raise ControlError(
-                f"client {name} did not answer within {timeout:g}s ({path})"
-            ) from exc
-        except OSError as exc:
-            raise ControlError(
-                f"connection to client {name} failed: {exc.strerror or exc}"
-            ) from exc
-
-
-def _read_line(sock: socket.socket, deadline: float, name: str) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError
-        sock.settimeout(remaining)
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        size += len(chunk)
-        if b"\n" in chunk:
-            break
-        if size > _MAX_RESPONSE:
-            raise ControlError(f"client {name} sent an oversized answer")
-    if not chunks:
-        raise ControlError(f"client {name} closed the connection without answering")
-    return b"".join(chunks)
+        return query_snapshot(path, peer=f"client {name}", role="client", timeout=timeout)
+    except NotListeningError as exc:
+        raise ControlError(f"no p2pvpn client running for {name} ({exc.reason} at {path})") from exc
 
 
 def print_status(name: str | None, as_json: bool, state_dir: Path) -> int:
@@ -176,24 +107,9 @@ def _find_sockets(state_root: Path) -> list[Path]:
 # --------------------------------------------------------------------------- formatting
 
 
-def snapshot_number(value: object) -> float | None:
-    """A finite number of a snapshot as a float; None for anything else (missing, odd)."""
-    # bool is an int subclass, but True packets is nonsense: treat it as missing.
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value) if math.isfinite(value) else None
-
-
 def _integer(value: object) -> int | None:
     number = snapshot_number(value)
     return None if number is None else int(number)
-
-
-def _text(value: object, default: str = "-") -> str:
-    if value is None or value == "":
-        return default
-    # Non-printable characters could drive the terminal: never print them raw.
-    return "".join(char if char.isprintable() else "?" for char in str(value))
 
 
 def _mapping(value: object) -> Snapshot:
@@ -236,7 +152,7 @@ def format_status(snapshot: Snapshot, now: float | None = None) -> str:
     server = _mapping(snapshot.get("server"))
     if server:
         lines.append(_server_line(server, now))
-    bench_server = _text(snapshot.get("bench_server"), "")
+    bench_server = snapshot_text(snapshot.get("bench_server"), "")
     if bench_server:
         # Others can measure the link to us (`p2pvpn bench peer`) while this is on.
         lines.append(f"bench server: on {bench_server}")
@@ -251,18 +167,22 @@ def format_status(snapshot: Snapshot, now: float | None = None) -> str:
 
 
 def _header_line(snapshot: Snapshot, now: float) -> str:
-    title = _text(snapshot.get("interface"), "") or _text(snapshot.get("name"), "") or "p2pvpn"
+    title = (
+        snapshot_text(snapshot.get("interface"), "")
+        or snapshot_text(snapshot.get("name"), "")
+        or "p2pvpn"
+    )
     parts = [title]
-    address = _text(snapshot.get("address"), "")
+    address = snapshot_text(snapshot.get("address"), "")
     if address:
         parts.append(address)
     details = []
-    dataplane = _text(snapshot.get("dataplane"), "")
+    dataplane = snapshot_text(snapshot.get("dataplane"), "")
     if dataplane:
         for kind in ("udp", "tun"):
             offloads = snapshot.get(f"{kind}_offloads")
             if isinstance(offloads, list) and offloads:
-                dataplane += f" {kind} " + "+".join(_text(offload) for offload in offloads)
+                dataplane += f" {kind} " + "+".join(snapshot_text(offload) for offload in offloads)
         details.append(f"dataplane: {dataplane}")
     pid = _integer(snapshot.get("pid"))
     if pid is not None:
@@ -270,7 +190,7 @@ def _header_line(snapshot: Snapshot, now: float) -> str:
     started = snapshot_number(snapshot.get("started"))
     if started is not None:
         details.append(f"up {format_duration(now - started)}")
-    version = _text(snapshot.get("version"), "")
+    version = snapshot_text(snapshot.get("version"), "")
     if version:
         details.append(f"version {version}")
     if details:
@@ -279,19 +199,25 @@ def _header_line(snapshot: Snapshot, now: float) -> str:
 
 
 def _server_line(server: Snapshot, now: float) -> str:
-    state = _text(server.get("state"), "unknown")
+    state = snapshot_text(server.get("state"), "unknown")
     connected = state == "connected"
     since = snapshot_number(server.get("connected_since"))
     # connected_since may be left over from an earlier connection: only a live
     # connection has a meaningful "for".
     if connected and since is not None:
         state += f" for {format_duration(now - since)}"
-    url = display_url(_text(server.get("url")))  # also from a client that did not redact it
+    url = display_url(snapshot_text(server.get("url")))  # also from a client that did not redact it
+    index, count = _integer(server.get("index")), _integer(server.get("servers"))
+    if index is not None and count is not None and count > 1:
+        url += f" ({index} of {count})"
     line = "server".ljust(_LABEL_WIDTH) + f"{url}{_GAP}{state}"
     notes = [] if connected else _retry_notes(server, now)
     reconnects = _integer(server.get("reconnects"))
     if reconnects is not None:
         notes.append(f"reconnects: {reconnects}")
+    switches = _integer(server.get("switches"))
+    if switches:
+        notes.append(f"server switches: {switches}")
     if notes:
         line += f"{_GAP}({'; '.join(notes)})"
     return line
@@ -334,13 +260,13 @@ def _drops_lines(snapshot: Snapshot) -> list[str]:
     for reason, value in _mapping(snapshot.get("drops")).items():
         count = _integer(value)
         if count:
-            counted.append(f"{_text(reason)} {count}")
+            counted.append(f"{snapshot_text(reason)} {count}")
     return _labelled("drops", [", ".join(counted)]) if counted else []
 
 
 def _ip_order(value: object) -> tuple[int, int, str]:
     """Sort key: addresses numerically, anything unparsable after them."""
-    text = _text(value, "")
+    text = snapshot_text(value, "")
     try:
         return (0, int(ipaddress.IPv4Address(text)), text)
     except ValueError:
@@ -362,9 +288,9 @@ def _peer_lines(snapshot: Snapshot) -> list[str]:
     for peer in peers:
         rows.append(
             [
-                _text(peer.get("tun_ip")),
-                _text(peer.get("state")),
-                _text(peer.get("path")),
+                snapshot_text(peer.get("tun_ip")),
+                snapshot_text(peer.get("state")),
+                snapshot_text(peer.get("path")),
                 _rtt(peer.get("rtt_ms")),
                 _size_or_dash(peer.get("bytes_out")),
                 _size_or_dash(peer.get("bytes_in")),
@@ -386,8 +312,8 @@ def _route_lines(snapshot: Snapshot) -> list[str]:
         delay = _integer(route.get("delay_ms"))
         rows.append(
             [
-                _text(route.get("destination")),
-                _text(route.get("next_hop")),
+                snapshot_text(route.get("destination")),
+                snapshot_text(route.get("next_hop")),
                 "-" if delay is None else f"{delay} ms",
             ]
         )
@@ -399,7 +325,10 @@ def _sysroute_lines(snapshot: Snapshot) -> list[str]:
     if not sysroutes:
         return []
     rows = [["SYSROUTE", "NEXT HOP"]]
-    rows.extend([_text(item.get("network")), _text(item.get("nexthop"))] for item in sysroutes)
+    rows.extend(
+        [snapshot_text(item.get("network")), snapshot_text(item.get("nexthop"))]
+        for item in sysroutes
+    )
     return ["", *_aligned(rows)]
 
 
@@ -409,7 +338,11 @@ def _refused_sysroute_lines(snapshot: Snapshot) -> list[str]:
         return []
     rows = [["REFUSED SYSROUTE", "NEXT HOP", "REASON"]]
     rows.extend(
-        [_text(item.get("network")), _text(item.get("nexthop")), _text(item.get("reason"))]
+        [
+            snapshot_text(item.get("network")),
+            snapshot_text(item.get("nexthop")),
+            snapshot_text(item.get("reason")),
+        ]
         for item in refused
     )
     return ["", *_aligned(rows)]

@@ -74,7 +74,10 @@ class UnderlayProbe:
         server_address: Callable[[], str | None],
         peer_endpoints: Callable[[], Iterable[IPv4Address]],
     ) -> None:
-        self._server_host = urlsplit(config.websocket).hostname or ""
+        # Every server, not only the current one: a route must not cut off a failover.
+        self._server_hosts = tuple(
+            dict.fromkeys(urlsplit(url).hostname or "" for url in config.websockets)
+        )
         self._stun_host = config.stun.host if config.stun is not None else None
         self._interface = config.interface_name
         self._server_address = server_address
@@ -84,7 +87,9 @@ class UnderlayProbe:
     async def gather(self, address: IPv4Interface) -> Underlay:
         endpoints: list[tuple[IPv4Address, str]] = []
         connected = self._server_address()
-        server = set(await self._resolve(self._server_host))
+        server: set[IPv4Address] = set()
+        for host in self._server_hosts:
+            server.update(await self._resolve(host))
         if connected:
             with contextlib.suppress(ValueError):
                 server.add(IPv4Address(connected))

@@ -12,8 +12,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from p2pvpn.client.control import ControlError, control_socket_path
-from p2pvpn.client.status import query_status, snapshot_number
+from p2pvpn.client.control import control_socket_path
+from p2pvpn.client.status import query_status
+from p2pvpn.control import ControlError, snapshot_number
 
 __all__ = [
     "CONNECTED",

@@ -13,11 +13,14 @@ import resource
 import secrets
 import signal
 import socket
+import time
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
+from p2pvpn import __version__
 from p2pvpn.config import ServerConfig, display_url
+from p2pvpn.control import ControlError, ControlInUseError, ControlServer, Snapshot
 from p2pvpn.logs import install_secret_filter
 from p2pvpn.metrics import MetricsServer, serve_server_metrics
 from p2pvpn.server.cluster import ClusterError, ClusterLink, require_nats
@@ -46,7 +49,7 @@ class ListenError(Exception):
 
 
 # What keeps `p2pvpn server` from starting (exit 1); each message names what to fix.
-_START_ERRORS = (ListenError, TlsError, ClusterError)
+_START_ERRORS = (ListenError, TlsError, ClusterError, ControlError)
 _DEFAULT_PORTS = {"ws": 80, "wss": 443}
 
 
@@ -166,6 +169,9 @@ class ServerRuntime:
         self._stun_host = stun_host
         self._stun: tuple[asyncio.DatagramTransport, StunResponder] | None = None
         self._metrics: MetricsServer | None = None
+        # `p2pvpn server status` asks here for snapshot().
+        self.control = ControlServer(config.control_socket_path, self.snapshot, role="server")
+        self.started: float | None = None
 
     @property
     def ws_port(self) -> int:
@@ -219,6 +225,22 @@ class ServerRuntime:
                 raise ListenError(
                     f"cannot serve metrics on {address}: {_os_error_text(exc)}"
                 ) from exc
+        await self._start_control()
+        self.started = time.time()
+
+    async def _start_control(self) -> None:
+        """Serve the control socket; raises ControlError when it cannot be made at all."""
+        try:
+            await self.control.start()
+        except ControlInUseError as exc:
+            # Several servers on one host (tests, a cluster on one machine) are fine
+            # as relays: only `server status` cannot reach this one.
+            logger.warning(
+                "%s: `p2pvpn server status` will not show this server (set control_socket)", exc
+            )
+        except ControlError:
+            await self.close()
+            raise
 
     def reload_tls(self) -> None:
         """SIGHUP: new connections get the certificate now in the files; sessions stay."""
@@ -228,6 +250,7 @@ class ServerRuntime:
         self.tls.reload()
 
     async def close(self) -> None:
+        await self.control.close()
         if self._metrics is not None:
             metrics, self._metrics = self._metrics, None
             await asyncio.to_thread(metrics.close)  # waits for the HTTP thread
@@ -246,6 +269,24 @@ class ServerRuntime:
         if self.cluster is not None:
             stats["cluster"] = self.cluster.stats()
         return stats
+
+    def snapshot(self) -> Snapshot:
+        """What `p2pvpn server status` shows: this server, its sessions, the cluster."""
+        now = time.time()
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return {
+            "server": {
+                "websocket": display_url(self.config.websocket),
+                "listening": f"{self.scheme}://{host}:{self.ws_port}",
+                "started": self.started,
+                "tls": self.tls is not None,
+                "version": __version__,
+                "pid": os.getpid(),
+            },
+            "sessions": self.relay.session_rows(now),
+            "stats": self.stats(),
+            "cluster": None if self.cluster is None else self.cluster.status(),
+        }
 
 
 def _cluster_link(config: ServerConfig, relay: Relay) -> ClusterLink | None:
@@ -287,6 +328,8 @@ async def serve(
         logger.info(
             "TLS certificate %s: %s", runtime.tls.cert_file, runtime.tls.certificate.describe()
         )
+    if runtime.control.serving:
+        logger.info("control socket %s (p2pvpn server status)", runtime.control.path)
     if config.stun_port:
         logger.info("STUN responder on udp port %d", config.stun_port)
     else:
