@@ -19,7 +19,9 @@ in a namespace of its own on the "internet".
 
 from __future__ import annotations
 
+import datetime
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,8 @@ from p2pvpn.netns import (
     ClusterNetwork,
     Namespace,
     NatSite,
+    PingLog,
+    Process,
     TestBed,
     block_udp_between,
     python_argv,
@@ -103,6 +107,37 @@ def candy(cluster: Cluster, job: dict[str, Any], timeout: float = 60) -> dict[st
     argv = python_argv(str(CANDY_CLIENT), json.dumps(job))
     result = cluster.scripted.run(argv, check=True, timeout=timeout)
     return dict(json.loads(result.stdout.strip().splitlines()[-1]))
+
+
+_PING_REPLY = re.compile(r"^\[(?P<when>\d+\.\d+)\] \d+ bytes from .* time=(?P<rtt>[\d.]+) ms", re.M)
+
+
+def first_answer_sent_after(ping: PingLog, moment: float) -> float | None:
+    """When the first echo request sent after ``moment`` got its reply (wall clock).
+
+    A reply's send time is its receive time minus its round trip, so a reply
+    that was already on its way at ``moment`` does not count.
+    """
+    for match in _PING_REPLY.finditer(ping.process.log_text()):
+        received = float(match["when"])
+        if received - float(match["rtt"]) / 1000 >= moment:
+            return received
+    return None
+
+
+_LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) (.*)$", re.M)
+
+
+def first_log_line(process: Process | None, text: str, *, after: float) -> float | None:
+    """When ``process`` first logged a line containing ``text`` at or after ``after``."""
+    if process is None:
+        return None
+    for match in _LOG_TIME.finditer(process.log_text()):
+        # p2pvpn logs local time, as this process sees it (like p2pvpn.netns.state_changes)
+        when = datetime.datetime.strptime(match[1], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        if when >= after and text in match[2]:
+            return when
+    return None
 
 
 def record_measurements(log_dir: Path, **values: object) -> Path:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
@@ -158,12 +159,14 @@ class ClusterNetwork(VpnNetwork):
     def restart_server(self) -> Process:
         return self.restart(0)
 
-    def kill(self, index: int) -> None:
-        """SIGKILL server ``index`` and reap it."""
+    def kill(self, index: int) -> float:
+        """SIGKILL server ``index`` and reap it; returns when the signal went (wall clock)."""
         process = self.servers[index].process
         assert process is not None, f"srv{index + 1} was never started"
+        killed_at = time.time()
         process.send_signal(signal.SIGKILL)
         process.wait(10)
+        return killed_at
 
     def server_status(self, index: int) -> dict[str, Any]:
         """``p2pvpn server status --json`` of server ``index``, through its control socket."""
