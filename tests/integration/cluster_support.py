@@ -22,6 +22,7 @@ from __future__ import annotations
 import datetime
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,10 +65,11 @@ class Cluster:
     def clients(self) -> list[Client]:
         return [self.a, self.b, self.c, self.d]
 
-    def check_alive(self) -> None:
-        """Every server and client of the topology still runs (an earlier test may have
-        broken it; then this one cannot say anything)."""
-        dead = [s.name for s in self.net.servers if not s.alive()]
+    def check_alive(self, servers: Iterable[int] | None = None) -> None:
+        """The four clients and the ``servers`` named (all by default) still run (an earlier
+        test may have broken the topology; then this one cannot say anything)."""
+        indexes = range(len(self.net.servers)) if servers is None else servers
+        dead = [self.net.servers[i].name for i in indexes if not self.net.servers[i].alive()]
         dead += [c.name for c in self.clients() if c.process is None or not c.process.alive()]
         assert not dead, f"the cluster topology is broken: {dead} not running"
 

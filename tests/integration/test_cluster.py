@@ -1,13 +1,16 @@
 """A relay cluster on NATS end to end (issue 15): three servers, one NATS, four clients.
 
 One topology for the whole module (cluster_support.py draws it), built once
-because it takes a while; the tests run in file order and the last two
-break things on purpose: NATS goes away and comes back, then a server is
-SIGKILLed for good. Each test first checks that what it needs still runs.
+because it takes a while; the tests run in file order and the last three
+break things on purpose: NATS goes away and comes back, then srv1 is
+SIGKILLed for good (its clients learn it at once from the kernel's RST),
+then srv2's host drops off the network without a word (its clients learn it
+only from their own silence timeout, 30 s). Each test first checks that
+what it needs still runs.
 
 Measurements are printed as ``MEASURED ...`` lines, kept as test properties,
 and merged into ``cluster-measurements.json`` in the test bed's log
-directory (the failover time goes to bench/RESULTS.md).
+directory (the failover times go to bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -77,15 +80,9 @@ def _own_processes_stopped(cluster: Cluster) -> Iterator[None]:
     terminate_all([p for p in cluster.bed.processes[first:] if p not in keep])
 
 
-def _running(cluster: Cluster, *indexes: int) -> None:
-    cluster.check_alive()
-    for index in indexes:
-        assert cluster.net.servers[index].alive(), f"srv{index + 1} is not running"
-
-
 def test_relayed_ping_and_bulk_transfer_between_servers(cluster: Cluster, measured: Record) -> None:
     net, a, b = cluster.net, cluster.a, cluster.b
-    _running(cluster)
+    cluster.check_alive()
     assert (net.server_of(A_IP), net.server_of(B_IP)) == (0, 1)
     net.wait_ping(a, B_IP)
     net.wait_ping(b, A_IP)
@@ -103,7 +100,7 @@ def test_relayed_ping_and_bulk_transfer_between_servers(cluster: Cluster, measur
 
 def test_dynamic_address_stays_when_its_client_moves_to_another_server(cluster: Cluster) -> None:
     net = cluster.net
-    _running(cluster)
+    cluster.check_alive()
     dyn = net.add_client("dyn", home=0)
     address = net.wait_for_tun(dyn)
     assert net.server_of(address.ip) == 0
@@ -123,7 +120,7 @@ def test_dynamic_address_stays_when_its_client_moves_to_another_server(cluster: 
 
 def test_duplicate_static_address_on_another_server_kicks_the_old_one(cluster: Cluster) -> None:
     net, b = cluster.net, cluster.b
-    _running(cluster)
+    cluster.check_alive()
     old = net.add_client("old", tun=f"{DUPLICATE_IP}/24", urls=[net.servers[0].url])
     net.wait_for_tun(old)
     net.wait_ping(b, DUPLICATE_IP)
@@ -141,7 +138,7 @@ def test_duplicate_static_address_on_another_server_kicks_the_old_one(cluster: C
 
 def test_replayed_auth_on_a_second_server_is_refused(cluster: Cluster) -> None:
     net = cluster.net
-    _running(cluster)
+    cluster.check_alive()
     timestamp = int(time.time())
     auth = Auth.create(net.password, IPv4Address(REPLAY_IP), timestamp).encode()
     job = {"job": "replay", "tun_ip": REPLAY_IP, "target": C_IP, "auth": auth.hex()}
@@ -157,7 +154,7 @@ def test_candy_client_with_one_url_works_against_every_server(
     cluster: Cluster, measured: Record
 ) -> None:
     net = cluster.net
-    _running(cluster)
+    cluster.check_alive()
     homes = {ip: net.server_of(ip) for ip in (A_IP, B_IP, C_IP, D_IP)}
     first_timestamp = int(time.time())
     for server in net.servers:
@@ -172,7 +169,7 @@ def test_candy_client_with_one_url_works_against_every_server(
 
 def test_nats_outage_keeps_local_relaying_and_rejoins(cluster: Cluster, measured: Record) -> None:
     net, bed, a = cluster.net, cluster.bed, cluster.a
-    _running(cluster, 0, 1, 2)
+    cluster.check_alive()
     assert (net.server_of(A_IP), net.server_of(D_IP)) == (0, 0)  # a and d share srv1
     processes = [server.process for server in net.servers] + [c.process for c in cluster.clients()]
     pids = [process.pid for process in processes if process is not None]
@@ -239,7 +236,7 @@ def test_server_killed_clients_move_and_relaying_resumes(
     cluster: Cluster, measured: Record
 ) -> None:
     net, bed, a, c, d = cluster.net, cluster.bed, cluster.a, cluster.c, cluster.d
-    _running(cluster, 0, 1, 2)
+    cluster.check_alive()
     assert [net.server_of(ip) for ip in (A_IP, C_IP, D_IP)] == [0, 2, 0]
     wait_connected(net, c, d)
     watched_from = time.time()
@@ -303,3 +300,58 @@ def test_server_killed_clients_move_and_relaying_resumes(
         assert row is not None and row["state"] == "CONNECTED", row
         assert row["path"].startswith("direct "), row
     net.wait_ping(a, B_IP)  # a and b share srv2 now
+
+
+def test_server_cut_off_silently_clients_move_after_their_silence_timeout(
+    cluster: Cluster, measured: Record
+) -> None:
+    """srv2's host drops off the network: no RST tells the clients, so they move only
+    when their silence timeout runs out (PROTOCOL 2.3 keepalive); the direct path stays."""
+    net, bed, a, c, d = cluster.net, cluster.bed, cluster.a, cluster.c, cluster.d
+    cluster.check_alive(servers=(1, 2))  # srv1 died in the test before
+    assert [net.server_of(ip) for ip in (A_IP, B_IP, C_IP, D_IP)] == [1, 1, 2, 1]
+    wait_connected(net, c, d)
+    watched_from = time.time()
+    direct = PingLog(bed, c.ns, D_IP, name="ping-direct")
+    relayed = PingLog(bed, a.ns, C_IP, name="ping-relayed")
+    bed.wait_until(
+        lambda: direct.replies_after(watched_from, 3) and relayed.replies_after(watched_from, 3)
+    )
+
+    cut_at = net.cut_off(1)
+    # srv2 still lists them (it cannot tell either): ask srv3.
+    bed.wait_until(
+        lambda: {A_IP, B_IP, D_IP} <= set(net.sessions(2)),
+        timeout=90,
+        interval=0.5,
+        message="the clients of srv2 never logged in on srv3",
+    )
+    answered = bed.wait_until(
+        lambda: first_answer_sent_after(relayed, cut_at),
+        timeout=30,
+        message="no relayed ping a -> c answered after srv2 went",
+    )
+    moved = first_log_line(a.process, "logged in as", after=cut_at)
+    bed.wait_until(
+        lambda: len(net.server_status(2)["cluster"]["servers"]) == 1,
+        timeout=net.ttl * 3 + 15,
+        message="srv3 still lists srv2",
+    )
+    watched_until = time.time()
+    direct.stop()
+    relayed.stop()
+    net.kill(1)  # the host never comes back
+
+    login = None if moved is None else moved - cut_at
+    record_measurements(
+        bed.log_dir,
+        silent_loss_to_login_on_srv3_s=login,
+        silent_loss_to_relayed_ping_s=answered - cut_at,
+    )
+    measured("silent_loss_to_login_on_srv3_s", login)
+    measured("silent_loss_to_relayed_ping_s", answered - cut_at)
+    measured("direct_ping_max_gap_s", direct.max_gap(cut_at, watched_until))
+    assert not flaps(d.process, C_IP, after=watched_from), "d left CONNECTED"
+    assert not flaps(c.process, D_IP, after=watched_from), "c left CONNECTED"
+    row = d.peer(C_IP)
+    assert row is not None and row["state"] == "CONNECTED" and row["path"].startswith("direct ")

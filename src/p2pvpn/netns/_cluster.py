@@ -168,6 +168,14 @@ class ClusterNetwork(VpnNetwork):
         process.wait(10)
         return killed_at
 
+    def cut_off(self, index: int) -> float:
+        """Server ``index``'s host drops off the network without a word (its link goes down:
+        no FIN or RST reaches anybody); returns when (wall clock)."""
+        server = self.servers[index]
+        cut_at = time.time()
+        server.ns.ip("link", "set", "dev", self.wan.ifname(server.ns), "down")
+        return cut_at
+
     def server_status(self, index: int) -> dict[str, Any]:
         """``p2pvpn server status --json`` of server ``index``, through its control socket."""
         server = self.servers[index]
