@@ -338,11 +338,15 @@ def test_nats_outage_keeps_local_relaying_and_cross_server_relaying_resumes(
             assert one.stats()["cluster"]["connected"] == 0
             await exchange(a, c, b"during, on one server")
             await exchange(c, a, b"back, on one server")
+            # Logins go on; replays to other servers cannot be checked meanwhile.
+            d = await login(one, "10.77.0.4", "0a0b0c0d0e0f1011")
+            await exchange(d, a, b"logged in during the outage")
             await asyncio.to_thread(nats.start)
             await wait_until(lambda: link(one).state == "joined", DEADLINE)
             await wait_until(lambda: link(two).state == "joined", DEADLINE)
-            await known_everywhere([one, two], a, b, c)
+            await known_everywhere([one, two], a, b, c, d)
             await exchange(a, b, b"after")
+            await exchange(b, d, b"to the one who came during the outage")
             await exchange(b, c, b"after, the other way")
             status = link(one).status()
             assert status["outages"] == 1
@@ -353,6 +357,8 @@ def test_nats_outage_keeps_local_relaying_and_cross_server_relaying_resumes(
     lost = [r for r in caplog.records if r.getMessage().startswith("lost NATS")]
     assert len(lost) == 2  # once per server
     assert all(record.levelno == logging.WARNING for record in lost)
+    unchecked = [r for r in caplog.records if "cannot be checked" in r.getMessage()]
+    assert len(unchecked) == 1  # one login frame per kind, one line
     back = [r for r in caplog.records if r.getMessage().startswith("rejoined the cluster")]
     assert len(back) == 2
     assert all(record.levelno == logging.INFO for record in back)

@@ -193,6 +193,7 @@ class ClusterLink:
         self._received = 0
         self._warned: dict[str, float] = {}
         self._replay_warned = False
+        self._join_warned = False  # a failed join was logged; again after the next join
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -226,6 +227,7 @@ class ClusterLink:
             raise ClusterError(reason)
         if not self._joined:
             self._state = "unreachable"
+            self._join_warned = True  # this warning says it
             detail = f" ({self._last_error})" if self._last_error else ""
             logger.warning(
                 "cannot join the cluster at %s%s: serving this server's clients alone, "
@@ -393,7 +395,7 @@ class ClusterLink:
             "connect_timeout": CONNECT_TIMEOUT,
             # A server never needs its own broadcasts back.
             "no_echo": True,
-            # A silent NATS (a cut link, not a closed socket) is noticed within ~2/3 ttl.
+            # A silent NATS (a cut link, not a closed socket) is noticed within about a ttl.
             "ping_interval": max(1, int(self._ttl / 3)),
             "max_outstanding_pings": 2,
             "disconnected_cb": self._on_disconnected,
@@ -424,11 +426,12 @@ class ClusterLink:
                 return
             except Exception as exc:
                 # Connected, but JetStream does not answer (yet, or not enabled).
-                error = f"{type(exc).__name__}: {exc}" if str(exc) else repr(exc)
-                self._last_error = self._scrub(error)
-                self._throttled_warning("join", "cluster: cannot join yet: %s", self._last_error)
-                if not self._in_start:
+                self._last_error = self._scrub(_join_error_text(exc))
+                if not self._in_start:  # start() reports it itself
                     self._state = "unreachable"
+                    if not self._join_warned:
+                        self._join_warned = True
+                        logger.warning("cluster: cannot join yet: %s", self._last_error)
                 await asyncio.sleep(JOIN_RETRY)
                 continue
             await self._down.wait()
@@ -445,6 +448,7 @@ class ClusterLink:
             self._outages += 1
             self._lost_at = time.time()
             self._replay_warned = False
+            self._join_warned = True  # until it is back, this warning says it
             logger.warning(
                 "lost NATS at %s: serving this server's clients alone, "
                 "cross-server relaying stops until it is back",
@@ -517,6 +521,7 @@ class ClusterLink:
         self._state = "joined"
         self._connected_since = time.time()
         self._last_error = None
+        self._join_warned = False
         self._settled.set()
         self._wake.set()
         if self._lost_at is not None:
@@ -664,12 +669,14 @@ class ClusterLink:
                 continue  # the next join writes everything
             addresses = list(self._dirty)
             self._dirty.clear()
-            await self._reconcile_all(addresses)
-            await self._write_leases()
-            if self._session_count() != self._sessions_written:
-                # Logins and logouts show in the other servers' status without waiting.
-                with contextlib.suppress(Exception):
+            try:
+                await self._reconcile_all(addresses)
+                await self._write_leases()
+                if self._session_count() != self._sessions_written:
+                    # Logins and logouts show in the other servers' status without waiting.
                     await self._put_server_record()
+            except Exception as exc:  # NATS went away meanwhile: the next join writes all
+                logger.debug("cluster: writes interrupted: %r", exc)
 
     async def _reconcile_all(self, addresses: Iterable[IPv4Address]) -> None:
         unique = list(dict.fromkeys(addresses))
@@ -908,6 +915,14 @@ class ClusterLink:
 
 
 # -- helpers -------------------------------------------------------------------
+
+
+def _join_error_text(exc: Exception) -> str:
+    """Why a join failed, with the likely fix when JetStream does not answer."""
+    name = type(exc).__name__
+    if name in {"ServiceUnavailableError", "NoRespondersError"}:
+        return "JetStream is not available on this NATS server (run nats-server with -js)"
+    return f"{name}: {exc}" if str(exc) else repr(exc)
 
 
 def _perform_nothing(actions: list[Action]) -> None:
