@@ -23,6 +23,8 @@ On a test bed, for the integration tests and the soak benchmark:
 * `VpnNetwork`, `Client`, `nat_client`, `wait_state`, `wait_connected`: a
   ``p2pvpn server`` and ``p2pvpn run`` clients, directly on the "internet"
   or behind NAT sites; `block_udp_between` / `unblock` cut their direct path.
+* `ClusterNetwork`, `ClusterServer`: a relay cluster - NATS and several
+  ``p2pvpn server --cluster`` - with clients that list every server.
 * `PingLog`, `BULK_RECEIVER`, `BULK_SENDER`: traffic through the tunnel.
 * `state_changes`, `first_change`, `process_resources`: what the clients
   logged and how much they use.
@@ -31,6 +33,7 @@ Every command that fails raises `CommandError` with the command line and
 its error output.
 """
 
+from p2pvpn.netns._cluster import CLUSTER_TTL, ClusterNetwork, ClusterServer
 from p2pvpn.netns._commands import COMMAND_TIMEOUT, CommandError, run
 from p2pvpn.netns._links import SEGMENT_BRIDGE, Link, Segment, make_link
 from p2pvpn.netns._namespace import (
@@ -99,6 +102,7 @@ __all__ = [
     "BULK_PORT",
     "BULK_RECEIVER",
     "BULK_SENDER",
+    "CLUSTER_TTL",
     "COMMAND_TIMEOUT",
     "CUT_TABLE",
     "DHCP",
@@ -113,6 +117,8 @@ __all__ = [
     "TUN_DEVICE",
     "WS_PORT",
     "Client",
+    "ClusterNetwork",
+    "ClusterServer",
     "CommandError",
     "Link",
     "LocalNatsServer",
