@@ -23,6 +23,7 @@ SANS_IO = (
     "client/route_policy.py",
     "server/relay.py",
     "server/limits.py",
+    "server/cluster_state.py",
 )
 IO_MODULES = frozenset({"socket", "asyncio", "websockets", "selectors", "ssl"})
 

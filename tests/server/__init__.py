@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable
 from ipaddress import IPv4Address, IPv4Interface
 
-from p2pvpn.server.relay import Action, Relay, RelaySession, Send
+from p2pvpn.server.relay import Action, Close, Relay, RelaySession, Send
 from p2pvpn.wire.ws import Auth, ExptTun, Vmac, decode_ws_message
 
 PASSWORD = "test-password"
@@ -34,11 +34,14 @@ class FakeSession(RelaySession):
 def perform(actions: list[Action]) -> None:
     """Carry out the relay's actions on FakeSessions, as the WebSocket layer would."""
     for action in actions:
-        assert isinstance(action.session, FakeSession)
         if isinstance(action, Send):
+            assert isinstance(action.session, FakeSession)
             action.session.sent.append(action.frame)
-        else:
+        elif isinstance(action, Close):
+            assert isinstance(action.session, FakeSession)
             action.session.closes.append((action.code, action.reason))
+        else:
+            raise AssertionError(f"a cluster action from a relay without a cluster: {action}")
 
 
 def feed(relay: Relay, session: RelaySession, frame: bytes, now: float = NOW) -> None:

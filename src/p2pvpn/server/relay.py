@@ -13,17 +13,28 @@ The resource caps of :class:`~p2pvpn.server.limits.ServerLimits` that need
 no socket are kept here too: one login message of each kind per connection,
 the replay cache's size, a token bucket and a size cap on broadcasts, and
 the dynamic addresses per source address.
+
+With a :class:`~p2pvpn.server.cluster_state.ClusterView` (a relay cluster on
+NATS) the relay also returns :class:`Publish`, :class:`Claim`,
+:class:`Release` and :class:`RecordLease` for :mod:`p2pvpn.server.cluster` to
+perform, reads the view to route frames and grant addresses, and takes the
+other servers' frames and claims through :meth:`Relay.deliver_from_cluster`
+and :meth:`Relay.kick`. Without one, none of that happens.
 """
 
+import hashlib
 import heapq
 import itertools
+import json
 import logging
+import secrets
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
-from typing import Any, Protocol
+from typing import Any
 
+from p2pvpn.server.cluster_state import ClusterView, OwnerRecord, SdwanRuleLike
 from p2pvpn.server.limits import DEFAULT_LIMITS, LogThrottle, ServerLimits, TokenBucket
 from p2pvpn.wire.close_codes import CloseCode
 from p2pvpn.wire.errors import DecodeError
@@ -50,9 +61,13 @@ __all__ = [
     "MAX_ROUTES_PER_MESSAGE",
     "REPLAY_WINDOW",
     "Action",
+    "Claim",
     "Close",
+    "Publish",
+    "RecordLease",
     "Relay",
     "RelaySession",
+    "Release",
     "SdwanRuleLike",
     "Send",
 ]
@@ -82,19 +97,6 @@ _LOGIN_TYPES = frozenset({int(WsType.AUTH), int(WsType.EXPTTUN), int(WsType.VMAC
 _IPV4_HEADER_SIZE = 20
 
 
-class SdwanRuleLike(Protocol):
-    """The shape of :class:`p2pvpn.config.SdwanRule` the relay needs."""
-
-    @property
-    def device(self) -> IPv4Network: ...
-
-    @property
-    def destination(self) -> IPv4Network: ...
-
-    @property
-    def nexthop(self) -> IPv4Address: ...
-
-
 class RelaySession:
     """One client connection as the relay sees it; the attributes are owned by :class:`Relay`.
 
@@ -120,6 +122,16 @@ class RelaySession:
         # reading of a session whose frames are mostly junk (junk_rate).
         self.dropped_frames = 0
         self.junk_bucket: TokenBucket | None = None  # made by the I/O layer at the first drop
+        # Tells two logins of one address apart across the cluster (OwnerRecord.session).
+        self.session_id = secrets.token_hex(8)
+        self.since: float | None = None  # login time, Unix seconds
+        # For `p2pvpn server status`: frames from this session passed on (to
+        # local sessions or published), and frames sent to it.
+        self.frames_relayed = 0
+        self.bytes_relayed = 0
+        self.frames_delivered = 0
+        self.bytes_delivered = 0
+        self.tls = False  # set by the I/O layer
 
     def describe(self) -> str:
         who = str(self.tun_ip) if self.tun_ip is not None else "not logged in"
@@ -144,7 +156,43 @@ class Close:
     reason: str
 
 
-Action = Send | Close
+# Not frozen either: one per frame for an address held by another server.
+@dataclass(slots=True)
+class Publish:
+    """Publish ``frame`` to the cluster: for ``address``'s holder, or to all (None)."""
+
+    address: IPv4Address | None
+    frame: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """``session`` logged in with ``address`` here: put ``record`` as its owner, keep it fresh."""
+
+    session: RelaySession
+    address: IPv4Address
+    record: OwnerRecord
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    """``session`` ended: delete ``address``'s owner record if it still names the session."""
+
+    session: RelaySession
+    address: IPv4Address
+
+
+@dataclass(frozen=True, slots=True)
+class RecordLease:
+    """Put the cluster-wide DHCP lease of ``vmac``."""
+
+    vmac: str
+    address: IPv4Address
+
+
+# The cluster actions never appear without a cluster; an I/O layer without
+# one only needs to perform Send and Close.
+Action = Send | Close | Publish | Claim | Release | RecordLease
 
 
 class _ReplayCache:
@@ -199,8 +247,12 @@ class Relay:
         dhcp: IPv4Network | None = None,
         sdwan: Sequence[SdwanRuleLike] = (),
         limits: ServerLimits = DEFAULT_LIMITS,
+        cluster: ClusterView | None = None,
     ) -> None:
         self._password = password
+        # Other servers of the network; None: this relay is alone, and no
+        # cluster action is ever returned.
+        self._cluster = cluster
         self._limits = limits
         self._dhcp = dhcp
         self._sdwan = tuple(sdwan)
@@ -229,21 +281,37 @@ class Relay:
 
     # -- public API ---------------------------------------------------------
 
+    @property
+    def cluster(self) -> ClusterView | None:
+        return self._cluster
+
     def on_connect(self, session: RelaySession) -> None:
         self._open.add(session)
         self._counters["connections_total"] += 1
         logger.info("connect from %s", session.remote)
 
-    def on_disconnect(self, session: RelaySession, reason: str = "connection closed") -> None:
-        """Forget ``session``; idempotent and never raises."""
+    def on_disconnect(
+        self, session: RelaySession, reason: str = "connection closed"
+    ) -> list[Action]:
+        """Forget ``session``; idempotent and never raises.
+
+        With a cluster, a session that logged in yields the Release of its
+        address, even when it was closed or kicked before: the I/O layer deletes
+        the owner record only if it still names this session.
+        """
+        actions: list[Action] = []
         try:
             self._open.discard(session)
             self._unmap(session)
             if not session.disconnected:
                 session.disconnected = True
                 logger.info("disconnect %s: %s", session.describe(), reason)
+                tun_ip = session.tun_ip
+                if self._cluster is not None and session.since is not None and tun_ip is not None:
+                    actions.append(Release(session, tun_ip))
         except Exception:
             logger.exception("internal error while forgetting %s", session.remote)
+        return actions
 
     def handle_frame(self, session: RelaySession, frame: bytes, now: float) -> list[Action]:
         """Process one binary frame from ``session``; ``now`` is Unix time in seconds.
@@ -328,6 +396,8 @@ class Relay:
             "bytes_received": counters["bytes_received"],
             "frames_relayed": counters["frames_relayed"],
             "bytes_relayed": counters["bytes_relayed"],
+            "frames_published": counters["frames_published"],
+            "frames_from_cluster": counters["frames_from_cluster"],
             "dhcp_leases": len(self._leases),
             "replay_cache_entries": len(self._replays),
             "internal_errors": counters["internal_errors"],
@@ -335,6 +405,87 @@ class Relay:
             "rejections": dict(self._rejections),
             "limits": dict(self._caps),
         }
+
+    def session_rows(self, now: float) -> list[dict[str, object]]:
+        """One row per logged-in session, by address, for `p2pvpn server status`.
+
+        ``since`` is the login time (Unix seconds); ``now`` is taken for
+        symmetry with the other calls, rows carry no ages.
+        """
+        del now
+        return [
+            {
+                "address": str(address),
+                "vmac": session.vmac,
+                "remote": session.remote,
+                "since": session.since,
+                "frames_relayed": session.frames_relayed,
+                "bytes_relayed": session.bytes_relayed,
+                "frames_delivered": session.frames_delivered,
+                "bytes_delivered": session.bytes_delivered,
+                "tls": session.tls,
+            }
+            for address, session in sorted(self._sessions.items())
+        ]
+
+    # -- cluster --------------------------------------------------------------
+
+    def deliver_from_cluster(self, frame: bytes, now: float, *, broadcast: bool) -> list[Action]:
+        """A frame another server published: Send it to the local session(s) it is for.
+
+        Never raises; a frame that is not a relayable message is dropped and
+        counted (``cluster_malformed``), one for an address not held here
+        any more too (``cluster_unknown_destination``).
+        """
+        self._counters["frames_from_cluster"] += 1
+        try:
+            parsed = _parse_cluster_frame(frame, broadcast=broadcast, dhcp=self._dhcp)
+            if parsed is None:
+                self._drops["cluster_malformed"] += 1
+                return []
+            source, destination = parsed
+            if broadcast:
+                for target in list(self._sessions.values()):
+                    # The sender's address held here too (a login moving between
+                    # servers): its own broadcast never comes back to it.
+                    if target.tun_ip != source:
+                        self._deliver(target, frame)
+            else:
+                holder = self._sessions.get(destination)
+                if holder is None:
+                    self._drops["cluster_unknown_destination"] += 1
+                else:
+                    self._deliver(holder, frame)
+        except Exception:
+            self._counters["internal_errors"] += 1
+            logger.exception("internal error handling a frame from the cluster")
+            self._actions.clear()
+        return self._take_actions()
+
+    def kick(self, address: IPv4Address, record: OwnerRecord, now: float) -> list[Action]:
+        """Another server holds ``address`` now: close our session of it, if it is older.
+
+        No Release follows from here: the owner record is the other server's now.
+        A record of ours, of the same session, or older than our login (a late
+        refresh from before our claim) kicks nobody. Comparing login times
+        across servers assumes their clocks agree to well within the time a
+        client takes to log in again (NTP does).
+        """
+        session = self._sessions.get(address)
+        if session is None or self._cluster is None or record.server == self._cluster.server_id:
+            return []
+        if record.session == session.session_id:
+            return []
+        if session.since is not None and record.since < session.since:
+            return []
+        logger.warning(
+            "kicked %s: a client logged in with the same address on server %s",
+            session.describe(),
+            record.server,
+        )
+        self._rejections[CloseCode.KICKED.name] += 1
+        self._close(session, CloseCode.KICKED, "another client logged in")
+        return self._take_actions()
 
     # -- dispatch -----------------------------------------------------------
 
@@ -417,19 +568,7 @@ class Relay:
         Only messages with a valid hash enter the replay cache, so a client
         without the password cannot grow it.
         """
-        if not valid:
-            raise _RejectError(
-                CloseCode.AUTHENTICATION_FAILED,
-                "authentication failed",
-                f"{name} with a wrong hash (wrong password?)",
-            )
-        skew = timestamp - now
-        if abs(skew) > REPLAY_WINDOW:
-            raise _RejectError(
-                CloseCode.STALE_OR_REPLAYED,
-                "stale timestamp",
-                f"{name} timestamp is {skew:+.0f} s off the server clock",
-            )
+        self._check_hash_and_freshness(name, valid, timestamp, now)
         self._replays.prune(now)
         if self._replays.seen(key):
             raise _RejectError(CloseCode.STALE_OR_REPLAYED, "replayed", f"replayed {name}")
@@ -445,16 +584,81 @@ class Relay:
             )
         self._replays.add(key, timestamp)
 
+    @staticmethod
+    def _check_hash_and_freshness(name: str, valid: bool, timestamp: int, now: float) -> None:
+        if not valid:
+            raise _RejectError(
+                CloseCode.AUTHENTICATION_FAILED,
+                "authentication failed",
+                f"{name} with a wrong hash (wrong password?)",
+            )
+        skew = timestamp - now
+        if abs(skew) > REPLAY_WINDOW:
+            raise _RejectError(
+                CloseCode.STALE_OR_REPLAYED,
+                "stale timestamp",
+                f"{name} timestamp is {skew:+.0f} s off the server clock",
+            )
+
+    @staticmethod
+    def _replay_key(session: RelaySession, message: Auth | ExptTun | Vmac) -> tuple[object, ...]:
+        if isinstance(message, Auth):
+            return (WsType.AUTH, message.hash)
+        if isinstance(message, ExptTun):
+            # The EXPTTUN hash covers only password and timestamp, so every client
+            # asking in the same second sends the same hash: the vmac (itself
+            # signed and replay-checked) tells their requests apart.
+            return (WsType.EXPTTUN, session.vmac, message.hash)
+        return (WsType.VMAC, message.hash)
+
+    def login_replay_key(self, session: RelaySession, frame: bytes, now: float) -> str | None:
+        """The cluster-wide replay key of a signed login frame, or None.
+
+        None for anything the normal path refuses anyway (not a login message,
+        malformed, a wrong hash, a stale timestamp, a repeat on this
+        connection): only frames that could log in are worth a claim on the
+        cluster. Changes no state.
+        """
+        if session.closed or not frame or len(frame) > MAX_FRAME_SIZE:
+            return None
+        kind = frame[0]
+        if kind not in _LOGIN_TYPES or kind in session.login_messages:
+            return None
+        try:
+            message = decode_ws_message(frame)
+        except DecodeError:
+            return None
+        if not isinstance(message, Auth | ExptTun | Vmac):
+            return None
+        valid = message.verify(self._password)
+        try:
+            self._check_hash_and_freshness(WsType(kind).name, valid, message.timestamp, now)
+        except _RejectError:
+            return None
+        return _replay_digest(self._replay_key(session, message))
+
+    def refuse_replay(self, session: RelaySession, kind_name: str, now: float) -> list[Action]:
+        """Another server saw this login message already: close ``session`` as a replay."""
+        if session.closed:
+            return []
+        self._reject(
+            session,
+            CloseCode.STALE_OR_REPLAYED,
+            "replayed",
+            f"replayed {kind_name} (seen by another server)",
+        )
+        return self._take_actions()
+
     def _on_vmac(self, session: RelaySession, message: Vmac, now: float) -> None:
         valid = message.verify(self._password)
-        key = (WsType.VMAC, message.hash)
+        key = self._replay_key(session, message)
         self._check_signed("VMAC", valid, message.timestamp, key, now)
         session.vmac = message.vmac
         logger.debug("vmac %r from %s", message.vmac, session.remote)
 
     def _on_auth(self, session: RelaySession, message: Auth, now: float) -> None:
         valid = message.verify(self._password)
-        key = (WsType.AUTH, message.hash)
+        key = self._replay_key(session, message)
         self._check_signed("AUTH", valid, message.timestamp, key, now)
         tun_ip = message.tun_ip
         self._check_tun_ip(tun_ip)
@@ -468,7 +672,11 @@ class Relay:
         self._sessions[tun_ip] = session
         session.tun_ip = tun_ip
         session.authenticated = True
+        session.since = now
         self._counters["logins"] += 1
+        if self._cluster is not None:
+            record = OwnerRecord(self._cluster.server_id, session.session_id, session.vmac, now)
+            self._actions.append(Claim(session, tun_ip, record))
         if session.vmac is not None and self._is_pool_host(tun_ip):
             self._record_lease(session.vmac, tun_ip, session.host)
         logger.info("login %s from %s (vmac %s)", tun_ip, session.remote, session.vmac)
@@ -508,10 +716,7 @@ class Relay:
                 "address request, but no dhcp range is configured",
             )
         valid = message.verify(self._password)
-        # The EXPTTUN hash covers only password and timestamp, so every client
-        # asking in the same second sends the same hash: the vmac (itself
-        # signed and replay-checked) tells their requests apart.
-        key = (WsType.EXPTTUN, session.vmac, message.hash)
+        key = self._replay_key(session, message)
         self._check_signed("EXPTTUN", valid, message.timestamp, key, now)
         self._check_leases_of_host(session)
         granted = self._allocate(session, message.cidr.ip)
@@ -535,7 +740,7 @@ class Relay:
         vmac = session.vmac
         if self._is_pool_host(requested) and self._available(requested, session, strict=True):
             return requested
-        previous = self._leases.get(vmac) if vmac is not None else None
+        previous = self._lease_of_vmac(vmac) if vmac is not None else None
         if (
             previous is not None
             and self._is_pool_host(previous)
@@ -553,8 +758,24 @@ class Relay:
         )
         if holder is not None and not same_client:
             return False
+        cluster = self._cluster
+        if holder is None and cluster is not None:
+            remote = cluster.remote_owner(address)
+            if remote is not None and (session.vmac is None or remote.vmac != session.vmac):
+                return False
+        if not strict:
+            return True
         owner = self._lease_owner.get(address)
-        return not strict or owner is None or owner == session.vmac
+        if owner is None and cluster is not None:
+            owner = cluster.lease_owner(address)
+        return owner is None or owner == session.vmac
+
+    def _lease_of_vmac(self, vmac: str) -> IPv4Address | None:
+        """The sticky address of ``vmac``: ours, else the cluster's."""
+        address = self._leases.get(vmac)
+        if address is None and self._cluster is not None:
+            address = self._cluster.lease_of(vmac)
+        return address
 
     def _next_free(self, session: RelaySession) -> IPv4Address | None:
         """Round-robin from the last grant: unleased first, else reclaim a stale lease."""
@@ -585,7 +806,7 @@ class Relay:
         lease of that address whose client is gone makes room instead.
         """
         vmac = session.vmac
-        if vmac is None or vmac in self._leases:
+        if vmac is None or self._lease_of_vmac(vmac) is not None:
             return
         vmacs = self._host_leases.get(session.host, set())
         if len(vmacs) < self._limits.max_leases_per_ip:
@@ -618,6 +839,8 @@ class Relay:
         self._lease_owner[address] = vmac
         self._lease_host[vmac] = host
         self._host_leases.setdefault(host, set()).add(vmac)
+        if self._cluster is not None:
+            self._actions.append(RecordLease(vmac, address))
 
     def _drop_lease(self, vmac: str) -> None:
         address = self._leases.pop(vmac)
@@ -658,11 +881,18 @@ class Relay:
             return
         target = self._sessions.get(destination)
         if target is not None:
+            session.frames_relayed += 1
+            session.bytes_relayed += len(frame)
             self._deliver(target, frame)
         elif is_broadcast_or_multicast(destination, self._dhcp):
             self._fan_out(session, frame, now)
         else:
-            self._drop(session, "unknown_destination")
+            # Inline, not _publish_or_drop: a relay without a cluster pays no call.
+            cluster = self._cluster
+            if cluster is not None and cluster.remote_owner(destination) is not None:
+                self._publish(session, destination, frame)
+            else:
+                self._drop(session, "unknown_destination")
 
     def _may_route(self, session: RelaySession, source: IPv4Address) -> bool:
         assert session.tun_ip is not None  # only called for authenticated sessions
@@ -693,14 +923,35 @@ class Relay:
             return
         target = self._sessions.get(destination)
         if target is None:
-            self._drop(session, "unknown_destination")
+            self._publish_or_drop(session, destination, frame)
             return
+        session.frames_relayed += 1
+        session.bytes_relayed += len(frame)
         self._deliver(target, frame)
 
     def _deliver(self, target: RelaySession, frame: bytes) -> None:
+        size = len(frame)
         self._counters["frames_relayed"] += 1
-        self._counters["bytes_relayed"] += len(frame)
+        self._counters["bytes_relayed"] += size
+        target.frames_delivered += 1
+        target.bytes_delivered += size
         self._actions.append(Send(target, frame))
+
+    def _publish_or_drop(
+        self, sender: RelaySession, destination: IPv4Address, frame: bytes
+    ) -> None:
+        """No local session holds ``destination``: publish it to its holder, if a server has it."""
+        cluster = self._cluster
+        if cluster is None or cluster.remote_owner(destination) is None:
+            self._drop(sender, "unknown_destination")
+        else:
+            self._publish(sender, destination, frame)
+
+    def _publish(self, sender: RelaySession, destination: IPv4Address, frame: bytes) -> None:
+        sender.frames_relayed += 1
+        sender.bytes_relayed += len(frame)
+        self._counters["frames_published"] += 1
+        self._actions.append(Publish(destination, frame))
 
     def _fan_out(self, sender: RelaySession, frame: bytes, now: float) -> None:
         """Send ``frame`` to everyone but ``sender``, within the broadcast caps.
@@ -727,9 +978,16 @@ class Relay:
             self._drop(sender, "broadcast_rate")
             self.cap_hit("broadcast_rate", now, "dropped broadcasts from %s", sender.describe())
             return
+        # Counted once per broadcast: the sender passed on one frame.
+        sender.frames_relayed += 1
+        sender.bytes_relayed += len(frame)
         for target in list(self._sessions.values()):
             if target is not sender:
                 self._deliver(target, frame)
+        if self._cluster is not None:
+            # After the caps: they hold for the sender across the whole cluster.
+            self._counters["frames_published"] += 1
+            self._actions.append(Publish(None, frame))
 
     # -- session bookkeeping ------------------------------------------------
 
@@ -754,6 +1012,49 @@ class Relay:
     def _take_actions(self) -> list[Action]:
         actions, self._actions = self._actions, []
         return actions
+
+
+def _parse_cluster_frame(
+    frame: bytes, *, broadcast: bool, dhcp: IPv4Network | None
+) -> tuple[IPv4Address, IPv4Address] | None:
+    """(source, destination) of a relayable frame from the cluster, or None for junk.
+
+    The publishing server checked the sender already; this only makes sure a
+    frame is what its subject says, so a broken or hostile publisher cannot
+    make us send a client anything the relay itself would not.
+    """
+    if not frame or len(frame) > MAX_FRAME_SIZE:
+        return None
+    if frame[0] == WsType.FORWARD:
+        if len(frame) < 1 + _IPV4_HEADER_SIZE or frame[1] >> 4 != 4:
+            return None
+        source, destination = IPv4Address(frame[13:17]), IPv4Address(frame[17:21])
+        if broadcast != is_broadcast_or_multicast(destination, dhcp):
+            return None
+        return source, destination
+    try:
+        message = decode_ws_message(frame)
+    except DecodeError:
+        return None
+    if not isinstance(message, Udp4Conn | Discovery | General | LanAddress):
+        return None
+    # As from a client: everything but UDP4CONN may go to everyone (PROTOCOL 2.4).
+    if broadcast and (isinstance(message, Udp4Conn) or message.dst != BROADCAST):
+        return None
+    return message.src, message.dst
+
+
+def _replay_digest(key: tuple[object, ...]) -> str:
+    """The hex sha256 of a replay key: the same on every server for the same message.
+
+    Servers of different versions may share a cluster, so the form is fixed:
+    the JSON list [type number, (vmac or null, EXPTTUN only,) hash as hex].
+    """
+    parts = [
+        part.hex() if isinstance(part, bytes) else int(part) if isinstance(part, WsType) else part
+        for part in key
+    ]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 
 def _host_of(remote: str) -> str:

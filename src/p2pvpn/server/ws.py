@@ -18,7 +18,7 @@ from websockets.asyncio.server import serve as ws_serve
 from websockets.exceptions import ConnectionClosed
 
 from p2pvpn.server.limits import DEFAULT_LIMITS, ServerLimits, TokenBucket
-from p2pvpn.server.relay import MAX_FRAME_SIZE, Action, Relay, RelaySession, Send
+from p2pvpn.server.relay import MAX_FRAME_SIZE, Action, Close, Relay, RelaySession, Send
 
 __all__ = [
     "DEFAULT_LOGIN_TIMEOUT",
@@ -131,11 +131,11 @@ def _perform(actions: list[Action]) -> None:
     for action in actions:
         # The relay only names sessions it was given, and a RelayServer gives
         # it nothing but the _WsSessions it made.
-        session = cast(_WsSession, action.session)
         if isinstance(action, Send):
-            session.send(action.frame)
-        else:
-            session.close(action.code, action.reason)
+            cast(_WsSession, action.session).send(action.frame)
+        elif isinstance(action, Close):
+            cast(_WsSession, action.session).close(action.code, action.reason)
+        # The cluster actions only come from a relay with a cluster.
 
 
 def _host_of(address: Any) -> str:
