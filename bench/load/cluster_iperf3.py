@@ -1,19 +1,20 @@
 """Relayed iperf3 between two real `p2pvpn run` clients, on one server and across a cluster.
 
 Part of ``relay_load.py --cluster N`` (which imports it): in network namespaces
-(root), a plain ``p2pvpn server``, two ``p2pvpn server --cluster`` joined by a
+(root), a plain ``p2pvpn server``, N ``p2pvpn server --cluster`` joined by a
 nats-server in a namespace of its own, and two clients a and b. UDP between
 the clients is dropped in both of their namespaces and they have no STUN
 server, so every packet between them goes through the relay. iperf3 (TCP,
 a to b) runs three times: both clients on the plain server (the baseline),
-both on one server of the cluster, and a on one cluster server with b on the
-other. The clients are restarted with the next server's URL between runs and
-keep their static addresses.
+both on one server of the cluster, and a on one cluster server with b on
+another; ``--iperf3-rounds`` times. The clients are restarted with the next
+server's URL between runs and keep their static addresses.
 """
 
 from __future__ import annotations
 
 import shutil
+import statistics
 import subprocess
 from dataclasses import dataclass
 from functools import partial
@@ -40,6 +41,7 @@ PASSWORD = "relay-iperf3-benchmark"
 WS_PORT = 8080
 TUN = {"a": "10.78.0.11", "b": "10.78.0.12"}
 CUT_TABLE = "relay_only"
+BASELINE = "1 server"  # both clients on the plain server
 RELAY_PATH = "relay server"  # the path of a peer in `p2pvpn status --json`
 
 
@@ -151,21 +153,35 @@ def _one_run(
     return run
 
 
-def relayed_iperf3(servers: int, seconds: int, log_dir: Path) -> dict[str, Any]:
-    """The three iperf3 runs (see the module's docstring); ratios against the plain server."""
+def _with_ratios(runs: list[dict[str, Any]]) -> dict[str, float]:
+    """Each run's ratio to the plain server's of its round; the median ratio per scenario."""
+    by_scenario: dict[str, list[float]] = {}
+    base: float | None = None
+    for run in runs:
+        if run["scenario"] == BASELINE:
+            base = run.get("mbit_s")
+        if base and "mbit_s" in run:
+            run["ratio"] = round(run["mbit_s"] / base, 3)
+            by_scenario.setdefault(run["scenario"], []).append(run["ratio"])
+    return {name: round(statistics.median(values), 3) for name, values in by_scenario.items()}
+
+
+def relayed_iperf3(servers: int, seconds: int, rounds: int, log_dir: Path) -> dict[str, Any]:
+    """``rounds`` times the three iperf3 runs of the module's docstring; ratios against the
+    plain server of the same round, and their median."""
     print(f"-- iperf3 through p2pvpn run clients in namespaces, {seconds} s each", flush=True)
     log_dir.mkdir(parents=True, exist_ok=True)
     with TestBed(log_dir) as bed:
-        cluster = build(bed, log_dir, min(servers, 2))
+        cluster = build(bed, log_dir, servers)
         first, second = cluster.cluster_urls[:2]
         plan = (
-            ("1 server", (cluster.plain_url, cluster.plain_url)),
+            (BASELINE, (cluster.plain_url, cluster.plain_url)),
             (f"{servers} servers, same server", (first, first)),
             (f"{servers} servers, cross-server", (first, second)),
         )
-        runs = [_one_run(cluster, label, urls, seconds, log_dir) for label, urls in plan]
-    base = runs[0].get("mbit_s")
-    for run in runs:
-        if base and "mbit_s" in run:
-            run["ratio"] = round(run["mbit_s"] / base, 3)
-    return {"seconds": seconds, "tool": "iperf3 (TCP, a to b)", "runs": runs}
+        runs = []
+        for number in range(1, rounds + 1):
+            for label, urls in plan:
+                runs.append({"round": number, **_one_run(cluster, label, urls, seconds, log_dir)})
+    medians = _with_ratios(runs)
+    return {"seconds": seconds, "tool": "iperf3 (TCP, a to b)", "runs": runs, "ratios": medians}

@@ -62,6 +62,7 @@ import resource
 import secrets
 import signal
 import socket
+import statistics
 import struct
 import subprocess
 import sys
@@ -96,8 +97,9 @@ CONNECT_CONCURRENCY = 64  # per worker: keeps the listen backlog from overflowin
 LOGIN_TIMEOUT = 60.0
 WARMUP = 2.0  # traffic flows, nothing is measured
 DRAIN = 1.5  # after the last send: frames still in flight may arrive
+BULK_DRAIN = 4.0  # a bulk pair fills queues on the way (send queue, NATS): seconds deep
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-CLUSTER_CONNECTED_METRIC = "p2pvpn_server_cluster_connected"  # a gauge: 1 while on NATS
+GAUGES = ("cluster_connected", "cluster_servers")  # Server.counters() that are no counters
 
 
 # -- frames -------------------------------------------------------------------------------
@@ -609,9 +611,11 @@ class Server(Measured):
             "p2pvpn_server_drops_total": "drops",
             "p2pvpn_server_rejections_total": "rejections",
             "p2pvpn_server_logins_total": "logins",
-            CLUSTER_CONNECTED_METRIC: "cluster_connected",
-            "p2pvpn_server_cluster_published_total": "cluster_published",
-            "p2pvpn_server_cluster_received_total": "cluster_received",
+            "p2pvpn_server_cluster_connected": "cluster_connected",
+            "p2pvpn_server_cluster_servers": "cluster_servers",
+            "p2pvpn_server_cluster_frames_published_total": "cluster_published",
+            "p2pvpn_server_cluster_publish_dropped_total": "cluster_publish_dropped",
+            "p2pvpn_server_cluster_frames_received_total": "cluster_received",
         }
         values: dict[str, float] = {}
         for line in text.splitlines():
@@ -681,7 +685,7 @@ def _measure_window(measured: Sequence[Measured], start: float, end: float) -> l
             window["relay_counters_per_s"] = {
                 key: round((counters_after.get(key, 0) - value) / (end - start), 1)
                 for key, value in counters_before.items()
-                if key != "cluster_connected"
+                if key not in GAUGES
             }
         windows.append(window)
     return windows
@@ -846,14 +850,16 @@ def running_servers(
             server.stop()
 
 
-def _load_timeline(duration: float, window: str = "load") -> Callable[[float], dict[str, Any]]:
+def _load_timeline(
+    duration: float, window: str = "load", drain: float = DRAIN
+) -> Callable[[float], dict[str, Any]]:
     def timeline(t0: float) -> dict[str, Any]:
         start, end = t0 + WARMUP, t0 + WARMUP + duration
         return {
             "windows": {window: (start, end)},
             "send_start": t0,
             "send_end": end,
-            "stop": end + DRAIN,
+            "stop": end + drain,
         }
 
     return timeline
@@ -939,13 +945,16 @@ def nats_process(nats: LocalNatsServer) -> Measured:
 
 
 def wait_joined(servers: list[Server], timeout: float = 30.0) -> bool:
-    """Until every server says it is connected to NATS (metrics); False if one never does."""
+    """Until every server is on NATS and knows all the others (metrics); False if not."""
     if any(server.metrics_port is None for server in servers):
         return False
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         states = [server.counters() or {} for server in servers]
-        if all(state.get("cluster_connected") == 1 for state in states):
+        if all(
+            state.get("cluster_connected") == 1 and state.get("cluster_servers") == len(servers)
+            for state in states
+        ):
             return True
         time.sleep(0.2)
     return False
@@ -961,7 +970,7 @@ def run_bulk(
     plans = [
         Plan(urls, [index], [], 2, args.rate, args.bulk_payload, bulk=True) for index in (0, 1)
     ]
-    timeline = _load_timeline(args.bulk_duration, "bulk")
+    timeline = _load_timeline(args.bulk_duration, "bulk", drain=BULK_DRAIN)
     results, windows, _ = run_workers(measured, plans, timeline)
     return {
         "scenario": label,
@@ -1000,13 +1009,35 @@ def cluster_ratios(baseline: dict[str, Any] | None, cluster: dict[str, Any]) -> 
         ratios["cross_vs_same_server"] = {
             key: _ratio(cross[f"{key}_ms"], same[f"{key}_ms"]) for key in ("p50", "p90", "p99")
         }
-    bulk = cluster.get("bulk", [])
-    if bulk:
-        base = bulk[0]["relayed_mbit_s"]
+    by_scenario: dict[str, list[float]] = {}
+    for run in cluster.get("bulk", []):
+        if run["ratio_to_1_server"] is not None:
+            by_scenario.setdefault(run["scenario"], []).append(run["ratio_to_1_server"])
+    if by_scenario:
+        # The median over the rounds: each round's runs are back to back, the rounds
+        # may meet another load on a shared machine.
         ratios["bulk_vs_1_server"] = {
-            run["scenario"]: _ratio(run["relayed_mbit_s"], base) for run in bulk
+            scenario: round(statistics.median(values), 3)
+            for scenario, values in by_scenario.items()
         }
     return ratios
+
+
+def bulk_rounds(
+    args: argparse.Namespace, plain: Server, servers: list[Server], measured: list[Measured]
+) -> list[dict[str, Any]]:
+    """``--bulk-rounds`` times: the pair on the plain server, on one cluster server, across two."""
+    runs = []
+    count = len(servers)
+    for number in range(1, args.bulk_rounds + 1):
+        base = run_bulk("1 server", args, [plain], [plain])
+        same = run_bulk(f"{count} servers, same server", args, servers[:1], measured)
+        cross = run_bulk(f"{count} servers, cross-server", args, servers[:2], measured)
+        for run in (base, same, cross):
+            run["round"] = number
+            run["ratio_to_1_server"] = _ratio(run["relayed_mbit_s"], base["relayed_mbit_s"])
+            runs.append(run)
+    return runs
 
 
 def cluster_scenarios(
@@ -1016,12 +1047,9 @@ def cluster_scenarios(
     single-server baseline is ``baseline``), the bulk also against one server alone."""
     count, clients = args.cluster, max(args.counts)
     cluster: dict[str, Any] = {"servers": count, "clients": clients}
-    bulk = []
-    if not args.no_bulk:
-        with running_servers(workdir, args, 1) as servers:
-            bulk.append(run_bulk("1 server", args, servers, servers))
     with (
         LocalNatsServer(workdir / "nats") as nats,
+        running_servers(workdir, args, 1) as (plain,),
         running_servers(workdir, args, count, nats.url) as servers,
     ):
         measured = [*servers, nats_process(nats)]
@@ -1032,9 +1060,7 @@ def cluster_scenarios(
             label = f"cluster-{count}-{clients}"
             cluster["load"] = run_load(label, clients, args, servers, measured[count:])
         if not args.no_bulk:
-            bulk.append(run_bulk(f"{count} servers, same server", args, servers[:1], measured))
-            bulk.append(run_bulk(f"{count} servers, cross-server", args, servers[:2], measured))
-    cluster["bulk"] = bulk
+            cluster["bulk"] = bulk_rounds(args, plain, servers, measured)
     cluster["ratios"] = cluster_ratios(baseline, cluster)
     return cluster
 
@@ -1050,7 +1076,9 @@ def cluster_iperf3(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     if reason is not None:
         return {"skipped": reason}
     try:
-        return relayed_iperf3(args.cluster, args.iperf3_seconds, workdir / "iperf3")
+        return relayed_iperf3(
+            args.cluster, args.iperf3_seconds, args.iperf3_rounds, workdir / "iperf3"
+        )
     except Exception as error:  # the namespaces are gone (TestBed); the rest of the run stands
         return {"skipped": f"failed: {error}"}
 
@@ -1225,7 +1253,8 @@ def _fmt(value: float | None, digits: int = 2) -> str:
 
 
 def _print_cluster_processes(load: dict[str, Any]) -> None:
-    header = ("process", "CPU s", "CPU %", "CPU-wait %", "peak RSS MiB", "relayed/s", "published/s")
+    header = ("process", "CPU s", "CPU %", "CPU-wait %", "peak RSS MiB", "relayed/s",
+              "published/s", "from NATS/s", "drops/s")  # fmt: skip
     rows = []
     for row in load["processes"]:
         counters = row.get("relay_counters_per_s", {})
@@ -1238,6 +1267,8 @@ def _print_cluster_processes(load: dict[str, Any]) -> None:
                 f"{row['peak_rss_mib']:.1f}",
                 _fmt(counters.get("frames_relayed"), 0),
                 _fmt(counters.get("cluster_published"), 0),
+                _fmt(counters.get("cluster_received"), 0),
+                _fmt(counters.get("drops", 0.0) if counters else None, 0),  # none yet: none
             ]
         )
     for line in format_table(header, rows, right=range(1, len(header)), rule=True):
@@ -1255,6 +1286,16 @@ def _pair_row(label: str, traffic: dict[str, Any]) -> list[str]:
     ]
 
 
+def _cpu_per_frame(load: dict[str, Any]) -> str:
+    """CPU per relayed frame: the servers together, and nats-server's share of a frame."""
+    frames = max(1.0, load["relayed_fps"] * load["duration_s"])
+    text = f"{1e6 * load['server']['cpu_seconds'] / frames:.0f} us server CPU per relayed frame"
+    for row in load.get("processes", []):
+        if row["name"] == "nats-server":
+            text += f", {1e6 * row['cpu_seconds'] / frames:.0f} us of nats-server"
+    return text
+
+
 def _print_hop(
     baseline: dict[str, Any] | None, load: dict[str, Any], ratios: dict[str, Any]
 ) -> None:
@@ -1268,6 +1309,8 @@ def _print_hop(
     print()
     for line in format_table(header, rows, right=range(1, len(header)), rule=True):
         print(line)
+    for scenario in [baseline, load] if baseline is not None else [load]:
+        print(f"{scenario['scenario']}: {_cpu_per_frame(scenario)}")
     hop = ratios["cross_vs_same_server"]
     print(f"extra hop: cross-server / same-server p50 x{_fmt(hop['p50'])}, p99 x{_fmt(hop['p99'])}")
     versus = ratios.get("load_vs_1_server")
@@ -1280,30 +1323,41 @@ def _print_hop(
         )
 
 
+def _bulk_row(run: dict[str, Any]) -> list[str]:
+    processes = run["processes"]
+    servers = [row for row in processes if row["name"] != "nats-server"]
+    nats = [row["cpu_percent"] for row in processes if row["name"] == "nats-server"]
+    # What the servers dropped: full send queues, frames NATS did not take.
+    drops = sum(
+        row.get("relay_counters_per_s", {}).get(key, 0.0)
+        for row in servers
+        for key in ("drops", "cluster_publish_dropped")
+    )
+    return [
+        str(run["round"]),
+        run["scenario"],
+        f"{run['offered_mbit_s']:.0f}",
+        f"{run['relayed_mbit_s']:.0f}",
+        _fmt(run["ratio_to_1_server"]),
+        f"{run['latency']['p50_ms']:.1f}",
+        f"{run['latency']['p99_ms']:.1f}",
+        f"{drops:.0f}",
+        f"{sum(row['cpu_percent'] for row in servers):.1f}",
+        _fmt(nats[0] if nats else None, 1),
+    ]
+
+
 def _print_bulk(bulk: list[dict[str, Any]], ratios: dict[str, Any]) -> None:
-    header = ("bulk pair", "offered Mbit/s", "relayed Mbit/s", "vs 1 server", "lost", "p50 ms",
-              "p99 ms", "servers CPU %", "nats CPU %")  # fmt: skip
-    rows = []
-    for run in bulk:
-        processes = run["processes"]
-        servers = [row for row in processes if row["name"] != "nats-server"]
-        nats = [row["cpu_percent"] for row in processes if row["name"] == "nats-server"]
-        rows.append(
-            [
-                run["scenario"],
-                f"{run['offered_mbit_s']:.0f}",
-                f"{run['relayed_mbit_s']:.0f}",
-                _fmt(ratios.get("bulk_vs_1_server", {}).get(run["scenario"])),
-                str(run["lost_frames"]),
-                f"{run['latency']['p50_ms']:.2f}",
-                f"{run['latency']['p99_ms']:.2f}",
-                f"{sum(row['cpu_percent'] for row in servers):.1f}",
-                _fmt(nats[0] if nats else None, 1),
-            ]
-        )
+    header = ("round", "bulk pair", "offered Mbit/s", "relayed Mbit/s", "vs 1 server", "p50 ms",
+              "p99 ms", "drops/s", "servers CPU %", "nats CPU %")  # fmt: skip
+    rows = [_bulk_row(run) for run in bulk]
     print()
-    for line in format_table(header, rows, right=range(1, len(header)), rule=True):
+    for line in format_table(header, rows, right=range(len(header)), rule=True):
         print(line)
+    medians = ", ".join(
+        f"{scenario} x{_fmt(value)}" for scenario, value in ratios["bulk_vs_1_server"].items()
+    )
+    print(f"bulk, median over the rounds, relayed Mbit/s against 1 server: {medians}")
 
 
 def _print_iperf3(iperf3: dict[str, Any]) -> None:
@@ -1311,16 +1365,18 @@ def _print_iperf3(iperf3: dict[str, Any]) -> None:
     if "skipped" in iperf3:
         print(f"iperf3 through p2pvpn run clients: not run ({iperf3['skipped']})")
         return
-    header = ("iperf3 pair (relayed)", "Mbit/s", "vs 1 server")
+    header = ("round", "iperf3 pair (relayed)", "Mbit/s", "vs 1 server")
     rows = [
-        [run["scenario"], _fmt(run.get("mbit_s"), 0), _fmt(run.get("ratio"))]
+        [str(run["round"]), run["scenario"], _fmt(run.get("mbit_s"), 0), _fmt(run.get("ratio"))]
         for run in iperf3["runs"]
     ]
-    for line in format_table(header, rows, right=(1, 2), rule=True):
+    for line in format_table(header, rows, right=(0, 2, 3), rule=True):
         print(line)
     for run in iperf3["runs"]:
         if "error" in run:
-            print(f"  {run['scenario']}: {run['error']}")
+            print(f"  round {run['round']}, {run['scenario']}: {run['error']}")
+    medians = ", ".join(f"{name} x{_fmt(value)}" for name, value in iperf3["ratios"].items())
+    print(f"iperf3, median over the rounds, against 1 server: {medians}")
 
 
 def print_cluster(cluster: dict[str, Any], baseline: dict[str, Any] | None) -> None:
@@ -1358,8 +1414,9 @@ def print_report(report: dict[str, Any]) -> None:
     ]
     if garbage:
         rows += _garbage_rows(garbage)
-    for line in format_table(REPORT_HEADER, rows, right=range(len(REPORT_HEADER)), rule=True):
-        print(line)
+    if rows:
+        for line in format_table(REPORT_HEADER, rows, right=range(len(REPORT_HEADER)), rule=True):
+            print(line)
     if len(loads) > 1:
         _print_growth(loads)
     if garbage:
@@ -1409,7 +1466,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also run the load on N servers joined by a loopback nats-server (same run), "
         "and the bulk pair on one server, on one server of the N and across two",
     )
-    parser.add_argument("--bulk-duration", type=float, default=10.0, help="seconds per bulk run")
+    parser.add_argument("--bulk-duration", type=float, default=8.0, help="seconds per bulk run")
+    parser.add_argument("--bulk-rounds", type=int, default=2, help="rounds of the 3 bulk runs")
     parser.add_argument(
         "--bulk-payload", type=int, default=1400, help="IP payload bytes per bulk frame"
     )
@@ -1418,8 +1476,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--no-iperf3", action="store_true", help="with --cluster: no iperf3 in namespaces"
     )
     parser.add_argument(
-        "--iperf3-seconds", type=int, default=8, help="with --cluster: seconds per iperf3 run"
+        "--iperf3-seconds", type=int, default=6, help="with --cluster: seconds per iperf3 run"
     )
+    parser.add_argument("--iperf3-rounds", type=int, default=2, help="rounds of the 3 iperf3 runs")
     parser.add_argument("--output", type=Path, default=REPO / "bench" / "load" / "results.json")
     parser.add_argument(
         "--log-dir", type=Path, help="keep the server configs and logs here (default: discard)"
