@@ -1513,8 +1513,14 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     args.counts = counts
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    # As for ^C: the servers, nats-server and the namespaces are stopped on the way out.
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     total = max(args.counts) + (0 if args.no_garbage else args.good_clients + args.garbage_clients)
     limit = raise_fd_limit(2 * total + 1024)  # the server inherits it too
     report: dict[str, Any] = {
