@@ -516,6 +516,10 @@ def test_effective_items_mask_the_password() -> None:
         "max_leases_per_ip",
         "stun_rate",
         "junk_rate",
+        "cluster",
+        "cluster_network",
+        "cluster_ttl",
+        "cluster_credentials",
     ]
     assert server_items["password"] == "********"
     assert server_items["sdwan"] == "10.0.0.1/32,10.1.0.0/16,10.0.0.1"

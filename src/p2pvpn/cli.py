@@ -156,6 +156,30 @@ _SERVER_FLAGS: tuple[_Flag, ...] = (
     _METRICS_FLAG,
     _DEBUG_FLAG,
     _LOG_FORMAT_FLAG,
+    (
+        "cluster",
+        ("--cluster",),
+        {
+            "metavar": "URL",
+            "action": "append",
+            "help": "join the relay cluster on this NATS server (repeatable: several URLs)",
+        },
+    ),
+    (
+        "cluster_network",
+        ("--cluster-network",),
+        {"metavar": "NAME", "help": "the network's name on NATS (default p2pvpn)"},
+    ),
+    (
+        "cluster_ttl",
+        ("--cluster-ttl",),
+        {"metavar": "SECONDS", "help": "how long a dead server's addresses stay held (15)"},
+    ),
+    (
+        "cluster_credentials",
+        ("--cluster-credentials",),
+        {"metavar": "FILE", "help": "NATS credentials (.creds) file"},
+    ),
 )
 
 
@@ -310,7 +334,9 @@ def _values(args: argparse.Namespace, flags: Sequence[_Flag]) -> tuple[dict[str,
     file_values = read_config_values(path) if path else {}
     flag_values: dict[str, ConfigValue] = {}
     for key, names, _ in flags:
-        value: str | bool | None = getattr(args, key)
+        value: str | bool | list[str] | None = getattr(args, key)
+        if isinstance(value, list):  # a repeatable flag: the config file's comma-separated list
+            value = ",".join(value)
         if key == "password" and value == "-":
             value = _read_password_from_stdin()
         if value is not None:

@@ -33,7 +33,10 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "ACCEPT_ROUTES_MODES",
+    "CLUSTER_SCHEMES",
     "DATAPLANES",
+    "DEFAULT_CLUSTER_NETWORK",
+    "DEFAULT_CLUSTER_TTL",
     "DEFAULT_MTU",
     "DEFAULT_STATE_ROOT",
     "DEFAULT_STUN_PORT",
@@ -81,6 +84,11 @@ DEFAULT_MAX_BROADCAST_SIZE = 2048
 DEFAULT_MAX_LEASES_PER_IP = 4
 DEFAULT_STUN_RATE = 20
 DEFAULT_JUNK_RATE = 200
+DEFAULT_CLUSTER_NETWORK = "p2pvpn"
+DEFAULT_CLUSTER_TTL = 15.0
+# What nats-py connects with: nats/tls over TCP, ws/wss over WebSocket (not mixed).
+CLUSTER_SCHEMES = ("nats", "tls", "ws", "wss")
+_CLUSTER_NETWORK_RE = re.compile(r"[A-Za-z0-9_-]{1,32}")
 INTERFACE_PREFIX = "p2pvpn"
 IFNAMSIZ = 16  # Linux, including the terminating NUL
 
@@ -120,6 +128,11 @@ _SERVER_KEYS = (
     "max_leases_per_ip",
     "stun_rate",
     "junk_rate",
+    # The relay cluster (p2pvpn.server.cluster), one a line.
+    "cluster",
+    "cluster_network",
+    "cluster_ttl",
+    "cluster_credentials",
 )
 _CLIENT_KEYS = (
     *_COMMON_KEYS,
@@ -209,6 +222,10 @@ class ServerConfig:
     max_leases_per_ip: int = DEFAULT_MAX_LEASES_PER_IP
     stun_rate: int = DEFAULT_STUN_RATE
     junk_rate: int = DEFAULT_JUNK_RATE
+    cluster: tuple[str, ...] = ()  # NATS URLs; empty: a server on its own, no NATS anywhere
+    cluster_network: str = DEFAULT_CLUSTER_NETWORK  # names the subjects and buckets on NATS
+    cluster_ttl: float = DEFAULT_CLUSTER_TTL  # seconds an address outlives its silent holder
+    cluster_credentials: Path | None = None  # a NATS .creds file (JWT + nkey seed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -562,6 +579,12 @@ def server_config_from_values(values: Mapping[str, ConfigValue], source: str) ->
         ),
         stun_rate=get("stun_rate", _int_range(1, 1_000_000), DEFAULT_STUN_RATE),
         junk_rate=get("junk_rate", _int_range(1, 1_000_000), DEFAULT_JUNK_RATE),
+        cluster=get("cluster", _cluster_urls, ()),
+        cluster_network=get("cluster_network", _cluster_network, DEFAULT_CLUSTER_NETWORK),
+        cluster_ttl=get("cluster_ttl", _seconds(2.0, 300.0), DEFAULT_CLUSTER_TTL),
+        cluster_credentials=get.check(
+            "cluster_credentials", lambda: _cluster_credentials(values), None
+        ),
     )
     get.raise_problems()
     return config
@@ -851,6 +874,54 @@ def _sdwan(key: str, item: ConfigValue) -> tuple[SdwanRule, ...]:
     return tuple(rules)
 
 
+def _cluster_urls(key: str, item: ConfigValue) -> tuple[str, ...]:
+    """NATS URLs, comma-separated (a TOML array is joined so); empty: no cluster."""
+    urls = tuple(part.strip() for part in _string(key, item).split(",") if part.strip())
+    for url in urls:
+        shown = display_url(url)
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 - raises ValueError for a bad port
+        except ValueError:
+            _fail(key, item, f"{shown!r} is not a valid URL")
+        if parts.scheme not in CLUSTER_SCHEMES:
+            wanted = ", ".join(f"{scheme}://" for scheme in CLUSTER_SCHEMES)
+            _fail(key, item, f"expected a NATS URL ({wanted}), got {shown!r}")
+        if not parts.hostname:
+            _fail(key, item, f"{shown!r} has no host")
+    websocket = {urlsplit(url).scheme in {"ws", "wss"} for url in urls}
+    if len(websocket) > 1:
+        _fail(key, item, "nats:// or tls:// URLs cannot be mixed with ws:// or wss:// ones")
+    return urls
+
+
+def _cluster_network(key: str, item: ConfigValue) -> str:
+    name = _string(key, item).strip()
+    if not _CLUSTER_NETWORK_RE.fullmatch(name):
+        _fail(key, item, f"{name!r} must be 1 to 32 letters, digits, '_' or '-'")
+    return name
+
+
+def _cluster_credentials(values: Mapping[str, ConfigValue]) -> Path | None:
+    """``cluster_credentials``: a readable NATS .creds file, only with ``cluster``."""
+    item = values.get("cluster_credentials")
+    path = None if item is None else _path("cluster_credentials", item)
+    if item is None or path is None:
+        return None
+    cluster = values.get("cluster")
+    if cluster is None or not str(cluster.value).strip():
+        _fail("cluster_credentials", item, "only used with cluster (NATS URLs)")
+    try:
+        with path.open("rb"):
+            pass
+    except FileNotFoundError:
+        _fail("cluster_credentials", item, f"{path}: no such file")
+    except OSError as exc:
+        _fail("cluster_credentials", item, f"{path}: cannot read: {exc.strerror or exc}")
+    warn_if_exposed(path, "holds NATS credentials (cluster_credentials)")
+    return path
+
+
 def _stun(key: str, item: ConfigValue) -> StunServer | None:
     text = _string(key, item).strip()
     if not text:
@@ -959,6 +1030,10 @@ def effective_items(config: ClientConfig | ServerConfig) -> list[tuple[str, str]
             ("max_leases_per_ip", str(config.max_leases_per_ip)),
             ("stun_rate", f"{config.stun_rate}/s"),
             ("junk_rate", f"{config.junk_rate}/s"),
+            ("cluster", ",".join(display_url(url) for url in config.cluster) or "(off)"),
+            ("cluster_network", config.cluster_network),
+            ("cluster_ttl", f"{config.cluster_ttl:g} s"),
+            ("cluster_credentials", _show_path(config.cluster_credentials, "(none)")),
         ]
     return [
         ("mode", "client"),

@@ -240,6 +240,46 @@ _SERVER_STUN_COUNTERS = (
     ),
 )
 
+# The relay cluster's link to NATS, present only with `cluster`: (kind, name, documentation, key).
+_SERVER_CLUSTER_METRICS: tuple[tuple[Literal["gauge", "counter"], str, str, str], ...] = (
+    (
+        "gauge",
+        "p2pvpn_server_cluster_connected",
+        "1 while this server is joined to the relay cluster on NATS, else 0.",
+        "connected",
+    ),
+    (
+        "counter",
+        "p2pvpn_server_cluster_outages_total",
+        "Times the connection to NATS was lost after joining.",
+        "outages",
+    ),
+    (
+        "counter",
+        "p2pvpn_server_cluster_frames_published_total",
+        "Frames published to NATS for clients on other servers (a broadcast counts once).",
+        "published",
+    ),
+    (
+        "counter",
+        "p2pvpn_server_cluster_publish_dropped_total",
+        "Frames for other servers dropped: NATS not reachable or refusing them.",
+        "publish_dropped",
+    ),
+    (
+        "counter",
+        "p2pvpn_server_cluster_frames_received_total",
+        "Frames received from other servers through NATS.",
+        "received",
+    ),
+    (
+        "gauge",
+        "p2pvpn_server_cluster_servers",
+        "Servers of the cluster this server knows of, itself included.",
+        "servers",
+    ),
+)
+
 
 class ServerCollector(Collector):
     """The relay server's counters (``ServerRuntime.stats()`` / ``Relay.stats()``)."""
@@ -263,6 +303,11 @@ class ServerCollector(Collector):
         if isinstance(stun, Mapping):
             for name, documentation, key in _SERVER_STUN_COUNTERS:
                 yield CounterMetricFamily(name, documentation, value=_number(stun.get(key)))
+        cluster = stats.get("cluster")
+        if isinstance(cluster, Mapping):
+            for kind, name, documentation, key in _SERVER_CLUSTER_METRICS:
+                family = GaugeMetricFamily if kind == "gauge" else CounterMetricFamily
+                yield family(name, documentation, value=_number(cluster.get(key)))
 
 
 class ClientCollector(Collector):

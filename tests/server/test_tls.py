@@ -196,6 +196,9 @@ def test_clients_log_in_and_relay_over_wss(certificate: tuple[Path, Path], clien
             assert runtime.scheme == "wss"
             version = a.transport.get_extra_info("ssl_object").version()
             assert version in {"TLSv1.2", "TLSv1.3"}
+            # The session rows of `p2pvpn server status` say TLS.
+            rows = runtime.relay.session_rows(time.time())
+            assert [row["tls"] for row in rows] == [True, True]
             await a.close()
             await b.close()
         finally:

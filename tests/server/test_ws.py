@@ -68,6 +68,7 @@ def test_end_to_end_two_clients_exchange_forward_frames() -> None:
             await a.connection.send(broadcast)
             assert await b.recv_frame() == broadcast
             assert relay.stats()["frames_relayed"] == 3
+            assert [row["tls"] for row in relay.session_rows(time.time())] == [False, False]
             await a.connection.close()
             await wait_until(lambda: relay.session_for(ip("10.77.0.1")) is None)
         # Shutting the server down closes the remaining client with 1001.

@@ -409,10 +409,9 @@ class Relay:
     def session_rows(self, now: float) -> list[dict[str, object]]:
         """One row per logged-in session, by address, for `p2pvpn server status`.
 
-        ``since`` is the login time (Unix seconds); ``now`` is taken for
-        symmetry with the other calls, rows carry no ages.
+        ``since`` is the login time (Unix seconds), not an age: ``now`` is
+        taken for symmetry with the other calls and not used.
         """
-        del now
         return [
             {
                 "address": str(address),

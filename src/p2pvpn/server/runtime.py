@@ -10,7 +10,9 @@ import asyncio
 import logging
 import os
 import resource
+import secrets
 import signal
+import socket
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
@@ -18,6 +20,8 @@ from urllib.parse import urlsplit
 from p2pvpn.config import ServerConfig, display_url
 from p2pvpn.logs import install_secret_filter
 from p2pvpn.metrics import MetricsServer, serve_server_metrics
+from p2pvpn.server.cluster import ClusterError, ClusterLink, require_nats
+from p2pvpn.server.cluster_state import ClusterView
 from p2pvpn.server.limits import ServerLimits
 from p2pvpn.server.relay import Relay
 from p2pvpn.server.stun import StunResponder, start_stun_responder
@@ -42,7 +46,7 @@ class ListenError(Exception):
 
 
 # What keeps `p2pvpn server` from starting (exit 1); each message names what to fix.
-_START_ERRORS = (ListenError, TlsError)
+_START_ERRORS = (ListenError, TlsError, ClusterError)
 _DEFAULT_PORTS = {"ws": 80, "wss": 443}
 
 
@@ -141,14 +145,24 @@ class ServerRuntime:
         self.tls = _server_tls(config)
         self.scheme = "ws" if self.tls is None else "wss"
         limits = server_limits(config)
-        self.relay = Relay(config.password, dhcp=config.dhcp, sdwan=config.sdwan, limits=limits)
+        view = None
+        if config.cluster:
+            require_nats(config)  # ClusterError naming the extra to install
+            view = ClusterView(secrets.token_hex(4), config.cluster_ttl)
+        self.relay = Relay(
+            config.password, dhcp=config.dhcp, sdwan=config.sdwan, limits=limits, cluster=view
+        )
+        self.cluster = _cluster_link(config, self.relay)
         self.ws = RelayServer(
             self.relay,
             self.host,
             port,
             limits=limits,
             ssl_context=None if self.tls is None else self.tls.listener,
+            cluster=self.cluster,
         )
+        if self.cluster is not None:
+            self.cluster.bind(self.ws.perform)
         self._stun_host = stun_host
         self._stun: tuple[asyncio.DatagramTransport, StunResponder] | None = None
         self._metrics: MetricsServer | None = None
@@ -173,6 +187,14 @@ class ServerRuntime:
         except OSError as exc:
             address = f"{self.scheme}://{self.host}:{self.ws.requested_port}"
             raise ListenError(f"cannot listen on {address}: {_os_error_text(exc)}") from exc
+        if self.cluster is not None:
+            # The servers table shows the port actually bound (port 0 in tests).
+            self.cluster.websocket = _public_url(self.config.websocket, self.ws_port)
+            try:
+                await self.cluster.start()
+            except ClusterError:
+                await self.ws.close()
+                raise
         if self.config.stun_port:
             try:
                 self._stun = await start_stun_responder(
@@ -180,6 +202,8 @@ class ServerRuntime:
                 )
             except OSError as exc:
                 await self.ws.close()
+                if self.cluster is not None:
+                    await self.cluster.close()
                 address = f"udp {self._stun_host}:{self.config.stun_port}"
                 raise ListenError(
                     f"cannot start the STUN responder on {address}: {_os_error_text(exc)}"
@@ -210,13 +234,38 @@ class ServerRuntime:
         if self._stun is not None:
             self._stun[0].close()
         await self.ws.close()
+        if self.cluster is not None:
+            # After the sessions: the link deletes every record they left on NATS.
+            await self.cluster.close()
 
     def stats(self) -> dict[str, Any]:
         stats = self.relay.stats()
         stun = self.stun
         if stun is not None:
             stats["stun"] = stun.stats()
+        if self.cluster is not None:
+            stats["cluster"] = self.cluster.stats()
         return stats
+
+
+def _cluster_link(config: ServerConfig, relay: Relay) -> ClusterLink | None:
+    """The link to NATS when ``config.cluster`` names it (the relay carries its view)."""
+    if not config.cluster:
+        return None
+    return ClusterLink(
+        config,
+        relay,
+        server_name=socket.gethostname(),
+        websocket=display_url(config.websocket),
+    )
+
+
+def _public_url(url: str, port: int) -> str:
+    """``url`` as clients may use it: the bound port, no credentials."""
+    parts = urlsplit(display_url(url))
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    return parts._replace(netloc=f"{host}:{port}").geturl()
 
 
 async def serve(

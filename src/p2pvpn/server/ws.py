@@ -11,17 +11,30 @@ import contextlib
 import ssl
 import time
 from collections import deque
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from websockets.asyncio.server import Server, ServerConnection
 from websockets.asyncio.server import serve as ws_serve
 from websockets.exceptions import ConnectionClosed
 
 from p2pvpn.server.limits import DEFAULT_LIMITS, ServerLimits, TokenBucket
-from p2pvpn.server.relay import MAX_FRAME_SIZE, Action, Close, Relay, RelaySession, Send
+from p2pvpn.server.relay import (
+    MAX_FRAME_SIZE,
+    Action,
+    Claim,
+    Close,
+    Publish,
+    RecordLease,
+    Relay,
+    RelaySession,
+    Release,
+    Send,
+)
+from p2pvpn.wire.ws import WsType
 
 __all__ = [
     "DEFAULT_LOGIN_TIMEOUT",
+    "ClusterActions",
     "RelayServer",
 ]
 
@@ -48,6 +61,18 @@ JUNK_PAUSE = 0.5
 TLS_HANDSHAKE_TIMEOUT = 10.0
 
 
+# The signed login messages: with a cluster, each is claimed cluster-wide before the relay sees it.
+_LOGIN_TYPES = frozenset({int(WsType.AUTH), int(WsType.EXPTTUN), int(WsType.VMAC)})
+
+
+class ClusterActions(Protocol):
+    """What the WebSocket layer needs of :class:`p2pvpn.server.cluster.ClusterLink`."""
+
+    def perform(self, action: Publish | Claim | Release | RecordLease) -> None: ...
+
+    async def claim_replay(self, key: str) -> bool: ...
+
+
 class _WsSession(RelaySession):
     """A WebSocket connection: send() queues, a writer task drains the queue.
 
@@ -56,10 +81,17 @@ class _WsSession(RelaySession):
     whose queue stays full for SEND_QUEUE_STALL seconds is closed.
     """
 
-    def __init__(self, connection: ServerConnection, relay: Relay, queue_bytes: int) -> None:
+    def __init__(
+        self,
+        connection: ServerConnection,
+        relay: Relay,
+        queue_bytes: int,
+        cluster: ClusterActions | None = None,
+    ) -> None:
         super().__init__(_format_remote(connection.remote_address))
         self._connection = connection
         self._relay = relay
+        self._cluster = cluster
         self._queue: deque[bytes] = deque()
         self._queued_bytes = 0
         self._queue_bytes = queue_bytes
@@ -87,7 +119,9 @@ class _WsSession(RelaySession):
             self._full_since = now
             self._relay.cap_hit("send_queue_full", time.time(), "dropping frames to %s", self)
         elif now - self._full_since >= SEND_QUEUE_STALL:
-            _perform(self._relay.send_queue_stalled(self, time.time(), SEND_QUEUE_STALL))
+            _perform(
+                self._relay.send_queue_stalled(self, time.time(), SEND_QUEUE_STALL), self._cluster
+            )
 
     def __str__(self) -> str:
         return self.describe()
@@ -127,7 +161,7 @@ class _WsSession(RelaySession):
                 await self._connection.send(frame)
 
 
-def _perform(actions: list[Action]) -> None:
+def _perform(actions: list[Action], cluster: ClusterActions | None) -> None:
     for action in actions:
         # The relay only names sessions it was given, and a RelayServer gives
         # it nothing but the _WsSessions it made.
@@ -135,7 +169,9 @@ def _perform(actions: list[Action]) -> None:
             cast(_WsSession, action.session).send(action.frame)
         elif isinstance(action, Close):
             cast(_WsSession, action.session).close(action.code, action.reason)
-        # The cluster actions only come from a relay with a cluster.
+        elif cluster is not None:
+            # Only a relay with a cluster returns these, and only with a link to perform them.
+            cluster.perform(action)
 
 
 def _host_of(address: Any) -> str:
@@ -210,8 +246,10 @@ class RelayServer:
         ping_timeout: float | None = DEFAULT_PING_TIMEOUT,
         limits: ServerLimits = DEFAULT_LIMITS,
         ssl_context: ssl.SSLContext | None = None,
+        cluster: ClusterActions | None = None,
     ) -> None:
         self.relay = relay
+        self.cluster = cluster
         self._ssl = ssl_context  # wss:// when given
         self._host = host
         self._port = port
@@ -275,6 +313,10 @@ class RelayServer:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
+    def perform(self, actions: list[Action]) -> None:
+        """Carry out the relay's actions (also those for frames from the cluster)."""
+        _perform(actions, self.cluster)
+
     @property
     def pending_logins(self) -> int:
         """Connections counted against the unauthenticated caps right now."""
@@ -315,7 +357,8 @@ class RelayServer:
             self._pending.remove(host)
 
     async def _handle(self, connection: ServerConnection) -> None:
-        session = _WsSession(connection, self.relay, self._queue_bytes)
+        session = _WsSession(connection, self.relay, self._queue_bytes, self.cluster)
+        session.tls = self._ssl is not None
         self.relay.on_connect(session)
         loop = asyncio.get_running_loop()
         writer = loop.create_task(session.write_loop())
@@ -326,10 +369,20 @@ class RelayServer:
             timer.cancel()
             writer.cancel()
             self._release(connection)
-            self.relay.on_disconnect(session, _describe_close(connection))
+            self.perform(self.relay.on_disconnect(session, _describe_close(connection)))
 
     def _login_timed_out(self, session: _WsSession) -> None:
-        _perform(self.relay.login_timed_out(session, self._login_timeout, time.time()))
+        self.perform(self.relay.login_timed_out(session, self._login_timeout, time.time()))
+
+    async def _login_frame(
+        self, session: _WsSession, frame: bytes, cluster: ClusterActions
+    ) -> list[Action]:
+        """A signed login message, first claimed on the cluster: a replay to any server fails."""
+        key = self.relay.login_replay_key(session, frame, time.time())
+        if key is not None and not await cluster.claim_replay(key):
+            return self.relay.refuse_replay(session, WsType(frame[0]).name, time.time())
+        # The claim may have waited on NATS: the relay gets the time it ends.
+        return self.relay.handle_frame(session, frame, time.time())
 
     def _junk_allowed(self, session: _WsSession, now: float) -> bool:
         """Whether ``session`` is within its junk_rate of dropped frames; counts it if not."""
@@ -353,7 +406,10 @@ class RelayServer:
                 frame = message.encode() if isinstance(message, str) else message
                 now = time.time()
                 dropped = session.dropped_frames
-                _perform(self.relay.handle_frame(session, frame, now))
+                if self.cluster is not None and frame and frame[0] in _LOGIN_TYPES:
+                    self.perform(await self._login_frame(session, frame, self.cluster))
+                else:
+                    self.perform(self.relay.handle_frame(session, frame, now))
                 if session.dropped_frames != dropped and not self._junk_allowed(session, now):
                     # Over its junk rate: stop reading this session for a while. Its
                     # unread frames fill the receive buffers and TCP stops the sender,
