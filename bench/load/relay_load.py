@@ -558,6 +558,7 @@ class Server(Measured):
         )
         if self.metrics_port is not None:
             text += f"metrics = 127.0.0.1:{self.metrics_port}\n"
+        config.touch(mode=0o600)  # it holds the password
         config.write_text(text)
         argv = [sys.executable, "-m", "p2pvpn", "server", "-c", str(config)]
         if cluster is not None:
