@@ -1423,7 +1423,8 @@ def print_report(report: dict[str, Any]) -> None:
     if garbage:
         _print_attack_effects(garbage)
     if cluster:
-        print_cluster(cluster, loads[-1] if loads else None)
+        largest = [load for load in loads if load["clients"] == cluster["clients"]]
+        print_cluster(cluster, largest[0] if largest else None)
     for load in loads:
         _print_generator_load(load["scenario"], load["generator"])
     if garbage:
@@ -1537,7 +1538,9 @@ def main(argv: list[str] | None = None) -> int:
         for clients in [] if args.no_load else args.counts:
             report["load"].append(load_scenario(clients, args, workdir))
         if args.cluster is not None:
-            baseline = report["load"][-1] if report["load"] else None
+            # The cluster runs the largest count; its baseline is that count on one server.
+            loads = [load for load in report["load"] if load["clients"] == max(args.counts)]
+            baseline = loads[0] if loads else None
             report["cluster"] = cluster_scenarios(args, workdir, baseline)
             report["cluster"]["iperf3"] = cluster_iperf3(args, workdir)
         if not args.no_garbage:
