@@ -938,11 +938,10 @@ def load_scenario(clients: int, args: argparse.Namespace, workdir: Path) -> dict
 
 
 def nats_process(nats: LocalNatsServer) -> Measured:
-    # LocalNatsServer keeps its Popen to itself; the bench reads the pid to measure it.
-    process = nats._process
-    if process is None:
+    pid = nats.pid
+    if pid is None:
         raise RuntimeError("nats-server is not running")
-    return Measured("nats-server", process.pid)
+    return Measured("nats-server", pid)
 
 
 def wait_joined(servers: list[Server], timeout: float = 30.0) -> bool:

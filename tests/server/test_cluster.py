@@ -26,6 +26,7 @@ from p2pvpn.config import SdwanRule, ServerConfig
 from p2pvpn.netns import LocalNatsServer
 from p2pvpn.server import cluster as cluster_module
 from p2pvpn.server.cluster import NATS_MISSING, ClusterError, ClusterLink
+from p2pvpn.server.relay import Publish
 from p2pvpn.server.runtime import ServerRuntime, run_server
 from p2pvpn.wire.close_codes import CloseCode
 from p2pvpn.wire.ws import BROADCAST, Discovery, ExptTun, decode_ws_message
@@ -467,3 +468,31 @@ def test_a_cluster_without_nats_py_says_how_to_install_it(
     with caplog.at_level(logging.ERROR):
         assert run_server(config) == 1
     assert NATS_MISSING in caplog.text
+
+
+def test_frames_waiting_for_nats_are_capped_like_a_session_queue(nats: LocalNatsServer) -> None:
+    """A flood towards another server costs at most send_queue_bytes; the rest is dropped."""
+
+    async def scenario() -> None:
+        async with servers(nats.url, 2, send_queue_bytes=64 * 1024) as (one, two):
+            a = await login(one, "10.77.0.1", VMAC_A)
+            b = await login(two, "10.77.0.2", VMAC_B)
+            await known_everywhere([one, two], a, b)
+            sender = one.relay.session_for(ip("10.77.0.1"))
+            assert sender is not None
+            frame = forward("10.77.0.1", "10.77.0.2", bytes(1000))
+            # Without yielding, nothing leaves: the outbox fills up to the cap.
+            for _ in range(200):
+                for action in one.relay.handle_frame(sender, frame, time.time()):
+                    assert isinstance(action, Publish)
+                    link(one).perform(action)
+            fitted = (64 * 1024) // len(frame)
+            stats = link(one).stats()
+            assert stats["publish_dropped"] == 200 - fitted
+            assert one.relay.stats()["limits"]["cluster_outbox_full"] == 200 - fitted
+            # What fitted still arrives, in order, and the link works on afterwards.
+            for _ in range(fitted):
+                assert await b.recv_frame() == frame
+            await exchange(a, b, b"after the flood")
+
+    asyncio.run(scenario())

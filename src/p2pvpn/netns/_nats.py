@@ -77,6 +77,11 @@ class LocalNatsServer:
     def url(self) -> str:
         return f"nats://{self.host}:{self.port}"
 
+    @property
+    def pid(self) -> int | None:
+        """The nats-server process while it runs (for its CPU time and memory)."""
+        return self._process.pid if self.running() and self._process is not None else None
+
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 

@@ -78,6 +78,10 @@ JOIN_RETRY = 1.0  # connected but JetStream not answering (yet): try again after
 REQUEST_TIMEOUT = 2.0  # a JetStream request (KV read, write acknowledgement)
 CLOSE_TIMEOUT = 3.0  # shutdown: deleting our records and closing the connection
 LEASE_TTL = 24 * 3600.0
+# Frames from other servers that nats-py may hold for us before it drops them
+# (slow consumer): a server that cannot keep up drops, as a full session queue
+# does, instead of buffering nats-py's default 128 MB.
+SUBSCRIPTION_PENDING_BYTES = 8 * 1024 * 1024
 CONFIG_KEY = "settings"
 # KV writes in flight at once when many addresses are written (a rejoin, a refresh).
 WRITE_CHUNK = 256
@@ -187,6 +191,11 @@ class ClusterLink:
         self._wake = asyncio.Event()
         # Publishing: one task per event-loop turn writes what the turn published.
         self._outbox: list[tuple[str, bytes]] = []
+        # Bytes in the outbox: capped like one session's send queue (send_queue_bytes),
+        # so a client flooding an address on another server costs bounded memory
+        # and its excess is dropped here, as it would be on one server.
+        self._outbox_bytes = 0
+        self._outbox_limit = config.send_queue_bytes
         self._flusher: asyncio.Task[None] | None = None
         self._published = 0
         self._publish_dropped = 0
@@ -508,7 +517,9 @@ class ClusterLink:
         await self._put_server_record()
         if self._broadcast_subscription is None:
             self._broadcast_subscription = await nc.subscribe(
-                self._broadcast_subject, cb=self._on_broadcast
+                self._broadcast_subject,
+                cb=self._on_broadcast,
+                pending_bytes_limit=SUBSCRIPTION_PENDING_BYTES,
             )
         await self._stop_watches()
         # Our records may have run out during an outage: every one is written again.
@@ -711,7 +722,9 @@ class ClusterLink:
             return
         if address not in self._subscriptions:
             self._subscriptions[address] = await nc.subscribe(
-                unicast_subject(self._network, address), cb=self._on_unicast
+                unicast_subject(self._network, address),
+                cb=self._on_unicast,
+                pending_bytes_limit=SUBSCRIPTION_PENDING_BYTES,
             )
         written = self._written.get(address)
         data = claim.record.encode()
@@ -878,6 +891,17 @@ class ClusterLink:
             if action.address is None
             else unicast_subject(self._network, action.address)
         )
+        size = len(action.frame)
+        if self._outbox_bytes + size > self._outbox_limit:
+            self._publish_dropped += 1
+            self._relay.cap_hit(
+                "cluster_outbox_full",
+                time.time(),
+                "frames for other servers dropped: %d bytes wait for NATS",
+                self._outbox_bytes,
+            )
+            return
+        self._outbox_bytes += size
         self._outbox.append((subject, action.frame))
         if self._flusher is None:
             # Everything published in this turn goes out in one write, in order.
@@ -893,11 +917,15 @@ class ClusterLink:
                         await nc.publish(subject, frame)
                     except nats_errors.Error as exc:
                         self._publish_dropped += len(batch) - index
+                        self._outbox_bytes -= sum(len(item[1]) for item in batch[index:])
                         self._throttled_warning("publish", "cluster: frames not published: %s", exc)
                         break
+                    self._outbox_bytes -= len(frame)
                     self._published += 1
         finally:
             self._flusher = None
+            # A batch cut short (cancelled at close) no longer counts; what waits still does.
+            self._outbox_bytes = sum(len(frame) for _, frame in self._outbox)
 
     async def _on_unicast(self, message: "Msg") -> None:
         self._received += 1
