@@ -496,3 +496,40 @@ def test_frames_waiting_for_nats_are_capped_like_a_session_queue(nats: LocalNats
             await exchange(a, b, b"after the flood")
 
     asyncio.run(scenario())
+
+
+def test_servers_join_a_nats_that_wants_a_password_and_never_show_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """NATS with users: the right password in the URL joins; a wrong one serves alone, unshown."""
+    if shutil.which("nats-server") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("test needs nats-server (apt-get install nats-server)")
+        pytest.skip("test needs nats-server")
+    monkeypatch.setattr(cluster_module, "START_DEADLINE", 2.0)
+    secret, wrong = "n4ts-s3cret", "n0t-the-pa55"
+    extra = ["--user", "p2pvpn", "--pass", secret]
+
+    async def scenario(url: str, bad_url: str) -> None:
+        async with servers(url, 2) as (one, two):
+            a = await login(one, "10.77.0.1", VMAC_A)
+            b = await login(two, "10.77.0.2", VMAC_B)
+            await known_everywhere([one, two], a, b)
+            await exchange(a, b, b"through an authenticated NATS")
+            async with servers(bad_url, 1) as (refused,):
+                assert link(refused).state == "unreachable"
+                shown = str(refused.snapshot())
+                assert wrong not in shown and secret not in shown
+            assert secret not in str(one.snapshot())
+
+    with LocalNatsServer(tmp_path / "nats", extra=extra) as nats, caplog.at_level(logging.DEBUG):
+        host = f"127.0.0.1:{nats.port}"
+        asyncio.run(scenario(f"nats://p2pvpn:{secret}@{host}", f"nats://p2pvpn:{wrong}@{host}"))
+    assert secret not in caplog.text and wrong not in caplog.text
+
+
+def test_a_credentials_file_goes_to_nats_py_as_user_credentials(tmp_path: Path) -> None:
+    creds = tmp_path / "server.creds"
+    creds.write_text("-----BEGIN NATS USER JWT-----\n")
+    runtime = ServerRuntime(cluster_config("nats://127.0.0.1:4222", cluster_credentials=creds))
+    assert link(runtime)._connect_options()["user_credentials"] == str(creds)

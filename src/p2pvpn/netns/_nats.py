@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -33,10 +34,17 @@ _STOP_GRACE = 5.0
 
 
 def nats_server_argv(
-    store_dir: Path | str, *, host: str = "127.0.0.1", port: int = NATS_PORT
+    store_dir: Path | str,
+    *,
+    host: str = "127.0.0.1",
+    port: int = NATS_PORT,
+    extra: Sequence[str] = (),
 ) -> list[str]:
-    """The command line of a JetStream-enabled nats-server listening on ``host:port``."""
-    return [NATS_SERVER, "-a", host, "-p", str(port), "-js", "-sd", str(store_dir)]
+    """The command line of a JetStream-enabled nats-server listening on ``host:port``.
+
+    ``extra``: more options, e.g. ``["--user", "u", "--pass", "p"]``.
+    """
+    return [NATS_SERVER, "-a", host, "-p", str(port), "-js", "-sd", str(store_dir), *extra]
 
 
 def free_tcp_port(host: str = "127.0.0.1") -> int:
@@ -62,7 +70,14 @@ class LocalNatsServer:
     the same object keep port and store, for outage tests.
     """
 
-    def __init__(self, store_dir: Path | str, *, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self,
+        store_dir: Path | str,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        extra: Sequence[str] = (),
+    ) -> None:
         if shutil.which(NATS_SERVER) is None:
             raise FileNotFoundError(
                 f"{NATS_SERVER} is not installed (Debian: apt-get install nats-server)"
@@ -71,6 +86,7 @@ class LocalNatsServer:
         self.port = port or free_tcp_port(host)
         self.store_dir = Path(store_dir)
         self.log_path = self.store_dir / "nats-server.log"
+        self._extra = tuple(extra)
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -90,7 +106,9 @@ class LocalNatsServer:
         if self.running():
             return
         self.store_dir.mkdir(parents=True, exist_ok=True)
-        argv = nats_server_argv(self.store_dir / "jetstream", host=self.host, port=self.port)
+        argv = nats_server_argv(
+            self.store_dir / "jetstream", host=self.host, port=self.port, extra=self._extra
+        )
         with open(self.log_path, "ab") as log:
             self._process = subprocess.Popen(
                 argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL

@@ -114,7 +114,9 @@ def require_nats(config: ServerConfig) -> None:
     except ImportError:
         raise ClusterError(NATS_MISSING) from None
     if config.cluster_credentials is not None and importlib.util.find_spec("nkeys") is None:
-        raise ClusterError("cluster_credentials needs the nkeys package: pip install nkeys")
+        raise ClusterError(
+            "cluster_credentials needs the nkeys package: pip install 'p2pvpn[cluster]'"
+        )
     websocket = any(urlsplit(url).scheme in {"ws", "wss"} for url in config.cluster)
     if websocket and importlib.util.find_spec("aiohttp") is None:
         raise ClusterError("cluster: ws:// and wss:// NATS URLs need aiohttp: pip install aiohttp")
