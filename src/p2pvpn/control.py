@@ -23,6 +23,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from p2pvpn._format import format_duration
+
 __all__ = [
     "ControlError",
     "ControlInUseError",
@@ -30,8 +32,10 @@ __all__ = [
     "NotListeningError",
     "Snapshot",
     "make_parent_directory",
+    "process_details",
     "query_snapshot",
     "scrub_snapshot",
+    "snapshot_integer",
     "snapshot_number",
     "snapshot_text",
     "socket_answers",
@@ -357,6 +361,27 @@ def snapshot_number(value: object) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
     return float(value) if math.isfinite(value) else None
+
+
+def snapshot_integer(value: object) -> int | None:
+    """A snapshot number as an int (counters, pids); None when missing or odd."""
+    number = snapshot_number(value)
+    return None if number is None else int(number)
+
+
+def process_details(snapshot: Snapshot, now: float) -> list[str]:
+    """``pid N``, ``up 2h05m``, ``version V`` of a client's or server's snapshot, as known."""
+    details = []
+    pid = snapshot_integer(snapshot.get("pid"))
+    if pid is not None:
+        details.append(f"pid {pid}")
+    started = snapshot_number(snapshot.get("started"))
+    if started is not None:
+        details.append(f"up {format_duration(now - started)}")
+    version = snapshot_text(snapshot.get("version"), "")
+    if version:
+        details.append(f"version {version}")
+    return details
 
 
 def snapshot_text(value: object, default: str = "-") -> str:

@@ -20,8 +20,10 @@ from p2pvpn.control import (
     ControlError,
     NotListeningError,
     Snapshot,
+    process_details,
     query_snapshot,
     scrub_snapshot,
+    snapshot_integer,
     snapshot_number,
     snapshot_text,
     socket_answers,
@@ -107,11 +109,6 @@ def _find_sockets(state_root: Path) -> list[Path]:
 # --------------------------------------------------------------------------- formatting
 
 
-def _integer(value: object) -> int | None:
-    number = snapshot_number(value)
-    return None if number is None else int(number)
-
-
 def _mapping(value: object) -> Snapshot:
     return value if isinstance(value, dict) else {}
 
@@ -184,15 +181,7 @@ def _header_line(snapshot: Snapshot, now: float) -> str:
             if isinstance(offloads, list) and offloads:
                 dataplane += f" {kind} " + "+".join(snapshot_text(offload) for offload in offloads)
         details.append(f"dataplane: {dataplane}")
-    pid = _integer(snapshot.get("pid"))
-    if pid is not None:
-        details.append(f"pid {pid}")
-    started = snapshot_number(snapshot.get("started"))
-    if started is not None:
-        details.append(f"up {format_duration(now - started)}")
-    version = snapshot_text(snapshot.get("version"), "")
-    if version:
-        details.append(f"version {version}")
+    details += process_details(snapshot, now)
     if details:
         parts.append(f"({', '.join(details)})")
     return _GAP.join(parts)
@@ -207,15 +196,15 @@ def _server_line(server: Snapshot, now: float) -> str:
     if connected and since is not None:
         state += f" for {format_duration(now - since)}"
     url = display_url(snapshot_text(server.get("url")))  # also from a client that did not redact it
-    index, count = _integer(server.get("index")), _integer(server.get("servers"))
+    index, count = snapshot_integer(server.get("index")), snapshot_integer(server.get("servers"))
     if index is not None and count is not None and count > 1:
         url += f" ({index} of {count})"
     line = "server".ljust(_LABEL_WIDTH) + f"{url}{_GAP}{state}"
     notes = [] if connected else _retry_notes(server, now)
-    reconnects = _integer(server.get("reconnects"))
+    reconnects = snapshot_integer(server.get("reconnects"))
     if reconnects is not None:
         notes.append(f"reconnects: {reconnects}")
-    switches = _integer(server.get("switches"))
+    switches = snapshot_integer(server.get("switches"))
     if switches:
         notes.append(f"server switches: {switches}")
     if notes:
@@ -225,7 +214,7 @@ def _server_line(server: Snapshot, now: float) -> str:
 
 def _retry_notes(server: Snapshot, now: float) -> list[str]:
     """How long and how often a client without a server has been trying to reach it."""
-    failed = _integer(server.get("failed_attempts"))
+    failed = snapshot_integer(server.get("failed_attempts"))
     if not failed:
         return []
     attempts = f"{failed} failed attempt{'' if failed == 1 else 's'}"
@@ -236,7 +225,7 @@ def _retry_notes(server: Snapshot, now: float) -> list[str]:
 
 
 def _counters(counters: Snapshot, direction: str) -> str:
-    packets = _integer(counters.get(f"packets_{direction}"))
+    packets = snapshot_integer(counters.get(f"packets_{direction}"))
     count = "-" if packets is None else str(packets)
     return f"{direction} {count} pkts / {_size_or_dash(counters.get(f'bytes_{direction}'))}"
 
@@ -248,7 +237,7 @@ def _traffic_lines(snapshot: Snapshot) -> list[str]:
         if not counters:
             continue
         row = [kind, _counters(counters, "out"), _counters(counters, "in")]
-        dropped = _integer(counters.get("dropped"))
+        dropped = snapshot_integer(counters.get("dropped"))
         if dropped:
             row.append(f"dropped {dropped}")
         rows.append(row)
@@ -258,7 +247,7 @@ def _traffic_lines(snapshot: Snapshot) -> list[str]:
 def _drops_lines(snapshot: Snapshot) -> list[str]:
     counted = []
     for reason, value in _mapping(snapshot.get("drops")).items():
-        count = _integer(value)
+        count = snapshot_integer(value)
         if count:
             counted.append(f"{snapshot_text(reason)} {count}")
     return _labelled("drops", [", ".join(counted)]) if counted else []
@@ -309,7 +298,7 @@ def _route_lines(snapshot: Snapshot) -> list[str]:
         return []
     rows = [["ROUTE", "NEXT HOP", "DELAY"]]
     for route in routes:
-        delay = _integer(route.get("delay_ms"))
+        delay = snapshot_integer(route.get("delay_ms"))
         rows.append(
             [
                 snapshot_text(route.get("destination")),

@@ -228,35 +228,20 @@ class ClusterNetwork(VpnNetwork):
         self,
         name: str,
         *extra: str,
-        tun: str | None = None,
-        password: str | None = None,
-        ns: Namespace | None = None,
-        url: str | None = None,
-        stun: bool = False,
-        start: bool = True,
         home: int = 0,
+        url: str | None = None,
         urls: Sequence[str] | None = None,
+        stun: bool | str = False,
+        **options: Any,
     ) -> Client:
         """A client of server ``home`` that knows every server (``urls`` or ``url``: only those).
 
         With ``stun`` it asks its home server's STUN responder.
         """
-        ns = ns if ns is not None else self.client_namespace(name)
         chosen = list(urls) if urls is not None else [url] if url else self.urls_from(home)
-        argv = ["run"]
-        for each in chosen:
-            argv += ["-w", each]
-        argv += ["-p", self.password if password is None else password]
-        argv += ["-n", name, "--state-dir", str(self.tmp / "state" / name)]
-        if tun:
-            argv += ["-t", tun]
-        if stun:
-            argv += ["-s", self.servers[home].stun_url]
-        client = Client(name, ns, self.tmp / "state", [*argv, *extra])
+        stun_url = self.servers[home].stun_url if stun is True else stun
+        client = super().add_client(name, *extra, urls=chosen, stun=stun_url, **options)
         client.extra["home"] = home
-        self.clients[name] = client
-        if start:
-            self.start_client(client)
         return client
 
     def add_nat_client(

@@ -9,6 +9,7 @@ sleeps) and state is read the way an admin would: ``ip``, ping and
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
@@ -157,17 +158,25 @@ class VpnNetwork:
         password: str | None = None,
         ns: Namespace | None = None,
         url: str | None = None,
-        stun: bool = False,
+        stun: bool | str = False,
         start: bool = True,
+        urls: Sequence[str] = (),
     ) -> Client:
+        """A client of ``url`` (default: the server), or of every one of ``urls`` in order.
+
+        ``stun``: True for the server's STUN responder, or a ``stun://`` URL.
+        """
         ns = ns if ns is not None else self.client_namespace(name)
         state_root = self.tmp / "state"
-        argv = ["run", "-w", url or self.url, "-p", self.password if password is None else password]
+        argv = ["run"]
+        for each in urls or [url or self.url]:
+            argv += ["-w", each]
+        argv += ["-p", self.password if password is None else password]
         argv += ["-n", name, "--state-dir", str(state_root / name)]
         if tun:
             argv += ["-t", tun]
         if stun:
-            argv += ["-s", self.stun_url]
+            argv += ["-s", self.stun_url if stun is True else stun]
         if self.tls_files is not None and (url is None or url.startswith("wss:")):
             argv += ["--tls-ca", str(self.tls_files[0])]
         client = Client(name, ns, state_root, [*argv, *extra])

@@ -18,8 +18,10 @@ from p2pvpn.control import (
     ControlError,
     NotListeningError,
     Snapshot,
+    process_details,
     query_snapshot,
     scrub_snapshot,
+    snapshot_integer,
     snapshot_number,
     snapshot_text,
 )
@@ -69,11 +71,6 @@ def _records(value: object) -> list[Snapshot]:
     return [item for item in value if isinstance(item, dict)]
 
 
-def _integer(value: object) -> int | None:
-    number = snapshot_number(value)
-    return None if number is None else int(number)
-
-
 def _age(value: object, now: float, suffix: str = "") -> str:
     """How long ago the Unix time `value` was; "-" when it is missing."""
     then = snapshot_number(value)
@@ -88,7 +85,7 @@ def _yes_no(value: object) -> str:
 
 def _count_and_size(record: Snapshot, kind: str) -> str:
     """``12 / 1.5 KiB``: frames and bytes of `kind` (relayed, delivered)."""
-    frames = _integer(record.get(f"frames_{kind}"))
+    frames = snapshot_integer(record.get(f"frames_{kind}"))
     size = snapshot_number(record.get(f"bytes_{kind}"))
     shown_frames = "-" if frames is None else str(frames)
     return f"{shown_frames} / {'-' if size is None else format_size(size)}"
@@ -125,15 +122,7 @@ def _header_line(server: Snapshot, sessions: int, now: float) -> str:
     listening = snapshot_text(server.get("listening"), "")
     if listening and listening != url:
         details.append(f"listening on {listening}")
-    pid = _integer(server.get("pid"))
-    if pid is not None:
-        details.append(f"pid {pid}")
-    started = snapshot_number(server.get("started"))
-    if started is not None:
-        details.append(f"up {format_duration(now - started)}")
-    version = snapshot_text(server.get("version"), "")
-    if version:
-        details.append(f"version {version}")
+    details += process_details(server, now)
     noun = "session" if sessions == 1 else "sessions"
     return _GAP.join(["p2pvpn server", url, f"{sessions} {noun}", f"({', '.join(details)})"])
 
@@ -153,11 +142,11 @@ def _cluster_lines(cluster: Snapshot, now: float) -> list[str]:
     url = display_url(snapshot_text(cluster.get("nats_url")))
     network = snapshot_text(cluster.get("network"))
     notes = [f"network {network}"]
-    outages = _integer(cluster.get("outages"))
+    outages = snapshot_integer(cluster.get("outages"))
     if outages is not None:
         notes.append(f"outages: {outages}")
     for kind in ("published", "received"):
-        frames = _integer(cluster.get(f"frames_{kind}"))
+        frames = snapshot_integer(cluster.get(f"frames_{kind}"))
         if frames is not None:
             notes.append(f"frames {kind}: {frames}")
     line = f"{_nats_state(cluster, now)}{_GAP}{url}{_GAP}({', '.join(notes)})"
@@ -189,7 +178,7 @@ def _server_lines(cluster: Snapshot, now: float) -> list[str]:
         return ["", "no servers known in the cluster"]
     rows = []
     for server in sorted(servers, key=lambda record: snapshot_text(record.get("name"), "")):
-        sessions = _integer(server.get("sessions"))
+        sessions = snapshot_integer(server.get("sessions"))
         rows.append(
             [
                 "*" if server.get("self") is True else "",
