@@ -116,10 +116,8 @@ def test_losing_the_server_moves_on_at_once_and_keeps_the_address(
     assert not any("trying again in" in r.message for r in caplog.records)
 
 
-def test_all_dead_waits_per_round_then_recovers(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Every URL once, then one back-off wait; a server coming back is found."""
+def record_attempts(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The URLs the session connects to, and "wait" for each back-off, in order."""
     events: list[str] = []
     real_connect = signaling_module.connect
 
@@ -135,6 +133,14 @@ def test_all_dead_waits_per_round_then_recovers(
         return real_delay(self, failures)
 
     monkeypatch.setattr(SignalingSession, "_backoff_delay", recording_delay)
+    return events
+
+
+def test_all_dead_waits_per_round_then_recovers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every URL once, then one back-off wait; a server coming back is found."""
+    events = record_attempts(monkeypatch)
 
     async def test() -> None:
         urls = [dead_url(), dead_url()]
@@ -164,21 +170,7 @@ def test_losing_a_working_server_gives_every_other_one_a_turn_before_waiting(
 ) -> None:
     """The attempts before a working login do not count against the round after it."""
     monkeypatch.setattr(signaling_module, "WORKING_LOGIN", 0.0)
-    events: list[str] = []
-    real_connect = signaling_module.connect
-
-    def recording_connect(url: str, **options: Any) -> Any:
-        events.append(url)
-        return real_connect(url, **options)
-
-    monkeypatch.setattr(signaling_module, "connect", recording_connect)
-    real_delay = SignalingSession._backoff_delay
-
-    def recording_delay(self: SignalingSession, failures: int) -> float:
-        events.append("wait")
-        return real_delay(self, failures)
-
-    monkeypatch.setattr(SignalingSession, "_backoff_delay", recording_delay)
+    events = record_attempts(monkeypatch)
 
     async def test() -> None:
         handler = Recorder()

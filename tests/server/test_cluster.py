@@ -7,12 +7,10 @@ log in as tests/server/test_ws.py does. Waiting is polling with a deadline.
 
 import asyncio
 import logging
-import os
-import shutil
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from ipaddress import IPv4Interface, IPv4Network
@@ -30,6 +28,7 @@ from p2pvpn.server.relay import Publish
 from p2pvpn.server.runtime import ServerRuntime, run_server
 from p2pvpn.wire.close_codes import CloseCode
 from p2pvpn.wire.ws import BROADCAST, Discovery, ExptTun, decode_ws_message
+from tests.integration.conftest import require_tool
 from tests.server import (
     PASSWORD,
     VMAC_A,
@@ -47,17 +46,6 @@ DHCP = IPv4Network("10.77.0.0/24")
 # Short enough that refreshes are frequent, long enough for a loaded test machine.
 TTL = 6.0
 DEADLINE = 20.0  # seconds any condition across servers may take
-
-
-@pytest.fixture
-def nats(tmp_path: Path) -> Iterator[LocalNatsServer]:
-    if shutil.which("nats-server") is None:
-        message = "test needs nats-server (apt-get install nats-server)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    with LocalNatsServer(tmp_path / "nats") as server:
-        yield server
 
 
 def cluster_config(url: str, **changes: object) -> ServerConfig:
@@ -368,10 +356,7 @@ def test_nats_outage_keeps_local_relaying_and_cross_server_relaying_resumes(
 def test_unreachable_nats_at_start_serves_alone_and_joins_later(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if shutil.which("nats-server") is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("test needs nats-server (apt-get install nats-server)")
-        pytest.skip("test needs nats-server")
+    require_tool("nats-server")
     monkeypatch.setattr(cluster_module, "START_DEADLINE", 1.0)
     nats = LocalNatsServer(tmp_path / "nats")  # not started yet
 
@@ -502,10 +487,7 @@ def test_servers_join_a_nats_that_wants_a_password_and_never_show_it(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """NATS with users: the right password in the URL joins; a wrong one serves alone, unshown."""
-    if shutil.which("nats-server") is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("test needs nats-server (apt-get install nats-server)")
-        pytest.skip("test needs nats-server")
+    require_tool("nats-server")
     monkeypatch.setattr(cluster_module, "START_DEADLINE", 2.0)
     secret, wrong = "n4ts-s3cret", "n0t-the-pa55"
     extra = ["--user", "p2pvpn", "--pass", secret]

@@ -4,7 +4,6 @@ import asyncio
 import json
 import logging
 import os
-import shutil
 import ssl
 import stat
 import time
@@ -214,17 +213,6 @@ def test_no_server_is_exit_1_naming_the_socket(
     assert err.startswith(f"p2pvpn: error: no p2pvpn server answers on {path} (no control socket)")
     assert "`p2pvpn server -c FILE`" in err
     assert "--control-socket PATH" in err
-
-
-@pytest.fixture
-def nats(tmp_path: Path) -> Iterator[LocalNatsServer]:
-    if shutil.which("nats-server") is None:
-        message = "test needs nats-server (apt-get install nats-server)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    with LocalNatsServer(tmp_path / "nats") as server:
-        yield server
 
 
 def test_a_cluster_shows_nats_and_the_other_servers(root: Path, nats: LocalNatsServer) -> None:
