@@ -147,6 +147,8 @@ _CLIENT_KEYS = (
     "tls_ca",
     "offload",
     "bench_server",
+    "exit",
+    "exit_allow_lan",
 )
 # Keys whose TOML array is a list of values in their own right (not joined with commas):
 # a URL may hold a comma. candy.cfg has no lists; a flag repeats instead.
@@ -158,6 +160,9 @@ _LIST_KEYS = (
 _CANDY_ONLY_KEYS = ("restart", "workers")
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
+# A member's name as the peer-name table has it (wire/names.py clean_label).
+_EXIT_NAME_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+_LABEL = "letters, digits and inner '-', at most 63"
 _INT_RE = re.compile(r"[+-]?[0-9]+")
 _TRUE = frozenset({"true", "yes", "1", "on"})
 _FALSE = frozenset({"false", "no", "0", "off"})
@@ -273,6 +278,8 @@ class ClientConfig:
     tls_ca: Path | None = None  # PEM CA certificate(s) to trust instead of the system's
     offload: Offload = "auto"  # TUN offloads (fast data plane only)
     bench_server: bool = False  # answer `p2pvpn bench peer` on the VPN address
+    exit: str = ""  # the exit node to send all traffic through: a member's name or address
+    exit_allow_lan: bool = True  # with `exit`: the LAN's subnets stay on the main table
 
     def __post_init__(self) -> None:
         if self.state_dir == Path():
@@ -585,7 +592,10 @@ def client_config_from_values(values: Mapping[str, ConfigValue], source: str) ->
         tls_ca=get.check("tls_ca", lambda: _client_tls_ca(values), None),
         offload=get("offload", _offload, "auto"),
         bench_server=get("bench_server", _bool, False),
+        exit=get("exit", _exit, ""),
+        exit_allow_lan=get("exit_allow_lan", _bool, True),
     )
+    # TODO(issue 16): `exit` with `exit_node` is an error (exit_node comes with r-exitnode).
     get.raise_problems()
     return config
 
@@ -1106,6 +1116,19 @@ def _one_of(key: str, item: ConfigValue, choices: tuple[_Choice, ...]) -> _Choic
     _fail(key, item, f"expected one of {', '.join(choices)}, got {text!r}")
 
 
+def _exit(key: str, item: ConfigValue) -> str:
+    """A member's IPv4 address, or its name: a DNS label (compared without case)."""
+    text = _string(key, item).strip()
+    try:
+        return str(IPv4Address(text))
+    except ValueError:
+        pass
+    name = text.lower()
+    if text and not _EXIT_NAME_RE.fullmatch(name):
+        _fail(key, item, f"{text!r} is neither an IPv4 address nor a name (a DNS label: {_LABEL})")
+    return name
+
+
 def _log_format(key: str, item: ConfigValue) -> LogFormat:
     return _one_of(key, item, LOG_FORMATS)
 
@@ -1185,6 +1208,8 @@ def effective_items(config: ClientConfig | ServerConfig) -> list[tuple[str, str]
         ("tls_ca", _show_path(config.tls_ca, "(the system's CAs)")),
         ("offload", _show_offload(config.offload)),
         ("bench_server", _show_bench_server(config.bench_server)),
+        ("exit", config.exit or "(none: this machine's default route)"),
+        ("exit_allow_lan", _show_bool(config.exit_allow_lan)),
     ]
 
 
