@@ -21,6 +21,14 @@ from typing import TYPE_CHECKING, Any
 
 from p2pvpn import __version__
 from p2pvpn.client.control import client_control_server, control_socket_path
+from p2pvpn.client.exit_routing import (
+    EXIT_MARK,
+    SO_MARK,
+    ExitChooser,
+    ExitNodeSource,
+    ExitRouting,
+)
+from p2pvpn.client.exit_routing import remove_stale as remove_stale_exit_routing
 from p2pvpn.client.peer_manager import PeerManager
 from p2pvpn.client.signaling import SignalingError, SignalingSession
 from p2pvpn.client.store import StateStore
@@ -70,7 +78,9 @@ class ClientNode:
             UnderlayProbe(config, lambda: self.signaling.server_ip, self._peer_endpoints).gather,
         )
         self._peer_endpoints_seen: frozenset[IPv4Address] = frozenset()
-        self.udp = _open_udp_socket(config.port)
+        # With an exit node the underlay sockets carry the mark that keeps them out of it.
+        underlay_mark = EXIT_MARK if config.exit else None
+        self.udp = _open_udp_socket(config.port, underlay_mark)
         self.signaling = SignalingSession(
             config.websockets,
             config.password,
@@ -79,7 +89,9 @@ class ClientNode:
             self,
             tls_verify=config.tls_verify,
             tls_ca=config.tls_ca,
+            socket_mark=underlay_mark,
         )
+        self._init_exit(config)
         self.control = client_control_server(control_socket_path(config.state_dir), self.snapshot)
         self.metrics: MetricsServer | None = None  # set when metrics are served
         self.bench_server: FollowingBenchServer | None = None  # bench_server = true
@@ -107,6 +119,7 @@ class ClientNode:
             # the interface, so a second client with our name changes nothing.
             await self.control.start()
             TunDevice.remove_stale(self.config.interface_name)
+            await self._remove_stale_exit_routing()
             self.tun = open_tun(self.config)
             if self.config.metrics is not None:
                 # Imported only when asked for: prometheus_client costs RSS.
@@ -152,11 +165,13 @@ class ClientNode:
             if endpoints != self._peer_endpoints_seen:
                 self._peer_endpoints_seen = endpoints
                 self.routes.recheck()
+            self.check_exit_soon()
 
     def _peer_endpoints(self) -> set[IPv4Address]:
         return self.peers.endpoint_addresses() if self.peers is not None else set()
 
     async def _cleanup(self) -> None:
+        await self._close_exit_routing()
         await self.routes.close()
         if self.peers is not None:
             self.peers.close()
@@ -195,6 +210,7 @@ class ClientNode:
         assert self.data_plane is not None
         await self.routes.attach(self.tun, self.data_plane, address, self.peers)
         await self._follow_bench_server(address)
+        await self._start_exit_routing()
 
     def on_message(self, message: WsMessage) -> None:
         handler = self._message_handlers.get(type(message))
@@ -303,6 +319,81 @@ class ClientNode:
         if self.peers is not None:
             self.peers.on_discovery(message, time.monotonic())
 
+    # -- exit node in use (`exit` key) -----------------------------------------
+
+    def _init_exit(self, config: ClientConfig) -> None:
+        self.exit_chooser = ExitChooser(config.exit)
+        self.exit_routing: ExitRouting | None = None
+        if config.exit:
+            self.exit_routing = ExitRouting(
+                config.interface_name,
+                config.state_dir,
+                config.exit_allow_lan,
+                exit_routes=self.routes.set_exit_routes,
+            )
+        # The name table (client/names.py), set by the names wiring; None: no exit node known.
+        self.exit_names: ExitNodeSource | None = None
+        self._exit_check: asyncio.Task[None] | None = None
+
+    async def _remove_stale_exit_routing(self) -> None:
+        """Whatever a SIGKILLed run left (rules, table route), with or without `exit` now."""
+        try:
+            await asyncio.to_thread(remove_stale_exit_routing, self.config.state_dir)
+        except OSError as error:
+            logger.warning("cannot remove the exit-node routing of an earlier run: %s", error)
+
+    async def _start_exit_routing(self) -> None:
+        """After a login on a (new) address: the rules, and the route if the exit is there."""
+        if self.exit_routing is None:
+            return
+        try:
+            await self.exit_routing.start()
+        except OSError as error:
+            logger.error("cannot set up routing through exit node %s: %s", self.config.exit, error)
+            return
+        self.exit_chooser.forget()  # a new TUN device: its route must be made again
+        self.check_exit_soon()
+
+    def check_exit_soon(self) -> None:
+        """Judge the exit node's availability: on each tick, and called by the names
+        wiring whenever the name table's generation changes (a departure seen at once)."""
+        if self.exit_routing is None or not self.exit_routing.started:
+            return
+        if self._exit_check is None or self._exit_check.done():
+            self._exit_check = asyncio.create_task(self._check_exit(), name="exit-check")
+
+    async def _check_exit(self) -> None:
+        routing, names, address = self.exit_routing, self.exit_names, self.address
+        if routing is None or address is None:
+            return
+        available = None
+        if names is not None:
+            available = self.exit_chooser.available(names.exit_nodes(), names.lookup)
+        change = self.exit_chooser.decide(available, time.time())
+        if change is None:
+            return
+        try:
+            if change.action == "activate" and change.target is not None:
+                await routing.activate(*change.target, address.network)
+            else:
+                await routing.deactivate("no longer offered as an exit node")
+        except OSError as error:
+            logger.warning("exit node %s: %s", self.config.exit, error)
+            if change.action == "activate":
+                self.exit_chooser.forget()
+
+    async def _close_exit_routing(self) -> None:
+        check, self._exit_check = self._exit_check, None
+        if check is not None:
+            # Awaited, not cancelled: a netlink call in flight must finish before the undo.
+            with contextlib.suppress(Exception):
+                await check
+        if self.exit_routing is not None:
+            try:
+                await self.exit_routing.close()
+            except OSError as error:
+                logger.warning("cannot remove the exit-node routing: %s", error)
+
     # -- status ---------------------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
@@ -349,6 +440,7 @@ class ClientNode:
             },
             "stun_failures": self.peers.stun_failures if self.peers is not None else 0,
             "bench_server": self.bench_server.endpoint if self.bench_server is not None else None,
+            "exit": self.exit_chooser.snapshot(),
         }
 
 
@@ -376,8 +468,16 @@ def _direct_totals(stats: DataPlaneStats | None) -> dict[str, int]:
     return totals
 
 
-def _open_udp_socket(port: int) -> socket.socket:
+def _open_udp_socket(port: int, mark: int | None = None) -> socket.socket:
     udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    if mark is not None:
+        try:
+            udp.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+        except OSError as error:
+            udp.close()
+            raise OSError(
+                f"cannot mark the UDP socket (exit needs root): {error.strerror}"
+            ) from error
     for force, plain in (
         (SO_RCVBUFFORCE, socket.SO_RCVBUF),
         (SO_SNDBUFFORCE, socket.SO_SNDBUF),
