@@ -24,7 +24,6 @@ any, to use now.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import json
 import logging
@@ -227,16 +226,21 @@ def _flush_table() -> int:
     removed = 0
     with IPRoute() as ipr:
         for route in ipr.get_routes(family=2, table=EXIT_TABLE):
-            if route.get("table") != EXIT_TABLE and route.get_attr("RTA_TABLE") != EXIT_TABLE:
+            if route.get_attr("RTA_TABLE") not in (None, EXIT_TABLE):
                 continue
-            with contextlib.suppress(NetlinkError):
+            try:
                 ipr.route(
                     "del",
                     dst=route.get_attr("RTA_DST") or "0.0.0.0",
                     dst_len=route["dst_len"],
+                    scope=route["scope"],  # a "scope link" route is not found without it
                     table=EXIT_TABLE,
                 )
-                removed += 1
+            except NetlinkError as exc:
+                if exc.code not in (errno.ESRCH, errno.ENOENT):
+                    raise
+                continue
+            removed += 1
     return removed
 
 

@@ -1,0 +1,118 @@
+"""Using an exit node, the kernel side (issue 16): in a namespace with a default route
+of its own and a TUN device, the rules, the table route, where packets go with and
+without the underlay mark and with and without exit_allow_lan, and nothing left after
+close or, after a SIGKILL, after remove_stale."""
+
+import json
+import subprocess
+from ipaddress import IPv4Network
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from p2pvpn.netns import Namespace, TestBed
+from p2pvpn.netns._process import python_argv
+
+SUPPORT = Path(__file__).with_name("exit_routing_support.py")
+TUN = "p2pvpn-exr"
+RUN_TIMEOUT = 60.0
+
+
+@pytest.fixture
+def member(testbed: TestBed) -> tuple[Namespace, str]:
+    """A namespace whose default route leaves by a veth toward its "LAN" gateway."""
+    member = testbed.namespace("exr")
+    gateway = testbed.namespace("exrgw")
+    link = testbed.link(member, gateway, "192.0.2.2/24", "192.0.2.1/24")
+    member.ip("route", "add", "default", "via", "192.0.2.1")
+    return member, link.ifname(member)
+
+
+def run_support(ns: Namespace, *args: str) -> subprocess.CompletedProcess[str]:
+    return ns.run(python_argv(str(SUPPORT), *args), timeout=RUN_TIMEOUT, check=False)
+
+
+def scenario(ns: Namespace, state_dir: Path, allow_lan: bool) -> dict[str, Any]:
+    done = run_support(ns, "scenario", str(state_dir), "1" if allow_lan else "0")
+    assert done.returncode == 0, done.stderr
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
+
+
+def rule_texts(rules: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    return {rule["priority"]: rule for rule in rules}
+
+
+def test_all_traffic_goes_to_the_tun_but_the_marked_underlay(
+    member: tuple[Namespace, str], tmp_path: Path
+) -> None:
+    ns, lan_if = member
+    steps = scenario(ns, tmp_path / "state", allow_lan=True)
+    started = steps["started"]
+    assert steps["state_file"] is True
+    rules = rule_texts(started["rules"])
+    assert set(rules) == {5270, 5271}
+    assert rules[5270]["table"] == "main"
+    assert rules[5270].get("suppress_prefixlen") == 0
+    assert rules[5271]["table"] == "30326"
+    assert "not" in rules[5271]  # iproute2 shows the invert flag as a key with null
+    assert rules[5271]["fwmark"] == "0x7076"
+    # Started but not active: the empty table falls through to the main one.
+    assert started["table"] == []
+    assert started["internet"] == lan_if
+    active = steps["active"]
+    assert [(r["dst"], r["dev"]) for r in active["table"]] == [("default", TUN)]
+    assert active["internet"] == TUN
+    assert active["internet_marked"] == lan_if
+    assert active["lan"] == lan_if  # exit_allow_lan: the LAN stays direct
+    assert active["vpn"] == TUN
+    inactive = steps["inactive"]
+    assert inactive["table"] == []
+    assert inactive["internet"] == lan_if
+    assert inactive["lan"] == lan_if
+    closed = steps["closed"]
+    assert closed["rules"] == [] and closed["table"] == []
+    assert closed["internet"] == lan_if
+    assert steps["state_file_after_close"] is False
+    # The data plane got the complement of the VPN network, then nothing (deactivate, close).
+    first = steps["entries"][0]
+    assert sum(IPv4Network(network).num_addresses for network, _ in first) == 2**32 - 256
+    assert all(nexthop == "10.77.0.1" for _, nexthop in first)
+    assert "10.77.0.0/24" not in {network for network, _ in first}
+    assert steps["entries"][1] == [] and steps["entries"][-1] == []
+
+
+def test_without_allow_lan_the_lan_goes_through_the_exit_node(
+    member: tuple[Namespace, str], tmp_path: Path
+) -> None:
+    ns, lan_if = member
+    steps = scenario(ns, tmp_path / "state", allow_lan=False)
+    assert set(rule_texts(steps["started"]["rules"])) == {5271}
+    active = steps["active"]
+    assert active["lan"] == TUN
+    assert active["internet"] == TUN
+    assert active["internet_marked"] == lan_if
+    assert steps["inactive"]["lan"] == lan_if
+    assert steps["closed"]["rules"] == []
+
+
+def test_remove_stale_undoes_a_killed_run(member: tuple[Namespace, str], tmp_path: Path) -> None:
+    ns, lan_if = member
+    state_dir = tmp_path / "state"
+    killed = run_support(ns, "killed", str(state_dir))
+    assert killed.returncode == -9, killed.stderr
+    assert (state_dir / "exit-routing.json").exists()
+    assert {rule["priority"] for rule in ns.ip_json("rule")} >= {5270, 5271}
+    # The TUN device went with the process and took its route; a route that outlived
+    # its run (a persistent device, say) must go as well.
+    ns.ip("route", "add", "default", "dev", lan_if, "table", "30326")
+    stale = run_support(ns, "stale", str(state_dir))
+    assert stale.returncode == 0, stale.stderr
+    result = json.loads(stale.stdout)
+    assert result["removed"] is True
+    assert result["after"]["rules"] == [] and result["after"]["table"] == []
+    assert result["after"]["internet"] == lan_if
+    assert not (state_dir / "exit-routing.json").exists()
+    again = run_support(ns, "stale", str(state_dir))
+    assert json.loads(again.stdout)["removed"] is False
