@@ -39,8 +39,9 @@ def table_routes() -> list[Any]:
 
 
 def device_for(destination: str, *extra: str) -> str:
+    """The device a packet to ``destination`` leaves by, and the source the kernel picks."""
     (route,) = ip_json("route", "get", destination, *extra)
-    return str(route["dev"])
+    return f"{route['dev']} from {route.get('prefsrc')}"
 
 
 def kernel_state() -> dict[str, Any]:
@@ -67,11 +68,11 @@ async def scenario(state_dir: Path, allow_lan: bool) -> dict[str, Any]:
         await routing.start()
         steps["started"] = kernel_state()
         steps["state_file"] = (state_dir / "exit-routing.json").exists()
-        await routing.activate(EXIT_ADDRESS, "gw", TUN_ADDRESS.network)
+        await routing.activate(EXIT_ADDRESS, "gw", TUN_ADDRESS)
         steps["active"] = kernel_state()
         await routing.deactivate("test")
         steps["inactive"] = kernel_state()
-        await routing.activate(EXIT_ADDRESS, "gw", TUN_ADDRESS.network)
+        await routing.activate(EXIT_ADDRESS, "gw", TUN_ADDRESS)
         await routing.close()
         steps["closed"] = kernel_state()
         steps["state_file_after_close"] = (state_dir / "exit-routing.json").exists()
@@ -84,7 +85,7 @@ async def killed(state_dir: Path) -> None:
     tun.configure(TUN_ADDRESS, 1400)
     routing = ExitRouting(TUN_NAME, state_dir, True)
     await routing.start()
-    await routing.activate(EXIT_ADDRESS, "gw", TUN_ADDRESS.network)
+    await routing.activate(EXIT_ADDRESS, "gw", TUN_ADDRESS)
     os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -15,7 +15,8 @@ from p2pvpn.netns import Namespace, TestBed
 from p2pvpn.netns._process import python_argv
 
 SUPPORT = Path(__file__).with_name("exit_routing_support.py")
-TUN = "p2pvpn-exr"
+TUN_DEVICE = "p2pvpn-exr"
+TUN = "p2pvpn-exr from 10.77.0.2"  # what goes to the exit node has the VPN address as source
 RUN_TIMEOUT = 60.0
 
 
@@ -27,6 +28,10 @@ def member(testbed: TestBed) -> tuple[Namespace, str]:
     link = testbed.link(member, gateway, "192.0.2.2/24", "192.0.2.1/24")
     member.ip("route", "add", "default", "via", "192.0.2.1")
     return member, link.ifname(member)
+
+
+def underlay(ifname: str) -> str:
+    return f"{ifname} from 192.0.2.2"
 
 
 def run_support(ns: Namespace, *args: str) -> subprocess.CompletedProcess[str]:
@@ -47,7 +52,8 @@ def rule_texts(rules: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
 def test_all_traffic_goes_to_the_tun_but_the_marked_underlay(
     member: tuple[Namespace, str], tmp_path: Path
 ) -> None:
-    ns, lan_if = member
+    ns, ifname = member
+    lan_if = underlay(ifname)
     steps = scenario(ns, tmp_path / "state", allow_lan=True)
     started = steps["started"]
     assert steps["state_file"] is True
@@ -62,7 +68,9 @@ def test_all_traffic_goes_to_the_tun_but_the_marked_underlay(
     assert started["table"] == []
     assert started["internet"] == lan_if
     active = steps["active"]
-    assert [(r["dst"], r["dev"]) for r in active["table"]] == [("default", TUN)]
+    assert [(r["dst"], r["dev"], r.get("prefsrc")) for r in active["table"]] == [
+        ("default", TUN_DEVICE, "10.77.0.2")
+    ]
     assert active["internet"] == TUN
     assert active["internet_marked"] == lan_if
     assert active["lan"] == lan_if  # exit_allow_lan: the LAN stays direct
@@ -86,7 +94,8 @@ def test_all_traffic_goes_to_the_tun_but_the_marked_underlay(
 def test_without_allow_lan_the_lan_goes_through_the_exit_node(
     member: tuple[Namespace, str], tmp_path: Path
 ) -> None:
-    ns, lan_if = member
+    ns, ifname = member
+    lan_if = underlay(ifname)
     steps = scenario(ns, tmp_path / "state", allow_lan=False)
     assert set(rule_texts(steps["started"]["rules"])) == {5271}
     active = steps["active"]
@@ -98,7 +107,8 @@ def test_without_allow_lan_the_lan_goes_through_the_exit_node(
 
 
 def test_remove_stale_undoes_a_killed_run(member: tuple[Namespace, str], tmp_path: Path) -> None:
-    ns, lan_if = member
+    ns, ifname = member
+    lan_if = underlay(ifname)
     state_dir = tmp_path / "state"
     killed = run_support(ns, "killed", str(state_dir))
     assert killed.returncode == -9, killed.stderr
@@ -106,7 +116,7 @@ def test_remove_stale_undoes_a_killed_run(member: tuple[Namespace, str], tmp_pat
     assert {rule["priority"] for rule in ns.ip_json("rule")} >= {5270, 5271}
     # The TUN device went with the process and took its route; a route that outlived
     # its run (a persistent device, say) must go as well.
-    ns.ip("route", "add", "default", "dev", lan_if, "table", "30326")
+    ns.ip("route", "add", "default", "dev", ifname, "table", "30326")
     stale = run_support(ns, "stale", str(state_dir))
     assert stale.returncode == 0, stale.stderr
     result = json.loads(stale.stdout)

@@ -30,7 +30,7 @@ import logging
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -213,12 +213,13 @@ def _remove_rules() -> int:
     return removed
 
 
-def _set_default_route(interface: str) -> None:
+def _set_default_route(interface: str, source: IPv4Address | None) -> None:
     with IPRoute() as ipr:
         found = ipr.link_lookup(ifname=interface)
         if not found:
             raise OSError(errno.ENODEV, f"no device {interface}")
-        ipr.route("replace", dst="0.0.0.0", dst_len=0, oif=found[0], table=EXIT_TABLE)
+        extra = {} if source is None else {"prefsrc": str(source)}
+        ipr.route("replace", dst="0.0.0.0", dst_len=0, oif=found[0], table=EXIT_TABLE, **extra)
 
 
 def _flush_table() -> int:
@@ -323,20 +324,27 @@ class ExitRouting:
         logger.info("exit-node routing ready (table %d, %s)", EXIT_TABLE, lan)
 
     async def activate(
-        self, address: IPv4Address, name: str, network: IPv4Network | None = None
+        self, address: IPv4Address, name: str, local: IPv4Interface | None = None
     ) -> None:
-        """All traffic outside ``network`` (the VPN's) goes to the exit node at ``address``."""
-        await self._call(_set_default_route, self.interface)
-        if self._exit_routes is not None and network is not None:
-            self._exit_routes(exit_entries(address, network))
+        """All traffic outside the VPN network goes to the exit node at ``address``.
+
+        ``local`` is our TUN address: the source the kernel picks for that traffic
+        (without it, the underlay's address would be picked and the exit node's
+        masquerade, which takes the VPN network only, would not answer it), and
+        the VPN network the data plane keeps for itself.
+        """
+        # The data plane first: a packet the route sends into the TUN device finds its way.
+        if self._exit_routes is not None and local is not None:
+            self._exit_routes(exit_entries(address, local.network))
+        await self._call(_set_default_route, self.interface, local.ip if local else None)
         self._active = (address, name)
         logger.info("using exit node %s (%s)", name, address)
 
     async def deactivate(self, reason: str = "") -> None:
         """Back to the main table's default route (the data plane's entries go too)."""
+        await self._call(_flush_table)
         if self._exit_routes is not None:
             self._exit_routes([])
-        await self._call(_flush_table)
         gone, self._active = self._active, None
         if gone is not None:
             address, name = gone

@@ -374,7 +374,7 @@ class ClientNode:
             return
         try:
             if change.action == "activate" and change.target is not None:
-                await routing.activate(*change.target, address.network)
+                await routing.activate(*change.target, address)
             else:
                 await routing.deactivate("no longer offered as an exit node")
         except OSError as error:
