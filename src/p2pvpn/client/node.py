@@ -351,7 +351,9 @@ class ClientNode:
         except OSError as error:
             logger.error("cannot set up routing through exit node %s: %s", self.config.exit, error)
             return
-        self.exit_chooser.forget()  # a new TUN device: its route must be made again
+        # A new TUN device (and maybe network): the route and the entries are made anew.
+        self.routes.set_exit_routes([])
+        self.exit_chooser.forget()
         self.check_exit_soon()
 
     def check_exit_soon(self) -> None:
