@@ -113,6 +113,15 @@ def test_a_name_that_moves_to_another_address_is_followed() -> None:
     assert chooser.fallbacks == 0
 
 
+def test_a_new_name_of_the_member_in_use_changes_no_route() -> None:
+    chooser, names = ExitChooser(str(GW)), FakeNames()
+    names.set(GW, "gw", exit_node=True)
+    assert judge(chooser, names) == Change("activate", (GW, "gw"))
+    names.set(GW, "gw-7", exit_node=True)
+    assert judge(chooser, names) is None
+    assert chooser.active == (GW, "gw-7")
+
+
 def test_an_address_target_needs_the_member_to_offer_exit() -> None:
     chooser, names = ExitChooser(str(GW)), FakeNames()
     names.set(OTHER, "other", exit_node=True)

@@ -138,7 +138,10 @@ class ExitChooser:
         The caller applies it; the chooser counts it as done (a failed activation
         is retried on the next call only if the caller calls `forget`).
         """
-        if available is not None and available != self.active:
+        if available is not None and self.active is not None and available[0] == self.active[0]:
+            self.active = available  # a new name (a suffix, say) on the same member: no change
+            return None
+        if available is not None:
             self.active, self.since = available, now
             return Change("activate", available)
         if available is None and self.active is not None:
