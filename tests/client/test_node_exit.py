@@ -15,8 +15,10 @@ from typing import Any
 import pytest
 
 from p2pvpn.client import node as node_module
+from p2pvpn.client import peer_manager as peer_manager_module
 from p2pvpn.client.exit_routing import EXIT_MARK, SO_MARK, ExitRouting
 from p2pvpn.client.node import ClientNode
+from p2pvpn.client.peer_manager import PeerManager
 from p2pvpn.config import ClientConfig
 from p2pvpn.server import Relay, RelayServer
 from tests.client.test_exit_routing import FakeNames
@@ -168,3 +170,23 @@ def test_no_check_before_the_routing_is_started(state_root: Path) -> None:
             node.udp.close()
 
     asyncio.run(test())
+
+
+def test_the_lan_address_probe_is_marked_with_exit(monkeypatch: pytest.MonkeyPatch) -> None:
+    marks: list[int] = []
+    real_socket = socket.socket
+
+    class Recording(real_socket):
+        def setsockopt(self, level: int, option: int, value: Any, *rest: Any) -> None:
+            if option == SO_MARK:
+                marks.append(value)
+            super().setsockopt(level, option, value, *rest)
+
+    monkeypatch.setattr(peer_manager_module.socket, "socket", Recording)
+    for target, expected in (("gw", [EXIT_MARK]), ("", [])):
+        marks.clear()
+        config = ClientConfig(websocket="ws://127.0.0.1:9/", exit=target)
+        unused: Any = None
+        manager = PeerManager(config, IPv4Interface("10.9.0.5/24"), unused, unused, local_port=1)
+        assert manager._detect_lan_address() == ("127.0.0.1", 1)
+        assert marks == expected

@@ -10,13 +10,20 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
 from typing import Any
 
-from p2pvpn.client.exit_routing import EXIT_MARK, EXIT_TABLE, ExitRouting, remove_stale
+from p2pvpn.client.exit_routing import (
+    EXIT_MARK,
+    EXIT_TABLE,
+    SO_MARK,
+    ExitRouting,
+    remove_stale,
+)
 from p2pvpn.client.tun import TunDevice
 
 TUN_NAME = "p2pvpn-exr"
@@ -44,8 +51,19 @@ def device_for(destination: str, *extra: str) -> str:
     return f"{route['dev']} from {route.get('prefsrc')}"
 
 
+def source_toward(destination: str, mark: int | None) -> str:
+    """The source address a UDP socket (the LAN-address probe's way) gets toward it."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        if mark is not None:
+            probe.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+        probe.connect((destination, 9))
+        return str(probe.getsockname()[0])
+
+
 def kernel_state() -> dict[str, Any]:
     return {
+        "source": source_toward(INTERNET, None),
+        "source_marked": source_toward(INTERNET, EXIT_MARK),
         "rules": [rule for rule in ip_json("rule") if rule.get("priority") in (5270, 5271)],
         "table": table_routes(),
         "internet": device_for(INTERNET),

@@ -73,6 +73,8 @@ def test_all_traffic_goes_to_the_tun_but_the_marked_underlay(
     ]
     assert active["internet"] == TUN
     assert active["internet_marked"] == lan_if
+    # The LAN-address probe (peer_manager) is marked too: it must find the underlay's address.
+    assert (active["source"], active["source_marked"]) == ("10.77.0.2", "192.0.2.2")
     assert active["lan"] == lan_if  # exit_allow_lan: the LAN stays direct
     assert active["vpn"] == TUN
     inactive = steps["inactive"]
