@@ -21,6 +21,7 @@ SANS_IO = (
     "wire",
     "client/peer.py",
     "client/route_policy.py",
+    "client/names.py",
     "server/relay.py",
     "server/limits.py",
     "server/cluster_state.py",
