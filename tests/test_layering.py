@@ -22,6 +22,7 @@ SANS_IO = (
     "client/peer.py",
     "client/route_policy.py",
     "server/relay.py",
+    "server/names.py",
     "server/limits.py",
     "server/cluster_state.py",
 )
