@@ -2,6 +2,7 @@
 
 from ipaddress import IPv4Address
 
+from p2pvpn.metrics import ServerCollector
 from p2pvpn.server.relay import Relay, Send
 from p2pvpn.wire.names import encode_ping_payload
 from p2pvpn.wire.ws import (
@@ -14,6 +15,7 @@ from p2pvpn.wire.ws import (
     decode_ws_message,
 )
 from tests.server import NOW, PASSWORD, FakeSession, auth_frame, feed, ip, login, perform
+from tests.test_metrics import scrape, serving, value
 
 
 def ping(relay: Relay, session: FakeSession, hostname: str, now: float = NOW) -> None:
@@ -258,3 +260,13 @@ def test_sends_are_plain_send_actions() -> None:
     relay.on_ping(session, encode_ping_payload("alpha", "1"), NOW)
     actions = relay.handle_frame(session, Hello().encode(), NOW)
     assert [type(action) for action in actions] == [Send]
+
+
+def test_named_sessions_metric() -> None:
+    relay = Relay(PASSWORD)
+    p2pvpn_member(relay, "10.0.0.1", "alpha")
+    login(relay, "10.0.0.2")  # no name: not counted
+    with serving(ServerCollector(relay.stats)) as server:
+        samples, text = scrape(server.url)
+    assert value(samples, "p2pvpn_server_named_sessions") == 1
+    assert "# TYPE p2pvpn_server_named_sessions gauge" in text
