@@ -23,6 +23,7 @@ SANS_IO = (
     "client/route_policy.py",
     "client/names.py",
     "server/relay.py",
+    "server/names.py",
     "server/limits.py",
     "server/cluster_state.py",
 )

@@ -213,6 +213,12 @@ _SERVER_METRICS: tuple[tuple[Literal["gauge", "counter", "by_reason"], str, str,
     ("gauge", "p2pvpn_server_dhcp_leases", "Addresses leased from the pool.", "dhcp_leases"),
     (
         "gauge",
+        "p2pvpn_server_named_sessions",
+        "Logged-in clients with a name (from their ping payload).",
+        "named_sessions",
+    ),
+    (
+        "gauge",
         "p2pvpn_server_replay_cache_entries",
         "Login hashes remembered against replays.",
         "replay_cache_entries",
