@@ -307,6 +307,17 @@ class SignalingSession:
                 queued += 1
         return queued
 
+    async def flush(self, timeout: float) -> None:
+        """Wait up to ``timeout`` until every queued frame went to the connection.
+
+        For a last word before close() (which would drop what is still queued).
+        """
+        if self._state != "connected":
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._queue.join()
+
     def send_forward_packets(self, packets: list[bytes]) -> int:
         """Relay raw IPv4 packets through the server as FORWARD frames."""
         return self.send_frames(FORWARD_TYPE + packet for packet in packets)
@@ -508,6 +519,7 @@ class SignalingSession:
         # Frames queued for a dead connection are stale by the time a new one is up.
         while not self._queue.empty():
             self._queue.get_nowait()
+            self._queue.task_done()
             self.stats.frames_dropped += 1
 
     # -- login (PROTOCOL 2.3) -------------------------------------------------
@@ -676,7 +688,10 @@ class SignalingSession:
         try:
             while True:
                 frame = await self._queue.get()
-                await ws.send(frame)
+                try:
+                    await ws.send(frame)
+                finally:
+                    self._queue.task_done()  # what flush() waits for
                 self._count_out(frame)
         except ConnectionClosed as exc:
             _record_close(attempt, exc)
