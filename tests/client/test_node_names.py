@@ -15,6 +15,7 @@ import dns.query
 import dns.rcode
 import pytest
 
+from p2pvpn.client import signaling as signaling_module
 from p2pvpn.client.node import ClientNode
 from p2pvpn.config import ClientConfig
 from p2pvpn.server import Relay, RelayServer
@@ -103,5 +104,51 @@ def test_members_resolve_each_other_and_see_a_departure(
                 await wait_until(lambda: a_names.lookup(suffixed) is None, "carol gone", 10)
                 assert a_names.lookup("alice") == a_ip
             assert alice.naming.dns is not None and alice.naming.dns.endpoint is None
+
+    run(test)
+
+
+class CandyHello:
+    """What a member that never says HELLO sends instead: an unknown type, ignored."""
+
+    def __init__(self, exit_node: bool = False) -> None:
+        pass
+
+    def encode(self) -> bytes:
+        return b"\x60\x00\x00\x00"
+
+
+def test_without_names_from_the_server_announcements_carry_them(
+    state_root: Path, tuns: list[FakeTun], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Candy server sends no NAMES; the announcements it relays are enough."""
+    monkeypatch.setattr(signaling_module, "Hello", CandyHello)
+
+    async def test() -> None:
+        async with RelayServer(Relay(PASSWORD, dhcp=POOL), "127.0.0.1", 0) as server:
+            url = f"ws://127.0.0.1:{server.port}/"
+            alice = named_node("ca", "alice", url, state_root)
+            bob = named_node("cb", "bob", url, state_root)
+            async with running(alice):
+                await wait_until(lambda: alice.names is not None, "alice's login")
+                a_names = alice.names
+                assert a_names is not None
+                async with running(bob):
+                    await wait_until(lambda: bob.address is not None, "bob's login")
+                    assert bob.address is not None and bob.names is not None
+                    b_names = bob.names
+                    # Bob's login announcement asks for replies: he learns alice at once.
+                    await wait_until(
+                        lambda: (
+                            a_names.lookup("bob") is not None
+                            and b_names.lookup("alice") is not None
+                        ),
+                        "each other's names",
+                    )
+                    assert not a_names.has_server_table
+                    sources = {record.name: record.source for record in b_names.records()}
+                    assert sources == {"alice": "peer", "bob": "self"}
+                # Bob's leaving announcement went out before his connection closed.
+                await wait_until(lambda: a_names.lookup("bob") is None, "bob gone", 5)
 
     run(test)
