@@ -45,8 +45,9 @@ class ResolvedLink:
             self.state = "not running"
             logger.info(
                 "systemd-resolved is not running: for names like NAME.%s to resolve, add "
-                "'nameserver %s' to /etc/resolv.conf (it then gets every query: put it "
-                "after your own resolver) or, with dnsmasq, 'server=/%s/%s'",
+                "'nameserver %s' as the first nameserver line of /etc/resolv.conf (it refuses "
+                "other names, and the resolver asks the next one) or, with dnsmasq, "
+                "'server=/%s/%s'",
                 self.domain,
                 address,
                 self.domain,
