@@ -10,7 +10,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
 
 from p2pvpn.wire.names import encode_ping_payload
-from p2pvpn.wire.ws import Auth, Hello
+from p2pvpn.wire.ws import BROADCAST, Auth, Hello, NameAnnouncement
 from tests.client.test_signaling import (
     STATIC,
     FakeConnection,
@@ -112,5 +112,23 @@ def test_without_a_payload_pings_are_plain(tmp_path: Path) -> None:
             async with running(session):
                 await wait_until(lambda: len(pings) >= 2, "keepalive pings")
             assert all(not ping.startswith(b"candy::") for ping in pings)
+
+    run(test)
+
+
+def test_flush_lets_the_last_words_out_before_close(tmp_path: Path) -> None:
+    async def test() -> None:
+        handler = Recorder()
+        async with recording_server() as (url, _, connections):
+            session = make_session(url, tmp_path, handler)
+            async with running(session):
+                await wait_until(lambda: handler.logins == [STATIC], "login")
+                leaving = NameAnnouncement(STATIC.ip, BROADCAST, "")
+                for _ in range(50):
+                    assert session.send(leaving)
+                await session.flush(5.0)
+                await session.close()
+            await wait_until(lambda: len(connections[0].frames) == 3 + 50, "every frame")
+            await session.flush(1.0)  # not connected: returns at once
 
     run(test)
