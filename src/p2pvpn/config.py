@@ -29,6 +29,7 @@ from typing import Literal, NoReturn, TypeVar
 from urllib.parse import urlsplit
 
 from p2pvpn.logs import LOG_FORMATS, LogFormat
+from p2pvpn.wire.names import DEFAULT_DOMAIN, check_domain, clean_label
 
 logger = logging.getLogger(__name__)
 
@@ -149,6 +150,10 @@ _CLIENT_KEYS = (
     "bench_server",
     "exit",
     "exit_allow_lan",
+    # Peer names over DNS (issue 16), one a line.
+    "hostname",
+    "domain",
+    "dns",
 )
 # Keys whose TOML array is a list of values in their own right (not joined with commas):
 # a URL may hold a comma. candy.cfg has no lists; a flag repeats instead.
@@ -160,9 +165,6 @@ _LIST_KEYS = (
 _CANDY_ONLY_KEYS = ("restart", "workers")
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
-# A member's name as the peer-name table has it (wire/names.py clean_label).
-_EXIT_NAME_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
-_LABEL = "letters, digits and inner '-', at most 63"
 _INT_RE = re.compile(r"[+-]?[0-9]+")
 _TRUE = frozenset({"true", "yes", "1", "on"})
 _FALSE = frozenset({"false", "no", "0", "off"})
@@ -280,6 +282,9 @@ class ClientConfig:
     bench_server: bool = False  # answer `p2pvpn bench peer` on the VPN address
     exit: str = ""  # the exit node to send all traffic through: a member's name or address
     exit_allow_lan: bool = True  # with `exit`: the LAN's subnets stay on the main table
+    hostname: str = ""  # this member's name in the VPN; "": the machine's host name, cleaned
+    domain: str = DEFAULT_DOMAIN  # names resolve as <name>.<domain>
+    dns: bool = True  # answer DNS for the domain on the TUN address, port 53
 
     def __post_init__(self) -> None:
         if self.state_dir == Path():
@@ -594,6 +599,9 @@ def client_config_from_values(values: Mapping[str, ConfigValue], source: str) ->
         bench_server=get("bench_server", _bool, False),
         exit=get("exit", _exit, ""),
         exit_allow_lan=get("exit_allow_lan", _bool, True),
+        hostname=get("hostname", _hostname, ""),
+        domain=get("domain", _domain, DEFAULT_DOMAIN),
+        dns=get("dns", _bool, True),
     )
     # TODO(issue 16): `exit` with `exit_node` is an error (exit_node comes with r-exitnode).
     get.raise_problems()
@@ -1124,8 +1132,39 @@ def _exit(key: str, item: ConfigValue) -> str:
     except ValueError:
         pass
     name = text.lower()
-    if text and not _EXIT_NAME_RE.fullmatch(name):
-        _fail(key, item, f"{text!r} is neither an IPv4 address nor a name (a DNS label: {_LABEL})")
+    if name and clean_label(name) != name:  # as the name table has it
+        _fail(
+            key,
+            item,
+            f"{text!r} is neither an IPv4 address nor a name (a DNS label: letters, digits "
+            "and '-' (not first or last), at most 63 characters)",
+        )
+    return name
+
+
+def _hostname(key: str, item: ConfigValue) -> str:
+    """A DNS label (stored lowercase), or "" for the machine's host name."""
+    text = _string(key, item).strip()
+    name = text.lower()
+    if name and clean_label(name) != name:
+        suggestion = clean_label(name)
+        hint = f" (e.g. {suggestion!r})" if suggestion else ""
+        _fail(
+            key,
+            item,
+            f"{text!r} is not a DNS label: letters, digits and '-' (not first or last), "
+            f"at most 63 characters{hint}",
+        )
+    return name
+
+
+def _domain(key: str, item: ConfigValue) -> str:
+    """A DNS name such as ``vpn`` or ``home.arpa`` (stored lowercase, no trailing dot)."""
+    text = _string(key, item).strip()
+    name = text.lower().removesuffix(".")
+    reason = check_domain(name)
+    if reason is not None:
+        _fail(key, item, f"{text!r} is not a DNS name: {reason}")
     return name
 
 
@@ -1210,6 +1249,9 @@ def effective_items(config: ClientConfig | ServerConfig) -> list[tuple[str, str]
         ("bench_server", _show_bench_server(config.bench_server)),
         ("exit", config.exit or "(none: this machine's default route)"),
         ("exit_allow_lan", _show_bool(config.exit_allow_lan)),
+        ("hostname", config.hostname or "(the machine's host name)"),
+        ("domain", config.domain),
+        ("dns", "true (answers on the TUN address, port 53)" if config.dns else "false"),
     ]
 
 

@@ -16,11 +16,13 @@ from p2pvpn.client.exit_routing import (
     ExitChooser,
     exit_entries,
 )
+from p2pvpn.client.names import NameTable
 from p2pvpn.client.node import _open_udp_socket
 from p2pvpn.client.signaling import _marked_connection
 from p2pvpn.client.status import format_status
 from p2pvpn.client.sysroutes import SystemRouteManager, data_plane_routes
 from p2pvpn.metrics import ClientCollector
+from p2pvpn.wire.ws import NameEntry, Names
 from tests.client.test_sysroutes import FakeDataPlane, FakeTun, no_facts, run, wait_until
 
 GW = IPv4Address("10.0.0.7")
@@ -254,3 +256,20 @@ def test_exit_metrics(state: str | None, active: float) -> None:
     [fallbacks] = families["p2pvpn_exit_fallbacks"].samples
     assert fallbacks.name == "p2pvpn_exit_fallbacks_total"
     assert fallbacks.value == (3.0 if state is not None else 0.0)
+
+
+def test_the_choice_reads_the_real_name_table() -> None:
+    table = NameTable(IPv4Address("10.0.0.2"), "me", own_exit_node=False)
+    chooser = ExitChooser("gw")
+    entries = (NameEntry(GW, "gw", exit_node=True, p2pvpn=True),)
+    table.on_server_names(Names(replace=True, entries=entries), 0.0)
+    before = table.generation
+    assert chooser.decide(chooser.available(table.exit_nodes(), table.lookup), 1.0) == Change(
+        "activate", (GW, "gw")
+    )
+    # The member leaves: a removal entry (no name) in the server's table.
+    table.on_server_names(Names(replace=False, entries=(NameEntry(GW, ""),)), 2.0)
+    assert table.generation != before
+    assert chooser.decide(chooser.available(table.exit_nodes(), table.lookup), 3.0) == Change(
+        "deactivate", (GW, "gw")
+    )

@@ -98,7 +98,7 @@ def test_the_node_follows_the_exit_node(
         async with RelayServer(Relay(PASSWORD, dhcp=POOL), "127.0.0.1", 0) as relay:
             node = ClientNode(config(state_root, f"ws://127.0.0.1:{relay.port}/", "gw"))
             names = FakeNames()
-            node.exit_names = names
+            monkeypatch.setattr(ClientNode, "names", property(lambda node: names))
             assert mark_of(node.udp) == EXIT_MARK
             async with running(node):
                 await wait_until(lambda: node.address is not None, "login")
@@ -109,7 +109,7 @@ def test_the_node_follows_the_exit_node(
                 assert mark_of(ws.transport.get_extra_info("socket")) == EXIT_MARK
                 assert node.snapshot()["exit"]["state"] == "waiting"
                 names.set(GW, "gw", exit_node=True)
-                node.check_exit_soon()  # what the names wiring does on a table change
+                node._exit_on_table_change()  # what a NAMES message or announcement does
                 await wait_until(lambda: "activate" in routing.kinds(), "activation")
                 assert routing.calls[-1] == ("activate", GW, "gw", node.address)
                 assert node.snapshot()["exit"]["state"] == "active"
