@@ -78,3 +78,20 @@ def test_the_flags_override_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 def test_a_bad_exit_flag_names_the_flag() -> None:
     assert main(["run", "-w", "ws://h", "--exit", "no way"]) != 0
+
+
+@pytest.mark.parametrize("offer", ["true", "yes"])
+def test_exit_with_exit_node_is_an_error(tmp_path: Path, offer: str) -> None:
+    path = write(tmp_path, "c.cfg", f"websocket = ws://h\nexit = gw\nexit_node = {offer}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == (
+        f"{path}:2: exit: cannot be used with exit_node = true ({path}:3): a member either "
+        "offers itself as an exit node or sends its traffic through one"
+    )
+
+
+@pytest.mark.parametrize("text", ["exit = gw\nexit_node = false\n", "exit = \nexit_node = true\n"])
+def test_exit_or_exit_node_alone_is_fine(tmp_path: Path, text: str) -> None:
+    config = load_config(write(tmp_path, "c.cfg", "websocket = ws://h\n" + text))
+    assert isinstance(config, ClientConfig)

@@ -603,7 +603,7 @@ def client_config_from_values(values: Mapping[str, ConfigValue], source: str) ->
         domain=get("domain", _domain, DEFAULT_DOMAIN),
         dns=get("dns", _bool, True),
     )
-    # TODO(issue 16): `exit` with `exit_node` is an error (exit_node comes with r-exitnode).
+    get.check("exit", lambda: _exit_without_exit_node(values), None)
     get.raise_problems()
     return config
 
@@ -1140,6 +1140,27 @@ def _exit(key: str, item: ConfigValue) -> str:
             "and '-' (not first or last), at most 63 characters)",
         )
     return name
+
+
+def _exit_without_exit_node(values: Mapping[str, ConfigValue]) -> None:
+    """`exit` and `exit_node = true` together: a member offers an exit or uses one.
+
+    Read from the raw values: a bad `exit_node` is reported by its own check.
+    """
+    item, offer = values.get("exit"), values.get("exit_node")
+    if item is None or offer is None or not str(item.value).strip():
+        return
+    try:
+        offering = _bool("exit_node", offer)
+    except ConfigError:
+        return
+    if offering:
+        _fail(
+            "exit",
+            item,
+            f"cannot be used with exit_node = true ({offer.origin}): a member either "
+            "offers itself as an exit node or sends its traffic through one",
+        )
 
 
 def _hostname(key: str, item: ConfigValue) -> str:
