@@ -4,6 +4,7 @@ without the underlay mark and with and without exit_allow_lan, and nothing left 
 close or, after a SIGKILL, after remove_stale."""
 
 import json
+import signal
 import subprocess
 from ipaddress import IPv4Network
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from p2pvpn.netns import Namespace, TestBed
+from p2pvpn.netns import Namespace, TestBed, VpnNetwork
 from p2pvpn.netns._process import python_argv
 
 SUPPORT = Path(__file__).with_name("exit_routing_support.py")
@@ -128,3 +129,50 @@ def test_remove_stale_undoes_a_killed_run(member: tuple[Namespace, str], tmp_pat
     assert not (state_dir / "exit-routing.json").exists()
     again = run_support(ns, "stale", str(state_dir))
     assert json.loads(again.stdout)["removed"] is False
+
+
+def exit_rules(ns: Namespace) -> set[int]:
+    return {rule["priority"] for rule in ns.ip_json("rule")} & {5270, 5271}
+
+
+def test_a_client_waiting_for_its_exit_node_keeps_its_own_routes(vpn: VpnNetwork) -> None:
+    """`p2pvpn run --exit gw` while no member offers gw: rules in place, nothing routed
+    into the tunnel, the server reachable; SIGTERM removes the rules, and after a
+    SIGKILL the next start (even without --exit) does."""
+    vpn.start_server()
+    client = vpn.add_client("w", "--exit", "gw", "--no-exit-allow-lan")
+    vpn.wait_for_tun(client)
+    vpn.bed.wait_until(
+        lambda: client.status()["exit"]["state"] == "waiting",
+        message="the client never reported its exit node as waited for",
+    )
+    state_file = client.state_root / "w" / "exit-routing.json"
+    assert exit_rules(client.ns) == {5271}  # --no-exit-allow-lan: no LAN rule
+    assert state_file.exists()
+    assert client.status()["exit"] == {
+        "target": "gw",
+        "address": None,
+        "state": "waiting",
+        "since": None,
+        "fallbacks": 0,
+    }
+    # Without the exit node the machine's own route carries everything.
+    (route,) = client.ns.ip_json("route", "get", str(vpn.server_ip))
+    assert route["dev"] != client.interface
+    assert client.process is not None
+    assert client.process.terminate() == 0
+    assert exit_rules(client.ns) == set()
+    assert not state_file.exists()
+
+    client = vpn.add_client("w", "--exit", "gw", ns=client.ns)
+    vpn.bed.wait_until(lambda: exit_rules(client.ns) == {5270, 5271}, message="no rules")
+    assert client.process is not None
+    client.process.send_signal(signal.SIGKILL)
+    client.process.wait(timeout=10)
+    assert exit_rules(client.ns) == {5270, 5271}
+    assert state_file.exists()
+    client = vpn.add_client("w", ns=client.ns)  # no --exit now
+    vpn.wait_for_tun(client)
+    assert exit_rules(client.ns) == set()
+    assert not state_file.exists()
+    assert client.status()["exit"]["state"] == "off"
