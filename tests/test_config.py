@@ -477,6 +477,11 @@ def test_effective_items_mask_the_password() -> None:
         "tls_ca",
         "offload",
         "bench_server",
+        "exit",
+        "exit_allow_lan",
+        "hostname",
+        "domain",
+        "dns",
     ]
     assert dict(items)["password"] == "********"
     assert "hunter2" not in repr(items)

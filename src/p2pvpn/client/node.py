@@ -21,6 +21,15 @@ from typing import TYPE_CHECKING, Any
 
 from p2pvpn import __version__
 from p2pvpn.client.control import client_control_server, control_socket_path
+from p2pvpn.client.exit_routing import (
+    EXIT_MARK,
+    SO_MARK,
+    ExitChooser,
+    ExitRouting,
+)
+from p2pvpn.client.exit_routing import remove_stale as remove_stale_exit_routing
+from p2pvpn.client.names import NameTable
+from p2pvpn.client.naming import NameService, effective_hostname, ping_payload
 from p2pvpn.client.peer_manager import PeerManager
 from p2pvpn.client.signaling import SignalingError, SignalingSession
 from p2pvpn.client.store import StateStore
@@ -30,7 +39,16 @@ from p2pvpn.config import ClientConfig
 from p2pvpn.dataplane import DataPlaneUnavailableError, create_data_plane, resolve_data_plane
 from p2pvpn.dataplane.base import DataPlane, DataPlaneStats, UdpAddress
 from p2pvpn.wire.crypto import peer_key
-from p2pvpn.wire.ws import Discovery, Forward, LanAddress, SystemRoutes, Udp4Conn, WsMessage
+from p2pvpn.wire.ws import (
+    Discovery,
+    Forward,
+    LanAddress,
+    NameAnnouncement,
+    Names,
+    SystemRoutes,
+    Udp4Conn,
+    WsMessage,
+)
 
 if TYPE_CHECKING:
     from p2pvpn.bench.peer_server import FollowingBenchServer
@@ -70,7 +88,9 @@ class ClientNode:
             UnderlayProbe(config, lambda: self.signaling.server_ip, self._peer_endpoints).gather,
         )
         self._peer_endpoints_seen: frozenset[IPv4Address] = frozenset()
-        self.udp = _open_udp_socket(config.port)
+        # With an exit node the underlay sockets carry the mark that keeps them out of it.
+        underlay_mark = EXIT_MARK if config.exit else None
+        self.udp = _open_udp_socket(config.port, underlay_mark)
         self.signaling = SignalingSession(
             config.websockets,
             config.password,
@@ -79,7 +99,12 @@ class ClientNode:
             self,
             tls_verify=config.tls_verify,
             tls_ca=config.tls_ca,
+            socket_mark=underlay_mark,
+            ping_payload=ping_payload(effective_hostname(config)),
+            exit_node=bool(getattr(config, "exit_node", False)),
         )
+        self._init_exit(config)
+        self.naming = NameService(config, self.signaling)
         self.control = client_control_server(control_socket_path(config.state_dir), self.snapshot)
         self.metrics: MetricsServer | None = None  # set when metrics are served
         self.bench_server: FollowingBenchServer | None = None  # bench_server = true
@@ -93,6 +118,8 @@ class ClientNode:
             Udp4Conn: self._on_udp4conn,
             LanAddress: self._on_lan_address,
             Discovery: self._on_discovery,
+            Names: self._on_names,
+            NameAnnouncement: self._on_name_announcement,
         }
 
     # -- lifecycle --------------------------------------------------------
@@ -107,6 +134,7 @@ class ClientNode:
             # the interface, so a second client with our name changes nothing.
             await self.control.start()
             TunDevice.remove_stale(self.config.interface_name)
+            await self._remove_stale_exit_routing()
             self.tun = open_tun(self.config)
             if self.config.metrics is not None:
                 # Imported only when asked for: prometheus_client costs RSS.
@@ -134,6 +162,7 @@ class ClientNode:
         if signaling.done():
             signaling.result()  # re-raises SignalingError: the caller reports it
             return 0
+        await self.naming.leave()
         await self.signaling.close()
         with contextlib.suppress(asyncio.CancelledError, SignalingError):
             await signaling
@@ -148,15 +177,19 @@ class ClientNode:
             await asyncio.sleep(TICK_SECONDS)
             if self.peers is not None:
                 self.peers.tick(time.monotonic())
+            self.naming.tick(time.monotonic())
             endpoints = frozenset(self._peer_endpoints())
             if endpoints != self._peer_endpoints_seen:
                 self._peer_endpoints_seen = endpoints
                 self.routes.recheck()
+            self.check_exit_soon()
 
     def _peer_endpoints(self) -> set[IPv4Address]:
         return self.peers.endpoint_addresses() if self.peers is not None else set()
 
     async def _cleanup(self) -> None:
+        await self._close_exit_routing()
+        await self.naming.close()
         await self.routes.close()
         if self.peers is not None:
             self.peers.close()
@@ -180,6 +213,7 @@ class ClientNode:
     async def on_login(self, address: IPv4Interface) -> None:
         self.routes.start_set()
         if address == self.address:
+            await self._names_on_login(address)
             return
         assert self.tun is not None
         if self.address is not None:
@@ -195,6 +229,17 @@ class ClientNode:
         assert self.data_plane is not None
         await self.routes.attach(self.tun, self.data_plane, address, self.peers)
         await self._follow_bench_server(address)
+        await self._names_on_login(address)
+        await self._start_exit_routing()
+
+    async def _names_on_login(self, address: IPv4Interface) -> None:
+        """Every login (also one that kept the address): our name out, DNS where we are."""
+        await self.naming.on_login(address, time.monotonic())
+
+    @property
+    def names(self) -> NameTable | None:
+        """Every member's name (None before the first login); exit routing reads it."""
+        return self.naming.table
 
     def on_message(self, message: WsMessage) -> None:
         handler = self._message_handlers.get(type(message))
@@ -303,6 +348,96 @@ class ClientNode:
         if self.peers is not None:
             self.peers.on_discovery(message, time.monotonic())
 
+    # -- exit node in use (`exit` key) -----------------------------------------
+
+    def _init_exit(self, config: ClientConfig) -> None:
+        self.exit_chooser = ExitChooser(config.exit)
+        self.exit_routing: ExitRouting | None = None
+        if config.exit:
+            self.exit_routing = ExitRouting(
+                config.interface_name,
+                config.state_dir,
+                config.exit_allow_lan,
+                exit_routes=self.routes.set_exit_routes,
+            )
+        self._exit_generation: int | None = None  # of the name table at the last check
+        self._exit_check: asyncio.Task[None] | None = None
+
+    async def _remove_stale_exit_routing(self) -> None:
+        """Whatever a SIGKILLed run left (rules, table route), with or without `exit` now."""
+        try:
+            await asyncio.to_thread(remove_stale_exit_routing, self.config.state_dir)
+        except OSError as error:
+            logger.warning("cannot remove the exit-node routing of an earlier run: %s", error)
+
+    async def _start_exit_routing(self) -> None:
+        """After a login on a (new) address: the rules, and the route if the exit is there."""
+        if self.exit_routing is None:
+            return
+        try:
+            await self.exit_routing.start()
+        except OSError as error:
+            logger.error("cannot set up routing through exit node %s: %s", self.config.exit, error)
+            return
+        # A new TUN device (and maybe network): the route and the entries are made anew.
+        self.routes.set_exit_routes([])
+        self.exit_chooser.forget()
+        self.check_exit_soon()
+
+    def check_exit_soon(self) -> None:
+        """Judge the exit node's availability: on each tick, and at once when the name
+        table changes (`_exit_on_table_change`), so a departure is seen at once."""
+        if self.exit_routing is None or not self.exit_routing.started:
+            return
+        if self._exit_check is None or self._exit_check.done():
+            self._exit_check = asyncio.create_task(self._check_exit(), name="exit-check")
+
+    async def _check_exit(self) -> None:
+        routing, names, address = self.exit_routing, self.names, self.address
+        if routing is None or address is None:
+            return
+        available = None
+        if names is not None:
+            self._exit_generation = names.generation
+            available = self.exit_chooser.available(names.exit_nodes(), names.lookup)
+        change = self.exit_chooser.decide(available, time.time())
+        if change is None:
+            return
+        try:
+            if change.action == "activate" and change.target is not None:
+                await routing.activate(*change.target, address)
+            else:
+                await routing.deactivate("no longer offered as an exit node")
+        except OSError as error:
+            logger.warning("exit node %s: %s", self.config.exit, error)
+            if change.action == "activate":
+                self.exit_chooser.forget()
+
+    def _exit_on_table_change(self) -> None:
+        names = self.names
+        if names is not None and names.generation != self._exit_generation:
+            self.check_exit_soon()
+
+    async def _close_exit_routing(self) -> None:
+        check, self._exit_check = self._exit_check, None
+        if check is not None:
+            # Awaited, not cancelled: a netlink call in flight must finish before the undo.
+            with contextlib.suppress(Exception):
+                await check
+        if self.exit_routing is not None:
+            try:
+                await self.exit_routing.close()
+            except OSError as error:
+                logger.warning("cannot remove the exit-node routing: %s", error)
+
+    def _on_names(self, message: Names) -> None:
+        self.naming.on_names(message, time.monotonic())
+        self._exit_on_table_change()
+
+    def _on_name_announcement(self, message: NameAnnouncement) -> None:
+        self.naming.on_announcement(message, time.monotonic())
+        self._exit_on_table_change()
+
     # -- status ---------------------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
@@ -310,6 +445,9 @@ class ClientNode:
         stats = self.data_plane.stats() if self.data_plane is not None else None
         signaling = self.signaling.stats
         sysroutes, sysroutes_refused = self.routes.snapshot()
+        peers = self.peers.snapshot(stats, time.monotonic()) if self.peers is not None else []
+        for row in peers:
+            row["name"] = self.naming.name_of(str(row.get("tun_ip")))
         return {
             "name": self.config.name,
             "interface": self.config.interface_name,
@@ -339,7 +477,7 @@ class ClientNode:
                 "dropped": signaling.frames_dropped,
             },
             "direct": _direct_totals(stats),
-            "peers": self.peers.snapshot(stats, time.monotonic()) if self.peers is not None else [],
+            "peers": peers,
             "routes": self.peers.route_snapshot() if self.peers is not None else [],
             "sysroutes": sysroutes,
             "sysroutes_refused": sysroutes_refused,
@@ -349,6 +487,8 @@ class ClientNode:
             },
             "stun_failures": self.peers.stun_failures if self.peers is not None else 0,
             "bench_server": self.bench_server.endpoint if self.bench_server is not None else None,
+            "exit": self.exit_chooser.snapshot(),
+            **self.naming.snapshot(),
         }
 
 
@@ -376,8 +516,16 @@ def _direct_totals(stats: DataPlaneStats | None) -> dict[str, int]:
     return totals
 
 
-def _open_udp_socket(port: int) -> socket.socket:
+def _open_udp_socket(port: int, mark: int | None = None) -> socket.socket:
     udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    if mark is not None:
+        try:
+            udp.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+        except OSError as error:
+            udp.close()
+            raise OSError(
+                f"cannot mark the UDP socket (exit needs root): {error.strerror}"
+            ) from error
     for force, plain in (
         (SO_RCVBUFFORCE, socket.SO_RCVBUF),
         (SO_SNDBUFFORCE, socket.SO_SNDBUF),
