@@ -477,6 +477,7 @@ def test_effective_items_mask_the_password() -> None:
         "tls_ca",
         "offload",
         "bench_server",
+        "exit_node",
     ]
     assert dict(items)["password"] == "********"
     assert "hunter2" not in repr(items)

@@ -152,6 +152,16 @@ _RUN_FLAGS: tuple[_Flag, ...] = (
             "help": "answer `p2pvpn bench peer` from other members, on the VPN address only",
         },
     ),
+    (
+        "exit_node",
+        ("--exit-node",),
+        {
+            "action": "store_const",
+            "const": True,
+            "help": "offer this machine as an exit node: forward and masquerade (nftables) "
+            "the members' internet traffic",
+        },
+    ),
     _METRICS_FLAG,
     _DEBUG_FLAG,
     _LOG_FORMAT_FLAG,

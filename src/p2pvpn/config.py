@@ -147,6 +147,7 @@ _CLIENT_KEYS = (
     "tls_ca",
     "offload",
     "bench_server",
+    "exit_node",
 )
 # Keys whose TOML array is a list of values in their own right (not joined with commas):
 # a URL may hold a comma. candy.cfg has no lists; a flag repeats instead.
@@ -273,6 +274,7 @@ class ClientConfig:
     tls_ca: Path | None = None  # PEM CA certificate(s) to trust instead of the system's
     offload: Offload = "auto"  # TUN offloads (fast data plane only)
     bench_server: bool = False  # answer `p2pvpn bench peer` on the VPN address
+    exit_node: bool = False  # offer this machine as an exit node (forwarding + masquerade)
 
     def __post_init__(self) -> None:
         if self.state_dir == Path():
@@ -585,6 +587,7 @@ def client_config_from_values(values: Mapping[str, ConfigValue], source: str) ->
         tls_ca=get.check("tls_ca", lambda: _client_tls_ca(values), None),
         offload=get("offload", _offload, "auto"),
         bench_server=get("bench_server", _bool, False),
+        exit_node=get("exit_node", _bool, False),
     )
     get.raise_problems()
     return config
@@ -1185,6 +1188,7 @@ def effective_items(config: ClientConfig | ServerConfig) -> list[tuple[str, str]
         ("tls_ca", _show_path(config.tls_ca, "(the system's CAs)")),
         ("offload", _show_offload(config.offload)),
         ("bench_server", _show_bench_server(config.bench_server)),
+        ("exit_node", _show_exit_node(config.exit_node)),
     ]
 
 
@@ -1196,6 +1200,10 @@ def _show_control_socket(config: ServerConfig) -> str:
 
 def _show_bench_server(bench_server: bool) -> str:
     return "true (answers p2pvpn bench peer on the VPN address)" if bench_server else "false"
+
+
+def _show_exit_node(exit_node: bool) -> str:
+    return "true (forwards and masquerades the VPN's internet traffic)" if exit_node else "false"
 
 
 def _show_offload(offload: Offload) -> str:

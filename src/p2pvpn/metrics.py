@@ -329,6 +329,7 @@ class ClientCollector(Collector):
         yield from _traffic({"relay": relay, "direct": _mapping(snapshot.get("direct"))})
         yield _drops(_mapping(snapshot.get("drops")), _number(relay.get("dropped")))
         yield from _client_links(snapshot)
+        yield _exit_node_offering(_mapping(snapshot.get("exit_node")))
 
 
 def _client_identity(snapshot: Mapping[str, Any]) -> Iterator[Metric]:
@@ -434,6 +435,14 @@ def _client_links(snapshot: Mapping[str, Any]) -> Iterator[Metric]:
         "p2pvpn_routes",
         "Client-relay routes in use.",
         value=float(len(snapshot.get("routes") or ())),
+    )
+
+
+def _exit_node_offering(exit_node: Mapping[str, Any]) -> GaugeMetricFamily:
+    return GaugeMetricFamily(
+        "p2pvpn_exit_node_offering",
+        "1 while this client offers itself as an exit node (forwarding and masquerade), else 0.",
+        value=1.0 if exit_node.get("offering") is True else 0.0,
     )
 
 

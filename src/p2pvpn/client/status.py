@@ -153,6 +153,7 @@ def format_status(snapshot: Snapshot, now: float | None = None) -> str:
     if bench_server:
         # Others can measure the link to us (`p2pvpn bench peer`) while this is on.
         lines.append(f"bench server: on {bench_server}")
+    lines.extend(_exit_node_lines(_mapping(snapshot.get("exit_node"))))
     lines.extend(_labelled("traffic", _traffic_lines(snapshot)))
     lines.extend(_drops_lines(snapshot))
     lines.append("")
@@ -161,6 +162,16 @@ def format_status(snapshot: Snapshot, now: float | None = None) -> str:
     lines.extend(_sysroute_lines(snapshot))
     lines.extend(_refused_sysroute_lines(snapshot))
     return "\n".join(lines)
+
+
+def _exit_node_lines(exit_node: Snapshot) -> list[str]:
+    """One line while this client offers itself as an exit node; none otherwise."""
+    if exit_node.get("offering") is not True:
+        return []
+    masquerade = snapshot_text(exit_node.get("masquerade"), "")
+    return [
+        f"exit node: offering, masquerading {masquerade}" if masquerade else "exit node: offering"
+    ]
 
 
 def _header_line(snapshot: Snapshot, now: float) -> str:
