@@ -1,5 +1,5 @@
 """ExitNodeOffer with a fake nft/ip and a file standing in for net.ipv4.ip_forward;
-its status line and metric. tests/client/test_exit_node_netns.py runs the real thing."""
+its status line and metric. tests/integration/test_exit_node_offer.py runs the real thing."""
 
 from __future__ import annotations
 
