@@ -15,10 +15,19 @@ from collections.abc import Coroutine
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
+import pytest
+
 from p2pvpn.dataplane.base import DropReason
 from p2pvpn.wire.crypto import DatagramCipher
 from p2pvpn.wire.ipv4 import encapsulate_ipip, ipv4_checksum
 from tests.dataplane.conftest import Node, NodeFactory, eventually, ipv4_packet, settle
+from tests.dataplane.offload_reference import (
+    Ipv4Fields,
+    TcpFields,
+    same_packets,
+    segment_frame,
+    tcp_super_packet,
+)
 
 VPN = IPv4Network("10.9.0.0/24")
 EXIT, MEMBER, OTHER = "10.9.0.1", "10.9.0.2", "10.9.0.3"
@@ -128,5 +137,35 @@ def test_the_member_takes_the_reply_from_its_exit_node_only(make_node: NodeFacto
         await eventually(lambda: member.plane.stats().drops.get(DropReason.IPIP_SOURCE, 0) == 1)
         await settle()
         assert member.delivered() == []
+
+    run(body())
+
+
+@pytest.mark.fastpath
+def test_a_forwarded_super_packet_reaches_the_member_as_wrapped_segments() -> None:
+    """The kernel hands an exit node's TUN GRO'd replies as TSO super-packets:
+    each segment is wrapped in the room the segmenter leaves before it."""
+    frame = tcp_super_packet(
+        Ipv4Fields(INTERNET, MEMBER), TcpFields(), bytes(range(256)) * 20, segment_size=1200
+    )
+    segments = segment_frame(frame)
+
+    async def body() -> None:
+        exit_node, member = Node("fast-offload", EXIT), Node("fast", MEMBER)
+        try:
+            exit_node.plane.set_forwarded_wrap(VPN)
+            member.plane.set_sysroutes(exit_routes(EXIT))
+            exit_node.plane.start()
+            member.plane.start()
+            exit_node.plane.set_peer(member.tun_ip, member.address, member.key)
+            exit_node.inject_frames(frame)
+            received: list[bytes] = []
+            await eventually(
+                lambda: bool(received.extend(member.delivered())) or len(received) >= 5
+            )
+            assert same_packets(received, segments)
+        finally:
+            exit_node.close()
+            member.close()
 
     run(body())
