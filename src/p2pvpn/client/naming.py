@@ -74,7 +74,7 @@ class NameService:
         self.signaling = signaling
         self.machine_name = machine_name
         self.name = effective_hostname(config, machine_name)
-        self.exit_node = bool(getattr(config, "exit_node", False))  # exitnode's key, if merged
+        self.exit_node = config.exit_node
         self.table: NameTable | None = None
         self.address: IPv4Interface | None = None
         # Where DNS listens: (tun ip, 53); the in-process tests move it to loopback.
