@@ -158,25 +158,50 @@ def _apply(
         del members[address]
 
 
+def _flush_when_due(relay: Relay, now: float) -> dict[IPv4Address, str] | None:
+    """Flush the names if the relay says so, as the WebSocket layer does; the table it sent."""
+    due = relay.names_due(now)
+    if due is None or due > now:
+        return None
+    perform(relay.flush_names(now))
+    return _table(relay, now)
+
+
+def _table(relay: Relay, now: float) -> dict[IPv4Address, str]:
+    return {
+        IPv4Address(str(row["address"])): str(row["name"])
+        for row in relay.session_rows(now)
+        if row["name"] is not None
+    }
+
+
 @pytest.mark.parametrize("max_examples", RUNS)
 def test_every_p2pvpn_session_learns_the_relays_table(max_examples: int) -> None:
     def body(data: st.DataObject) -> None:
         relay = Relay(PASSWORD)
         members: dict[str, _Member] = {}
         now = float(NOW)
+        sent: dict[IPv4Address, str] = {}  # the table as last flushed
         for event in data.draw(st.lists(_EVENTS, max_size=40), label="events"):
-            now += 0.5 if event[0] == "tick" else 0.0
+            if event[0] == "tick":
+                now += 0.1
+                flushed = _flush_when_due(relay, now)
+                sent = sent if flushed is None else flushed
             _apply(relay, members, event, now)
             for member in members.values():
                 member.learn()
-        table = {
-            IPv4Address(str(row["address"])): row["name"]
-            for row in relay.session_rows(now)
-            if row["name"] is not None
-        }
+                # Between flushes every p2pvpn session has the table last
+                # flushed, whether it had it from a flush or from its HELLO.
+                if member.session.extensions:
+                    assert member.table == sent
+        now += 1.0
+        perform(relay.flush_names(now))
+        table = _table(relay, now)
         assert len(set(table.values())) == len(table)
         assert relay.stats()["internal_errors"] == 0
+        assert relay.names_due(now) is None
         for member in members.values():
+            member.learn()
             assert member.session.closes == []
             if member.session.extensions:
                 assert member.table == table

@@ -3,6 +3,7 @@
 from ipaddress import IPv4Address
 
 from p2pvpn.metrics import ServerCollector
+from p2pvpn.server.names import NAMES_FLUSH_INTERVAL
 from p2pvpn.server.relay import Relay, Send
 from p2pvpn.wire.names import encode_ping_payload
 from p2pvpn.wire.ws import (
@@ -38,6 +39,10 @@ def entry(address: str, name: str, *, p2pvpn: bool = True, exit_node: bool = Fal
     return NameEntry(ip(address), name, exit_node=exit_node, p2pvpn=p2pvpn)
 
 
+def flush(relay: Relay, now: float = NOW) -> None:
+    perform(relay.flush_names(now))
+
+
 def p2pvpn_member(relay: Relay, address: str, hostname: str, now: float = NOW) -> FakeSession:
     """A p2pvpn client as it logs in: AUTH, a ping with its name, HELLO."""
     session = login(relay, address, now=int(now))
@@ -46,17 +51,20 @@ def p2pvpn_member(relay: Relay, address: str, hostname: str, now: float = NOW) -
     return session
 
 
-def test_hello_gets_the_whole_table_and_others_get_the_change() -> None:
+def test_hello_gets_the_table_last_sent_and_everyone_the_change_at_the_flush() -> None:
     relay = Relay(PASSWORD)
     a = p2pvpn_member(relay, "10.0.0.1", "alpha")
-    assert names_sent(a) == [Names(True, (entry("10.0.0.1", "alpha"),))]
+    assert names_sent(a) == [Names(True, ())]  # nothing was sent yet: an empty table
+    flush(relay)
+    assert names_sent(a) == [Names(False, (entry("10.0.0.1", "alpha"),))]
     b = p2pvpn_member(relay, "10.0.0.2", "beta", NOW + 1)
-    assert names_sent(b) == [Names(True, (entry("10.0.0.1", "alpha"), entry("10.0.0.2", "beta")))]
-    # Beta's ping named it before its HELLO (p2pvpn flag off), then its HELLO set the flag.
-    assert names_sent(a) == [
-        Names(False, (entry("10.0.0.2", "beta", p2pvpn=False),)),
-        Names(False, (entry("10.0.0.2", "beta"),)),
-    ]
+    assert names_sent(b) == [Names(True, (entry("10.0.0.1", "alpha"),))]
+    assert a.sent == []
+    flush(relay, NOW + 1)
+    # Beta's ping named it, its HELLO set the p2pvpn flag: one entry, to both.
+    change = [Names(False, (entry("10.0.0.2", "beta"),))]
+    assert names_sent(a) == change
+    assert names_sent(b) == change
     assert relay.stats()["named_sessions"] == 2
 
 
@@ -64,27 +72,77 @@ def test_a_name_change_goes_to_every_p2pvpn_session_itself_included() -> None:
     relay = Relay(PASSWORD)
     a = p2pvpn_member(relay, "10.0.0.1", "alpha")
     b = p2pvpn_member(relay, "10.0.0.2", "beta", NOW + 1)
+    flush(relay, NOW + 1)
     names_sent(a), names_sent(b)
     ping(relay, b, "Beta Laptop", NOW + 2)
+    assert a.sent == b.sent == []  # until the flush
+    flush(relay, NOW + 2)
     change = [Names(False, (entry("10.0.0.2", "beta-laptop"),))]
     assert names_sent(a) == change
     assert names_sent(b) == change
-    # The same name again (every keepalive ping) sends nothing.
+    # The same name again (every keepalive ping) is no change at all.
     ping(relay, b, "beta-laptop", NOW + 3)
+    assert relay.names_due(NOW + 3) is None
+    flush(relay, NOW + 3)
     assert a.sent == b.sent == []
+
+
+def test_a_name_that_changes_and_changes_back_before_the_flush_sends_nothing() -> None:
+    relay = Relay(PASSWORD)
+    a = p2pvpn_member(relay, "10.0.0.1", "alpha")
+    b = p2pvpn_member(relay, "10.0.0.2", "beta")
+    flush(relay)
+    names_sent(a), names_sent(b)
+    ping(relay, b, "gamma", NOW + 1)
+    ping(relay, b, "beta", NOW + 1)
+    flush(relay, NOW + 1)
+    assert a.sent == b.sent == []
+
+
+def test_names_due_paces_the_flushes() -> None:
+    relay = Relay(PASSWORD)
+    a = login(relay, "10.0.0.1")
+    assert relay.names_due(NOW) is None  # nothing changed
+    ping(relay, a, "alpha", NOW)
+    assert relay.names_due(NOW) == NOW  # the first change: at once
+    flush(relay, NOW)
+    assert relay.names_due(NOW) is None
+    ping(relay, a, "beta", NOW + 0.1)
+    assert relay.names_due(NOW + 0.1) == NOW + NAMES_FLUSH_INTERVAL
+    # A clock stepped back does not hold the names back for as long as it stepped.
+    assert relay.names_due(NOW - 3600) == NOW - 3600
+
+
+def test_a_login_storm_costs_each_p2pvpn_session_a_constant_number_of_frames() -> None:
+    relay = Relay(PASSWORD)
+    members = [
+        p2pvpn_member(relay, str(IPv4Address(0x0A010000 + index)), f"m{index}")
+        for index in range(200)
+    ]
+    # Each got the (empty) table last sent at its HELLO, and nothing from the others' logins.
+    assert all(names_sent(member) == [Names(True, ())] for member in members)
+    actions = relay.flush_names(NOW + 1)
+    assert len(actions) == len(members)  # one NAMES frame per session, not one per login
+    perform(actions)
+    table = tuple(entry(str(member.tun_ip), f"m{index}") for index, member in enumerate(members))
+    assert all(names_sent(member) == [Names(False, table)] for member in members)
 
 
 def test_duplicates_get_the_suffix_of_their_address_in_login_order() -> None:
     relay = Relay(PASSWORD)
     first = p2pvpn_member(relay, "10.0.0.9", "laptop")
+    flush(relay)
     second = p2pvpn_member(relay, "10.0.0.7", "laptop", NOW + 1)
-    assert names_sent(second)[-1] == Names(
-        True, (entry("10.0.0.7", "laptop-7"), entry("10.0.0.9", "laptop"))
-    )
+    flush(relay, NOW + 1)
+    assert names_sent(second) == [
+        Names(True, (entry("10.0.0.9", "laptop"),)),
+        Names(False, (entry("10.0.0.7", "laptop-7"),)),
+    ]
     assert [row["name"] for row in relay.session_rows(NOW)] == ["laptop-7", "laptop"]
     names_sent(first)
     # The first leaves: the second gets the plain name.
     perform(relay.on_disconnect(first))
+    flush(relay, NOW + 2)
     assert names_sent(second) == [
         Names(False, (entry("10.0.0.7", "laptop"), NameEntry(ip("10.0.0.9"), "")))
     ]
@@ -94,36 +152,57 @@ def test_same_login_time_orders_by_address() -> None:
     relay = Relay(PASSWORD)
     b = p2pvpn_member(relay, "10.0.0.20", "pc")
     a = p2pvpn_member(relay, "10.0.0.3", "pc")
-    assert names_sent(a)[-1].entries == (entry("10.0.0.3", "pc"), entry("10.0.0.20", "pc-20"))
+    flush(relay)
     # Logged in in the same second: the lower address keeps the plain name.
-    assert names_sent(b)[-2:] == [
-        Names(False, (entry("10.0.0.3", "pc", p2pvpn=False), entry("10.0.0.20", "pc-20"))),
-        Names(False, (entry("10.0.0.3", "pc"),)),
-    ]
+    table = Names(False, (entry("10.0.0.3", "pc"), entry("10.0.0.20", "pc-20")))
+    assert names_sent(a) == [Names(True, ()), table]
+    assert names_sent(b) == [Names(True, ()), table]
 
 
-def test_leaving_sends_a_removal_to_the_others() -> None:
+def test_leaving_sends_a_removal_to_the_others_within_one_interval() -> None:
     relay = Relay(PASSWORD)
     a = p2pvpn_member(relay, "10.0.0.1", "alpha")
     b = p2pvpn_member(relay, "10.0.0.2", "beta")
+    flush(relay)
     names_sent(a)
     perform(relay.on_disconnect(b))
+    assert a.sent == []
+    assert relay.names_due(NOW) == NOW + NAMES_FLUSH_INTERVAL
+    flush(relay, NOW + NAMES_FLUSH_INTERVAL)
     assert names_sent(a) == [Names(False, (NameEntry(ip("10.0.0.2"), ""),))]
     assert relay.stats()["named_sessions"] == 1
     # A second on_disconnect of the same session sends nothing more.
     perform(relay.on_disconnect(b))
+    assert relay.names_due(NOW + 1) is None
+    flush(relay, NOW + 1)
+    assert a.sent == []
+
+
+def test_a_member_that_comes_and_goes_between_flushes_is_never_sent() -> None:
+    relay = Relay(PASSWORD)
+    a = p2pvpn_member(relay, "10.0.0.1", "alpha")
+    flush(relay)
+    names_sent(a)
+    visitor = p2pvpn_member(relay, "10.0.0.2", "visitor")
+    perform(relay.on_disconnect(visitor))
+    flush(relay, NOW + 1)
     assert a.sent == []
 
 
 def test_a_candy_client_is_named_by_its_ping_and_never_sent_names() -> None:
     relay = Relay(PASSWORD)
     a = p2pvpn_member(relay, "10.0.0.1", "alpha")
+    flush(relay)
     names_sent(a)
     candy = login(relay, "10.0.0.5")
     perform(relay.on_ping(candy, b"candy::linux::6.1.8::vm", NOW))
+    flush(relay, NOW + 1)
     assert names_sent(a) == [Names(False, (entry("10.0.0.5", "vm", p2pvpn=False),))]
     ping(relay, candy, "vm2", NOW + 5)
     perform(relay.on_disconnect(candy))
+    flush(relay, NOW + 5)
+    # Renamed and gone within one interval: only the removal.
+    assert names_sent(a) == [Names(False, (NameEntry(ip("10.0.0.5"), ""),))]
     assert candy.sent == []
     assert [row["address"] for row in relay.session_rows(NOW)] == ["10.0.0.1"]
 
@@ -131,12 +210,14 @@ def test_a_candy_client_is_named_by_its_ping_and_never_sent_names() -> None:
 def test_ping_before_login_only_keeps_the_name() -> None:
     relay = Relay(PASSWORD)
     a = p2pvpn_member(relay, "10.0.0.1", "alpha")
+    flush(relay)
     names_sent(a)
     early = FakeSession()
     relay.on_connect(early)
     ping(relay, early, "early")
-    assert a.sent == [] and early.sent == []
+    assert relay.names_due(NOW + 1) is None
     feed(relay, early, auth_frame("10.0.0.2"))
+    flush(relay, NOW + 1)
     assert names_sent(a) == [Names(False, (entry("10.0.0.2", "early", p2pvpn=False),))]
     row = relay.session_rows(NOW)[1]
     assert (row["name"], row["version"], row["p2pvpn"]) == ("early", "6.1.8", False)
@@ -160,12 +241,18 @@ def test_hello_carries_the_exit_node_flag() -> None:
     relay = Relay(PASSWORD)
     a = p2pvpn_member(relay, "10.0.0.1", "alpha")
     gateway = p2pvpn_member(relay, "10.0.0.2", "gw")
+    flush(relay)
     names_sent(a), names_sent(gateway)
     hello(relay, gateway, exit_node=True, now=NOW + 1)
-    assert names_sent(a) == [Names(False, (entry("10.0.0.2", "gw", exit_node=True),))]
+    assert a.sent == []
+    # The table as last sent at once, the new flag with everyone else's update.
     assert names_sent(gateway) == [
-        Names(True, (entry("10.0.0.1", "alpha"), entry("10.0.0.2", "gw", exit_node=True)))
+        Names(True, (entry("10.0.0.1", "alpha"), entry("10.0.0.2", "gw")))
     ]
+    flush(relay, NOW + 1)
+    change = [Names(False, (entry("10.0.0.2", "gw", exit_node=True),))]
+    assert names_sent(a) == change
+    assert names_sent(gateway) == change
     assert relay.session_rows(NOW)[1]["exit_node"] is True
 
 
@@ -173,14 +260,18 @@ def test_name_changes_over_the_rate_are_ignored_and_counted() -> None:
     relay = Relay(PASSWORD)
     watcher = p2pvpn_member(relay, "10.0.0.1", "watcher")
     noisy = login(relay, "10.0.0.2")
+    flush(relay)
     names_sent(watcher)
     for index in range(20):
         ping(relay, noisy, f"n{index}")  # all at the same instant
-    assert len(names_sent(watcher)) == 5  # the burst
     assert relay.stats()["limits"] == {"name_change_rate": 15}
+    flush(relay, NOW + 0.5)
+    # The burst of five changes, the last one sent.
+    assert names_sent(watcher) == [Names(False, (entry("10.0.0.2", "n4", p2pvpn=False),))]
     assert relay.session_rows(NOW)[1]["name"] == "n4"
     # A second later one more change is allowed.
     ping(relay, noisy, "later", NOW + 1)
+    flush(relay, NOW + 1)
     assert names_sent(watcher) == [Names(False, (entry("10.0.0.2", "later", p2pvpn=False),))]
 
 
@@ -196,32 +287,34 @@ def test_repeated_hellos_are_capped_too() -> None:
 def test_other_ping_payloads_change_nothing() -> None:
     relay = Relay(PASSWORD)
     a = p2pvpn_member(relay, "10.0.0.1", "alpha")
-    names_sent(a)
+    flush(relay)
     for payload in (b"", b"\x00\x01\x02\x03", b"candy::linux::1::", b"candy::x"):
         assert relay.on_ping(a, payload, NOW) == []
+    assert relay.names_due(NOW) is None
     assert relay.session_rows(NOW)[0]["name"] == "alpha"
 
 
 def test_pings_of_a_closed_session_are_ignored() -> None:
     relay = Relay(PASSWORD)
-    a = p2pvpn_member(relay, "10.0.0.1", "alpha")
+    p2pvpn_member(relay, "10.0.0.1", "alpha")
     b = p2pvpn_member(relay, "10.0.0.2", "beta")
-    names_sent(a)
     perform(relay.on_disconnect(b))
-    names_sent(a)
+    flush(relay)
     assert relay.on_ping(b, encode_ping_payload("ghost", "1"), NOW) == []
+    assert relay.names_due(NOW) is None
 
 
 def test_a_kicked_address_takes_the_new_sessions_name() -> None:
     relay = Relay(PASSWORD)
     a = p2pvpn_member(relay, "10.0.0.1", "alpha")
     old = p2pvpn_member(relay, "10.0.0.2", "old-pc")
+    flush(relay)
     names_sent(a)
     p2pvpn_member(relay, "10.0.0.2", "new-pc", NOW + 1)
     assert old.closes
     perform(relay.on_disconnect(old))
-    changes = [message.entries for message in names_sent(a)]
-    assert changes[-1] == (entry("10.0.0.2", "new-pc"),)
+    flush(relay, NOW + 1)
+    assert names_sent(a) == [Names(False, (entry("10.0.0.2", "new-pc"),))]
     assert relay.session_rows(NOW)[1]["name"] == "new-pc"
 
 
@@ -247,8 +340,14 @@ def test_names_split_into_messages_of_256() -> None:
         member = login(relay, str(IPv4Address(0x0A010000 + index)))
         ping(relay, member, f"m{index}")
     late = p2pvpn_member(relay, "10.2.0.1", "late")
-    tables = names_sent(late)
-    assert [(len(message.entries), message.replace) for message in tables] == [
+    assert names_sent(late) == [Names(True, ())]
+    flush(relay)
+    assert [(len(message.entries), message.replace) for message in names_sent(late)] == [
+        (256, False),
+        (45, False),
+    ]
+    again = p2pvpn_member(relay, "10.2.0.2", "again")
+    assert [(len(message.entries), message.replace) for message in names_sent(again)] == [
         (256, True),
         (45, False),
     ]
@@ -260,12 +359,14 @@ def test_sends_are_plain_send_actions() -> None:
     relay.on_ping(session, encode_ping_payload("alpha", "1"), NOW)
     actions = relay.handle_frame(session, Hello().encode(), NOW)
     assert [type(action) for action in actions] == [Send]
+    assert [type(action) for action in relay.flush_names(NOW)] == [Send]
 
 
 def test_named_sessions_metric() -> None:
     relay = Relay(PASSWORD)
     p2pvpn_member(relay, "10.0.0.1", "alpha")
     login(relay, "10.0.0.2")  # no name: not counted
+    flush(relay)
     with serving(ServerCollector(relay.stats)) as server:
         samples, text = scrape(server.url)
     assert value(samples, "p2pvpn_server_named_sessions") == 1

@@ -4,7 +4,7 @@ Every member's ping payload carries its host name (a Candy client's too);
 the relay keeps the names of its logged-in sessions here, made unique in
 login order, and sends p2pvpn clients (those that sent HELLO) the changes
 as NAMES messages. This module only computes the table and what changed;
-the relay decides who is sent what.
+the relay decides who is sent what, and when.
 """
 
 from collections.abc import Sequence
@@ -14,10 +14,20 @@ from ipaddress import IPv4Address
 from p2pvpn.wire.names import unique_name
 from p2pvpn.wire.ws import NameEntry
 
-__all__ = ["NAME_CHANGE_BURST", "NAME_CHANGE_RATE", "NameBook", "NamedMember"]
+__all__ = [
+    "NAMES_FLUSH_INTERVAL",
+    "NAME_CHANGE_BURST",
+    "NAME_CHANGE_RATE",
+    "NameBook",
+    "NamedMember",
+]
 
-# Every name change is a NAMES frame to every p2pvpn session: one change per
-# second and session (bursts of five) keeps that amplification small.
+# Name changes are sent together, at most once per this interval: a reconnect
+# storm of N members costs each p2pvpn session a few NAMES frames per second,
+# not one per login (N * N frames in all).
+NAMES_FLUSH_INTERVAL = 0.25
+# What one member can change in the table: one change per second and session
+# (bursts of five). A HELLO answered with a full table costs a token too.
 NAME_CHANGE_RATE = 1.0
 NAME_CHANGE_BURST = 5.0
 

@@ -17,6 +17,9 @@ the dynamic addresses per source address.
 Member names (issue 16): ``on_ping`` reads the host name in a client's ping
 payload; the table of names (:mod:`p2pvpn.server.names`) goes as NAMES to the
 sessions that sent HELLO, whole after their HELLO and as changes after that.
+Changes are coalesced: events only mark the table dirty, and the I/O layer
+calls :meth:`Relay.flush_names` when :meth:`Relay.names_due` says, which sends
+every p2pvpn session one update with all that changed since the last flush.
 
 With a :class:`~p2pvpn.server.cluster_state.ClusterView` (a relay cluster on
 NATS) the relay also returns :class:`Publish`, :class:`Claim`,
@@ -40,7 +43,13 @@ from typing import Any
 
 from p2pvpn.server.cluster_state import ClusterView, OwnerRecord, SdwanRuleLike
 from p2pvpn.server.limits import DEFAULT_LIMITS, LogThrottle, ServerLimits, TokenBucket
-from p2pvpn.server.names import NAME_CHANGE_BURST, NAME_CHANGE_RATE, NameBook, NamedMember
+from p2pvpn.server.names import (
+    NAME_CHANGE_BURST,
+    NAME_CHANGE_RATE,
+    NAMES_FLUSH_INTERVAL,
+    NameBook,
+    NamedMember,
+)
 from p2pvpn.wire.close_codes import CloseCode
 from p2pvpn.wire.errors import DecodeError
 from p2pvpn.wire.ipv4 import is_broadcast_or_multicast
@@ -317,6 +326,12 @@ class Relay:
         self._rejections: Counter[str] = Counter()
         self._caps: Counter[str] = Counter()  # how often each resource cap bit
         self._names = NameBook()  # the member names last sent to p2pvpn sessions
+        # Whether the table may differ from what was last sent, and when it was sent.
+        self._names_dirty = False
+        self._names_flushed_at: float | None = None
+        # The table last sent, encoded for a HELLO: the same for every HELLO
+        # until the next flush, so a storm of logins encodes it once per flush.
+        self._names_replace: list[bytes] | None = None
         # What the current event asks of the I/O layer, handed out when it ends.
         self._actions: list[Action] = []
 
@@ -344,10 +359,6 @@ class Relay:
         try:
             self._open.discard(session)
             self._unmap(session)
-            # Recomputing the table is a pass over all sessions: only when it can change.
-            if session.tun_ip is not None and self._names.name_of(session.tun_ip) is not None:
-                self._publish_names()
-                actions.extend(self._take_actions())
             if not session.disconnected:
                 session.disconnected = True
                 logger.info("disconnect %s: %s", session.describe(), reason)
@@ -363,15 +374,54 @@ class Relay:
         """A WebSocket ping from ``session`` with ``payload``: the member's name, maybe.
 
         A Candy-style payload (``candy::<os>::<version>::<hostname>``) names the
-        member; a logged-in member's new name goes to the p2pvpn sessions as
-        NAMES, within the name_change_rate cap. Before login the name is only
-        kept. Never raises.
+        member; a logged-in member's new name goes to the p2pvpn sessions with
+        the next :meth:`flush_names`, within the name_change_rate cap. Before
+        login the name is only kept. Never raises.
         """
         try:
             self._on_ping(session, payload, now)
         except Exception:
             self._counters["internal_errors"] += 1
             logger.exception("internal error handling a ping from %s", session.remote)
+            self._actions.clear()
+        return self._take_actions()
+
+    def names_due(self, now: float) -> float | None:
+        """When to call :meth:`flush_names` (Unix time, maybe past); None: nothing to send.
+
+        At most once per NAMES_FLUSH_INTERVAL; the first change after a quiet
+        spell is due at once. A clock stepped back makes it due at ``now``.
+        """
+        if not self._names_dirty:
+            return None
+        flushed_at = self._names_flushed_at
+        if flushed_at is None or flushed_at > now:
+            return now
+        return flushed_at + NAMES_FLUSH_INTERVAL
+
+    def flush_names(self, now: float) -> list[Action]:
+        """Send every p2pvpn session what changed in the name table since the last flush.
+
+        One NAMES update (a diff of the table last sent against the table now,
+        so a name that changed and changed back sends nothing) per session,
+        whoever and however many changed it. The I/O layer calls it at
+        :meth:`names_due`; it flushes whenever it is called. Never raises.
+        """
+        if not self._names_dirty:
+            return []
+        self._names_dirty = False
+        self._names_flushed_at = now
+        try:
+            changes: list[NameEntry] = self._names.update(self._named_members())
+            if changes:
+                self._names_replace = None
+                frames = encode_names(changes, replace=False)
+                for target in self._sessions.values():
+                    if target.extensions and not target.closed:
+                        self._actions.extend(Send(target, frame) for frame in frames)
+        except Exception:
+            self._counters["internal_errors"] += 1
+            logger.exception("internal error sending the member names")
             self._actions.clear()
         return self._take_actions()
 
@@ -755,7 +805,7 @@ class Relay:
         self._send_routes(session, tun_ip)
         # A name from a ping before the login, or a kicked session's name gone.
         if session.hostname or self._names.name_of(tun_ip) is not None:
-            self._publish_names()
+            self._names_dirty = True
 
     def _check_tun_ip(self, tun_ip: IPv4Address) -> None:
         """Addresses that would collide with broadcast routing are refused."""
@@ -1084,10 +1134,14 @@ class Relay:
             "%s is named %r (was %r)", session.describe(), identity.hostname, session.hostname
         )
         session.hostname = identity.hostname
-        self._publish_names()
+        self._names_dirty = True
 
     def _on_hello(self, session: RelaySession, message: Hello, now: float) -> None:
-        """A p2pvpn client: the whole table to it, its changed entry to the others."""
+        """A p2pvpn client: the whole table to it now, its changed entry with the next flush.
+
+        The table is the one last flushed, which every other p2pvpn session
+        has too: from here on, all of them get the same changes.
+        """
         # The first HELLO of a connection is free; repeats cost a full table each.
         if session.extensions and not self._name_change_allowed(session, now):
             return
@@ -1097,8 +1151,10 @@ class Relay:
             )
         session.extensions = True
         session.exit_node = message.exit_node
-        self._publish_names(exclude=session)
-        for frame in encode_names(self._names.entries(), replace=True):
+        self._names_dirty = True
+        if self._names_replace is None:
+            self._names_replace = encode_names(self._names.entries(), replace=True)
+        for frame in self._names_replace:
             self._actions.append(Send(session, frame))
 
     def _name_change_allowed(self, session: RelaySession, now: float) -> bool:
@@ -1125,23 +1181,18 @@ class Relay:
             if hostname
         ]
 
-    def _publish_names(self, exclude: RelaySession | None = None) -> None:
-        """Bring the table up to date; its changes go to every p2pvpn session but ``exclude``."""
-        changes: list[NameEntry] = self._names.update(self._named_members())
-        if not changes:
-            return
-        frames = encode_names(changes, replace=False)
-        for target in self._sessions.values():
-            if target.extensions and target is not exclude and not target.closed:
-                self._actions.extend(Send(target, frame) for frame in frames)
-
     # -- session bookkeeping ------------------------------------------------
 
     def _unmap(self, session: RelaySession) -> None:
-        """Drop the tun ip mapping only if it still points at ``session``."""
+        """Drop the tun ip mapping only if it still points at ``session``.
+
+        A named member leaving the table is a name change (its removal entry).
+        """
         tun_ip = session.tun_ip
         if tun_ip is not None and self._sessions.get(tun_ip) is session:
             del self._sessions[tun_ip]
+            if session.hostname or self._names.name_of(tun_ip) is not None:
+                self._names_dirty = True
 
     def _reject(self, session: RelaySession, code: CloseCode, reason: str, detail: str) -> None:
         """Close ``session`` for ``code``, logging ``detail`` with its remote address."""

@@ -7,6 +7,9 @@ one slow or hostile client can never stall the event loop or another client.
 
 The payload of a client's WebSocket ping carries its host name (issue 16):
 the connection class hands every ping's payload to :meth:`Relay.on_ping`.
+Name changes are sent coalesced: after performing any actions, the server
+checks :meth:`Relay.names_due` and keeps one timer that calls
+:meth:`Relay.flush_names` then.
 """
 
 import asyncio
@@ -274,6 +277,8 @@ class RelayServer:
         # The session of each connection whose handler runs, for its pings.
         self._session_of: dict[ServerConnection, _WsSession] = {}
         self._server: Server | None = None
+        # The one pending call of relay.flush_names, while names are to be sent.
+        self._names_timer: asyncio.TimerHandle | None = None
 
     @property
     def requested_port(self) -> int:
@@ -315,6 +320,9 @@ class RelayServer:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
+        if self._names_timer is not None:
+            self._names_timer.cancel()
+            self._names_timer = None
 
     async def __aenter__(self) -> "RelayServer":
         await self.start()
@@ -324,8 +332,26 @@ class RelayServer:
         await self.close()
 
     def perform(self, actions: list[Action]) -> None:
-        """Carry out the relay's actions (also those for frames from the cluster)."""
+        """Carry out the relay's actions (also those for frames from the cluster).
+
+        Every event that may change a name passes here, so this is where the
+        flush of the member names gets scheduled.
+        """
         _perform(actions, self.cluster)
+        if self._names_timer is None:
+            self._schedule_names_flush()
+
+    def _schedule_names_flush(self) -> None:
+        now = time.time()
+        due = self.relay.names_due(now)
+        if due is not None:
+            loop = asyncio.get_running_loop()
+            self._names_timer = loop.call_later(max(0.0, due - now), self._flush_names)
+
+    def _flush_names(self) -> None:
+        self._names_timer = None
+        # perform() schedules the next flush if names changed meanwhile.
+        self.perform(self.relay.flush_names(time.time()))
 
     @property
     def pending_logins(self) -> int:
