@@ -24,6 +24,8 @@ from p2pvpn.netns import InternetHost, Namespace, Segment, link_internet_host, m
 __all__ = ["DemoNetwork"]
 
 HOST_IFNAME = "eth0"
+UPLINK = "uplink0"
+"""The exit node's link to web."""
 
 
 class DemoNetwork:
@@ -76,7 +78,7 @@ class DemoNetwork:
         ns = self.namespaces[exit_node.name]
         router = next(router for router in ROUTERS if router.name == exit_node.router)
         ns.add_route(INTERNET, via=router.lan)
-        return link_internet_host(self._namespace(WEB), ns, WEB_NETWORK)
+        return link_internet_host(self._namespace(WEB), ns, WEB_NETWORK, gateway_ifname=UPLINK)
 
     def block_udp(self, router: RouterSite, remote: RouterSite) -> None:
         """``router`` drops UDP to and from ``remote``'s WAN address (not the server's)."""

@@ -40,14 +40,19 @@ class InternetHost:
 
 
 def link_internet_host(
-    host: Namespace, gateway: Namespace, network: IPv4Network | str = INTERNET_NETWORK
+    host: Namespace,
+    gateway: Namespace,
+    network: IPv4Network | str = INTERNET_NETWORK,
+    *,
+    gateway_ifname: str | None = None,
 ) -> InternetHost:
     """Link ``host`` (.1 of ``network``) to ``gateway`` (.2) and make ``host`` the gateway's
     default route. Routes the gateway needs for anything else (its server, its peers) must
-    be more specific than the default: this one replaces the one it had."""
+    be more specific than the default: this one replaces the one it had.
+    ``gateway_ifname``: the link's name on the gateway (default: its next ``ethN``)."""
     net = IPv4Network(network)
     host_address = IPv4Interface(f"{net.network_address + 1}/{net.prefixlen}")
     gateway_address = IPv4Interface(f"{net.network_address + 2}/{net.prefixlen}")
-    link = make_link(host, gateway, host_address, gateway_address)
+    link = make_link(host, gateway, host_address, gateway_address, ifname_b=gateway_ifname)
     gateway.default_route(host_address)
     return InternetHost(host, gateway, link)
