@@ -477,6 +477,9 @@ def test_effective_items_mask_the_password() -> None:
         "tls_ca",
         "offload",
         "bench_server",
+        "hostname",
+        "domain",
+        "dns",
     ]
     assert dict(items)["password"] == "********"
     assert "hunter2" not in repr(items)

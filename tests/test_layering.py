@@ -21,7 +21,9 @@ SANS_IO = (
     "wire",
     "client/peer.py",
     "client/route_policy.py",
+    "client/names.py",
     "server/relay.py",
+    "server/names.py",
     "server/limits.py",
     "server/cluster_state.py",
 )

@@ -152,6 +152,13 @@ _RUN_FLAGS: tuple[_Flag, ...] = (
             "help": "answer `p2pvpn bench peer` from other members, on the VPN address only",
         },
     ),
+    ("hostname", ("--hostname",), {"metavar": "NAME", "help": "this member's name in the VPN"}),
+    ("domain", ("--domain",), {"metavar": "DOMAIN", "help": "the VPN's DNS domain (vpn)"}),
+    (
+        "dns",
+        ("--no-dns",),
+        {"action": "store_const", "const": False, "help": "do not answer DNS on the VPN address"},
+    ),
     _METRICS_FLAG,
     _DEBUG_FLAG,
     _LOG_FORMAT_FLAG,

@@ -29,6 +29,7 @@ from typing import Literal, NoReturn, TypeVar
 from urllib.parse import urlsplit
 
 from p2pvpn.logs import LOG_FORMATS, LogFormat
+from p2pvpn.wire.names import DEFAULT_DOMAIN, check_domain, clean_label
 
 logger = logging.getLogger(__name__)
 
@@ -147,6 +148,10 @@ _CLIENT_KEYS = (
     "tls_ca",
     "offload",
     "bench_server",
+    # Peer names over DNS (issue 16), one a line.
+    "hostname",
+    "domain",
+    "dns",
 )
 # Keys whose TOML array is a list of values in their own right (not joined with commas):
 # a URL may hold a comma. candy.cfg has no lists; a flag repeats instead.
@@ -273,6 +278,9 @@ class ClientConfig:
     tls_ca: Path | None = None  # PEM CA certificate(s) to trust instead of the system's
     offload: Offload = "auto"  # TUN offloads (fast data plane only)
     bench_server: bool = False  # answer `p2pvpn bench peer` on the VPN address
+    hostname: str = ""  # this member's name in the VPN; "": the machine's host name, cleaned
+    domain: str = DEFAULT_DOMAIN  # names resolve as <name>.<domain>
+    dns: bool = True  # answer DNS for the domain on the TUN address, port 53
 
     def __post_init__(self) -> None:
         if self.state_dir == Path():
@@ -585,6 +593,9 @@ def client_config_from_values(values: Mapping[str, ConfigValue], source: str) ->
         tls_ca=get.check("tls_ca", lambda: _client_tls_ca(values), None),
         offload=get("offload", _offload, "auto"),
         bench_server=get("bench_server", _bool, False),
+        hostname=get("hostname", _hostname, ""),
+        domain=get("domain", _domain, DEFAULT_DOMAIN),
+        dns=get("dns", _bool, True),
     )
     get.raise_problems()
     return config
@@ -1106,6 +1117,32 @@ def _one_of(key: str, item: ConfigValue, choices: tuple[_Choice, ...]) -> _Choic
     _fail(key, item, f"expected one of {', '.join(choices)}, got {text!r}")
 
 
+def _hostname(key: str, item: ConfigValue) -> str:
+    """A DNS label (stored lowercase), or "" for the machine's host name."""
+    text = _string(key, item).strip()
+    name = text.lower()
+    if name and clean_label(name) != name:
+        suggestion = clean_label(name)
+        hint = f" (e.g. {suggestion!r})" if suggestion else ""
+        _fail(
+            key,
+            item,
+            f"{text!r} is not a DNS label: letters, digits and '-' (not first or last), "
+            f"at most 63 characters{hint}",
+        )
+    return name
+
+
+def _domain(key: str, item: ConfigValue) -> str:
+    """A DNS name such as ``vpn`` or ``home.arpa`` (stored lowercase, no trailing dot)."""
+    text = _string(key, item).strip()
+    name = text.lower().removesuffix(".")
+    reason = check_domain(name)
+    if reason is not None:
+        _fail(key, item, f"{text!r} is not a DNS name: {reason}")
+    return name
+
+
 def _log_format(key: str, item: ConfigValue) -> LogFormat:
     return _one_of(key, item, LOG_FORMATS)
 
@@ -1185,6 +1222,9 @@ def effective_items(config: ClientConfig | ServerConfig) -> list[tuple[str, str]
         ("tls_ca", _show_path(config.tls_ca, "(the system's CAs)")),
         ("offload", _show_offload(config.offload)),
         ("bench_server", _show_bench_server(config.bench_server)),
+        ("hostname", config.hostname or "(the machine's host name)"),
+        ("domain", config.domain),
+        ("dns", "true (answers on the TUN address, port 53)" if config.dns else "false"),
     ]
 
 

@@ -213,6 +213,12 @@ _SERVER_METRICS: tuple[tuple[Literal["gauge", "counter", "by_reason"], str, str,
     ("gauge", "p2pvpn_server_dhcp_leases", "Addresses leased from the pool.", "dhcp_leases"),
     (
         "gauge",
+        "p2pvpn_server_named_sessions",
+        "Logged-in clients with a name (from their ping payload).",
+        "named_sessions",
+    ),
+    (
+        "gauge",
         "p2pvpn_server_replay_cache_entries",
         "Login hashes remembered against replays.",
         "replay_cache_entries",
@@ -329,6 +335,23 @@ class ClientCollector(Collector):
         yield from _traffic({"relay": relay, "direct": _mapping(snapshot.get("direct"))})
         yield _drops(_mapping(snapshot.get("drops")), _number(relay.get("dropped")))
         yield from _client_links(snapshot)
+        yield from _client_names(snapshot)
+
+
+def _client_names(snapshot: Mapping[str, Any]) -> Iterator[Metric]:
+    """Issue 16: the names this client resolves and the DNS queries it answered."""
+    yield GaugeMetricFamily(
+        "p2pvpn_names",
+        "Names this client resolves (members of the VPN, itself included).",
+        value=float(len(snapshot.get("names") or ())),
+    )
+    dns = _mapping(snapshot.get("dns"))
+    family = CounterMetricFamily(
+        "p2pvpn_dns_queries", "DNS queries on the VPN address, by result.", labels=["result"]
+    )
+    for result in ("answered", "nxdomain", "refused", "malformed"):
+        family.add_metric([result], _number(dns.get(result)))
+    yield family
 
 
 def _client_identity(snapshot: Mapping[str, Any]) -> Iterator[Metric]:

@@ -39,6 +39,7 @@ from p2pvpn.wire.ws import (
     Discovery,
     ExptTun,
     Forward,
+    Hello,
     SystemRoute,
     SystemRoutes,
     UnknownWsMessage,
@@ -298,16 +299,17 @@ def test_static_login_sends_vmac_then_auth(tmp_path: Path) -> None:
                 assert session.address == STATIC
                 assert session.connected_since == NOW
                 assert session.reconnects == 0
-            vmac, auth = server.connections[0].messages
+            vmac, auth, hello = server.connections[0].messages
 
         assert isinstance(vmac, Vmac) and isinstance(auth, Auth)
+        assert hello == Hello(exit_node=False)  # after AUTH: a p2pvpn server sends NAMES
         assert vmac.vmac == StateStore(tmp_path / "state").vmac()
         assert vmac.timestamp == int(NOW) and vmac.verify(PASSWORD)
         assert auth.tun_ip == STATIC.ip and auth.timestamp == int(NOW)
         assert auth.verify(PASSWORD)
         assert len(server.connections) == 1
         assert handler.disconnects == 1
-        assert session.stats.frames_out == 2
+        assert session.stats.frames_out == 3
 
     run(test)
 
@@ -326,7 +328,7 @@ def test_dynamic_login_requests_the_last_address_and_uses_the_grant(
             async with running(session):
                 await wait_until(lambda: handler.logins == [GRANT], "login")
                 assert session.address == GRANT
-            vmac, request, auth = server.connections[0].messages
+            vmac, request, auth, _ = server.connections[0].messages
 
         assert isinstance(vmac, Vmac) and vmac.verify(PASSWORD)
         assert isinstance(request, ExptTun) and request.verify(PASSWORD)
@@ -802,14 +804,14 @@ def test_frames_sent_while_connected_reach_the_server(tmp_path: Path) -> None:
                 await wait_until(lambda: handler.logins == [STATIC], "login")
                 assert session.send(Discovery(STATIC.ip, IPv4Address("10.0.0.8")))
                 assert session.send_forward_packets(packets) == 2
-                await wait_until(lambda: len(server.connections[0].frames) == 5, "the frames")
+                await wait_until(lambda: len(server.connections[0].frames) == 6, "the frames")
             messages = server.connections[0].messages
 
-        assert messages[2] == Discovery(STATIC.ip, IPv4Address("10.0.0.8"))
-        assert messages[3:] == [Forward(packet) for packet in packets]
+        assert messages[3] == Discovery(STATIC.ip, IPv4Address("10.0.0.8"))
+        assert messages[4:] == [Forward(packet) for packet in packets]
         assert session.stats.relay_packets_out == 2
         assert session.stats.relay_bytes_out == sum(map(len, packets))
-        assert session.stats.frames_out == 5
+        assert session.stats.frames_out == 6
         assert session.stats.frames_dropped == 0
 
     run(test)

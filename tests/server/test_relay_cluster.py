@@ -583,6 +583,10 @@ def test_session_rows(bus: Bus) -> None:
             "frames_delivered": 0,
             "bytes_delivered": 0,
             "tls": True,
+            "name": None,
+            "p2pvpn": False,
+            "exit_node": False,
+            "version": None,
         },
         {
             "address": "10.77.0.2",
@@ -594,6 +598,10 @@ def test_session_rows(bus: Bus) -> None:
             "frames_delivered": 2,
             "bytes_delivered": 2 * len(frame),
             "tls": False,
+            "name": None,
+            "p2pvpn": False,
+            "exit_node": False,
+            "version": None,
         },
     ]
     assert pending.since is None

@@ -87,8 +87,8 @@ def test_a_logged_in_client_shows_in_status(root: Path, capsys: pytest.CaptureFi
         "p2pvpn server  ws://127.0.0.1:0/  2 sessions  (TLS no, listening on ws://127.0.0.1:"
         in (table)
     )
-    assert "ADDRESS   VMAC  REMOTE" in table
-    assert "10.1.0.1  -     127.0.0.1:" in table
+    assert "ADDRESS   NAME  VMAC  REMOTE" in table
+    assert "10.1.0.1  -     -     127.0.0.1:" in table
     assert "nats" not in table
 
 
@@ -322,6 +322,7 @@ SNAPSHOT: dict[str, object] = {
     "sessions": [
         {
             "address": "10.1.0.10",
+            "name": "laptop",
             "vmac": "fedcba9876543210",
             "remote": "198.51.100.7:40123",
             "since": NOW - 312,
@@ -355,9 +356,12 @@ def test_the_table_with_a_cluster() -> None:
         "nats      joined for 10m00s  nats://10.0.0.1:4222  (network p2pvpn, outages: 1, "
         "frames published: 10, frames received: 12)",
         "",
-        "ADDRESS    VMAC              REMOTE              SINCE         RELAYED  DELIVERED  TLS",
-        "10.1.0.2   -                 203.0.113.5:5000    45s           0 / 0 B    0 / 0 B  no",
-        "10.1.0.10  fedcba9876543210  198.51.100.7:40123  5m12s  2000 / 1.5 MiB  3 / 300 B  yes",
+        "ADDRESS    NAME    VMAC              REMOTE              SINCE         RELAYED  DELIVERED"
+        "  TLS",
+        "10.1.0.2   -       -                 203.0.113.5:5000    45s           0 / 0 B    0 / 0 B"
+        "  no",
+        "10.1.0.10  laptop  fedcba9876543210  198.51.100.7:40123  5m12s  2000 / 1.5 MiB  3 / 300 B"
+        "  yes",
         "",
         "   SERVER   ID        WEBSOCKET                   SESSIONS  UPDATED",
         "*  relay-a  0f0f0f0f  wss://vpn.example.org:443/         2  1s ago",

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from p2pvpn.wire.errors import DecodeError
 from p2pvpn.wire.ws import (
     BROADCAST,
+    GENERAL_NAME,
     Auth,
     Discovery,
     ExptTun,
@@ -274,7 +275,8 @@ ws_messages = st.one_of(
     st.builds(SystemRoutes, st.lists(system_routes, max_size=20).map(tuple)),
     st.builds(
         General,
-        st.integers(1, 255),
+        # Subtype 0x50 decodes to a NameAnnouncement (test_ws_names.py).
+        st.integers(1, 255).filter(lambda subtype: subtype != GENERAL_NAME),
         st.integers(0, 0xFFFF),
         addresses,
         addresses,

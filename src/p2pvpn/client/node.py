@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 from p2pvpn import __version__
 from p2pvpn.client.control import client_control_server, control_socket_path
+from p2pvpn.client.names import NameTable
+from p2pvpn.client.naming import NameService, effective_hostname, ping_payload
 from p2pvpn.client.peer_manager import PeerManager
 from p2pvpn.client.signaling import SignalingError, SignalingSession
 from p2pvpn.client.store import StateStore
@@ -30,7 +32,16 @@ from p2pvpn.config import ClientConfig
 from p2pvpn.dataplane import DataPlaneUnavailableError, create_data_plane, resolve_data_plane
 from p2pvpn.dataplane.base import DataPlane, DataPlaneStats, UdpAddress
 from p2pvpn.wire.crypto import peer_key
-from p2pvpn.wire.ws import Discovery, Forward, LanAddress, SystemRoutes, Udp4Conn, WsMessage
+from p2pvpn.wire.ws import (
+    Discovery,
+    Forward,
+    LanAddress,
+    NameAnnouncement,
+    Names,
+    SystemRoutes,
+    Udp4Conn,
+    WsMessage,
+)
 
 if TYPE_CHECKING:
     from p2pvpn.bench.peer_server import FollowingBenchServer
@@ -79,7 +90,10 @@ class ClientNode:
             self,
             tls_verify=config.tls_verify,
             tls_ca=config.tls_ca,
+            ping_payload=ping_payload(effective_hostname(config)),
+            exit_node=bool(getattr(config, "exit_node", False)),
         )
+        self.naming = NameService(config, self.signaling)
         self.control = client_control_server(control_socket_path(config.state_dir), self.snapshot)
         self.metrics: MetricsServer | None = None  # set when metrics are served
         self.bench_server: FollowingBenchServer | None = None  # bench_server = true
@@ -93,6 +107,8 @@ class ClientNode:
             Udp4Conn: self._on_udp4conn,
             LanAddress: self._on_lan_address,
             Discovery: self._on_discovery,
+            Names: self._on_names,
+            NameAnnouncement: self._on_name_announcement,
         }
 
     # -- lifecycle --------------------------------------------------------
@@ -134,6 +150,7 @@ class ClientNode:
         if signaling.done():
             signaling.result()  # re-raises SignalingError: the caller reports it
             return 0
+        await self.naming.leave()
         await self.signaling.close()
         with contextlib.suppress(asyncio.CancelledError, SignalingError):
             await signaling
@@ -148,6 +165,7 @@ class ClientNode:
             await asyncio.sleep(TICK_SECONDS)
             if self.peers is not None:
                 self.peers.tick(time.monotonic())
+            self.naming.tick(time.monotonic())
             endpoints = frozenset(self._peer_endpoints())
             if endpoints != self._peer_endpoints_seen:
                 self._peer_endpoints_seen = endpoints
@@ -157,6 +175,7 @@ class ClientNode:
         return self.peers.endpoint_addresses() if self.peers is not None else set()
 
     async def _cleanup(self) -> None:
+        await self.naming.close()
         await self.routes.close()
         if self.peers is not None:
             self.peers.close()
@@ -180,6 +199,7 @@ class ClientNode:
     async def on_login(self, address: IPv4Interface) -> None:
         self.routes.start_set()
         if address == self.address:
+            await self._names_on_login(address)
             return
         assert self.tun is not None
         if self.address is not None:
@@ -195,6 +215,16 @@ class ClientNode:
         assert self.data_plane is not None
         await self.routes.attach(self.tun, self.data_plane, address, self.peers)
         await self._follow_bench_server(address)
+        await self._names_on_login(address)
+
+    async def _names_on_login(self, address: IPv4Interface) -> None:
+        """Every login (also one that kept the address): our name out, DNS where we are."""
+        await self.naming.on_login(address, time.monotonic())
+
+    @property
+    def names(self) -> NameTable | None:
+        """Every member's name (None before the first login); exit routing reads it."""
+        return self.naming.table
 
     def on_message(self, message: WsMessage) -> None:
         handler = self._message_handlers.get(type(message))
@@ -303,6 +333,12 @@ class ClientNode:
         if self.peers is not None:
             self.peers.on_discovery(message, time.monotonic())
 
+    def _on_names(self, message: Names) -> None:
+        self.naming.on_names(message, time.monotonic())
+
+    def _on_name_announcement(self, message: NameAnnouncement) -> None:
+        self.naming.on_announcement(message, time.monotonic())
+
     # -- status ---------------------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
@@ -310,6 +346,9 @@ class ClientNode:
         stats = self.data_plane.stats() if self.data_plane is not None else None
         signaling = self.signaling.stats
         sysroutes, sysroutes_refused = self.routes.snapshot()
+        peers = self.peers.snapshot(stats, time.monotonic()) if self.peers is not None else []
+        for row in peers:
+            row["name"] = self.naming.name_of(str(row.get("tun_ip")))
         return {
             "name": self.config.name,
             "interface": self.config.interface_name,
@@ -339,7 +378,7 @@ class ClientNode:
                 "dropped": signaling.frames_dropped,
             },
             "direct": _direct_totals(stats),
-            "peers": self.peers.snapshot(stats, time.monotonic()) if self.peers is not None else [],
+            "peers": peers,
             "routes": self.peers.route_snapshot() if self.peers is not None else [],
             "sysroutes": sysroutes,
             "sysroutes_refused": sysroutes_refused,
@@ -349,6 +388,7 @@ class ClientNode:
             },
             "stun_failures": self.peers.stun_failures if self.peers is not None else 0,
             "bench_server": self.bench_server.endpoint if self.bench_server is not None else None,
+            **self.naming.snapshot(),
         }
 
 

@@ -33,7 +33,12 @@ from pathlib import Path
 from typing import Any, Literal, Protocol, cast
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidURI, WebSocketException
+from websockets.exceptions import (
+    ConcurrencyError,
+    ConnectionClosed,
+    InvalidURI,
+    WebSocketException,
+)
 from websockets.frames import CloseCode as WsCloseCode
 from websockets.uri import parse_uri
 
@@ -48,7 +53,7 @@ from p2pvpn.wire.close_codes import (
     CloseCode,
 )
 from p2pvpn.wire.errors import DecodeError
-from p2pvpn.wire.ws import Auth, ExptTun, Vmac, WsMessage, WsType, decode_ws_message
+from p2pvpn.wire.ws import Auth, ExptTun, Hello, Vmac, WsMessage, WsType, decode_ws_message
 
 __all__ = [
     "SessionState",
@@ -182,6 +187,8 @@ class SignalingSession:
         login_timeout: float = LOGIN_TIMEOUT,
         reconnect_initial: float = RECONNECT_INITIAL,
         reconnect_max: float = RECONNECT_MAX,
+        ping_payload: bytes | None = None,
+        exit_node: bool = False,
     ) -> None:
         self._servers = _parse_servers((urls,) if isinstance(urls, str) else tuple(urls))
         secure = any(server.secure for server in self._servers)
@@ -215,6 +222,11 @@ class SignalingSession:
         self._failed_attempts = 0
         self._retrying_since: float | None = None
         self._address: IPv4Interface | None = None
+        # Issue 16: our name rides on every ping (as a Candy client's does), and HELLO
+        # after AUTH asks a p2pvpn server for NAMES.
+        self._ping_payload = ping_payload
+        self._exit_node = exit_node
+        self._identity_due = asyncio.Event()
         self.stats = SignalingStats()
 
     # -- observable state ---------------------------------------------------
@@ -295,9 +307,43 @@ class SignalingSession:
                 queued += 1
         return queued
 
+    async def flush(self, timeout: float) -> None:
+        """Wait up to ``timeout`` until every queued frame went to the connection.
+
+        For a last word before close() (which would drop what is still queued).
+        """
+        if self._state != "connected":
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._queue.join()
+
     def send_forward_packets(self, packets: list[bytes]) -> int:
         """Relay raw IPv4 packets through the server as FORWARD frames."""
         return self.send_frames(FORWARD_TYPE + packet for packet in packets)
+
+    # -- identity (issue 16) -------------------------------------------------
+
+    @property
+    def ping_payload(self) -> bytes | None:
+        """What every ping carries: ``candy::linux::<version>::<hostname>``."""
+        return self._ping_payload
+
+    def set_ping_payload(self, payload: bytes | None) -> None:
+        """Carry ``payload`` on pings from now on; a change is sent at once."""
+        if payload != self._ping_payload:
+            self._ping_payload = payload
+            self.send_identity_ping()
+
+    def send_identity_ping(self) -> None:
+        """Ping with the payload now (when logged in; every login does anyway)."""
+        self._identity_due.set()
+
+    def set_exit_node(self, exit_node: bool) -> None:
+        """The HELLO flag; a change is told to the server at once."""
+        if exit_node != self._exit_node:
+            self._exit_node = exit_node
+            self.send(Hello(exit_node))
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -473,6 +519,7 @@ class SignalingSession:
         # Frames queued for a dead connection are stale by the time a new one is up.
         while not self._queue.empty():
             self._queue.get_nowait()
+            self._queue.task_done()
             self.stats.frames_dropped += 1
 
     # -- login (PROTOCOL 2.3) -------------------------------------------------
@@ -489,6 +536,8 @@ class SignalingSession:
         attempt.address = address
         await self._send_now(ws, Auth.create(self._password, address.ip, timestamp).encode())
         attempt.auth_sent_at = asyncio.get_running_loop().time()
+        # A Candy server ignores the type; a p2pvpn server answers with NAMES.
+        await self._send_now(ws, Hello(self._exit_node).encode())
         return address
 
     def _next_timestamp(self) -> int:
@@ -551,6 +600,7 @@ class SignalingSession:
             asyncio.create_task(self._receive_loop(ws, attempt)),
             asyncio.create_task(self._keepalive(ws, attempt)),
             asyncio.create_task(self._write_loop(ws, attempt)),
+            asyncio.create_task(self._identity_loop(ws, attempt)),
         ]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -601,7 +651,7 @@ class SignalingSession:
                     # Sending waits while the write buffer is full; that must not stall
                     # the silence check, hence the bound.
                     async with asyncio.timeout(self._silence_timeout - silent_for):
-                        await ws.ping()
+                        await self._ping(ws)
                 except TimeoutError:
                     continue  # the silence check gives the connection up
                 except ConnectionClosed as exc:
@@ -613,11 +663,35 @@ class SignalingSession:
             wait = self._silence_timeout if pinged else self._idle_timeout
             await asyncio.sleep(max(ws.last_traffic + wait - loop.time(), 0.001))
 
+    async def _ping(self, ws: _TrackedConnection) -> None:
+        """One ping with our payload (a random one while the same is unanswered)."""
+        try:
+            await ws.ping(self._ping_payload)
+        except ConcurrencyError:
+            await ws.ping()
+
+    async def _identity_loop(self, ws: _TrackedConnection, attempt: _Attempt) -> None:
+        """A ping with our name right after login and whenever it changes."""
+        self._identity_due.set()
+        try:
+            while True:
+                await self._identity_due.wait()
+                self._identity_due.clear()
+                if self._ping_payload is None:
+                    continue
+                await self._ping(ws)
+                self.stats.pings_sent += 1
+        except ConnectionClosed as exc:
+            _record_close(attempt, exc)
+
     async def _write_loop(self, ws: _TrackedConnection, attempt: _Attempt) -> None:
         try:
             while True:
                 frame = await self._queue.get()
-                await ws.send(frame)
+                try:
+                    await ws.send(frame)
+                finally:
+                    self._queue.task_done()  # what flush() waits for
                 self._count_out(frame)
         except ConnectionClosed as exc:
             _record_close(attempt, exc)

@@ -153,10 +153,12 @@ def format_status(snapshot: Snapshot, now: float | None = None) -> str:
     if bench_server:
         # Others can measure the link to us (`p2pvpn bench peer`) while this is on.
         lines.append(f"bench server: on {bench_server}")
+    lines.extend(_name_lines(snapshot))
     lines.extend(_labelled("traffic", _traffic_lines(snapshot)))
     lines.extend(_drops_lines(snapshot))
     lines.append("")
     lines.extend(_peer_lines(snapshot))
+    lines.extend(_names_table_lines(snapshot))
     lines.extend(_route_lines(snapshot))
     lines.extend(_sysroute_lines(snapshot))
     lines.extend(_refused_sysroute_lines(snapshot))
@@ -273,11 +275,16 @@ def _peer_lines(snapshot: Snapshot) -> list[str]:
     peers = sorted(_records(snapshot.get("peers")), key=lambda peer: _ip_order(peer.get("tun_ip")))
     if not peers:
         return ["no peers yet"]
-    rows = [["PEER", "STATE", "PATH", "RTT", "OUT", "IN", "IN STATE", "RETRY"]]
+    # The NAME column only from a client that knows names (issue 16).
+    named = any(snapshot_text(peer.get("name"), "") for peer in peers)
+    rows = [["PEER", *(["NAME"] if named else []), "STATE", "PATH", "RTT", "OUT", "IN"]]
+    rows[0] += ["IN STATE", "RETRY"]
     for peer in peers:
+        name = [snapshot_text(peer.get("name"), "") or "-"] if named else []
         rows.append(
             [
                 snapshot_text(peer.get("tun_ip")),
+                *name,
                 snapshot_text(peer.get("state")),
                 snapshot_text(peer.get("path")),
                 _rtt(peer.get("rtt_ms")),
@@ -288,6 +295,50 @@ def _peer_lines(snapshot: Snapshot) -> list[str]:
             ]
         )
     return _aligned(rows)
+
+
+def _name_lines(snapshot: Snapshot) -> list[str]:
+    """``name  laptop.vpn`` and how DNS answers for the domain (issue 16)."""
+    hostname = snapshot_text(snapshot.get("hostname"), "")
+    if not hostname:
+        return []
+    domain = snapshot_text(snapshot.get("domain"), "")
+    lines = ["name".ljust(_LABEL_WIDTH) + (f"{hostname}.{domain}" if domain else hostname)]
+    dns = _mapping(snapshot.get("dns"))
+    if dns:
+        lines.append("dns".ljust(_LABEL_WIDTH) + _dns_text(dns))
+    return lines
+
+
+def _dns_text(dns: Snapshot) -> str:
+    listening = snapshot_text(dns.get("listening"), "")
+    parts = [f"on {listening}" if listening else "off"]
+    resolved = snapshot_text(dns.get("resolved"), "")
+    if resolved:
+        parts.append(f"systemd-resolved: {resolved}")
+    counts = [
+        f"{snapshot_integer(dns.get(key)) or 0} {key}"
+        for key in ("queries", "answered", "nxdomain", "refused")
+    ]
+    return _GAP.join(parts) + f"{_GAP}({', '.join(counts)})"
+
+
+def _names_table_lines(snapshot: Snapshot) -> list[str]:
+    names = sorted(_records(snapshot.get("names")), key=lambda item: _ip_order(item.get("address")))
+    if not names:
+        return []
+    rows = [["ADDRESS", "NAME", "EXIT NODE", "SOURCE"]]
+    rows.extend(
+        [
+            snapshot_text(item.get("address")),
+            snapshot_text(item.get("name")),
+            "yes" if item.get("exit_node") is True else "-",
+            snapshot_text(item.get("source"))
+            + ("" if item.get("p2pvpn") is not False else " (candy)"),
+        ]
+        for item in names
+    )
+    return ["", *_aligned(rows)]
 
 
 def _route_lines(snapshot: Snapshot) -> list[str]:

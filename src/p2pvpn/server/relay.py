@@ -14,6 +14,10 @@ no socket are kept here too: one login message of each kind per connection,
 the replay cache's size, a token bucket and a size cap on broadcasts, and
 the dynamic addresses per source address.
 
+Member names (issue 16): ``on_ping`` reads the host name in a client's ping
+payload; the table of names (:mod:`p2pvpn.server.names`) goes as NAMES to the
+sessions that sent HELLO, whole after their HELLO and as changes after that.
+
 With a :class:`~p2pvpn.server.cluster_state.ClusterView` (a relay cluster on
 NATS) the relay also returns :class:`Publish`, :class:`Claim`,
 :class:`Release` and :class:`RecordLease` for :mod:`p2pvpn.server.cluster` to
@@ -36,23 +40,32 @@ from typing import Any
 
 from p2pvpn.server.cluster_state import ClusterView, OwnerRecord, SdwanRuleLike
 from p2pvpn.server.limits import DEFAULT_LIMITS, LogThrottle, ServerLimits, TokenBucket
+from p2pvpn.server.names import NAME_CHANGE_BURST, NAME_CHANGE_RATE, NameBook, NamedMember
 from p2pvpn.wire.close_codes import CloseCode
 from p2pvpn.wire.errors import DecodeError
 from p2pvpn.wire.ipv4 import is_broadcast_or_multicast
+from p2pvpn.wire.names import decode_ping_payload
 from p2pvpn.wire.ws import (
     BROADCAST,
+    GENERAL_NAME,
     Auth,
     Discovery,
     ExptTun,
     General,
+    Hello,
     LanAddress,
+    NameAnnouncement,
+    NameEntry,
     SystemRoute,
     SystemRoutes,
     Udp4Conn,
     UnknownWsMessage,
     Vmac,
+    WsMessage,
     WsType,
+    decode_general_header,
     decode_ws_message,
+    encode_names,
 )
 
 __all__ = [
@@ -92,7 +105,11 @@ WARNING_INTERVAL = 10.0
 
 # The signed login messages; every other known type needs a logged-in sender.
 _ALLOWED_BEFORE_AUTH = frozenset({WsType.AUTH, WsType.EXPTTUN, WsType.VMAC})
-_KNOWN_TYPES = frozenset(int(kind) for kind in WsType)
+# p2pvpn's own types: a Candy server ignores them, so before login they are
+# only dropped, never a reason to close.
+_EXTENSION_TYPES = frozenset({int(WsType.HELLO), int(WsType.NAMES)})
+_KNOWN_TYPES = frozenset(int(kind) for kind in WsType) - _EXTENSION_TYPES
+_RELAYED_SIGNALS = (Udp4Conn, Discovery, General, LanAddress, NameAnnouncement)
 _LOGIN_TYPES = frozenset({int(WsType.AUTH), int(WsType.EXPTTUN), int(WsType.VMAC)})
 _IPV4_HEADER_SIZE = 20
 
@@ -132,6 +149,14 @@ class RelaySession:
         self.frames_delivered = 0
         self.bytes_delivered = 0
         self.tls = False  # set by the I/O layer
+        # What the member's ping payload and HELLO say (issue 16): its host name
+        # (a clean label), its version, whether it is a p2pvpn client that wants
+        # NAMES (sent HELLO), whether it offers itself as an exit node.
+        self.hostname: str | None = None
+        self.client_version: str | None = None
+        self.extensions = False
+        self.exit_node = False
+        self.name_bucket: TokenBucket | None = None  # made at the first name change
 
     def describe(self) -> str:
         who = str(self.tun_ip) if self.tun_ip is not None else "not logged in"
@@ -193,6 +218,21 @@ class RecordLease:
 # The cluster actions never appear without a cluster; an I/O layer without
 # one only needs to perform Send and Close.
 Action = Send | Close | Publish | Claim | Release | RecordLease
+
+
+def _decode_relayable(frame: bytes) -> WsMessage:
+    """decode_ws_message, but a name announcement whose name does not decode is a General.
+
+    The relay passes GENERAL frames on unchanged, as a Candy server does: what
+    one member tells another is for the receiver to judge, and a later version
+    (or Candy) may say something else with the subtype.
+    """
+    try:
+        return decode_ws_message(frame)
+    except DecodeError:
+        if frame[:1] == bytes((WsType.GENERAL,)) and frame[1:2] == bytes((GENERAL_NAME,)):
+            return decode_general_header(frame)
+        raise
 
 
 class _ReplayCache:
@@ -276,6 +316,7 @@ class Relay:
         self._drops: Counter[str] = Counter()
         self._rejections: Counter[str] = Counter()
         self._caps: Counter[str] = Counter()  # how often each resource cap bit
+        self._names = NameBook()  # the member names last sent to p2pvpn sessions
         # What the current event asks of the I/O layer, handed out when it ends.
         self._actions: list[Action] = []
 
@@ -303,6 +344,8 @@ class Relay:
         try:
             self._open.discard(session)
             self._unmap(session)
+            self._publish_names()
+            actions.extend(self._take_actions())
             if not session.disconnected:
                 session.disconnected = True
                 logger.info("disconnect %s: %s", session.describe(), reason)
@@ -310,8 +353,25 @@ class Relay:
                 if self._cluster is not None and session.since is not None and tun_ip is not None:
                     actions.append(Release(session, tun_ip))
         except Exception:
+            self._actions.clear()
             logger.exception("internal error while forgetting %s", session.remote)
         return actions
+
+    def on_ping(self, session: RelaySession, payload: bytes, now: float) -> list[Action]:
+        """A WebSocket ping from ``session`` with ``payload``: the member's name, maybe.
+
+        A Candy-style payload (``candy::<os>::<version>::<hostname>``) names the
+        member; a logged-in member's new name goes to the p2pvpn sessions as
+        NAMES, within the name_change_rate cap. Before login the name is only
+        kept. Never raises.
+        """
+        try:
+            self._on_ping(session, payload, now)
+        except Exception:
+            self._counters["internal_errors"] += 1
+            logger.exception("internal error handling a ping from %s", session.remote)
+            self._actions.clear()
+        return self._take_actions()
 
     def handle_frame(self, session: RelaySession, frame: bytes, now: float) -> list[Action]:
         """Process one binary frame from ``session``; ``now`` is Unix time in seconds.
@@ -399,6 +459,7 @@ class Relay:
             "frames_published": counters["frames_published"],
             "frames_from_cluster": counters["frames_from_cluster"],
             "dhcp_leases": len(self._leases),
+            "named_sessions": len(self._names),
             "replay_cache_entries": len(self._replays),
             "internal_errors": counters["internal_errors"],
             "drops": dict(self._drops),
@@ -423,6 +484,10 @@ class Relay:
                 "frames_delivered": session.frames_delivered,
                 "bytes_delivered": session.bytes_delivered,
                 "tls": session.tls,
+                "name": self._names.name_of(address),
+                "p2pvpn": session.extensions,
+                "exit_node": session.exit_node,
+                "version": session.client_version,
             }
             for address, session in sorted(self._sessions.items())
         ]
@@ -502,6 +567,10 @@ class Relay:
             # Hot path: no decode into objects, and short packets are only dropped.
             self._forward(session, frame, now)
             return
+        if not session.authenticated and kind in _EXTENSION_TYPES:
+            # A p2pvpn client sends HELLO after AUTH; one before it is a mistake, not an attack.
+            self._drop(session, "hello_before_login" if kind == WsType.HELLO else "unexpected_type")
+            return
         if not session.authenticated and kind in _KNOWN_TYPES and kind not in _ALLOWED_BEFORE_AUTH:
             raise _RejectError(
                 CloseCode.NOT_AUTHENTICATED,
@@ -509,7 +578,7 @@ class Relay:
                 f"{WsType(kind).name} before login",
             )
         try:
-            message = decode_ws_message(frame)
+            message = _decode_relayable(frame)
         except DecodeError as exc:
             self._drops["malformed"] += 1
             raise _RejectError(
@@ -528,12 +597,14 @@ class Relay:
             self._on_expttun(session, message, now)
         elif isinstance(message, Vmac):
             self._on_vmac(session, message, now)
-        elif isinstance(message, Udp4Conn | Discovery | General | LanAddress):
+        elif isinstance(message, _RELAYED_SIGNALS):
             self._relay_signal(session, message, frame, now)
+        elif isinstance(message, Hello):
+            self._on_hello(session, message, now)
         elif isinstance(message, UnknownWsMessage):
             self._drop(session, "unknown_type")  # PROTOCOL 2: unknown types are ignored
         else:
-            # ROUTE goes server -> client only; a client sending it is ignored.
+            # ROUTE and NAMES go server -> client only; a client sending them is ignored.
             self._drop(session, "unexpected_type")
 
     # -- signed login messages ----------------------------------------------
@@ -680,6 +751,8 @@ class Relay:
             self._record_lease(session.vmac, tun_ip, session.host)
         logger.info("login %s from %s (vmac %s)", tun_ip, session.remote, session.vmac)
         self._send_routes(session, tun_ip)
+        # A name from a ping before the login, or a kicked session's name gone.
+        self._publish_names()
 
     def _check_tun_ip(self, tun_ip: IPv4Address) -> None:
         """Addresses that would collide with broadcast routing are refused."""
@@ -901,7 +974,7 @@ class Relay:
     def _relay_signal(
         self,
         session: RelaySession,
-        message: Udp4Conn | Discovery | General | LanAddress,
+        message: Udp4Conn | Discovery | General | LanAddress | NameAnnouncement,
         frame: bytes,
         now: float,
     ) -> None:
@@ -988,6 +1061,77 @@ class Relay:
             self._counters["frames_published"] += 1
             self._actions.append(Publish(None, frame))
 
+    # -- member names (issue 16) ----------------------------------------------
+
+    def _on_ping(self, session: RelaySession, payload: bytes, now: float) -> None:
+        if session.closed or session.disconnected:
+            return
+        identity = decode_ping_payload(payload)
+        if identity is None:
+            return
+        session.client_version = identity.version
+        if identity.hostname == session.hostname:
+            return
+        if not session.authenticated:
+            session.hostname = identity.hostname  # enters the table at login
+            return
+        if not self._name_change_allowed(session, now):
+            return
+        logger.info(
+            "%s is named %r (was %r)", session.describe(), identity.hostname, session.hostname
+        )
+        session.hostname = identity.hostname
+        self._publish_names()
+
+    def _on_hello(self, session: RelaySession, message: Hello, now: float) -> None:
+        """A p2pvpn client: the whole table to it, its changed entry to the others."""
+        # The first HELLO of a connection is free; repeats cost a full table each.
+        if session.extensions and not self._name_change_allowed(session, now):
+            return
+        if not session.extensions:
+            logger.debug(
+                "%s is a p2pvpn client (exit node: %s)", session.describe(), message.exit_node
+            )
+        session.extensions = True
+        session.exit_node = message.exit_node
+        self._publish_names(exclude=session)
+        for frame in encode_names(self._names.entries(), replace=True):
+            self._actions.append(Send(session, frame))
+
+    def _name_change_allowed(self, session: RelaySession, now: float) -> bool:
+        """Within ``session``'s name_change_rate; counts the cap and says no when over it."""
+        bucket = session.name_bucket
+        if bucket is None:
+            bucket = session.name_bucket = TokenBucket(NAME_CHANGE_RATE, NAME_CHANGE_BURST, now)
+        if bucket.take(now):
+            return True
+        self.cap_hit("name_change_rate", now, "ignored name changes of %s", session.describe())
+        return False
+
+    def _named_members(self) -> list[NamedMember]:
+        """Logged-in sessions with a name, by login time then address: who keeps a plain name."""
+        named = [
+            (session.since or 0.0, address, session.hostname, session)
+            for address, session in self._sessions.items()
+            if session.hostname
+        ]
+        named.sort(key=lambda item: (item[0], item[1]))
+        return [
+            NamedMember(address, hostname, session.exit_node, session.extensions)
+            for _, address, hostname, session in named
+            if hostname
+        ]
+
+    def _publish_names(self, exclude: RelaySession | None = None) -> None:
+        """Bring the table up to date; its changes go to every p2pvpn session but ``exclude``."""
+        changes: list[NameEntry] = self._names.update(self._named_members())
+        if not changes:
+            return
+        frames = encode_names(changes, replace=False)
+        for target in self._sessions.values():
+            if target.extensions and target is not exclude and not target.closed:
+                self._actions.extend(Send(target, frame) for frame in frames)
+
     # -- session bookkeeping ------------------------------------------------
 
     def _unmap(self, session: RelaySession) -> None:
@@ -1032,10 +1176,10 @@ def _parse_cluster_frame(
             return None
         return source, destination
     try:
-        message = decode_ws_message(frame)
+        message = _decode_relayable(frame)
     except DecodeError:
         return None
-    if not isinstance(message, Udp4Conn | Discovery | General | LanAddress):
+    if not isinstance(message, _RELAYED_SIGNALS):
         return None
     # As from a client: everything but UDP4CONN may go to everyone (PROTOCOL 2.4).
     if broadcast and (isinstance(message, Udp4Conn) or message.dst != BROADCAST):

@@ -159,6 +159,7 @@ def _session_lines(sessions: list[Snapshot], now: float) -> list[str]:
     rows = [
         [
             snapshot_text(session.get("address")),
+            snapshot_text(session.get("name")),
             snapshot_text(session.get("vmac")),
             snapshot_text(session.get("remote")),
             _age(session.get("since"), now),
@@ -168,8 +169,8 @@ def _session_lines(sessions: list[Snapshot], now: float) -> list[str]:
         ]
         for session in sorted(sessions, key=_address_order)
     ]
-    headers = ["ADDRESS", "VMAC", "REMOTE", "SINCE", "RELAYED", "DELIVERED", "TLS"]
-    return format_table(headers, rows, right=(4, 5))
+    headers = ["ADDRESS", "NAME", "VMAC", "REMOTE", "SINCE", "RELAYED", "DELIVERED", "TLS"]
+    return format_table(headers, rows, right=(5, 6))
 
 
 def _server_lines(cluster: Snapshot, now: float) -> list[str]:

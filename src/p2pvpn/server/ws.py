@@ -4,10 +4,14 @@
 the relay, then performs the :class:`Send` and :class:`Close` actions it
 returns. A session's send only queues and a writer task drains the queue, so
 one slow or hostile client can never stall the event loop or another client.
+
+The payload of a client's WebSocket ping carries its host name (issue 16):
+the connection class hands every ping's payload to :meth:`Relay.on_ping`.
 """
 
 import asyncio
 import contextlib
+import logging
 import ssl
 import time
 from collections import deque
@@ -16,6 +20,8 @@ from typing import Any, Protocol, cast
 from websockets.asyncio.server import Server, ServerConnection
 from websockets.asyncio.server import serve as ws_serve
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import Frame, Opcode
+from websockets.protocol import Event
 
 from p2pvpn.server.limits import DEFAULT_LIMITS, ServerLimits, TokenBucket
 from p2pvpn.server.relay import (
@@ -37,6 +43,8 @@ __all__ = [
     "ClusterActions",
     "RelayServer",
 ]
+
+logger = logging.getLogger(__name__)
 
 # A client that cannot answer the closing handshake must not hold up a
 # shutdown or restart for websockets' default 10 s.
@@ -263,6 +271,8 @@ class RelayServer:
         )
         # Accepted connections counted in _pending, with their source address.
         self._admitted: dict[ServerConnection, str] = {}
+        # The session of each connection whose handler runs, for its pings.
+        self._session_of: dict[ServerConnection, _WsSession] = {}
         self._server: Server | None = None
 
     @property
@@ -323,15 +333,37 @@ class RelayServer:
         return self._pending.total
 
     def _connection_class(self) -> type[ServerConnection]:
-        """websockets' connection, counted against the caps as soon as it is accepted."""
+        """websockets' connection, counted against the caps as soon as it is accepted.
+
+        It also shows the relay every ping: websockets answers pings itself and
+        hands them to no one, so process_event (which websockets calls for each
+        event parsed off the wire, the handshake request first) is the one place
+        to see their payloads.
+        """
         admit = self._admit
+        pinged = self._pinged
 
         class _CountedConnection(ServerConnection):
             def connection_made(self, transport: asyncio.BaseTransport) -> None:
                 super().connection_made(transport)
                 admit(self)
 
+            def process_event(self, event: Event) -> None:
+                if isinstance(event, Frame) and event.opcode is Opcode.PING:
+                    pinged(self, bytes(event.data))
+                super().process_event(event)
+
         return _CountedConnection
+
+    def _pinged(self, connection: ServerConnection, payload: bytes) -> None:
+        """A ping arrived on ``connection``: its payload to the relay (never raises)."""
+        session = self._session_of.get(connection)
+        if session is None:
+            return  # its handler has not started (or has ended): the client pings again
+        try:
+            self.perform(self.relay.on_ping(session, payload, time.time()))
+        except Exception:  # called from websockets' data_received: must not raise
+            logger.exception("internal error handling a ping from %s", session.remote)
 
     def _admit(self, connection: ServerConnection) -> None:
         """Right after accept: over the unauthenticated caps, drop the connection.
@@ -360,6 +392,7 @@ class RelayServer:
         session = _WsSession(connection, self.relay, self._queue_bytes, self.cluster)
         session.tls = self._ssl is not None
         self.relay.on_connect(session)
+        self._session_of[connection] = session
         loop = asyncio.get_running_loop()
         writer = loop.create_task(session.write_loop())
         timer = loop.call_later(self._login_timeout, self._login_timed_out, session)
@@ -369,6 +402,7 @@ class RelayServer:
             timer.cancel()
             writer.cancel()
             self._release(connection)
+            self._session_of.pop(connection, None)
             self.perform(self.relay.on_disconnect(session, _describe_close(connection)))
 
     def _login_timed_out(self, session: _WsSession) -> None:

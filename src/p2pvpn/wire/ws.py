@@ -3,11 +3,14 @@
 One message per binary frame, byte 0 is the type. Decoders accept frames
 longer than the layout (the reference does) and raise only DecodeError.
 Encoders raise ValueError for fields the layout cannot carry.
+
+HELLO, NAMES and the GENERAL name announcement are p2pvpn's extensions
+(docs/protocol-extensions.md): types and a subtype a Candy side ignores.
 """
 
 import hmac
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
@@ -16,16 +19,24 @@ from typing import Self, TypeAlias
 from p2pvpn.wire._layout import TYPE_BYTE, pack, unpack
 from p2pvpn.wire.crypto import VMAC_SIZE, auth_hash, expttun_hash, vmac_hash
 from p2pvpn.wire.errors import DecodeError
+from p2pvpn.wire.names import MAX_LABEL_LENGTH, clean_label
 
 __all__ = [
     "BROADCAST",
+    "GENERAL_NAME",
+    "HELLO_VERSION",
+    "MAX_NAMES_PER_MESSAGE",
     "MAX_ROUTES_PER_MESSAGE",
     "Auth",
     "Discovery",
     "ExptTun",
     "Forward",
     "General",
+    "Hello",
     "LanAddress",
+    "NameAnnouncement",
+    "NameEntry",
+    "Names",
     "SystemRoute",
     "SystemRoutes",
     "Udp4Conn",
@@ -33,7 +44,9 @@ __all__ = [
     "Vmac",
     "WsMessage",
     "WsType",
+    "decode_general_header",
     "decode_ws_message",
+    "encode_names",
 ]
 
 BROADCAST = IPv4Address("255.255.255.255")
@@ -42,6 +55,14 @@ HASH_SIZE = 32
 MIN_PACKET_SIZE = 20
 MAX_ROUTES_PER_MESSAGE = 255
 GENERAL_SUBTYPE_LAN_ADDRESS = 0
+GENERAL_NAME = 0x50
+HELLO_VERSION = 1
+MAX_NAMES_PER_MESSAGE = 256
+# Flag bits of HELLO, of a NAMES entry and of a name announcement.
+_FLAG_EXIT_NODE = 0x01
+_FLAG_P2PVPN = 0x02
+_FLAG_REPLY_WANTED = 0x02
+_FLAG_REPLACE = 0x01
 
 
 class WsType(IntEnum):
@@ -52,6 +73,8 @@ class WsType(IntEnum):
     VMAC = 4
     DISCOVERY = 5
     ROUTE = 6
+    HELLO = 0x50
+    NAMES = 0x51
     GENERAL = 255
 
 
@@ -64,12 +87,31 @@ _ROUTE_HEADER = struct.Struct("!BBH")
 _ROUTE_ENTRY = struct.Struct("!4s4s4s")
 _GENERAL_HEADER = struct.Struct("!BBH4s4s")
 _LAN_ADDRESS = struct.Struct("!BBH4s4s4sH")
+_HELLO = struct.Struct("!BBBB")
+_NAMES_HEADER = struct.Struct("!BBH")
+_NAME_ENTRY_HEADER = struct.Struct("!4sBB")
 
 
 def _require_hash_size(digest: bytes) -> None:
     # struct's "32s" would silently pad or cut a wrong-sized hash.
     if len(digest) != HASH_SIZE:
         raise ValueError(f"hash must be {HASH_SIZE} bytes, got {len(digest)}")
+
+
+def _require_label(name: str, what: str) -> bytes:
+    if clean_label(name) != name:
+        raise ValueError(f"{what} {name!r} is not a clean DNS label")
+    return name.encode("ascii")
+
+
+def _decode_label(raw: bytes, what: str) -> str:
+    try:
+        name = raw.decode("ascii")
+    except UnicodeDecodeError as exc:
+        raise DecodeError(f"{what} {raw!r} is not ASCII") from exc
+    if len(name) > MAX_LABEL_LENGTH or clean_label(name) != name:
+        raise DecodeError(f"{what} {name!r} is not a clean DNS label")
+    return name
 
 
 def _is_contiguous_mask(mask: IPv4Address) -> bool:
@@ -269,6 +311,86 @@ class LanAddress:
 
 
 @dataclass(frozen=True, slots=True)
+class Hello:
+    """A p2pvpn client says so after AUTH (client -> server): "send me NAMES"."""
+
+    exit_node: bool = False
+
+    def encode(self) -> bytes:
+        flags = _FLAG_EXIT_NODE if self.exit_node else 0
+        return _HELLO.pack(WsType.HELLO, HELLO_VERSION, flags, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class NameEntry:
+    """One member in NAMES; an empty ``name`` says the address has no name any more."""
+
+    address: IPv4Address
+    name: str
+    exit_node: bool = False
+    p2pvpn: bool = False
+
+    def encode(self) -> bytes:
+        name = _require_label(self.name, "NAMES entry name")
+        flags = (_FLAG_EXIT_NODE if self.exit_node else 0) | (_FLAG_P2PVPN if self.p2pvpn else 0)
+        return _NAME_ENTRY_HEADER.pack(self.address.packed, flags, len(name)) + name
+
+
+@dataclass(frozen=True, slots=True)
+class Names:
+    """The server's name table (server -> p2pvpn clients); ``replace`` starts a full table."""
+
+    replace: bool
+    entries: tuple[NameEntry, ...]
+
+    def encode(self) -> bytes:
+        if len(self.entries) > MAX_NAMES_PER_MESSAGE:
+            raise ValueError(
+                f"{len(self.entries)} names do not fit in one message "
+                f"(at most {MAX_NAMES_PER_MESSAGE}): use encode_names"
+            )
+        flags = _FLAG_REPLACE if self.replace else 0
+        header = _NAMES_HEADER.pack(WsType.NAMES, flags, len(self.entries))
+        return header + b"".join(entry.encode() for entry in self.entries)
+
+
+def encode_names(entries: Sequence[NameEntry], replace: bool) -> list[bytes]:
+    """NAMES frames of at most 256 entries; with ``replace`` the first one is the REPLACE.
+
+    A full table of no entries is still one (empty) REPLACE frame; no entries
+    without ``replace`` are no frame at all.
+    """
+    frames = []
+    for start in range(0, len(entries), MAX_NAMES_PER_MESSAGE):
+        chunk = tuple(entries[start : start + MAX_NAMES_PER_MESSAGE])
+        frames.append(Names(replace and start == 0, chunk).encode())
+    if not frames and replace:
+        frames.append(Names(True, ()).encode())
+    return frames
+
+
+@dataclass(frozen=True, slots=True)
+class NameAnnouncement:
+    """GENERAL subtype 0x50: member ``src`` tells its name (peer -> peer); "" = leaving."""
+
+    src: IPv4Address
+    dst: IPv4Address
+    name: str
+    exit_node: bool = False
+    reply_wanted: bool = False
+
+    def encode(self) -> bytes:
+        name = _require_label(self.name, "announced name")
+        flags = (_FLAG_EXIT_NODE if self.exit_node else 0) | (
+            _FLAG_REPLY_WANTED if self.reply_wanted else 0
+        )
+        header = _GENERAL_HEADER.pack(
+            WsType.GENERAL, GENERAL_NAME, flags, self.src.packed, self.dst.packed
+        )
+        return header + name
+
+
+@dataclass(frozen=True, slots=True)
 class UnknownWsMessage:
     """A frame whose type byte is not in the table; receivers ignore these."""
 
@@ -289,6 +411,9 @@ WsMessage: TypeAlias = (
     | SystemRoutes
     | General
     | LanAddress
+    | Hello
+    | Names
+    | NameAnnouncement
     | UnknownWsMessage
 )
 
@@ -352,13 +477,54 @@ def _decode_route(frame: bytes) -> SystemRoutes:
     return SystemRoutes(tuple(routes))
 
 
-def _decode_general(frame: bytes) -> General | LanAddress:
+def decode_general_header(frame: bytes) -> General:
+    """Any GENERAL frame as a plain General, its data not interpreted (for relaying)."""
     _, subtype, extra, src, dst = unpack(_GENERAL_HEADER, frame, "GENERAL")
-    if subtype != GENERAL_SUBTYPE_LAN_ADDRESS:
-        data = bytes(frame[_GENERAL_HEADER.size :])
-        return General(subtype, extra, IPv4Address(src), IPv4Address(dst), data)
+    if frame[0] != WsType.GENERAL:
+        raise DecodeError(f"type {frame[0]} is not GENERAL")
+    data = bytes(frame[_GENERAL_HEADER.size :])
+    return General(subtype, extra, IPv4Address(src), IPv4Address(dst), data)
+
+
+def _decode_general(frame: bytes) -> General | LanAddress | NameAnnouncement:
+    general = decode_general_header(frame)
+    if general.subtype == GENERAL_NAME:
+        name = _decode_label(general.data, "announced name")
+        exit_node = bool(general.extra & _FLAG_EXIT_NODE)
+        reply_wanted = bool(general.extra & _FLAG_REPLY_WANTED)
+        return NameAnnouncement(general.src, general.dst, name, exit_node, reply_wanted)
+    if general.subtype != GENERAL_SUBTYPE_LAN_ADDRESS:
+        return general
     *_, lan_ip, lan_port = unpack(_LAN_ADDRESS, frame, "GENERAL LAN address")
-    return LanAddress(IPv4Address(src), IPv4Address(dst), IPv4Address(lan_ip), lan_port)
+    return LanAddress(general.src, general.dst, IPv4Address(lan_ip), lan_port)
+
+
+def _decode_hello(frame: bytes) -> Hello:
+    # The version is not checked: a later one still asks for NAMES, and
+    # carries whatever it adds after these four bytes.
+    _, _version, flags, _reserved = unpack(_HELLO, frame, "HELLO")
+    return Hello(exit_node=bool(flags & _FLAG_EXIT_NODE))
+
+
+def _decode_names(frame: bytes) -> Names:
+    _, flags, count = unpack(_NAMES_HEADER, frame, "NAMES")
+    if count > MAX_NAMES_PER_MESSAGE:
+        raise DecodeError(f"NAMES with {count} entries (at most {MAX_NAMES_PER_MESSAGE})")
+    entries: list[NameEntry] = []
+    offset = _NAMES_HEADER.size
+    for _ in range(count):
+        end = offset + _NAME_ENTRY_HEADER.size
+        if len(frame) < end:
+            raise DecodeError(f"NAMES entry {len(entries)} is cut off at byte {len(frame)}")
+        address, entry_flags, length = _NAME_ENTRY_HEADER.unpack_from(frame, offset)
+        if len(frame) < end + length:
+            raise DecodeError(f"NAMES entry {len(entries)} name is cut off at byte {len(frame)}")
+        name = _decode_label(bytes(frame[end : end + length]), "NAMES entry name")
+        exit_node = bool(entry_flags & _FLAG_EXIT_NODE)
+        p2pvpn = bool(entry_flags & _FLAG_P2PVPN)
+        entries.append(NameEntry(IPv4Address(address), name, exit_node, p2pvpn))
+        offset = end + length
+    return Names(bool(flags & _FLAG_REPLACE), tuple(entries))
 
 
 _DECODERS: dict[int, Callable[[bytes], WsMessage]] = {
@@ -369,6 +535,8 @@ _DECODERS: dict[int, Callable[[bytes], WsMessage]] = {
     WsType.VMAC: _decode_vmac,
     WsType.DISCOVERY: _decode_discovery,
     WsType.ROUTE: _decode_route,
+    WsType.HELLO: _decode_hello,
+    WsType.NAMES: _decode_names,
     WsType.GENERAL: _decode_general,
 }
 
