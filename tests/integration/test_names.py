@@ -195,7 +195,10 @@ def test_other_domains_are_refused_unknown_names_not_found(names: Names) -> None
 
 def test_status_shows_the_names(names: Names) -> None:
     alpha = names.members["alpha"]
-    dns_ask(alpha.ns, alpha.tun_ip(), [("example.com", "A")])  # one refused, for the counter
+    # One answered and one refused query for the counters; traffic for peer rows.
+    dns_ask(alpha.ns, alpha.tun_ip(), [(fqdn("bravo"), "A"), ("example.com", "A")])
+    for name in ("bravo", "charlie"):
+        names.vpn.wait_ping(alpha, MEMBERS[name])
     expected = {address: name for name, address in [*MEMBERS.items(), (CANDY_NAME, CANDY_IP)]}
     names.bed.wait_until(
         lambda: status_names(alpha) == expected,
