@@ -477,6 +477,8 @@ def test_effective_items_mask_the_password() -> None:
         "tls_ca",
         "offload",
         "bench_server",
+        "exit",
+        "exit_allow_lan",
         "hostname",
         "domain",
         "dns",

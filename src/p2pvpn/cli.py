@@ -152,6 +152,19 @@ _RUN_FLAGS: tuple[_Flag, ...] = (
             "help": "answer `p2pvpn bench peer` from other members, on the VPN address only",
         },
     ),
+    (
+        "exit",
+        ("--exit",),
+        {"metavar": "NAME|IP", "help": "send all traffic through this member (an exit node)"},
+    ),
+    (
+        "exit_allow_lan",
+        ("--exit-allow-lan",),
+        {
+            "action": argparse.BooleanOptionalAction,
+            "help": "with --exit: keep reaching the LAN directly (default: yes)",
+        },
+    ),
     ("hostname", ("--hostname",), {"metavar": "NAME", "help": "this member's name in the VPN"}),
     ("domain", ("--domain",), {"metavar": "DOMAIN", "help": "the VPN's DNS domain (vpn)"}),
     (

@@ -148,6 +148,8 @@ _CLIENT_KEYS = (
     "tls_ca",
     "offload",
     "bench_server",
+    "exit",
+    "exit_allow_lan",
     # Peer names over DNS (issue 16), one a line.
     "hostname",
     "domain",
@@ -278,6 +280,8 @@ class ClientConfig:
     tls_ca: Path | None = None  # PEM CA certificate(s) to trust instead of the system's
     offload: Offload = "auto"  # TUN offloads (fast data plane only)
     bench_server: bool = False  # answer `p2pvpn bench peer` on the VPN address
+    exit: str = ""  # the exit node to send all traffic through: a member's name or address
+    exit_allow_lan: bool = True  # with `exit`: the LAN's subnets stay on the main table
     hostname: str = ""  # this member's name in the VPN; "": the machine's host name, cleaned
     domain: str = DEFAULT_DOMAIN  # names resolve as <name>.<domain>
     dns: bool = True  # answer DNS for the domain on the TUN address, port 53
@@ -593,10 +597,13 @@ def client_config_from_values(values: Mapping[str, ConfigValue], source: str) ->
         tls_ca=get.check("tls_ca", lambda: _client_tls_ca(values), None),
         offload=get("offload", _offload, "auto"),
         bench_server=get("bench_server", _bool, False),
+        exit=get("exit", _exit, ""),
+        exit_allow_lan=get("exit_allow_lan", _bool, True),
         hostname=get("hostname", _hostname, ""),
         domain=get("domain", _domain, DEFAULT_DOMAIN),
         dns=get("dns", _bool, True),
     )
+    get.check("exit", lambda: _exit_without_exit_node(values), None)
     get.raise_problems()
     return config
 
@@ -1117,6 +1124,45 @@ def _one_of(key: str, item: ConfigValue, choices: tuple[_Choice, ...]) -> _Choic
     _fail(key, item, f"expected one of {', '.join(choices)}, got {text!r}")
 
 
+def _exit(key: str, item: ConfigValue) -> str:
+    """A member's IPv4 address, or its name: a DNS label (compared without case)."""
+    text = _string(key, item).strip()
+    try:
+        return str(IPv4Address(text))
+    except ValueError:
+        pass
+    name = text.lower()
+    if name and clean_label(name) != name:  # as the name table has it
+        _fail(
+            key,
+            item,
+            f"{text!r} is neither an IPv4 address nor a name (a DNS label: letters, digits "
+            "and '-' (not first or last), at most 63 characters)",
+        )
+    return name
+
+
+def _exit_without_exit_node(values: Mapping[str, ConfigValue]) -> None:
+    """`exit` and `exit_node = true` together: a member offers an exit or uses one.
+
+    Read from the raw values: a bad `exit_node` is reported by its own check.
+    """
+    item, offer = values.get("exit"), values.get("exit_node")
+    if item is None or offer is None or not str(item.value).strip():
+        return
+    try:
+        offering = _bool("exit_node", offer)
+    except ConfigError:
+        return
+    if offering:
+        _fail(
+            "exit",
+            item,
+            f"cannot be used with exit_node = true ({offer.origin}): a member either "
+            "offers itself as an exit node or sends its traffic through one",
+        )
+
+
 def _hostname(key: str, item: ConfigValue) -> str:
     """A DNS label (stored lowercase), or "" for the machine's host name."""
     text = _string(key, item).strip()
@@ -1222,6 +1268,8 @@ def effective_items(config: ClientConfig | ServerConfig) -> list[tuple[str, str]
         ("tls_ca", _show_path(config.tls_ca, "(the system's CAs)")),
         ("offload", _show_offload(config.offload)),
         ("bench_server", _show_bench_server(config.bench_server)),
+        ("exit", config.exit or "(none: this machine's default route)"),
+        ("exit_allow_lan", _show_bool(config.exit_allow_lan)),
         ("hostname", config.hostname or "(the machine's host name)"),
         ("domain", config.domain),
         ("dns", "true (answers on the TUN address, port 53)" if config.dns else "false"),

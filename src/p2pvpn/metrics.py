@@ -335,6 +335,7 @@ class ClientCollector(Collector):
         yield from _traffic({"relay": relay, "direct": _mapping(snapshot.get("direct"))})
         yield _drops(_mapping(snapshot.get("drops")), _number(relay.get("dropped")))
         yield from _client_links(snapshot)
+        yield from _exit_use(_mapping(snapshot.get("exit")))
         yield from _client_names(snapshot)
 
 
@@ -457,6 +458,20 @@ def _client_links(snapshot: Mapping[str, Any]) -> Iterator[Metric]:
         "p2pvpn_routes",
         "Client-relay routes in use.",
         value=float(len(snapshot.get("routes") or ())),
+    )
+
+
+def _exit_use(exit_use: Mapping[str, Any]) -> Iterator[Metric]:
+    """Whether all traffic goes through an exit node now (`exit` key), and fallbacks."""
+    yield GaugeMetricFamily(
+        "p2pvpn_exit_active",
+        "1 while all traffic goes through the exit node (`exit`), else 0.",
+        value=1.0 if exit_use.get("state") == "active" else 0.0,
+    )
+    yield CounterMetricFamily(
+        "p2pvpn_exit_fallbacks",
+        "Times the exit node went away and the machine's default route took over again.",
+        value=_number(exit_use.get("fallbacks")),
     )
 
 

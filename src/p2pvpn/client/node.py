@@ -21,6 +21,13 @@ from typing import TYPE_CHECKING, Any
 
 from p2pvpn import __version__
 from p2pvpn.client.control import client_control_server, control_socket_path
+from p2pvpn.client.exit_routing import (
+    EXIT_MARK,
+    SO_MARK,
+    ExitChooser,
+    ExitRouting,
+)
+from p2pvpn.client.exit_routing import remove_stale as remove_stale_exit_routing
 from p2pvpn.client.names import NameTable
 from p2pvpn.client.naming import NameService, effective_hostname, ping_payload
 from p2pvpn.client.peer_manager import PeerManager
@@ -81,7 +88,9 @@ class ClientNode:
             UnderlayProbe(config, lambda: self.signaling.server_ip, self._peer_endpoints).gather,
         )
         self._peer_endpoints_seen: frozenset[IPv4Address] = frozenset()
-        self.udp = _open_udp_socket(config.port)
+        # With an exit node the underlay sockets carry the mark that keeps them out of it.
+        underlay_mark = EXIT_MARK if config.exit else None
+        self.udp = _open_udp_socket(config.port, underlay_mark)
         self.signaling = SignalingSession(
             config.websockets,
             config.password,
@@ -90,9 +99,11 @@ class ClientNode:
             self,
             tls_verify=config.tls_verify,
             tls_ca=config.tls_ca,
+            socket_mark=underlay_mark,
             ping_payload=ping_payload(effective_hostname(config)),
             exit_node=bool(getattr(config, "exit_node", False)),
         )
+        self._init_exit(config)
         self.naming = NameService(config, self.signaling)
         self.control = client_control_server(control_socket_path(config.state_dir), self.snapshot)
         self.metrics: MetricsServer | None = None  # set when metrics are served
@@ -123,6 +134,7 @@ class ClientNode:
             # the interface, so a second client with our name changes nothing.
             await self.control.start()
             TunDevice.remove_stale(self.config.interface_name)
+            await self._remove_stale_exit_routing()
             self.tun = open_tun(self.config)
             if self.config.metrics is not None:
                 # Imported only when asked for: prometheus_client costs RSS.
@@ -170,11 +182,13 @@ class ClientNode:
             if endpoints != self._peer_endpoints_seen:
                 self._peer_endpoints_seen = endpoints
                 self.routes.recheck()
+            self.check_exit_soon()
 
     def _peer_endpoints(self) -> set[IPv4Address]:
         return self.peers.endpoint_addresses() if self.peers is not None else set()
 
     async def _cleanup(self) -> None:
+        await self._close_exit_routing()
         await self.naming.close()
         await self.routes.close()
         if self.peers is not None:
@@ -216,6 +230,7 @@ class ClientNode:
         await self.routes.attach(self.tun, self.data_plane, address, self.peers)
         await self._follow_bench_server(address)
         await self._names_on_login(address)
+        await self._start_exit_routing()
 
     async def _names_on_login(self, address: IPv4Interface) -> None:
         """Every login (also one that kept the address): our name out, DNS where we are."""
@@ -333,11 +348,95 @@ class ClientNode:
         if self.peers is not None:
             self.peers.on_discovery(message, time.monotonic())
 
+    # -- exit node in use (`exit` key) -----------------------------------------
+
+    def _init_exit(self, config: ClientConfig) -> None:
+        self.exit_chooser = ExitChooser(config.exit)
+        self.exit_routing: ExitRouting | None = None
+        if config.exit:
+            self.exit_routing = ExitRouting(
+                config.interface_name,
+                config.state_dir,
+                config.exit_allow_lan,
+                exit_routes=self.routes.set_exit_routes,
+            )
+        self._exit_generation: int | None = None  # of the name table at the last check
+        self._exit_check: asyncio.Task[None] | None = None
+
+    async def _remove_stale_exit_routing(self) -> None:
+        """Whatever a SIGKILLed run left (rules, table route), with or without `exit` now."""
+        try:
+            await asyncio.to_thread(remove_stale_exit_routing, self.config.state_dir)
+        except OSError as error:
+            logger.warning("cannot remove the exit-node routing of an earlier run: %s", error)
+
+    async def _start_exit_routing(self) -> None:
+        """After a login on a (new) address: the rules, and the route if the exit is there."""
+        if self.exit_routing is None:
+            return
+        try:
+            await self.exit_routing.start()
+        except OSError as error:
+            logger.error("cannot set up routing through exit node %s: %s", self.config.exit, error)
+            return
+        # A new TUN device (and maybe network): the route and the entries are made anew.
+        self.routes.set_exit_routes([])
+        self.exit_chooser.forget()
+        self.check_exit_soon()
+
+    def check_exit_soon(self) -> None:
+        """Judge the exit node's availability: on each tick, and at once when the name
+        table changes (`_exit_on_table_change`), so a departure is seen at once."""
+        if self.exit_routing is None or not self.exit_routing.started:
+            return
+        if self._exit_check is None or self._exit_check.done():
+            self._exit_check = asyncio.create_task(self._check_exit(), name="exit-check")
+
+    async def _check_exit(self) -> None:
+        routing, names, address = self.exit_routing, self.names, self.address
+        if routing is None or address is None:
+            return
+        available = None
+        if names is not None:
+            self._exit_generation = names.generation
+            available = self.exit_chooser.available(names.exit_nodes(), names.lookup)
+        change = self.exit_chooser.decide(available, time.time())
+        if change is None:
+            return
+        try:
+            if change.action == "activate" and change.target is not None:
+                await routing.activate(*change.target, address)
+            else:
+                await routing.deactivate("no longer offered as an exit node")
+        except OSError as error:
+            logger.warning("exit node %s: %s", self.config.exit, error)
+            if change.action == "activate":
+                self.exit_chooser.forget()
+
+    def _exit_on_table_change(self) -> None:
+        names = self.names
+        if names is not None and names.generation != self._exit_generation:
+            self.check_exit_soon()
+
+    async def _close_exit_routing(self) -> None:
+        check, self._exit_check = self._exit_check, None
+        if check is not None:
+            # Awaited, not cancelled: a netlink call in flight must finish before the undo.
+            with contextlib.suppress(Exception):
+                await check
+        if self.exit_routing is not None:
+            try:
+                await self.exit_routing.close()
+            except OSError as error:
+                logger.warning("cannot remove the exit-node routing: %s", error)
+
     def _on_names(self, message: Names) -> None:
         self.naming.on_names(message, time.monotonic())
+        self._exit_on_table_change()
 
     def _on_name_announcement(self, message: NameAnnouncement) -> None:
         self.naming.on_announcement(message, time.monotonic())
+        self._exit_on_table_change()
 
     # -- status ---------------------------------------------------------------
 
@@ -388,6 +487,7 @@ class ClientNode:
             },
             "stun_failures": self.peers.stun_failures if self.peers is not None else 0,
             "bench_server": self.bench_server.endpoint if self.bench_server is not None else None,
+            "exit": self.exit_chooser.snapshot(),
             **self.naming.snapshot(),
         }
 
@@ -416,8 +516,16 @@ def _direct_totals(stats: DataPlaneStats | None) -> dict[str, int]:
     return totals
 
 
-def _open_udp_socket(port: int) -> socket.socket:
+def _open_udp_socket(port: int, mark: int | None = None) -> socket.socket:
     udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    if mark is not None:
+        try:
+            udp.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+        except OSError as error:
+            udp.close()
+            raise OSError(
+                f"cannot mark the UDP socket (exit needs root): {error.strerror}"
+            ) from error
     for force, plain in (
         (SO_RCVBUFFORCE, socket.SO_RCVBUF),
         (SO_SNDBUFFORCE, socket.SO_SNDBUF),

@@ -22,6 +22,7 @@ from ipaddress import IPv4Address, IPv4Interface
 from typing import Any, Protocol, TypeAlias
 from urllib.parse import urlparse
 
+from p2pvpn.client.exit_routing import EXIT_MARK, SO_MARK
 from p2pvpn.client.peer import (
     PathDown,
     PathUp,
@@ -587,6 +588,10 @@ class PeerManager:
             # which source address it would use to reach the server.
             with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_DGRAM)) as probe:
                 try:
+                    if self._config.exit:
+                        # Marked like the UDP socket: else the exit node's route answers
+                        # and the LAN address would be the VPN one.
+                        probe.setsockopt(socket.SOL_SOCKET, SO_MARK, EXIT_MARK)
                     probe.connect((host, 9))
                 except OSError:
                     continue

@@ -24,6 +24,7 @@ import contextlib
 import ipaddress
 import logging
 import random
+import socket
 import ssl
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -68,6 +69,7 @@ logger = logging.getLogger(__name__)
 IDLE_TIMEOUT = 15.0  # ping when nothing arrived for this long (PROTOCOL 2.3 step 6)
 SILENCE_TIMEOUT = 30.0  # give the connection up after this much silence
 LOGIN_TIMEOUT = 10.0  # how long to wait for the EXPTTUN grant
+SO_MARK = 36  # Linux; not exported by every Python's socket module
 OPEN_TIMEOUT = 10.0  # TCP + TLS + WebSocket handshake
 CLOSE_TIMEOUT = 2.0  # closing handshake; a healthy server answers in one round trip
 RECONNECT_INITIAL = 1.0
@@ -187,9 +189,13 @@ class SignalingSession:
         login_timeout: float = LOGIN_TIMEOUT,
         reconnect_initial: float = RECONNECT_INITIAL,
         reconnect_max: float = RECONNECT_MAX,
+        socket_mark: int | None = None,
         ping_payload: bytes | None = None,
         exit_node: bool = False,
     ) -> None:
+        # SO_MARK on the WebSocket's own TCP socket: with an exit node in use the
+        # marked underlay keeps the main table's route instead of entering the tunnel.
+        self._socket_mark = socket_mark
         self._servers = _parse_servers((urls,) if isinstance(urls, str) else tuple(urls))
         secure = any(server.secure for server in self._servers)
         # One context for every wss:// URL: the same trust settings apply to all of them.
@@ -445,9 +451,14 @@ class SignalingSession:
         server = self._servers[self._index]
         self._state = "connecting"
         logger.info("connecting to %s", server.display)
+        sock: socket.socket | None = None
         try:
+            if self._socket_mark is not None:
+                async with asyncio.timeout(OPEN_TIMEOUT):
+                    sock = await _marked_connection(server.url, self._socket_mark)
             ws = await connect(
                 server.url,
+                sock=sock,
                 ssl=self._ssl if server.secure else None,
                 compression=None,
                 max_size=MAX_FRAME_SIZE,
@@ -459,6 +470,8 @@ class SignalingSession:
                 create_connection=_TrackedConnection,
             )
         except (OSError, TimeoutError, WebSocketException) as exc:
+            if sock is not None:
+                sock.close()
             attempt.cause = _describe_error(exc)
             self._state = "disconnected"
             return attempt
@@ -831,6 +844,32 @@ def _refusal_message(code: CloseCode, attempt: _Attempt) -> str:
         details.append(f"server said: {attempt.close_reason}")
     text = CLOSE_REASONS[code]
     return f"{text} ({'; '.join(details)})" if details else text
+
+
+async def _marked_connection(url: str, mark: int) -> socket.socket:
+    """A TCP socket to the URL's host and port, with SO_MARK set before it connects.
+
+    Each resolved address is tried in turn, like `socket.create_connection`.
+    """
+    uri = parse_uri(url)
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(uri.host, uri.port, type=socket.SOCK_STREAM)
+    failure: OSError = OSError(f"cannot resolve {uri.host}")
+    for family, kind, protocol, _, address in infos:
+        sock = socket.socket(family, kind, protocol)
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+            await loop.sock_connect(sock, address)
+        except OSError as exc:
+            sock.close()
+            failure = exc
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    raise failure
 
 
 def _parse_servers(urls: tuple[str, ...]) -> tuple[_Server, ...]:

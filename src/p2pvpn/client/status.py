@@ -153,6 +153,7 @@ def format_status(snapshot: Snapshot, now: float | None = None) -> str:
     if bench_server:
         # Others can measure the link to us (`p2pvpn bench peer`) while this is on.
         lines.append(f"bench server: on {bench_server}")
+    lines.extend(_exit_lines(_mapping(snapshot.get("exit")), now))
     lines.extend(_name_lines(snapshot))
     lines.extend(_labelled("traffic", _traffic_lines(snapshot)))
     lines.extend(_drops_lines(snapshot))
@@ -163,6 +164,27 @@ def format_status(snapshot: Snapshot, now: float | None = None) -> str:
     lines.extend(_sysroute_lines(snapshot))
     lines.extend(_refused_sysroute_lines(snapshot))
     return "\n".join(lines)
+
+
+def _exit_lines(exit_use: Snapshot, now: float) -> list[str]:
+    """``exit  gw (10.0.0.7) active for 5m, 1 fallback``; nothing when `exit` is not set."""
+    target = snapshot_text(exit_use.get("target"), "")
+    if not target:
+        return []
+    state = snapshot_text(exit_use.get("state"))
+    address = snapshot_text(exit_use.get("address"), "")
+    shown = f"{target} ({address})" if address and address != target else target
+    since = exit_use.get("since")
+    if state == "active":
+        text = f"exit: {shown}, all traffic through it"
+    else:
+        text = f"exit: {shown} not available: this machine's default route"
+    if isinstance(since, int | float) and not isinstance(since, bool):
+        text += f" (since {format_duration(max(0.0, now - since))} ago)"
+    fallbacks = exit_use.get("fallbacks")
+    if isinstance(fallbacks, int) and not isinstance(fallbacks, bool) and fallbacks:
+        text += f", {fallbacks} fallback{'s' if fallbacks != 1 else ''}"
+    return [text]
 
 
 def _header_line(snapshot: Snapshot, now: float) -> str:

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from p2pvpn.client.peer_manager import PeerManager
     from p2pvpn.dataplane.base import DataPlane
 
-__all__ = ["SETTLE_SECONDS", "SystemRouteManager", "UnderlayProbe"]
+__all__ = ["SETTLE_SECONDS", "SystemRouteManager", "UnderlayProbe", "data_plane_routes"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +63,21 @@ class _Target:
     data_plane: DataPlane
     address: IPv4Interface
     peers: PeerManager | None
+
+
+def data_plane_routes(
+    sdwan: dict[IPv4Network, IPv4Address], exit_routes: list[tuple[IPv4Network, IPv4Address]]
+) -> list[tuple[IPv4Network, IPv4Address]]:
+    """The data plane's IPIP table: sdwan routes, then exit entries, each longest prefix first.
+
+    The data plane takes the first match: an sdwan route beats the exit node for
+    its network, and a longer prefix beats a shorter one within each kind.
+    """
+
+    def longest_first(entry: tuple[IPv4Network, IPv4Address]) -> int:
+        return -entry[0].prefixlen
+
+    return sorted(sdwan.items(), key=longest_first) + sorted(exit_routes, key=longest_first)
 
 
 class UnderlayProbe:
@@ -144,6 +159,7 @@ class SystemRouteManager:
         self._settle_timer: asyncio.TimerHandle | None = None
         self._target: _Target | None = None
         self._installed: dict[IPv4Network, IPv4Address] = {}
+        self._exit_routes: list[tuple[IPv4Network, IPv4Address]] = []  # toward an exit node
         self._failed: dict[IPv4Network, str] = {}
         self._decision = Decision()
         self._refusals = RefusalLog()
@@ -181,6 +197,16 @@ class SystemRouteManager:
         """The facts may have changed (a peer's endpoint): judge the set again."""
         if self._target is not None:
             self._wake.set()
+
+    def set_exit_routes(self, entries: list[tuple[IPv4Network, IPv4Address]]) -> None:
+        """The data plane's entries toward the exit node in use (`[]`: none).
+
+        Kept apart from the sdwan routes: no kernel route (the exit routing's own
+        table sends the traffic into the TUN device), and after them in the table.
+        """
+        self._exit_routes = list(entries)
+        if self._target is not None:
+            self._sync(self._target)
 
     async def attach(
         self,
@@ -321,7 +347,7 @@ class SystemRouteManager:
                 self._inflight = None
 
     def _sync(self, target: _Target) -> None:
-        target.data_plane.set_sysroutes(list(self._installed.items()))
+        target.data_plane.set_sysroutes(data_plane_routes(self._installed, self._exit_routes))
         if self._installed and target.peers is not None:
             target.peers.disable_lan()
 
