@@ -482,6 +482,7 @@ def test_effective_items_mask_the_password() -> None:
         "hostname",
         "domain",
         "dns",
+        "exit_node",
     ]
     assert dict(items)["password"] == "********"
     assert "hunter2" not in repr(items)

@@ -199,6 +199,11 @@ cdef struct Tables:
     U32Map routes                # destination -> next hop
     SysRoute* sysroutes
     size_t sysroute_count
+    # Exit node (set_forwarded_wrap): packets from outside the VPN network to a
+    # member are IPIP-wrapped toward it. Off while has_forwarded_wrap is 0.
+    bint has_forwarded_wrap
+    uint32_t wrap_network
+    uint32_t wrap_mask
     bint has_stun
     sockaddr_in stun
 

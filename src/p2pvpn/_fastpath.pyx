@@ -519,6 +519,19 @@ cdef class FastDataPlane:
         pthread_rwlock_unlock(&s.tables.lock)
         free(old)
 
+    def set_forwarded_wrap(self, network):
+        cdef Shared* s = self._core.s
+        cdef uint32_t address = 0
+        cdef uint32_t mask = 0
+        if network is not None:
+            address = _ip_value(network.network_address)
+            mask = _ip_value(network.netmask)
+        _write_lock_holding_gil(&s.tables.lock)
+        s.tables.has_forwarded_wrap = network is not None
+        s.tables.wrap_network = address
+        s.tables.wrap_mask = mask
+        pthread_rwlock_unlock(&s.tables.lock)
+
     def set_stun_server(self, address):
         cdef Shared* s = self._core.s
         cdef sockaddr_in stun

@@ -92,6 +92,24 @@ cdef inline bint _same_address(const sockaddr_in* a, const sockaddr_in* b) noexc
 # Packet path (workers; _deliver also serves write_tun)
 # ---------------------------------------------------------------------------
 
+cdef bint _forwarded_wrap_for(const Tables* t, uint32_t own_ip, const unsigned char* packet,
+                              uint32_t* member) noexcept nogil:
+    """pure._wrap_nexthop's exit-node case: a packet from outside the VPN network
+    to one of its members (not us) goes to that member wrapped; caller holds
+    the read lock."""
+    cdef uint32_t source, destination
+    if not t.has_forwarded_wrap:
+        return False
+    source = _load_be32(packet + 12)
+    destination = _load_be32(packet + 16)
+    if destination == own_ip or (destination & t.wrap_mask) != t.wrap_network:
+        return False
+    if (source & t.wrap_mask) == t.wrap_network:
+        return False
+    member[0] = destination
+    return True
+
+
 cdef bint _may_wrap(const Tables* t, uint32_t outer_source, const unsigned char* inner,
                     int length) noexcept nogil:
     """pure._may_wrap: a peer's own packets, or ones from a network that our
@@ -223,8 +241,9 @@ cdef void _route_packet(Shared* s, Worker* w, unsigned char* packet, int length,
         _drop(&w.totals, DROP_NOT_IPV4)
         return
     destination = _load_be32(packet + 16)
-    if (came_from == NULL and s.tables.sysroute_count
-            and _sysroute_for(&s.tables, destination, &next_hop)):
+    if came_from == NULL and (
+            _forwarded_wrap_for(&s.tables, s.own_ip, packet, &next_hop)
+            or (s.tables.sysroute_count and _sysroute_for(&s.tables, destination, &next_hop))):
         if length + IPV4_HEADER > MAX_PACKET:
             _drop(&w.totals, DROP_MALFORMED)      # pure: encapsulate_ipip raises
             return

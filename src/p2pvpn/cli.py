@@ -172,6 +172,16 @@ _RUN_FLAGS: tuple[_Flag, ...] = (
         ("--no-dns",),
         {"action": "store_const", "const": False, "help": "do not answer DNS on the VPN address"},
     ),
+    (
+        "exit_node",
+        ("--exit-node",),
+        {
+            "action": "store_const",
+            "const": True,
+            "help": "offer this machine as an exit node: forward and masquerade (nftables) "
+            "the members' internet traffic",
+        },
+    ),
     _METRICS_FLAG,
     _DEBUG_FLAG,
     _LOG_FORMAT_FLAG,

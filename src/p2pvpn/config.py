@@ -154,6 +154,7 @@ _CLIENT_KEYS = (
     "hostname",
     "domain",
     "dns",
+    "exit_node",
 )
 # Keys whose TOML array is a list of values in their own right (not joined with commas):
 # a URL may hold a comma. candy.cfg has no lists; a flag repeats instead.
@@ -285,6 +286,7 @@ class ClientConfig:
     hostname: str = ""  # this member's name in the VPN; "": the machine's host name, cleaned
     domain: str = DEFAULT_DOMAIN  # names resolve as <name>.<domain>
     dns: bool = True  # answer DNS for the domain on the TUN address, port 53
+    exit_node: bool = False  # offer this machine as an exit node (forwarding + masquerade)
 
     def __post_init__(self) -> None:
         if self.state_dir == Path():
@@ -602,6 +604,7 @@ def client_config_from_values(values: Mapping[str, ConfigValue], source: str) ->
         hostname=get("hostname", _hostname, ""),
         domain=get("domain", _domain, DEFAULT_DOMAIN),
         dns=get("dns", _bool, True),
+        exit_node=get("exit_node", _bool, False),
     )
     get.check("exit", lambda: _exit_without_exit_node(values), None)
     get.raise_problems()
@@ -1273,6 +1276,7 @@ def effective_items(config: ClientConfig | ServerConfig) -> list[tuple[str, str]
         ("hostname", config.hostname or "(the machine's host name)"),
         ("domain", config.domain),
         ("dns", "true (answers on the TUN address, port 53)" if config.dns else "false"),
+        ("exit_node", _show_exit_node(config.exit_node)),
     ]
 
 
@@ -1284,6 +1288,10 @@ def _show_control_socket(config: ServerConfig) -> str:
 
 def _show_bench_server(bench_server: bool) -> str:
     return "true (answers p2pvpn bench peer on the VPN address)" if bench_server else "false"
+
+
+def _show_exit_node(exit_node: bool) -> str:
+    return "true (forwards and masquerades the VPN's internet traffic)" if exit_node else "false"
 
 
 def _show_offload(offload: Offload) -> str:

@@ -337,6 +337,7 @@ class ClientCollector(Collector):
         yield from _client_links(snapshot)
         yield from _exit_use(_mapping(snapshot.get("exit")))
         yield from _client_names(snapshot)
+        yield _exit_node_offering(_mapping(snapshot.get("exit_node")))
 
 
 def _client_names(snapshot: Mapping[str, Any]) -> Iterator[Metric]:
@@ -472,6 +473,14 @@ def _exit_use(exit_use: Mapping[str, Any]) -> Iterator[Metric]:
         "p2pvpn_exit_fallbacks",
         "Times the exit node went away and the machine's default route took over again.",
         value=_number(exit_use.get("fallbacks")),
+    )
+
+
+def _exit_node_offering(exit_node: Mapping[str, Any]) -> GaugeMetricFamily:
+    return GaugeMetricFamily(
+        "p2pvpn_exit_node_offering",
+        "1 while this client offers itself as an exit node (forwarding and masquerade), else 0.",
+        value=1.0 if exit_node.get("offering") is True else 0.0,
     )
 
 

@@ -250,6 +250,7 @@ class CheckingDataPlane:
     routes: dict[IPv4Address, IPv4Address] = field(default_factory=dict)
     sysroutes: list[tuple[IPv4Network, IPv4Address]] = field(default_factory=list)
     stun_server: UdpAddress | None = None
+    forwarded_wrap: IPv4Network | None = None
     controls: list[tuple[UdpAddress, bytes]] = field(default_factory=list)
     stun_requests: list[bytes] = field(default_factory=list)
     tun: list[bytes] = field(default_factory=list)
@@ -292,6 +293,11 @@ class CheckingDataPlane:
         self.sysroutes = list(routes)
         if self.inner is not None:
             self.inner.set_sysroutes(routes)
+
+    def set_forwarded_wrap(self, network: IPv4Network | None) -> None:
+        self.forwarded_wrap = network
+        if self.inner is not None:
+            self.inner.set_forwarded_wrap(network)
 
     def set_stun_server(self, address: UdpAddress | None) -> None:
         self.stun_server = address

@@ -637,7 +637,9 @@ def send_single(wire: Wire, burst: Burst, data: st.DataObject, source: UdpAddres
 def change_tables(plane: DataPlane, wire: Wire, data: st.DataObject) -> None:
     """One change to the peer, route or IPIP table, as the control plane may make it."""
     change = data.draw(
-        st.sampled_from(["set_peer", "drop_peer", "set_route", "drop_route", "set_sysroutes"]),
+        st.sampled_from(
+            ["set_peer", "drop_peer", "set_route", "drop_route", "set_sysroutes", "forwarded_wrap"]
+        ),
         label="table change",
     )
     ip = data.draw(st.sampled_from(_POOL), label="ip")
@@ -652,6 +654,9 @@ def change_tables(plane: DataPlane, wire: Wire, data: st.DataObject) -> None:
         plane.set_route(ip, next_hop)
     elif change == "drop_route":
         plane.drop_route(ip)
+    elif change == "forwarded_wrap":
+        # Only packets from TUN are wrapped: the UDP path's outcomes stay the same.
+        plane.set_forwarded_wrap(data.draw(st.sampled_from([None, OWN.network]), label="wrap"))
     else:
         routes = st.tuples(st.sampled_from(_NETWORKS), st.sampled_from(_POOL))
         plane.set_sysroutes(data.draw(st.lists(routes, max_size=3), label="sysroutes"))

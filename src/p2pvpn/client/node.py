@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from p2pvpn import __version__
 from p2pvpn.client.control import client_control_server, control_socket_path
+from p2pvpn.client.exit_node import ExitNodeError, ExitNodeOffer
 from p2pvpn.client.exit_routing import (
     EXIT_MARK,
     SO_MARK,
@@ -108,6 +109,9 @@ class ClientNode:
         self.control = client_control_server(control_socket_path(config.state_dir), self.snapshot)
         self.metrics: MetricsServer | None = None  # set when metrics are served
         self.bench_server: FollowingBenchServer | None = None  # bench_server = true
+        self.exit_node = (
+            ExitNodeOffer(config.interface_name, config.state_dir) if config.exit_node else None
+        )
         self._stopping = asyncio.Event()
         # What the node does with each message from the server; a type not
         # here is ignored (the login messages, GENERAL subtypes we do not use,
@@ -133,6 +137,7 @@ class ClientNode:
             # The control socket is the instance lock: take it before touching
             # the interface, so a second client with our name changes nothing.
             await self.control.start()
+            await self._prepare_exit_node()
             TunDevice.remove_stale(self.config.interface_name)
             await self._remove_stale_exit_routing()
             self.tun = open_tun(self.config)
@@ -142,7 +147,13 @@ class ClientNode:
 
                 self.metrics = serve_client_metrics(self.config.metrics, self.snapshot)
             return await self._serve()
-        except (TunError, SignalingError, OSError, DataPlaneUnavailableError) as error:
+        except (
+            TunError,
+            SignalingError,
+            OSError,
+            DataPlaneUnavailableError,
+            ExitNodeError,
+        ) as error:
             logger.error("%s", error)
             return 1
         finally:
@@ -190,6 +201,7 @@ class ClientNode:
     async def _cleanup(self) -> None:
         await self._close_exit_routing()
         await self.naming.close()
+        await self._withdraw_exit_node()
         await self.routes.close()
         if self.peers is not None:
             self.peers.close()
@@ -230,6 +242,7 @@ class ClientNode:
         await self.routes.attach(self.tun, self.data_plane, address, self.peers)
         await self._follow_bench_server(address)
         await self._names_on_login(address)
+        await self._offer_exit_node(address)
         await self._start_exit_routing()
 
     async def _names_on_login(self, address: IPv4Interface) -> None:
@@ -323,6 +336,35 @@ class ClientNode:
             logger.warning("bench server not started: %s", error)
             return
         logger.info("answering p2pvpn bench peer on %s", self.bench_server.endpoint)
+
+    # -- exit node (exit_node = true) ------------------------------------------------
+
+    async def _prepare_exit_node(self) -> None:
+        """Before the TUN opens: undo what a killed exit-node run left (whatever
+        the config says now), and fail early when this one cannot offer."""
+        try:
+            await asyncio.to_thread(ExitNodeOffer.remove_stale, self.config.state_dir)
+        except ExitNodeError as error:
+            logger.warning("could not undo an earlier run's exit node: %s", error)
+        if self.exit_node is not None:
+            await asyncio.to_thread(self.exit_node.check_tools)
+
+    async def _offer_exit_node(self, address: IPv4Interface) -> None:
+        """After every login with a new address: forward and masquerade its network."""
+        if self.exit_node is None or self.data_plane is None:
+            return
+        try:
+            await self.exit_node.start(address.network, self.data_plane)
+        except (ExitNodeError, OSError) as error:
+            logger.error("not offering this machine as an exit node: %s", error)
+
+    async def _withdraw_exit_node(self) -> None:
+        if self.exit_node is None:
+            return
+        try:
+            await self.exit_node.close()
+        except (ExitNodeError, OSError) as error:
+            logger.error("exit node not fully withdrawn (the next start retries): %s", error)
 
     # -- messages from the server ------------------------------------------------
 
@@ -489,6 +531,11 @@ class ClientNode:
             "bench_server": self.bench_server.endpoint if self.bench_server is not None else None,
             "exit": self.exit_chooser.snapshot(),
             **self.naming.snapshot(),
+            "exit_node": (
+                self.exit_node.snapshot()
+                if self.exit_node is not None
+                else {"offering": False, "masquerade": None}
+            ),
         }
 
 

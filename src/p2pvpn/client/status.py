@@ -155,6 +155,7 @@ def format_status(snapshot: Snapshot, now: float | None = None) -> str:
         lines.append(f"bench server: on {bench_server}")
     lines.extend(_exit_lines(_mapping(snapshot.get("exit")), now))
     lines.extend(_name_lines(snapshot))
+    lines.extend(_exit_node_lines(_mapping(snapshot.get("exit_node"))))
     lines.extend(_labelled("traffic", _traffic_lines(snapshot)))
     lines.extend(_drops_lines(snapshot))
     lines.append("")
@@ -185,6 +186,16 @@ def _exit_lines(exit_use: Snapshot, now: float) -> list[str]:
     if isinstance(fallbacks, int) and not isinstance(fallbacks, bool) and fallbacks:
         text += f", {fallbacks} fallback{'s' if fallbacks != 1 else ''}"
     return [text]
+
+
+def _exit_node_lines(exit_node: Snapshot) -> list[str]:
+    """One line while this client offers itself as an exit node; none otherwise."""
+    if exit_node.get("offering") is not True:
+        return []
+    masquerade = snapshot_text(exit_node.get("masquerade"), "")
+    return [
+        f"exit node: offering, masquerading {masquerade}" if masquerade else "exit node: offering"
+    ]
 
 
 def _header_line(snapshot: Snapshot, now: float) -> str:

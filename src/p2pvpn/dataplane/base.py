@@ -181,6 +181,15 @@ class DataPlane(Protocol):
     def set_sysroutes(self, routes: Sequence[tuple[IPv4Network, IPv4Address]]) -> None:
         """Replace the IPIP table: packets to `network` are wrapped toward `nexthop`."""
 
+    def set_forwarded_wrap(self, network: IPv4Network | None) -> None:
+        """Exit node: a packet from TUN whose source lies outside `network` and whose
+        destination is a member of it (not us) is IPIP-wrapped toward that member,
+        outer source our own address; None: off.
+
+        Such packets are replies the kernel forwarded back from the internet; wrapped,
+        a relay's FORWARD check and Candy peers carry them unchanged, and the member
+        unwraps them because its exit routes put their source behind us."""
+
     def set_stun_server(self, address: UdpAddress | None) -> None:
         """Datagrams from this address that look like a STUN binding response go up
         unopened; None while no request is outstanding (everything is opened)."""

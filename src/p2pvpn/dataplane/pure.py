@@ -66,6 +66,8 @@ class PureDataPlane:
         self._peers: dict[bytes, _DirectPeer] = {}
         self._routes: dict[bytes, bytes] = {}
         self._sysroutes: list[tuple[int, int, bytes]] = []
+        # (network, mask) of set_forwarded_wrap; None while off.
+        self._forwarded_wrap: tuple[int, int] | None = None
         self._stun_server: UdpAddress | None = None
         self._control_ciphers: dict[bytes, DatagramCipher] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -119,6 +121,11 @@ class PureDataPlane:
             (int(network.network_address), int(network.netmask), nexthop.packed)
             for network, nexthop in routes
         ]
+
+    def set_forwarded_wrap(self, network: IPv4Network | None) -> None:
+        self._forwarded_wrap = (
+            None if network is None else (int(network.network_address), int(network.netmask))
+        )
 
     def set_stun_server(self, address: UdpAddress | None) -> None:
         self._stun_server = address
@@ -253,8 +260,8 @@ class PureDataPlane:
             self._drop(DropReason.NOT_IPV4)
             return
         destination = packet[16:20]
-        if came_from is None and self._sysroutes:
-            nexthop = self._sysroute_for(destination)
+        if came_from is None:
+            nexthop = self._wrap_nexthop(packet)
             if nexthop is not None:
                 try:
                     packet = encapsulate_ipip(
@@ -279,6 +286,19 @@ class PureDataPlane:
             counters = self._counters(destination)
             counters.packets_out += 1
             counters.bytes_out += len(packet)
+
+    def _wrap_nexthop(self, packet: bytes) -> bytes | None:
+        """Where a packet from TUN is IPIP-wrapped to: a member, for a packet we
+        forward as an exit node; else an sdwan route's next hop; None: not wrapped."""
+        destination = packet[16:20]
+        if self._forwarded_wrap is not None and destination != self._own_ip:
+            network, mask = self._forwarded_wrap
+            source = int.from_bytes(packet[12:16], "big")
+            if int.from_bytes(destination, "big") & mask == network and source & mask != network:
+                return destination
+        if self._sysroutes:
+            return self._sysroute_for(destination)
+        return None
 
     def _sysroute_for(self, destination: bytes) -> bytes | None:
         value = int.from_bytes(destination, "big")
