@@ -47,7 +47,6 @@ __all__ = [
 NETNS_DIR = Path("/run/netns")
 ETC_NETNS_DIR = Path("/etc/netns")
 """``ip netns exec NAME`` bind-mounts each file of ``/etc/netns/NAME/`` over its ``/etc`` twin."""
-_made_here: set[Path] = set()  # /etc/netns when this process made it: it goes again once empty
 IFNAME_MAX = 15
 """Linux interface names have at most 15 characters."""
 
@@ -75,16 +74,17 @@ def _kill_all(pids: Iterable[int], signum: int) -> None:
 
 def remove_namespace_etc(name: str) -> None:
     """Remove ``/etc/netns/NAME`` (a resolv.conf of `Namespace.write_resolv_conf`), and
-    ``/etc/netns`` itself when this process made it and nothing else is in it. Idempotent."""
+    ``/etc/netns`` itself when that leaves it empty (the test beds and the demo made it).
+    Idempotent; touches nothing when there is no ``/etc/netns/NAME``."""
     directory = ETC_NETNS_DIR / name
     if directory.is_symlink():
         directory.unlink()
     elif directory.exists():
         shutil.rmtree(directory)
-    if ETC_NETNS_DIR in _made_here:
-        with contextlib.suppress(OSError):  # not empty: another namespace still has files
-            ETC_NETNS_DIR.rmdir()
-            _made_here.discard(ETC_NETNS_DIR)
+    else:
+        return
+    with contextlib.suppress(OSError):  # not empty: another namespace still has files
+        ETC_NETNS_DIR.rmdir()
 
 
 def delete_namespace(name: str, grace: float = 2.0) -> None:
@@ -214,13 +214,8 @@ class Namespace:
     def write_resolv_conf(self, nameservers: Iterable[IPv4Address | str]) -> Path:
         """The resolv.conf that commands run here see (``/etc/netns/NAME/resolv.conf``, which
         ``ip netns exec`` mounts over /etc/resolv.conf); deleting the namespace removes it."""
-        try:
-            ETC_NETNS_DIR.mkdir(mode=0o755)
-            _made_here.add(ETC_NETNS_DIR)
-        except FileExistsError:
-            pass
         directory = ETC_NETNS_DIR / self.name
-        directory.mkdir(mode=0o755, exist_ok=True)
+        directory.mkdir(mode=0o755, parents=True, exist_ok=True)
         lines = [f"nameserver {IPv4Address(str(address))}" for address in nameservers]
         # Short timeouts: a lookup that fails says so in seconds, not in 30.
         lines.append("options timeout:2 attempts:2")
