@@ -14,6 +14,7 @@ from p2pvpn.wire.names import (
     clean_label,
     decode_ping_payload,
     encode_ping_payload,
+    is_clean_label,
     unique_names,
 )
 
@@ -51,6 +52,12 @@ def test_clean_label_is_valid_and_idempotent(text: str) -> None:
     assert len(label) <= MAX_LABEL_LENGTH
     assert "--" not in label
     assert clean_label(label) == label
+
+
+@given(st.one_of(st.text(max_size=70), st.text(alphabet="ab-9Z.", max_size=70)))
+def test_is_clean_label_says_whether_clean_label_keeps_it(text: str) -> None:
+    assert is_clean_label(text) == (clean_label(text) == text)
+    assert is_clean_label(clean_label(text))
 
 
 @pytest.mark.parametrize("domain", ["vpn", "home.arpa", "a-b.example", "x" * 63 + ".vpn"])

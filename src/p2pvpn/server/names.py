@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 
-from p2pvpn.wire.names import unique_names
+from p2pvpn.wire.names import unique_name
 from p2pvpn.wire.ws import NameEntry
 
 __all__ = ["NAME_CHANGE_BURST", "NAME_CHANGE_RATE", "NameBook", "NamedMember"]
@@ -33,9 +33,17 @@ class NamedMember:
 
 
 class NameBook:
-    """The unique names last sent, by address; ``update`` says what changed."""
+    """The unique names last sent, by address; ``update`` says what changed.
+
+    Members keep their rank as others join after them, so an update only
+    assigns names again from the first member that differs from the last
+    update on: a login (ranked last) costs one assignment, not a pass over
+    the whole network with a name cleaned per member.
+    """
 
     def __init__(self) -> None:
+        self._members: list[NamedMember] = []
+        self._names: list[str] = []  # the unique name of each of _members
         self._entries: dict[IPv4Address, NameEntry] = {}
 
     def __len__(self) -> int:
@@ -50,20 +58,39 @@ class NameBook:
         return [self._entries[address] for address in sorted(self._entries)]
 
     def update(self, members: Sequence[NamedMember]) -> list[NameEntry]:
-        """Take the table of ``members`` (in priority order); the changed entries, by address.
+        """Take the table of ``members``; the changed entries, by address.
 
-        An address that left the table comes back as an entry with an empty
-        name; one whose name or flags changed, with its new entry.
+        ``members`` are in priority order, with different addresses and clean
+        (non-empty) host names. An address that left the table comes back as
+        an entry with an empty name; one whose name or flags changed, with its
+        new entry.
         """
-        names = unique_names([(member.address, member.hostname) for member in members])
-        entries = {
-            member.address: NameEntry(
-                member.address, names[member.address], member.exit_node, member.p2pvpn
-            )
-            for member in members
-            if member.address in names
-        }
-        changes = [entry for entry in entries.values() if self._entries.get(entry.address) != entry]
-        changes += [NameEntry(address, "") for address in self._entries if address not in entries]
-        self._entries = entries
+        same = _common_prefix(self._members, members)
+        names = self._names[:same]
+        taken = set(names)
+        changes: list[NameEntry] = []
+        for member in members[same:]:
+            name = unique_name(member.hostname, member.address, taken)
+            names.append(name)
+            taken.add(name)
+            entry = NameEntry(member.address, name, member.exit_node, member.p2pvpn)
+            if self._entries.get(member.address) != entry:
+                changes.append(entry)
+                self._entries[member.address] = entry
+        # The members before `same` are the same as before: none of them left.
+        staying = {member.address for member in members[same:]}
+        for member in self._members[same:]:
+            if member.address not in staying:
+                del self._entries[member.address]
+                changes.append(NameEntry(member.address, ""))
+        self._members = list(members)
+        self._names = names
         return sorted(changes, key=lambda entry: entry.address)
+
+
+def _common_prefix(old: Sequence[NamedMember], new: Sequence[NamedMember]) -> int:
+    """How many members at the start of both are the same."""
+    for index, (before, after) in enumerate(zip(old, new, strict=False)):
+        if before != after:
+            return index
+    return min(len(old), len(new))

@@ -344,8 +344,10 @@ class Relay:
         try:
             self._open.discard(session)
             self._unmap(session)
-            self._publish_names()
-            actions.extend(self._take_actions())
+            # Recomputing the table is a pass over all sessions: only when it can change.
+            if session.tun_ip is not None and self._names.name_of(session.tun_ip) is not None:
+                self._publish_names()
+                actions.extend(self._take_actions())
             if not session.disconnected:
                 session.disconnected = True
                 logger.info("disconnect %s: %s", session.describe(), reason)
@@ -752,7 +754,8 @@ class Relay:
         logger.info("login %s from %s (vmac %s)", tun_ip, session.remote, session.vmac)
         self._send_routes(session, tun_ip)
         # A name from a ping before the login, or a kicked session's name gone.
-        self._publish_names()
+        if session.hostname or self._names.name_of(tun_ip) is not None:
+            self._publish_names()
 
     def _check_tun_ip(self, tun_ip: IPv4Address) -> None:
         """Addresses that would collide with broadcast routing are refused."""

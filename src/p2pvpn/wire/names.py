@@ -8,7 +8,8 @@ only on the member's address and on the members ranked before it, so a name
 never changes because somebody joined later.
 """
 
-from collections.abc import Iterable, Sequence
+import re
+from collections.abc import Container, Iterable, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 
@@ -23,6 +24,8 @@ __all__ = [
     "clean_label",
     "decode_ping_payload",
     "encode_ping_payload",
+    "is_clean_label",
+    "unique_name",
     "unique_names",
 ]
 
@@ -35,6 +38,9 @@ PING_PREFIX = "candy::"
 _PING_SEPARATOR = "::"
 _PING_FIELDS = 4
 _LABEL_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-")
+# What clean_label gives: empty, or 1..63 of [a-z0-9-] starting and ending
+# with a letter or digit (and no "--", checked apart).
+_CLEAN_LABEL = re.compile(r"(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)?")
 
 
 def _label_character(character: str) -> str:
@@ -57,6 +63,11 @@ def clean_label(text: str) -> str:
     return label.strip("-")[:MAX_LABEL_LENGTH].rstrip("-")
 
 
+def is_clean_label(text: str) -> bool:
+    """``clean_label(text) == text``, without building the cleaned text (one per decoded name)."""
+    return _CLEAN_LABEL.fullmatch(text) is not None and "--" not in text
+
+
 def check_domain(text: str) -> str | None:
     """None when `text` is a usable domain (lowercase labels joined by dots); else the reason."""
     if not text:
@@ -68,7 +79,7 @@ def check_domain(text: str) -> str | None:
     for label in text.split("."):
         if not label:
             return "it has an empty label (two dots in a row)"
-        if clean_label(label) != label:
+        if not is_clean_label(label):
             return (
                 f"label {label!r} is not a lowercase DNS label "
                 "(a-z, 0-9 and inner '-', at most 63 characters)"
@@ -136,6 +147,15 @@ def _candidates(name: str, address: IPv4Address) -> Iterable[str]:
         counter += 1
 
 
+def unique_name(name: str, address: IPv4Address, taken: Container[str]) -> str:
+    """The name ``address`` gets for the clean label ``name`` when ``taken`` are gone.
+
+    One step of :func:`unique_names`, for callers that keep the taken names
+    between updates.
+    """
+    return next(candidate for candidate in _candidates(name, address) if candidate not in taken)
+
+
 def unique_names(entries: Sequence[tuple[IPv4Address, str]]) -> dict[IPv4Address, str]:
     """Each address's unique name; `entries` in priority order, the first keeps the plain name.
 
@@ -150,9 +170,7 @@ def unique_names(entries: Sequence[tuple[IPv4Address, str]]) -> dict[IPv4Address
         name = clean_label(raw_name)
         if not name or address in names:
             continue
-        unique = next(
-            candidate for candidate in _candidates(name, address) if candidate not in taken
-        )
+        unique = unique_name(name, address, taken)
         names[address] = unique
         taken.add(unique)
     return names

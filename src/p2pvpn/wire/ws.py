@@ -19,7 +19,7 @@ from typing import Self, TypeAlias
 from p2pvpn.wire._layout import TYPE_BYTE, pack, unpack
 from p2pvpn.wire.crypto import VMAC_SIZE, auth_hash, expttun_hash, vmac_hash
 from p2pvpn.wire.errors import DecodeError
-from p2pvpn.wire.names import MAX_LABEL_LENGTH, clean_label
+from p2pvpn.wire.names import is_clean_label
 
 __all__ = [
     "BROADCAST",
@@ -99,7 +99,7 @@ def _require_hash_size(digest: bytes) -> None:
 
 
 def _require_label(name: str, what: str) -> bytes:
-    if clean_label(name) != name:
+    if not is_clean_label(name):
         raise ValueError(f"{what} {name!r} is not a clean DNS label")
     return name.encode("ascii")
 
@@ -109,7 +109,7 @@ def _decode_label(raw: bytes, what: str) -> str:
         name = raw.decode("ascii")
     except UnicodeDecodeError as exc:
         raise DecodeError(f"{what} {raw!r} is not ASCII") from exc
-    if len(name) > MAX_LABEL_LENGTH or clean_label(name) != name:
+    if not is_clean_label(name):
         raise DecodeError(f"{what} {name!r} is not a clean DNS label")
     return name
 
