@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +29,16 @@ from p2pvpn.cli import main
 from p2pvpn.control import ControlError
 from p2pvpn.demo import DemoOptions, run_demo
 from p2pvpn.demo.checks import missing_requirements
+from p2pvpn.demo.lookup import NameLookup, ask
 from p2pvpn.demo.measure import PingResult, Throughput, parse_iperf3, parse_ping, parse_traffic
 from p2pvpn.demo.monitor import StateTracker, StatusPoller, peer_views
 from p2pvpn.demo.output import Console, DemoError, use_color
 from p2pvpn.demo.state import DemoLock, DemoRecord, StateFile
-from p2pvpn.demo.summary import PairResult, PathResult, Results, summary_lines
+from p2pvpn.demo.summary import ExitPing, PairResult, PathResult, Results, summary_lines
 from p2pvpn.demo.topology import (
     CLIENTS,
+    EXIT_NODE,
+    EXIT_USER,
     NAMESPACE_PREFIX,
     ROUTERS,
     SERVER,
@@ -433,6 +437,22 @@ def results(*, connected: bool) -> Results:
         all_connected_after=3.5 if connected else None,
         setup={"network": 0.3, "server": 0.2, "clients": 0.6},
         total=12.0,
+        name_lookup=NameLookup(
+            "alice",
+            IPv4Address("10.77.0.1"),
+            "bob.vpn",
+            IPv4Address("10.77.0.2"),
+            rcode="NOERROR",
+            addresses=("10.77.0.2",),
+        ),
+        exit_ping=ExitPing(
+            "bob",
+            "carol",
+            IPv4Address("10.77.0.3"),
+            IPv4Address("198.51.100.1"),
+            state="active",
+            ping=PingResult(5, 5, 0.5, 0.81, 1.2),
+        ),
     )
 
 
@@ -447,6 +467,71 @@ def test_summary_when_everything_connected() -> None:
     assert "setup: network 0.3 s, server 0.2 s, clients 0.6 s (total 1.1 s)" in text
     assert "all peers CONNECTED 3.5 s after the clients started" in text
     assert text.endswith("result: all 6 peer pairs CONNECTED")
+    assert re.search(
+        r"^  name lookup +ok +bob\.vpn -> 10\.77\.0\.2 +dnspython, asking alice's DNS "
+        r"at 10\.77\.0\.1:53$",
+        text,
+        re.M,
+    ), text
+    assert re.search(
+        r"^  exit node +ok +ping bob -> 198\.51\.100\.1: 0\.81 ms +through the exit node "
+        r"carol \(10\.77\.0\.3\)$",
+        text,
+        re.M,
+    ), text
+
+
+def test_summary_marks_a_failed_lookup_and_exit_ping() -> None:
+    result = results(connected=True)
+    assert result.name_lookup is not None and result.exit_ping is not None
+    result.name_lookup = NameLookup(
+        "alice", IPv4Address("10.77.0.1"), "bob.vpn", IPv4Address("10.77.0.2"), rcode="NXDOMAIN"
+    )
+    result.exit_ping.state, result.exit_ping.ping = "waiting", None
+    result.exit_ping.note = "bob's exit state stayed waiting"
+    text = "\n".join(summary_lines(result))
+    assert re.search(r"name lookup +FAIL +bob\.vpn: NXDOMAIN .*\(expected 10\.77\.0\.2\)", text)
+    assert re.search(
+        r"exit node +FAIL +ping bob -> 198\.51\.100\.1: - .*stayed waiting$", text, re.M
+    )
+    unanswered = NameLookup("a", IPv4Address("10.0.0.1"), "b.vpn", IPv4Address("10.0.0.2"))
+    assert not unanswered.ok and unanswered.describe() == "b.vpn: no answer"
+
+
+def test_lookup_asks_with_dnspython_and_reports_what_came() -> None:
+    """The query the demo runs in a member's namespace, against a fake DNS on loopback."""
+    import socket
+
+    import dns.message
+    import dns.rcode
+    import dns.rrset
+
+    server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    server.bind(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+
+    def answer_twice() -> None:
+        for rcode in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):
+            data, peer = server.recvfrom(4096)
+            reply = dns.message.make_response(dns.message.from_wire(data))
+            reply.set_rcode(rcode)
+            if rcode == dns.rcode.NOERROR:
+                reply.answer.append(dns.rrset.from_text("bob.vpn.", 60, "IN", "A", "10.77.0.2"))
+            server.sendto(reply.to_wire(), peer)
+
+    thread = threading.Thread(target=answer_twice, daemon=True)
+    thread.start()
+    try:
+        assert ask("127.0.0.1", "bob.vpn", 5.0, port) == {
+            "rcode": "NOERROR",
+            "addresses": ["10.77.0.2"],
+        }
+        assert ask("127.0.0.1", "nobody.vpn", 5.0, port) == {"rcode": "NXDOMAIN", "addresses": []}
+        thread.join(5)
+        silent = ask("127.0.0.1", "bob.vpn", 0.2, port)
+        assert silent["rcode"] is None and silent["error"]
+    finally:
+        server.close()
 
 
 def test_summary_names_the_pairs_that_did_not_connect() -> None:
@@ -483,6 +568,9 @@ def test_names_fit_linux_limits() -> None:
     assert [c.vpn.ip.exploded for c in CLIENTS] == ["10.77.0.1", "10.77.0.2", "10.77.0.3"]
     # alice and carol share nat1's LAN; bob is behind nat2
     assert {c.name: c.router for c in CLIENTS} == {"alice": "nat1", "bob": "nat2", "carol": "nat1"}
+    # carol offers herself as an exit node, bob uses her
+    assert [c.name for c in CLIENTS if c.exit_node] == [EXIT_NODE] == ["carol"]
+    assert [(c.name, c.exit) for c in CLIENTS if c.exit] == [(EXIT_USER, EXIT_NODE)]
 
 
 def test_rulesets() -> None:
@@ -604,7 +692,7 @@ def test_demo_runs_connects_and_cleans_up(demo_env: dict[str, str]) -> None:
     assert re.search(relay, out), report
     assert "Traceback" not in out + result.stderr, report
     # Nothing is left behind, whatever the outcome.
-    removed = re.search(r"\[ok\] removed 7 namespaces, \d+ process(es)? and (\S+)", out)
+    removed = re.search(r"\[ok\] removed 8 namespaces, \d+ process(es)? and (\S+)", out)
     assert removed is not None, report
     assert not Path(removed.group(2)).exists()
     assert _namespaces() == []
@@ -619,6 +707,13 @@ def test_demo_runs_connects_and_cleans_up(demo_env: dict[str, str]) -> None:
     assert "result: all 6 peer pairs CONNECTED" in out, report
     direct = r"\[ok\] throughput alice -> bob over the direct path: [\d.]+ [kMG]?bit/s"
     assert re.search(direct, out), report
+    # Names and the exit node (needs issue 16's client): both summary lines say ok.
+    assert re.search(r"^  name lookup +ok +bob\.vpn -> 10\.77\.0\.2 ", out, re.M), report
+    exit_line = (
+        r"^  exit node +ok +ping bob -> 198\.51\.100\.1: [\d.]+ ms +through the exit node carol"
+    )
+    assert re.search(exit_line, out, re.M), report
+    assert not Path("/etc/netns/p2pdemo-alice").exists()
     assert result.returncode == 0, report
 
 
@@ -680,7 +775,7 @@ def test_ctrl_c_stops_the_demo_and_removes_everything(demo_env: dict[str, str]) 
     returncode, text = outcome
     assert returncode == 130, text
     assert "interrupted (SIGINT): removing the demo" in text
-    assert re.search(r"\[ok\] removed 7 namespaces", text), text
+    assert re.search(r"\[ok\] removed 8 namespaces", text), text
     assert "Traceback" not in text
     assert _namespaces() == []
     assert not Path("/run/p2pvpn-demo.json").exists()

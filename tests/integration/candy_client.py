@@ -13,13 +13,20 @@ tests/vectors/). Two jobs:
   login with a ping, send the very same bytes to ``second`` and report how
   that connection was closed; then ping again over the first connection,
   which must not have been kicked.
+* ``hold``: VMAC and AUTH, then a WebSocket ping whose payload is Candy's
+  ``candy::linux::<version>::<hostname>`` (a Candy client sends it after
+  15 s of silence; here at once, so the test need not wait), again every
+  ``ping_every`` s, until SIGTERM; prints a ``logged_in`` line once the
+  server answered the first ping.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
+import signal
 import struct
 import sys
 import time
@@ -152,9 +159,50 @@ async def replay_job(job: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def candy_ping_payload(hostname: str, version: str = "6.1.8") -> bytes:
+    """What a Candy client on Linux puts into its WebSocket pings."""
+    return f"candy::linux::{version}::{hostname}".encode()
+
+
+async def _drain(session: Session) -> None:
+    """Read (and count) what the server sends, as a Candy client does; pongs need a reader."""
+    with contextlib.suppress(ConnectionClosed):
+        async for frame in session.ws:
+            if isinstance(frame, bytes):
+                session._count(frame)
+
+
+async def hold_job(job: dict[str, Any]) -> dict[str, Any]:
+    me = IPv4Address(job["tun_ip"])
+    password, timestamp = job["password"], int(time.time())
+    payload = candy_ping_payload(job["hostname"], job.get("version", "6.1.8"))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    async with _connect(job["url"]) as ws:
+        await ws.send(Vmac.create(password, job["vmac"], timestamp).encode())
+        await ws.send(Auth.create(password, me, timestamp).encode())
+        session = Session(ws, me)
+        reader = asyncio.create_task(_drain(session))
+        pings = 0
+        while not stop.is_set():
+            pong = await ws.ping(payload)
+            await asyncio.wait_for(pong, 10)
+            pings += 1
+            if pings == 1:
+                print(json.dumps({"logged_in": str(me), "ping": payload.decode()}), flush=True)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), float(job.get("ping_every", 15)))
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reader
+    return {"pings": pings, "received": session.received, "undecodable": session.undecodable}
+
+
 def main() -> None:
     job = json.loads(sys.argv[1])
-    runner = {"ping": ping_job, "replay": replay_job}[job["job"]]
+    runner = {"ping": ping_job, "replay": replay_job, "hold": hold_job}[job["job"]]
     print(json.dumps(asyncio.run(runner(job))), flush=True)
 
 

@@ -11,6 +11,7 @@ import pytest
 
 import tests.integration.conftest as bed_conftest
 from p2pvpn.netns import (
+    ETC_NETNS_DIR,
     NAT_TABLE,
     RUN_PREFIX,
     CommandError,
@@ -356,6 +357,37 @@ def test_nat_router_masquerades(testbed: TestBed, mode: NatMode) -> None:
     assert not testbed.ping(server, site.host_ip, timeout=1)
     site.router.run(["nft", "delete", "table", "ip", NAT_TABLE])
     assert testbed.ping(server, site.public_ip)  # control: the ruleset was the reason
+
+
+def test_internet_host_is_reached_only_through_its_gateway(testbed: TestBed) -> None:
+    gateway, other = testbed.namespace("gw"), testbed.namespace("other")
+    lan = testbed.link(other, gateway, "10.3.0.2/24", "10.3.0.1/24")
+    other.default_route(lan.ip(gateway))
+    internet = testbed.internet_host(gateway)
+    assert (str(internet.address), str(internet.gateway_address)) == (
+        "198.51.100.1",
+        "198.51.100.2",
+    )
+    assert gateway.routes()[0] == {
+        "dst": "default", "gateway": "198.51.100.1", "dev": "eth1", "flags": []
+    }  # fmt: skip
+    assert testbed.ping(gateway, internet.address)
+    # The host knows no way back to 10.3.0.0/24: only a masquerading gateway gets replies.
+    gateway.enable_forwarding()
+    assert not testbed.ping(other, internet.address, timeout=1)
+
+
+def test_resolv_conf_per_namespace_goes_with_the_namespace(tmp_path: Path) -> None:
+    existed = ETC_NETNS_DIR.exists()
+    with open_testbed(tmp_path / "logs") as bed:
+        ns = bed.namespace("dns")
+        path = ns.write_resolv_conf(["10.77.0.1"])
+        assert path == ETC_NETNS_DIR / ns.name / "resolv.conf"
+        seen = ns.run(["cat", "/etc/resolv.conf"]).stdout
+        assert seen.splitlines()[0] == "nameserver 10.77.0.1"
+    assert not (ETC_NETNS_DIR / ns.name).exists()
+    if not existed:  # made for this namespace: it goes with it
+        assert not ETC_NETNS_DIR.exists()
 
 
 @pytest.mark.netns

@@ -242,6 +242,7 @@ class ClientNode:
         await self.routes.attach(self.tun, self.data_plane, address, self.peers)
         await self._follow_bench_server(address)
         await self._names_on_login(address)
+        await self._offer_exit_node(address)
         await self._start_exit_routing()
         await self._offer_exit_node(address)
 

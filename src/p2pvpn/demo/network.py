@@ -12,16 +12,20 @@ from p2pvpn.demo.topology import (
     ROUTERS,
     SERVER,
     WAN_IFNAME,
+    WEB,
+    WEB_NETWORK,
     ClientSite,
     RouterSite,
     block_ruleset,
     namespace_name,
 )
-from p2pvpn.netns import Namespace, Segment, make_nat_router
+from p2pvpn.netns import InternetHost, Namespace, Segment, link_internet_host, make_nat_router
 
 __all__ = ["DemoNetwork"]
 
 HOST_IFNAME = "eth0"
+UPLINK = "uplink0"
+"""The exit node's link to web."""
 
 
 class DemoNetwork:
@@ -63,8 +67,18 @@ class DemoNetwork:
             ns.add_veth(client.port_name, host, HOST_IFNAME, master=LAN_BRIDGE)
             host.add_address(HOST_IFNAME, client.lan)
             host.default_route(router.lan)
+            # Programs in the namespace ask the client's own DNS (ping bob.vpn in a shell).
+            host.write_resolv_conf([client.vpn.ip])
         make_nat_router(ns, WAN_IFNAME, table=NAT_TABLE)
         return clients
+
+    def build_web(self, exit_node: ClientSite) -> InternetHost:
+        """The host "web", linked to ``exit_node`` alone and its default route; the exit
+        node keeps the demo internet (server, peers) through its router."""
+        ns = self.namespaces[exit_node.name]
+        router = next(router for router in ROUTERS if router.name == exit_node.router)
+        ns.add_route(INTERNET, via=router.lan)
+        return link_internet_host(self._namespace(WEB), ns, WEB_NETWORK, gateway_ifname=UPLINK)
 
     def block_udp(self, router: RouterSite, remote: RouterSite) -> None:
         """``router`` drops UDP to and from ``remote``'s WAN address (not the server's)."""

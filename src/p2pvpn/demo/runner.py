@@ -1,4 +1,5 @@
-"""One demo run: network, server, clients, pings, direct connections, throughput, summary.
+"""One demo run: network, server, clients, pings, direct connections, a name lookup, a ping
+through the exit node, throughput, summary.
 
 Everything it creates is recorded first (`p2pvpn.demo.state`) and removed at
 the end, also on an error, Ctrl-C, SIGTERM or SIGHUP; with ``--keep`` it stays
@@ -8,6 +9,7 @@ printed.
 """
 
 import contextlib
+import json
 import logging
 import os
 import secrets
@@ -24,6 +26,7 @@ from pathlib import Path
 from types import FrameType
 
 from p2pvpn._format import format_ms, format_rate, format_seconds
+from p2pvpn.demo.lookup import NameLookup, lookup
 from p2pvpn.demo.measure import PingResult, ThroughputMeter, ping, ping_many
 from p2pvpn.demo.monitor import StateChange, StateTracker, StatusPoller, peer_views
 from p2pvpn.demo.network import DemoNetwork
@@ -37,9 +40,12 @@ from p2pvpn.demo.state import (
     remove_leftovers,
     remove_namespaces,
 )
-from p2pvpn.demo.summary import PairResult, PathResult, Results, summary_lines
+from p2pvpn.demo.summary import ExitPing, PairResult, PathResult, Results, summary_lines
 from p2pvpn.demo.topology import (
     CLIENTS,
+    DOMAIN,
+    EXIT_NODE,
+    EXIT_USER,
     INTERNET,
     INTERNET_HUB,
     NAMESPACE_PREFIX,
@@ -47,12 +53,21 @@ from p2pvpn.demo.topology import (
     SERVER,
     STUN_PORT,
     VPN_NETWORK,
+    WEB,
     WS_PORT,
     ClientSite,
     namespace_name,
     pairs,
 )
-from p2pvpn.netns import CommandError, Namespace, Process, p2pvpn_argv, terminate_all, wait_for
+from p2pvpn.netns import (
+    CommandError,
+    InternetHost,
+    Namespace,
+    Process,
+    p2pvpn_argv,
+    terminate_all,
+    wait_for,
+)
 from p2pvpn.server.tls import make_self_signed_certificate, write_certificate
 
 __all__ = ["Demo", "DemoOptions", "Interrupted", "Timeouts"]
@@ -63,6 +78,8 @@ _SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 _NAMES = tuple(client.name for client in CLIENTS)
 # The pair whose throughput is measured: across both NATs.
 MEASURED_PAIR = ("alice", "bob")
+# Who asks (its own DNS, on its VPN address) for whose name.
+NAME_LOOKUP = ("alice", "bob")
 LOG_TAIL = 12
 
 
@@ -92,6 +109,8 @@ class Timeouts:
     first_ping: float = 30.0
     connect: float = 30.0
     leave_connected: float = 30.0
+    name_lookup: float = 30.0
+    exit_active: float = 30.0
     pings: int = 5
 
     @classmethod
@@ -139,6 +158,7 @@ class Demo:
         self.password = secrets.token_hex(16)  # never starts with "-" (argparse)
         self.workdir: Path | None = None
         self.tls_files: tuple[Path, Path] | None = None  # the run's certificate and key
+        self.web: InternetHost | None = None  # the host behind the exit node
         self.watched: dict[str, Process] = {}  # server and clients: they must not exit
         self.processes: list[Process] = []  # everything started, for the teardown
         self.clients = {client.name: client for client in CLIENTS}
@@ -153,8 +173,8 @@ class Demo:
     def run(self) -> int:
         started = time.monotonic()
         self.console.heading(
-            "p2pvpn demo: a VPN server, two NAT routers and three clients "
-            f"in network namespaces ({NAMESPACE_PREFIX}*)"
+            "p2pvpn demo: a VPN server, two NAT routers, three clients (one an exit node "
+            f"with a web host behind it) in network namespaces ({NAMESPACE_PREFIX}*)"
         )
         if not self.lock.acquire():
             pid = self.lock.holder()
@@ -209,6 +229,8 @@ class Demo:
         self._ping_across()
         self._wait_connected()
         self._ping_paths()
+        self._look_up_name()
+        self._ping_through_exit()
         self._measure_throughput()
         self.results.total = time.monotonic() - started
         self.console.line()
@@ -349,6 +371,13 @@ class Demo:
                     f"{router.name}: NAT {router.wan.ip} (masquerade, port-preserving) "
                     f"for LAN {router.lan.network}: {hosts}"
                 )
+        exit_node = self.clients[EXIT_NODE]
+        with self._step(f"building {WEB}, reachable only through {exit_node.name}") as step:
+            self.web = self.network.build_web(exit_node)
+            step.done(
+                f"{WEB} {self.web.address}: linked to {exit_node.name} alone, her default "
+                f"route; {exit_node.name} offers herself as an exit node, {EXIT_USER} uses her"
+            )
 
     def _p2pvpn_argv(self, *args: str) -> list[str]:
         debug = ["-d"] if self.options.debug else []
@@ -384,10 +413,25 @@ class Demo:
                 f"this run), STUN on {ip}:{STUN_PORT}/udp"
             )
 
+    def _client_config(self, client: ClientSite) -> Path:
+        """The client's TOML file: its name, and its part as an exit node or its user."""
+        assert self.workdir is not None
+        values: dict[str, str | bool] = {"hostname": client.name}
+        if client.exit_node:
+            values["exit_node"] = True
+        if client.exit:
+            values["exit"] = client.exit
+        path = self.workdir / "config" / f"{client.name}.toml"
+        path.parent.mkdir(exist_ok=True)
+        lines = [f"{key} = {json.dumps(value)}" for key, value in values.items()]
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        return path
+
     def _client_argv(self, client: ClientSite) -> list[str]:
         assert self.workdir is not None and self.tls_files is not None
         argv = [
-            "run", "-w", SERVER.ws_url, "--password-file", str(self.workdir / "password"),
+            "run", "-c", str(self._client_config(client)),
+            "-w", SERVER.ws_url, "--password-file", str(self.workdir / "password"),
             "-n", client.name,
             "--state-dir", str(self.workdir / "state" / client.name),
             "-t", str(client.vpn), "-s", SERVER.stun_url,
@@ -514,6 +558,77 @@ class Demo:
                 step.warn(f"{text}; no replies for {', '.join(lost)}")
             else:
                 step.done(text)
+
+    # -- names and the exit node -----------------------------------------------------
+
+    def _look_up_name(self) -> None:
+        asker, target = NAME_LOOKUP
+        name, server = f"{target}.{DOMAIN}", self._ip(asker)
+        doing = f"looking up {name} at {asker}'s DNS ({server}:53)"
+        with self._step(doing) as step:
+            answers: list[NameLookup] = []
+
+            def answered() -> NameLookup | None:
+                answer = lookup(self.network[asker], asker, server, name, self._ip(target))
+                answers.append(answer)
+                return answer if answer.ok else None
+
+            found = wait_for(answered, self.timeouts.name_lookup, tick=self.tick, interval=0.5)
+            result = found or answers[-1]
+            self.results.name_lookup = result
+            if found is not None:
+                step.done(f"{asker} looked up {found.describe()} (dnspython, {server}:53)")
+                return
+            wanted = self.timeouts.name_lookup
+            self.results.problems.append(
+                f"{asker}'s DNS did not answer {name} with {result.expected} within "
+                f"{wanted:g} s (last: {result.describe()})"
+            )
+            step.warn(f"{doing}: {result.describe()} after {wanted:g} s")
+
+    def _exit_state(self, client: str) -> str | None:
+        assert self.poller is not None
+        snapshot = self.poller.snapshot(client)
+        exit_status = snapshot.get("exit") if snapshot is not None else None
+        return str(exit_status.get("state")) if isinstance(exit_status, dict) else None
+
+    def _ping_through_exit(self) -> None:
+        assert self.web is not None
+        source, exit_node = EXIT_USER, self.clients[EXIT_NODE]
+        result = ExitPing(source, exit_node.name, exit_node.vpn.ip, self.web.address)
+        self.results.exit_ping = result
+        doing = f"ping {source} -> {WEB} {result.target} through the exit node {exit_node.name}"
+        with self._step(doing) as step:
+            active = wait_for(
+                lambda: self._exit_state(source) == "active",
+                self.timeouts.exit_active,
+                tick=self.tick,
+                interval=0.2,
+            )
+            result.state = self._exit_state(source)
+            if not active:
+                result.note = f"{source}'s exit state stayed {result.state or 'unknown'}"
+                self.results.problems.append(
+                    f"{source} did not use the exit node {exit_node.name} within "
+                    f"{self.timeouts.exit_active:g} s ({result.note})"
+                )
+                step.warn(f"{doing}: {result.note}")
+                return
+            ns = self.network[source]
+            wait_for(
+                lambda: ping(ns, result.target, 1, wait=1).ok,
+                self.timeouts.first_ping,
+                tick=self.tick,
+                interval=0.2,
+            )
+            result.ping = ping(ns, result.target, self.timeouts.pings)
+            if not result.ok:
+                result.note = "no reply"
+                self.results.problems.append(f"{doing}: no reply")
+                step.warn(f"{doing}: no reply")
+                return
+            avg = format_ms(result.ping.avg_ms) if result.ping.avg_ms is not None else "?"
+            step.done(f"{doing}: average {avg} ({source}'s exit state {result.state})")
 
     # -- throughput -----------------------------------------------------------------
 
@@ -668,6 +783,9 @@ class Demo:
             f"namespaces:   {', '.join(self.record.namespaces)}",
             f"a shell:      sudo ip netns exec {ns} bash",
             f"ping:         sudo ip netns exec {ns} ping {self._ip(destination)}",
+            f"by name:      sudo ip netns exec {ns} ping {destination}.{DOMAIN}",
+            f"exit node:    sudo ip netns exec {namespace_name(EXIT_USER)} ping "
+            f"{self.web.address if self.web else WEB} (through {EXIT_NODE})",
             f"peer status:  sudo ip netns exec {ns} {command} status "
             f"--state-dir {state_root} -n {source}",
             f"logs:         {self.workdir / 'logs'}",

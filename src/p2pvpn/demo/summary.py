@@ -1,11 +1,13 @@
 """The results of a demo run and the summary table printed at its end."""
 
 from dataclasses import dataclass, field
+from ipaddress import IPv4Address
 
 from p2pvpn._format import format_ms, format_rate, format_seconds, format_table
+from p2pvpn.demo.lookup import NameLookup
 from p2pvpn.demo.measure import PingResult, Throughput
 
-__all__ = ["PairResult", "PathResult", "Results", "summary_lines"]
+__all__ = ["ExitPing", "PairResult", "PathResult", "Results", "summary_lines"]
 
 _TABLE_INDENT = "  "
 
@@ -43,9 +45,28 @@ class PathResult:
 
 
 @dataclass
+class ExitPing:
+    """``source`` pinged ``target``, which only ``exit_node`` routes to, through the tunnel."""
+
+    source: str
+    exit_node: str
+    exit_address: IPv4Address
+    target: IPv4Address
+    state: str | None = None  # the source's exit state ("active" when it uses the exit)
+    ping: PingResult | None = None
+    note: str | None = None  # why it failed, when it did
+
+    @property
+    def ok(self) -> bool:
+        return self.state == "active" and self.ping is not None and self.ping.ok
+
+
+@dataclass
 class Results:
     pairs: list[PairResult] = field(default_factory=list)
     paths: list[PathResult] = field(default_factory=list)
+    name_lookup: NameLookup | None = None
+    exit_ping: ExitPing | None = None
     measured_pair: tuple[str, str] = ("", "")
     connect_timeout: float = 0.0
     all_connected_after: float | None = None
@@ -108,6 +129,29 @@ def _ratio(paths: list[PathResult]) -> str | None:
     return None
 
 
+def _mark(ok: bool) -> str:
+    return "ok" if ok else "FAIL"
+
+
+def _feature_rows(results: Results) -> list[list[str]]:
+    rows = []
+    lookup = results.name_lookup
+    if lookup is not None:
+        how = f"dnspython, asking {lookup.asker}'s DNS at {lookup.server}:53"
+        if not lookup.ok:
+            how += f" (expected {lookup.expected})"
+        rows.append(["name lookup", _mark(lookup.ok), lookup.describe(), how])
+    exit_ping = results.exit_ping
+    if exit_ping is not None:
+        what = f"ping {exit_ping.source} -> {exit_ping.target}: {_ping(exit_ping.ping)}"
+        how = f"through the exit node {exit_ping.exit_node} ({exit_ping.exit_address})"
+        if not exit_ping.ok:
+            state = exit_ping.state or "unknown"
+            how += f"; {exit_ping.note or f'exit state {state}'}"
+        rows.append(["exit node", _mark(exit_ping.ok), what, how])
+    return rows
+
+
 def _setup_line(results: Results) -> str:
     phases = ", ".join(f"{name} {format_seconds(sec)}" for name, sec in results.setup.items())
     total = sum(results.setup.values())
@@ -141,7 +185,8 @@ def _verdict(results: Results) -> list[str]:
 
 
 def summary_lines(results: Results) -> list[str]:
-    """The summary: peers (state, path, RTT, ping), throughput direct vs relay, timings."""
+    """The summary: peers (state, path, RTT, ping), throughput direct vs relay, the name
+    lookup and the exit-node ping (ok/FAIL), timings."""
     lines = ["peers (state and path at the end of the connect phase):"]
     lines += format_table(
         ["PEER", "STATE", "PATH", "RTT", "PING", "CONNECTED AFTER"],
@@ -161,6 +206,10 @@ def summary_lines(results: Results) -> list[str]:
         ratio = _ratio(results.paths)
         if ratio:
             lines.append(f"  {ratio}")
+    features = _feature_rows(results)
+    if features:
+        lines += ["", "names and exit node:"]
+        lines += format_table(["CHECK", "", "RESULT", "HOW"], features, indent=_TABLE_INDENT)
     lines += ["", _setup_line(results)]
     lines += _verdict(results)
     return lines

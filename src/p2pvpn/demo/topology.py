@@ -8,12 +8,21 @@
      (ws :8080, STUN :3478)          | masquerade                | masquerade
                             LAN 192.168.1.0/24           LAN 192.168.2.0/24
                              alice .2   carol .3               bob .2
+                                          |
+                              web 198.51.100.1 (carol's uplink)
 
 alice and carol share a LAN (they connect over their LAN addresses); bob is
 behind a second NAT (alice <-> bob and carol <-> bob punch through both NATs).
 The NAT routers are those of `p2pvpn.netns.nat_ruleset`: endpoint-independent
 and port-preserving (plain ``masquerade``), dropping unsolicited packets from
 the internet.
+
+Every client has a name (its ``hostname``, answered as ``<name>.vpn`` by each
+member's DNS on its VPN address). carol is an exit node (``exit_node =
+true``): the host "web" is linked to carol alone and is her default route (the
+demo internet stays reachable through nat1), and bob sends all his traffic
+out through her (``exit = carol``), so his pings reach web, which nothing
+else in the demo can reach.
 """
 
 import json
@@ -24,6 +33,9 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 __all__ = [
     "BLOCK_TABLE",
     "CLIENTS",
+    "DOMAIN",
+    "EXIT_NODE",
+    "EXIT_USER",
     "INTERNET",
     "NAMESPACE_PREFIX",
     "NAT_TABLE",
@@ -32,6 +44,8 @@ __all__ = [
     "STUN_PORT",
     "VPN_NETWORK",
     "WAN_IFNAME",
+    "WEB",
+    "WEB_NETWORK",
     "WS_PORT",
     "ClientSite",
     "RouterSite",
@@ -87,10 +101,12 @@ class RouterSite:
 
 @dataclass(frozen=True)
 class ClientSite:
-    name: str
+    name: str  # also its hostname: <name>.vpn in the DNS
     router: str
     lan: IPv4Interface
     vpn: IPv4Interface
+    exit_node: bool = False  # offers itself as an exit node, with "web" behind it
+    exit: str | None = None  # the exit node it sends its traffic out through
 
     @property
     def namespace(self) -> str:
@@ -111,12 +127,31 @@ ROUTERS = (
     RouterSite("nat1", IPv4Interface("203.0.113.11/24"), IPv4Interface("192.168.1.1/24")),
     RouterSite("nat2", IPv4Interface("203.0.113.12/24"), IPv4Interface("192.168.2.1/24")),
 )
+EXIT_NODE = "carol"
+EXIT_USER = "bob"
 CLIENTS = (
     ClientSite("alice", "nat1", IPv4Interface("192.168.1.2/24"), IPv4Interface("10.77.0.1/24")),
-    ClientSite("bob", "nat2", IPv4Interface("192.168.2.2/24"), IPv4Interface("10.77.0.2/24")),
-    ClientSite("carol", "nat1", IPv4Interface("192.168.1.3/24"), IPv4Interface("10.77.0.3/24")),
+    ClientSite(
+        EXIT_USER,
+        "nat2",
+        IPv4Interface("192.168.2.2/24"),
+        IPv4Interface("10.77.0.2/24"),
+        exit=EXIT_NODE,
+    ),
+    ClientSite(
+        EXIT_NODE,
+        "nat1",
+        IPv4Interface("192.168.1.3/24"),
+        IPv4Interface("10.77.0.3/24"),
+        exit_node=True,
+    ),
 )
 INTERNET_HUB = "inet"
+DOMAIN = "vpn"
+WEB = "web"
+"""The role of the host behind the exit node."""
+WEB_NETWORK = IPv4Network("198.51.100.0/24")
+"""web is .1 on it, the exit node .2 (see `p2pvpn.netns.link_internet_host`)."""
 
 
 def pairs(names: tuple[str, ...]) -> Iterator[tuple[str, str]]:

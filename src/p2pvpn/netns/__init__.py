@@ -4,8 +4,11 @@ One package for everything that builds networks out of namespaces: the
 product's ``p2pvpn demo``, the integration tests and the benchmarks.
 
 * `Namespace`: one named namespace, its commands (``ip``, ``nft``, ``ping``,
-  ``ss``), addresses, routes, bridges and veths; `delete_namespace` and
+  ``ss``), addresses, routes, bridges and veths, its own resolv.conf
+  (``/etc/netns/NAME``, removed with it); `delete_namespace` and
   `list_namespaces` for namespaces known only by name.
+* `link_internet_host`, `InternetHost`: an "internet" host reachable only
+  through one namespace, its default route (an exit node's uplink).
 * `Link`, `Segment`: a veth pair between two namespaces; a bridged L2 segment.
 * `nat_ruleset`, `make_nat_router`, `nat_site`, `NatSite`: THE NAT router.
 * `Process`, `terminate_all`, `process_env`: long-running processes in a
@@ -35,13 +38,16 @@ its error output.
 
 from p2pvpn.netns._cluster import CLUSTER_TTL, ClusterNetwork, ClusterServer
 from p2pvpn.netns._commands import COMMAND_TIMEOUT, CommandError, run
+from p2pvpn.netns._internet import INTERNET_NETWORK, InternetHost, link_internet_host
 from p2pvpn.netns._links import SEGMENT_BRIDGE, Link, Segment, make_link
 from p2pvpn.netns._namespace import (
+    ETC_NETNS_DIR,
     NETNS_DIR,
     Namespace,
     delete_namespace,
     list_namespaces,
     ping_argv,
+    remove_namespace_etc,
 )
 from p2pvpn.netns._nat import (
     CUT_TABLE,
@@ -106,6 +112,8 @@ __all__ = [
     "COMMAND_TIMEOUT",
     "CUT_TABLE",
     "DHCP",
+    "ETC_NETNS_DIR",
+    "INTERNET_NETWORK",
     "NATS_PORT",
     "NATS_SERVER",
     "NAT_TABLE",
@@ -120,6 +128,7 @@ __all__ = [
     "ClusterNetwork",
     "ClusterServer",
     "CommandError",
+    "InternetHost",
     "Link",
     "LocalNatsServer",
     "Namespace",
@@ -139,6 +148,7 @@ __all__ = [
     "delete_namespace",
     "first_change",
     "free_tcp_port",
+    "link_internet_host",
     "list_namespaces",
     "make_link",
     "make_nat_router",
@@ -153,6 +163,7 @@ __all__ = [
     "process_env",
     "process_resources",
     "python_argv",
+    "remove_namespace_etc",
     "run",
     "run_namespace",
     "state_changes",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -31,6 +32,7 @@ from p2pvpn.netns._process import (
 )
 
 __all__ = [
+    "ETC_NETNS_DIR",
     "IFNAME_MAX",
     "NETNS_DIR",
     "Namespace",
@@ -39,9 +41,12 @@ __all__ = [
     "list_namespaces",
     "namespace_pids",
     "ping_argv",
+    "remove_namespace_etc",
 ]
 
 NETNS_DIR = Path("/run/netns")
+ETC_NETNS_DIR = Path("/etc/netns")
+"""``ip netns exec NAME`` bind-mounts each file of ``/etc/netns/NAME/`` over its ``/etc`` twin."""
 IFNAME_MAX = 15
 """Linux interface names have at most 15 characters."""
 
@@ -67,11 +72,28 @@ def _kill_all(pids: Iterable[int], signum: int) -> None:
             os.kill(pid, signum)
 
 
+def remove_namespace_etc(name: str) -> None:
+    """Remove ``/etc/netns/NAME`` (a resolv.conf of `Namespace.write_resolv_conf`), and
+    ``/etc/netns`` itself when that leaves it empty (the test beds and the demo made it).
+    Idempotent; touches nothing when there is no ``/etc/netns/NAME``."""
+    directory = ETC_NETNS_DIR / name
+    if directory.is_symlink():
+        directory.unlink()
+    elif directory.exists():
+        shutil.rmtree(directory)
+    else:
+        return
+    with contextlib.suppress(OSError):  # not empty: another namespace still has files
+        ETC_NETNS_DIR.rmdir()
+
+
 def delete_namespace(name: str, grace: float = 2.0) -> None:
-    """Stop every process in ``name`` (SIGTERM, then SIGKILL after ``grace`` s) and delete it.
+    """Stop every process in ``name`` (SIGTERM, then SIGKILL after ``grace`` s) and delete it,
+    with its files in ``/etc/netns/NAME``.
 
     Idempotent; raises `CommandError` when the namespace stays.
     """
+    remove_namespace_etc(name)
     if not (NETNS_DIR / name).exists():
         return
     pids = namespace_pids(name)
@@ -188,6 +210,18 @@ class Namespace:
         Through ``sh`` rather than the ``sysctl`` tool, which minimal systems lack.
         """
         self.run(["sh", "-c", 'echo "$1" > "/proc/sys/$2"', "sh", value, path])
+
+    def write_resolv_conf(self, nameservers: Iterable[IPv4Address | str]) -> Path:
+        """The resolv.conf that commands run here see (``/etc/netns/NAME/resolv.conf``, which
+        ``ip netns exec`` mounts over /etc/resolv.conf); deleting the namespace removes it."""
+        directory = ETC_NETNS_DIR / self.name
+        directory.mkdir(mode=0o755, parents=True, exist_ok=True)
+        lines = [f"nameserver {IPv4Address(str(address))}" for address in nameservers]
+        # Short timeouts: a lookup that fails says so in seconds, not in 30.
+        lines.append("options timeout:2 attempts:2")
+        path = directory / "resolv.conf"
+        path.write_text("\n".join(lines) + "\n", encoding="ascii")
+        return path
 
     def nft(self, ruleset: str) -> None:
         """Load an nftables ruleset (``nft -f -``)."""

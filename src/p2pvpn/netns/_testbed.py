@@ -21,6 +21,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
+from p2pvpn.netns._internet import INTERNET_NETWORK, InternetHost, link_internet_host
 from p2pvpn.netns._links import Segment, make_link
 from p2pvpn.netns._namespace import Namespace, delete_namespace, list_namespaces
 from p2pvpn.netns._nat import NatMode, NatSite, nat_site
@@ -184,6 +185,17 @@ class TestBed:
         host = self.namespace(name)
         wan_iface = wan.attach(router, wan_address)
         return nat_site(router, host, wan.ifname(router), wan_iface, lan_cidr, mode=mode)
+
+    def internet_host(
+        self,
+        gateway: Namespace,
+        network: IPv4Network | str = INTERNET_NETWORK,
+        *,
+        name: str = "inet",
+    ) -> InternetHost:
+        """A namespace ``name`` linked only to ``gateway``, which routes everything it has no
+        other route for to it (see `p2pvpn.netns.link_internet_host`)."""
+        return link_internet_host(self.namespace(name), gateway, network)
 
     # processes
 
