@@ -244,7 +244,6 @@ class ClientNode:
         await self._names_on_login(address)
         await self._offer_exit_node(address)
         await self._start_exit_routing()
-        await self._offer_exit_node(address)
 
     async def _names_on_login(self, address: IPv4Interface) -> None:
         """Every login (also one that kept the address): our name out, DNS where we are."""
