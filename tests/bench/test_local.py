@@ -16,12 +16,14 @@ from typing import Any
 import pytest
 
 from p2pvpn.bench import local
+from p2pvpn.bench.local_iperf3 import _client_argv
 from p2pvpn.bench.local_report import compute_ratios, result_bars, result_series
 from p2pvpn.bench.report import BenchError
 from p2pvpn.netns import PREFIX, list_namespaces, process_env
 from tests.integration.conftest import require_netns, require_tool
 
 VARIANTS = ("raw", "pure", "fast-no-offload", "fast", "relay")
+SHORT_RUNS = ("--duration", "1", "--udp-seconds", "0.5")
 RUN_TIMEOUT = 420  # the quick run takes about 90 s; generous for a busy machine
 
 
@@ -53,7 +55,8 @@ def _measured(tmp_path_factory: pytest.TempPathFactory, *args: str) -> tuple[str
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, Any]]:
     require_netns()
     require_tool("ping", "iputils-ping")
-    return _measured(tmp_path_factory, "--quick")
+    # Shorter runs than --quick's own: the test checks the shape of the report, not speed.
+    return _measured(tmp_path_factory, "--quick", *SHORT_RUNS)
 
 
 # -- the quick run of every variant (own tool) -----------------------------------------
@@ -138,7 +141,9 @@ def test_quick_run_measures_fast_with_and_without_tun_offloads(
 def test_iperf3_tool_measures_raw_and_fast(tmp_path_factory: pytest.TempPathFactory) -> None:
     require_tool("iperf3")
     require_tool("ping", "iputils-ping")
-    table, report = _measured(tmp_path_factory, "--tool", "iperf3", "--quick", "--only", "raw,fast")
+    table, report = _measured(
+        tmp_path_factory, "--tool", "iperf3", "--quick", "--only", "raw,fast", *SHORT_RUNS
+    )
     assert report["options"]["tool"] == "iperf3"
     assert "tool: iperf 3" in table
     for variant in ("raw", "fast"):
@@ -266,3 +271,10 @@ def test_the_module_runs_from_a_checkout_wrapper() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "--tool" in result.stdout and "--quick" in result.stdout
+
+
+@pytest.mark.parametrize(("seconds", "whole"), [(0.5, "1"), (1.0, "1"), (2.5, "3"), (10, "10")])
+def test_iperf3_is_given_whole_seconds(seconds: float, whole: str) -> None:
+    # iperf3 reads -t as an integer: "0.5" meant 0, "run for ever", and the bench hung.
+    argv = _client_argv("10.77.0.2", seconds)
+    assert argv[argv.index("-t") + 1] == whole

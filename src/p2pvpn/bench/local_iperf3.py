@@ -8,6 +8,7 @@ UDP search here is the same algorithm the own agent runs (`udp_search`).
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -79,7 +80,9 @@ def _iperf_json(ns: Namespace, argv: list[str], timeout: float) -> dict[str, Any
 
 
 def _client_argv(dst: str, seconds: float) -> list[str]:
-    argv = ["iperf3", "-c", dst, "-p", str(IPERF_PORT), "-t", f"{seconds:g}"]
+    # iperf3 reads -t as whole seconds: 0.5 became 0, which means "run for ever".
+    whole = max(1, math.ceil(seconds))
+    argv = ["iperf3", "-c", dst, "-p", str(IPERF_PORT), "-t", str(whole)]
     return [*argv, "--connect-timeout", "5000"]
 
 
